@@ -1,0 +1,194 @@
+"""Keras callbacks for training stateful character models with ``fit``.
+
+They work beside any other Keras callback:
+
+- ``ResetStates``: zero the hidden state at each epoch start and around validation.
+- ``CharMetrics``: add bits per character and perplexity to the epoch logs.
+- ``TrainingCheckpoint``: keep the latest full training state and the best model;
+  stop, keeping the last good checkpoint, if the loss becomes NaN or infinite.
+- ``PlotCurves``: draw the loss/bpc curves to a PNG after every epoch.
+- ``EpochSummary``: print one line per epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import keras
+
+from keras_charrnn.checkpoint import Progress, save_checkpoint
+from keras_charrnn.fileio import atomic_write
+from keras_charrnn.metrics import bits_per_char, perplexity
+from keras_charrnn.model import get_states, reset_states, set_states
+
+
+class ResetStates(keras.callbacks.Callback):
+    """Zeroes every stateful layer's hidden state at epoch start and around validation.
+
+    Args:
+        skip_first_epoch_reset: keep the state at the start of the first epoch
+            (used when resuming part-way through an epoch with a restored state).
+    """
+
+    def __init__(self, skip_first_epoch_reset: bool = False):
+        super().__init__()
+        self._skip = skip_first_epoch_reset
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self._skip:
+            self._skip = False
+            return
+        reset_states(self.model)
+
+    def on_test_begin(self, logs=None):
+        self._saved = get_states(self.model)
+        reset_states(self.model)
+
+    def on_test_end(self, logs=None):
+        # Validation runs at epoch end; the next epoch starts from zeros anyway,
+        # but a mid-epoch evaluation (e.g. a user's callback) must not disturb
+        # the training streams, so their state is put back.
+        set_states(self.model, self._saved)
+
+
+class CharMetrics(keras.callbacks.Callback):
+    """Adds ``bpc``, ``perplexity``, ``val_bpc`` and ``val_perplexity`` to epoch logs.
+
+    Keras' loss is the mean cross-entropy in nats per character; place this
+    callback before loggers (CSVLogger, TensorBoard) so they record the new keys.
+    """
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None:
+            return
+        for prefix in ("", "val_"):
+            loss = logs.get(prefix + "loss")
+            if loss is not None:
+                logs[prefix + "bpc"] = bits_per_char(float(loss))
+                logs[prefix + "perplexity"] = perplexity(float(loss))
+
+
+class TrainingCheckpoint(keras.callbacks.Callback):
+    """Keeps the latest training state and the best model of a run folder.
+
+    Every ``every`` batches and at each epoch end it writes ``state.npz``
+    (see ``checkpoint.py``); at each epoch end where the validation loss
+    (or, without validation, the training loss) improves it writes
+    ``best.keras``. Both writes are atomic. A NaN or infinite loss stops
+    training before anything is written, so the last good state survives.
+
+    Args:
+        run_dir: the run folder.
+        progress: where the run starts (restored when resuming).
+        every: batches between checkpoints within an epoch (0: epoch ends only).
+    """
+
+    def __init__(self, run_dir: str | Path, progress: Progress, every: int = 100):
+        super().__init__()
+        self.run_dir = Path(run_dir)
+        self.progress = progress
+        self.every = every
+        self.diverged: str | None = None
+
+    def _check_finite(self, logs, where: str) -> bool:
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            self.diverged = f"loss became {float(loss)} at {where}"
+            self.model.stop_training = True
+            return False
+        return True
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch != self.progress.epoch:
+            self.progress.epoch, self.progress.step = epoch, 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.diverged:
+            return
+        self.progress.step += 1
+        if not self._check_finite(logs, f"epoch {self.progress.epoch + 1}, batch {self.progress.step}"):
+            return
+        if self.every and self.progress.step % self.every == 0:
+            save_checkpoint(self.run_dir / "state.npz", self.model, self.progress)
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        if self.diverged or not self._check_finite(logs, f"the end of epoch {epoch + 1}"):
+            return
+        val = logs.get("val_loss", logs.get("loss"))
+        if val is not None and not math.isfinite(float(val)):
+            self.diverged = f"validation loss became {float(val)} at the end of epoch {epoch + 1}"
+            self.model.stop_training = True
+            return
+        self.progress.history.append({k: float(v) for k, v in logs.items()})
+        if val is not None and (self.progress.best_val_loss is None or val < self.progress.best_val_loss):
+            self.progress.best_val_loss = float(val)
+            atomic_write(self.run_dir / "best.keras", self.model.save, suffix=".keras")
+        self.progress.epoch, self.progress.step = epoch + 1, 0
+        save_checkpoint(self.run_dir / "state.npz", self.model, self.progress)
+
+
+class PlotCurves(keras.callbacks.Callback):
+    """Draws loss and bits-per-character curves to ``path`` (PNG) after every epoch.
+
+    Args:
+        path: the PNG file.
+        progress: holds the history of every epoch of the run, resumed ones included.
+    """
+
+    def __init__(self, path: str | Path, progress: Progress):
+        super().__init__()
+        self.path = Path(path)
+        self.progress = progress
+
+    def on_epoch_end(self, epoch, logs=None):
+        history = self.progress.history
+        if not history:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        epochs = range(1, len(history) + 1)
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for key, label in (("bpc", "train"), ("val_bpc", "validation")):
+            values = [h.get(key) for h in history]
+            if all(v is not None for v in values):
+                ax.plot(epochs, values, marker="o", label=label)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("bits per character")
+        ax.set_title("keras-charrnn training")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        atomic_write(self.path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+        plt.close(fig)
+
+
+class EpochSummary(keras.callbacks.Callback):
+    """Prints one line per epoch: losses, bits per character, speed."""
+
+    def __init__(self, chars_per_batch: int, total_epochs: int):
+        super().__init__()
+        self.chars_per_batch = chars_per_batch
+        self.total_epochs = total_epochs
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start, self._batches = time.perf_counter(), 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._batches += 1
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        seconds = time.perf_counter() - self._start
+        speed = self._batches * self.chars_per_batch / max(seconds, 1e-9)
+        line = f"epoch {epoch + 1}/{self.total_epochs}: loss {logs.get('loss', float('nan')):.4f}"
+        if "val_loss" in logs:
+            line += (f"  val_loss {logs['val_loss']:.4f}  val_bpc {logs.get('val_bpc', float('nan')):.4f}"
+                     f"  val_ppl {logs.get('val_perplexity', float('nan')):.2f}")
+        line += f"  {speed:,.0f} chars/s  {seconds:.0f}s"
+        print(line, flush=True)

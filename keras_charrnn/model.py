@@ -1,0 +1,122 @@
+"""The model: Embedding -> stacked stateful recurrent layers -> Dense logits.
+
+``build_model`` returns a plain Keras functional model. The helpers below
+name the recurrent layers' hidden states (``h_0``, ``c_0``, ``h_1``, ...), read
+and write them, and reset them; Keras 3 has no ``Model.reset_states()``.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+from keras_charrnn.errors import CharRNNError
+
+CELL_LAYERS = {"lstm": keras.layers.LSTM, "gru": keras.layers.GRU, "rnn": keras.layers.SimpleRNN}
+STATES_PER_LAYER = {"lstm": ("h", "c"), "gru": ("h",), "rnn": ("h",)}
+
+
+def build_model(
+    vocab_size: int,
+    cell: str = "lstm",
+    units: int = 512,
+    layers: int = 2,
+    embedding_dim: int = 64,
+    dropout: float = 0.0,
+    batch_size: int | None = 64,
+    seq_len: int | None = 100,
+    stateful: bool = True,
+) -> keras.Model:
+    """Builds a character language model.
+
+    Args:
+        vocab_size: number of ids (``Vocabulary.size``, the unknown id included).
+        cell: ``"lstm"``, ``"gru"`` or ``"rnn"`` (SimpleRNN).
+        units: hidden units per recurrent layer.
+        layers: number of stacked recurrent layers.
+        embedding_dim: size of the character embedding.
+        dropout: dropout rate after each recurrent layer (0 disables it).
+        batch_size: rows per batch; a stateful model needs a fixed one.
+        seq_len: characters per row, or None for any length.
+        stateful: carry the hidden state from one batch to the next.
+
+    Returns:
+        A ``keras.Model`` from int ids ``[batch, time]`` to logits
+        ``[batch, time, vocab_size]``.
+
+    Example:
+
+    >>> model = build_model(vocab_size=66, cell="gru", units=128, batch_size=32, seq_len=50)
+    >>> model.output_shape
+    (32, 50, 66)
+    """
+    if cell not in CELL_LAYERS:
+        raise CharRNNError(f"unknown cell {cell!r}: choose one of {', '.join(CELL_LAYERS)}")
+    for name, value in (("units", units), ("layers", layers), ("embedding_dim", embedding_dim),
+                        ("vocab_size", vocab_size)):
+        if value < 1:
+            raise CharRNNError(f"{name} must be at least 1, got {value}")
+    if not 0.0 <= dropout < 1.0:
+        raise CharRNNError(f"dropout must be in [0, 1), got {dropout}")
+    if stateful and batch_size is None:
+        raise CharRNNError("a stateful model needs a fixed batch_size")
+
+    ids = keras.Input(batch_shape=(batch_size, seq_len), dtype="int32", name="ids")
+    x = keras.layers.Embedding(vocab_size, embedding_dim, name="embedding")(ids)
+    for i in range(layers):
+        x = CELL_LAYERS[cell](units, return_sequences=True, stateful=stateful, name=f"rnn_{i}")(x)
+        if dropout > 0:
+            x = keras.layers.Dropout(dropout, name=f"dropout_{i}")(x)
+    logits = keras.layers.Dense(vocab_size, name="logits")(x)
+    return keras.Model(ids, logits, name=f"charrnn_{cell}")
+
+
+def recurrent_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    """The model's recurrent layers, bottom first."""
+    return [layer for layer in model.layers if isinstance(layer, keras.layers.RNN)]
+
+
+def describe(model: keras.Model) -> dict:
+    """The architecture of a model made by ``build_model``, as plain values."""
+    rnns = recurrent_layers(model)
+    if not rnns:
+        raise CharRNNError(f"model {model.name!r} has no recurrent layers")
+    cell = next(name for name, cls in CELL_LAYERS.items() if type(rnns[0]) is cls)
+    dropouts = [l.rate for l in model.layers if isinstance(l, keras.layers.Dropout)]
+    return {
+        "cell": cell,
+        "units": rnns[0].units if hasattr(rnns[0], "units") else rnns[0].cell.units,
+        "layers": len(rnns),
+        "embedding_dim": model.get_layer("embedding").output_dim,
+        "vocab_size": model.get_layer("logits").units,
+        "dropout": dropouts[0] if dropouts else 0.0,
+    }
+
+
+def state_names(cell: str, layers: int) -> list[str]:
+    """Names of the hidden-state tensors, in order: ``h_0, c_0, h_1, c_1`` for LSTM."""
+    return [f"{s}_{i}" for i in range(layers) for s in STATES_PER_LAYER[cell]]
+
+
+def reset_states(model: keras.Model) -> None:
+    """Zeroes the hidden state of every stateful recurrent layer."""
+    for var in _state_variables(model):
+        var.assign(np.zeros(var.shape, dtype=var.dtype))
+
+
+def _state_variables(model: keras.Model) -> list:
+    return [v for layer in recurrent_layers(model) if layer.stateful for v in layer.states]
+
+
+def get_states(model: keras.Model) -> list[np.ndarray]:
+    """The current hidden states of a stateful model, in ``state_names`` order."""
+    return [np.array(v.numpy()) for v in _state_variables(model)]
+
+
+def set_states(model: keras.Model, values: list[np.ndarray]) -> None:
+    """Sets the hidden states of a stateful model, in ``state_names`` order."""
+    variables = _state_variables(model)
+    if len(variables) != len(values):
+        raise CharRNNError(f"expected {len(variables)} state arrays, got {len(values)}")
+    for var, value in zip(variables, values):
+        var.assign(value)
