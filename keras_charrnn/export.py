@@ -1,0 +1,299 @@
+"""Export: a trained model -> a TF Serving-ready SavedModel whose signatures carry the state.
+
+The SavedModel is a stateless twin of the stateful training model: the same
+weights, any batch size, and every layer's hidden state passed in and handed
+back, so a model server keeps no per-client state and any replica can answer
+any call. Signatures (all tensors batch-first, named):
+
+``step``
+    ``ids`` int32 [B, T] + states -> ``logits`` float32 [B, T, V] + states.
+``generate``
+    ``ids`` int32 [B, T>=1], states, and per row ``num_chars`` int32,
+    ``temperature`` float32 (0 = greedy), ``top_k`` int32 (0 = off),
+    ``top_p`` float32 (1 = off), ``seed`` int64, ``position`` int64 ->
+    ``ids`` int32 [B, num_chars] + the states after the input and every
+    sampled character but the last (pass that last one as the next ``ids``).
+``generate_text`` (also ``serving_default``)
+    the same with ``prime`` string [B] (UTF-8) in place of ``ids`` and ``text``
+    string [B] out.
+``metadata``
+    no inputs -> ``vocabulary`` string [V] (id order) and ``config`` (JSON).
+
+States are named ``h_0``, ``c_0`` (LSTM only), ``h_1``, ... and are float32
+[B, units]; the zero state starts a session.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_charrnn import cells, decoding
+from keras_charrnn.errors import CharRNNError
+from keras_charrnn.fileio import atomic_write_dir
+from keras_charrnn.metrics import bits_per_char
+from keras_charrnn.model import describe, recurrent_layers, state_names
+from keras_charrnn.vocab import UNKNOWN_CHAR, Vocabulary
+
+MAX_CHARS_PER_CALL = 4096  # cap on num_chars of one generate call
+SIGNATURES = ("step", "generate", "generate_text", "metadata", "serving_default")
+
+
+class CharRNNModule(tf.Module):
+    """The exported model: weights as variables, signatures as ``tf.function``s.
+
+    Args:
+        model: a model made by ``build_model`` (stateful or not).
+        vocab: its vocabulary.
+        info: extra facts recorded in the ``config`` metadata (validation bpc, corpus size).
+    """
+
+    def __init__(self, model: keras.Model, vocab: Vocabulary, info: dict | None = None, jit_compile: bool = True):
+        super().__init__(name="charrnn")
+        spec = describe(model)
+        if spec["vocab_size"] != vocab.size:
+            raise CharRNNError(f"model has {spec['vocab_size']} output ids but the vocabulary {vocab.size}")
+        self.cell, self.units, self.num_layers = spec["cell"], spec["units"], spec["layers"]
+        self.vocab_size = vocab.size
+        self.state_names = tuple(state_names(self.cell, self.num_layers))
+        self.embedding = tf.Variable(model.get_layer("embedding").get_weights()[0], trainable=False, name="embedding")
+        self.rnn = [[tf.Variable(w, trainable=False, name=f"rnn_{i}_{j}") for j, w in enumerate(layer.get_weights())]
+                    for i, layer in enumerate(recurrent_layers(model))]
+        kernel, bias = model.get_layer("logits").get_weights()
+        self.logits_kernel = tf.Variable(kernel, trainable=False, name="logits_kernel")
+        self.logits_bias = tf.Variable(bias, trainable=False, name="logits_bias")
+
+        points = np.array([ord(c) for c in vocab.chars], dtype=np.int32)
+        order = np.argsort(points)
+        self._sorted_points = tf.constant(points[order])
+        self._sorted_ids = tf.constant((order + 1).astype(np.int32))
+        self._chars = tf.constant([UNKNOWN_CHAR] + vocab.chars)
+        config = {**spec, "vocab_size": vocab.size, "unknown_id": 0, "state_names": list(self.state_names),
+                       "state_size": self.units, "max_chars_per_call": MAX_CHARS_PER_CALL,
+                       "format": "keras-charrnn/1", **(info or {})}
+        self.config_json = json.dumps(config)  # a dict attribute would be wrapped by tf.Module tracking
+        self._config_tensor = tf.constant(self.config_json)
+        self._sample_loop = tf.function(self._sample_loop_impl, jit_compile=jit_compile, autograph=False)
+        self._build_signatures()
+
+    # ----- the model, batched over rows and time ---------------------------------------------
+
+    def _logits(self, h):
+        return tf.tensordot(h, self.logits_kernel, axes=1) + self.logits_bias
+
+    def _split_states(self, flat):
+        per = len(flat) // self.num_layers
+        return [tuple(flat[i * per:(i + 1) * per]) for i in range(self.num_layers)]
+
+    def _feed(self, ids, lengths, flat_states):
+        """Runs ``ids`` [B, T] through the layers; row b uses its first ``lengths[b]`` ids.
+
+        Returns ``(top_outputs [T, B, U], last_logits [B, V], flat_states)``: the top
+        layer's outputs, the logits after each row's last id, and the new states.
+        """
+        x = tf.transpose(tf.gather(self.embedding, ids), [1, 0, 2])  # [T, B, E]
+        steps = tf.shape(ids)[1]
+        active = tf.range(steps)[:, None] < lengths[None, :]  # [T, B]
+        new_states = []
+        for weights, states in zip(self.rnn, self._split_states(flat_states)):
+            xw = cells.project(self.cell, x, weights)  # every step's input projection at once
+
+            def body(t, states, outputs):
+                h, updated = cells.recur(self.cell, xw[t], states, weights)
+                keep = active[t][:, None]
+                updated = tuple(tf.where(keep, new, old) for new, old in zip(updated, states))
+                return t + 1, updated, outputs.write(t, h)
+
+            _, states, outputs = tf.while_loop(
+                lambda t, *_: t < steps, body,
+                (tf.constant(0), states, tf.TensorArray(tf.float32, size=steps)))
+            x = outputs.stack()
+            new_states.extend(states)
+        # The top layer's h state is its output after each row's last active step.
+        last_h = new_states[-2] if self.cell == "lstm" else new_states[-1]
+        return x, self._logits(last_h), new_states
+
+    def _step_one(self, ids, flat_states):
+        """Feeds one id per row; returns ``(logits [B, V], flat_states)``."""
+        x = tf.gather(self.embedding, ids)
+        new_states = []
+        for weights, states in zip(self.rnn, self._split_states(flat_states)):
+            x, states = cells.recur(self.cell, cells.project(self.cell, x, weights), states, weights)
+            new_states.extend(states)
+        return self._logits(x), new_states
+
+    def _generate(self, ids, lengths, flat_states, num_chars, temperature, top_k, top_p, seed, position):
+        checks = self._check_sampling(ids, lengths, flat_states, num_chars, temperature, top_k, top_p, seed, position)
+        with tf.control_dependencies(checks):
+            n = tf.identity(num_chars[0])
+        _, logits, states = self._feed(ids, lengths, flat_states)
+        out, states = self._sample_loop(n, logits, states, temperature, top_k, top_p, seed, position)
+        return out[:, :n], states
+
+    def _sample_loop_impl(self, n, logits, states, temperature, top_k, top_p, seed, position):
+        def body(i, logits, states, out):
+            chosen = decoding.choose(logits, temperature, top_k, top_p, seed, position + tf.cast(i, tf.int64))
+            logits, states = self._step_one(chosen, states)
+            return i + 1, logits, states, out.write(i, chosen)
+
+        _, logits, states, out = tf.while_loop(
+            lambda i, *_: i < n - 1, body,
+            # A fixed-size buffer: XLA compiles once, not once per distinct num_chars.
+            (tf.constant(0), logits, states, tf.TensorArray(tf.int32, size=MAX_CHARS_PER_CALL)))
+        last = decoding.choose(logits, temperature, top_k, top_p, seed, position + tf.cast(n - 1, tf.int64))
+        out = out.write(n - 1, last)
+        return tf.transpose(out.stack()), states
+
+    def _check_sampling(self, ids, lengths, flat_states, num_chars, temperature, top_k, top_p, seed, position):
+        batch = tf.shape(ids)[0]
+        same_batch = [tf.debugging.assert_equal(tf.shape(t)[0], batch, message=f"{name} must have one row per row of the input")
+                      for name, t in [("num_chars", num_chars), ("temperature", temperature), ("top_k", top_k),
+                                      ("top_p", top_p), ("seed", seed), ("position", position)]
+                      + list(zip(self.state_names, flat_states))]
+        with tf.control_dependencies(same_batch):
+            return [
+                tf.debugging.assert_greater(batch, 0, message="the batch is empty"),
+                tf.debugging.assert_greater(tf.reduce_min(lengths), 0,
+                                            message="the input (prime) must hold at least one character"),
+                tf.debugging.assert_greater(tf.reduce_min(num_chars), 0, message="num_chars must be at least 1"),
+                tf.debugging.assert_less_equal(tf.reduce_max(num_chars), MAX_CHARS_PER_CALL,
+                                               message=f"num_chars must be at most {MAX_CHARS_PER_CALL} per call"),
+                tf.debugging.assert_equal(tf.reduce_min(num_chars), tf.reduce_max(num_chars),
+                                          message="num_chars must be the same for every row of a call"),
+                tf.debugging.assert_greater_equal(tf.reduce_min(temperature), 0.0,
+                                                  message="temperature must be 0 (greedy) or positive"),
+                tf.debugging.assert_greater_equal(tf.reduce_min(top_k), 0, message="top_k must be 0 (off) or positive"),
+                tf.debugging.assert_less_equal(tf.reduce_max(top_k), self.vocab_size - 1,
+                                               message=f"top_k must be at most the vocabulary size ({self.vocab_size - 1})"),
+                tf.debugging.assert_greater(tf.reduce_min(top_p), 0.0, message="top_p must be in (0, 1]"),
+                tf.debugging.assert_less_equal(tf.reduce_max(top_p), 1.0, message="top_p must be in (0, 1]"),
+                tf.debugging.assert_greater_equal(tf.reduce_min(position), tf.constant(0, tf.int64),
+                                                  message="position must be 0 or more"),
+            ]
+
+    # ----- text <-> ids inside the graph ------------------------------------------------------
+
+    def _encode(self, text):
+        """UTF-8 strings [B] -> (ids [B, T] padded with 0, lengths [B]); unknown characters -> 0."""
+        points = tf.strings.unicode_decode(text, "UTF-8", errors="replace")
+        lengths = tf.cast(points.row_lengths(), tf.int32)
+        dense = points.to_tensor(default_value=-1)
+        pos = tf.minimum(tf.searchsorted(self._sorted_points, tf.reshape(dense, [-1])),
+                         tf.size(self._sorted_points) - 1)
+        found = tf.gather(self._sorted_points, pos) == tf.reshape(dense, [-1])
+        ids = tf.where(found, tf.gather(self._sorted_ids, pos), 0)
+        return tf.reshape(ids, tf.shape(dense)), lengths
+
+    def _decode(self, ids):
+        return tf.strings.reduce_join(tf.gather(self._chars, ids), axis=-1)
+
+    # ----- signatures -------------------------------------------------------------------------
+
+    def _build_signatures(self):
+        state_specs = [tf.TensorSpec([None, self.units], tf.float32, name=n) for n in self.state_names]
+        row = lambda dtype, name: tf.TensorSpec([None], dtype, name=name)  # noqa: E731
+        sampling_specs = [row(tf.int32, "num_chars"), row(tf.float32, "temperature"), row(tf.int32, "top_k"),
+                          row(tf.float32, "top_p"), row(tf.int64, "seed"), row(tf.int64, "position")]
+        k = len(self.state_names)
+
+        def named_states(states):
+            return dict(zip(self.state_names, states))
+
+        def step(ids, *states):
+            lengths = tf.fill([tf.shape(ids)[0]], tf.shape(ids)[1])
+            top, _, new_states = self._feed(ids, lengths, list(states))
+            return {"logits": self._logits(tf.transpose(top, [1, 0, 2])), **named_states(new_states)}
+
+        def generate(ids, *rest):
+            lengths = tf.fill([tf.shape(ids)[0]], tf.shape(ids)[1])
+            out, states = self._generate(ids, lengths, list(rest[:k]), *rest[k:])
+            return {"ids": out, **named_states(states)}
+
+        def generate_text(prime, *rest):
+            ids, lengths = self._encode(prime)
+            out, states = self._generate(ids, lengths, list(rest[:k]), *rest[k:])
+            return {"text": self._decode(out), **named_states(states)}
+
+        def metadata():
+            return {"vocabulary": self._chars, "config": self._config_tensor}
+
+        ids_spec = tf.TensorSpec([None, None], tf.int32, name="ids")
+        self.step = tf.function(step, input_signature=[ids_spec] + state_specs)
+        self.generate = tf.function(generate, input_signature=[ids_spec] + state_specs + sampling_specs)
+        self.generate_text = tf.function(
+            generate_text, input_signature=[tf.TensorSpec([None], tf.string, name="prime")] + state_specs + sampling_specs)
+        self.metadata = tf.function(metadata, input_signature=[])
+
+    def signatures(self) -> dict:
+        """The concrete functions to save, by signature name."""
+        text = self.generate_text.get_concrete_function()
+        return {"step": self.step.get_concrete_function(), "generate": self.generate.get_concrete_function(),
+                "generate_text": text, "serving_default": text, "metadata": self.metadata.get_concrete_function()}
+
+
+def next_version(base_path: str | os.PathLike) -> int:
+    """One more than the highest numeric version folder under ``base_path`` (1 if none)."""
+    base = Path(base_path)
+    versions = [int(p.name) for p in base.iterdir() if p.is_dir() and re.fullmatch(r"\d+", p.name)] if base.is_dir() else []
+    return max(versions, default=0) + 1
+
+
+def save_savedmodel(model: keras.Model, vocab: Vocabulary, path: str | os.PathLike, info: dict | None = None) -> Path:
+    """Writes the SavedModel of ``model`` to the folder ``path`` atomically (build, then rename).
+
+    Args:
+        model: a model made by ``build_model``.
+        vocab: its vocabulary.
+        path: the version folder to create, e.g. ``saved_models/shakespeare/3``; must not exist.
+        info: extra facts for the ``config`` metadata.
+
+    Returns:
+        ``path``.
+    """
+    module = CharRNNModule(model, vocab, info)
+    atomic_write_dir(path, lambda tmp: tf.saved_model.save(module, tmp, signatures=module.signatures()))
+    return Path(path)
+
+
+def export_run(run_dir: str | os.PathLike, name: str, base_path: str | os.PathLike = "saved_models",
+               version: int | None = None, which: str = "best") -> Path:
+    """Exports a training run as ``base_path/name/version``, the layout TF Serving polls.
+
+    Args:
+        run_dir: a run folder written by ``train``.
+        name: the model name (a folder under ``base_path``).
+        base_path: the folder of all models.
+        version: the version number; defaults to the next integer.
+        which: ``"best"`` model by validation loss or ``"latest"`` weights.
+
+    Returns:
+        The version folder written.
+
+    Example:
+
+    >>> export_run("runs/shakespeare", "shakespeare")  # doctest: +SKIP
+    PosixPath('saved_models/shakespeare/1')
+    """
+    from keras_charrnn.train import load_run
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise CharRNNError(f"model name {name!r}: use letters, digits, '_', '.' and '-'")
+    if version is not None and version < 1:
+        raise CharRNNError(f"--version must be a positive integer, got {version}")
+    model, vocab, record = load_run(run_dir, which=which)
+    base = Path(base_path) / name
+    version = version or next_version(base)
+    target = base / str(version)
+    if target.exists():
+        raise CharRNNError(f"{target} already exists; choose another --version")
+    best = record.get("best_val_loss")
+    info = {"val_loss": best, "val_bpc": bits_per_char(best) if best is not None else None,
+            "corpus_chars": record["corpus"]["chars"], "corpus": os.path.basename(record["corpus"]["path"]),
+            "trained_epochs": record.get("epochs_done")}
+    return save_savedmodel(model, vocab, target, info)
