@@ -72,15 +72,151 @@ def _run_train(args) -> None:
     print(f"run saved in {args.out}: export it with 'charrnn export {args.out} --name NAME'")
 
 
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="export a run as a TF Serving SavedModel (saved_models/NAME/VERSION)")
+    p.add_argument("run_dir", help="run folder written by 'charrnn train'")
+    p.add_argument("--name", required=True, help="model name (folder under --base-path)")
+    p.add_argument("--base-path", default="saved_models", help="folder of all models (default saved_models)")
+    p.add_argument("--version", type=_positive_int, default=None, help="version number (default: next integer)")
+    p.add_argument("--which", choices=["best", "latest"], default="best",
+                   help="best model by validation loss (default) or the latest weights")
+
+
+def _run_export(args) -> None:
+    from keras_charrnn.export import export_run
+
+    path = export_run(args.run_dir, args.name, args.base_path, args.version, args.which)
+    print(f"exported {path}")
+
+
+def _add_sampling_flags(p) -> None:
+    p.add_argument("--prime", default="\n", help="text to start from (default: a newline)")
+    p.add_argument("-n", "--num-chars", type=_positive_int, default=500, help="characters to generate")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy; higher = more varied")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest characters (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--seed", type=int, default=None, help="makes the text reproducible")
+    p.add_argument("--chunk", type=_positive_int, default=64, help="characters per model call")
+
+
+def _add_sample(sub) -> None:
+    p = sub.add_parser("sample", help="generate text from a SavedModel (in-process) or a model server (gRPC)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--model", help="SavedModel folder (saved_models/NAME or a version folder)")
+    where.add_argument("--server", help="model server address, e.g. localhost:8500")
+    p.add_argument("--name", default=None, help="model name on the server (with --server)")
+    p.add_argument("--version", type=_positive_int, default=None, help="pin this model version (with --server)")
+    p.add_argument("--interactive", action="store_true", help="type a line, the model continues it; state is kept")
+    _add_sampling_flags(p)
+
+
+def _run_sample(args) -> None:
+    from keras_charrnn.errors import CharRNNError
+
+    if args.server:
+        if not args.name:
+            raise CharRNNError("--server needs --name (the model's name on the server)")
+        from keras_charrnn.serving.client import SamplingClient
+
+        client = SamplingClient(args.server)
+        make = lambda prime: client.session(args.name, prime=prime, temperature=args.temperature,  # noqa: E731
+                                            top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                                            version=args.version)
+    else:
+        import_tensorflow_quietly()
+        from keras_charrnn.sample import load
+
+        model = load(args.model)
+        make = lambda prime: model.session(prime, temperature=args.temperature, top_k=args.top_k,  # noqa: E731
+                                           top_p=args.top_p, seed=args.seed)
+    if args.interactive:
+        _interactive(make, args)
+        return
+    session = make(args.prime)
+    sys.stdout.write(args.prime)
+    for text in session.stream(args.num_chars, chunk=args.chunk):
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def _interactive(make, args) -> None:
+    print("type a line and the model continues it; an empty line continues on its own; Ctrl-D quits")
+    session = None
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print()
+            return
+        if session is None:
+            session = make((line or args.prime) + "\n")
+        elif line:
+            session.feed(line + "\n")
+        for text in session.stream(args.num_chars, chunk=args.chunk):
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="loss, bits per character and perplexity of a text file")
+    p.add_argument("--model", required=True, help="SavedModel folder")
+    p.add_argument("file", help="UTF-8 text file")
+
+
+def _run_eval(args) -> None:
+    from keras_charrnn.sample import load
+    from keras_charrnn.vocab import read_corpus
+
+    text = read_corpus(args.file)
+    result = load(args.model).score(text)
+    print(f"{args.file}: {result['chars']} characters  loss {result['loss']:.4f} nats/char  "
+          f"bpc {result['bits_per_char']:.4f}  perplexity {result['perplexity']:.3f}")
+
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="TF Serving-compatible gRPC model server (tensorflow_model_server's flags)")
+    p.add_argument("--port", type=int, default=8500, help="gRPC port (0 picks a free one)")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on")
+    p.add_argument("--model_name", default=None, help="name of the single model to serve")
+    p.add_argument("--model_base_path", default=None, help="folder of its numbered versions")
+    p.add_argument("--model_config_file", default=None, help="ModelServerConfig text file (serving/models.config)")
+    p.add_argument("--enable_batching", action="store_true", help="merge concurrent calls into batches")
+    p.add_argument("--batching_parameters_file", default=None, help="BatchingParameters text file")
+    p.add_argument("--file_system_poll_wait_seconds", type=float, default=1.0,
+                   help="how often to look for new versions (0: only at start)")
+    p.add_argument("--ssl_config_file", default=None, help="SSLConfig text file (TLS, mutual TLS)")
+    p.add_argument("--grpc_max_threads", type=_positive_int, default=32)
+    p.add_argument("--max_message_bytes", type=_positive_int, default=4 * 1024 * 1024,
+                   help="largest request accepted (larger: RESOURCE_EXHAUSTED)")
+    p.add_argument("--max_chars_per_call", type=_positive_int, default=4096, help="cap on num_chars of one call")
+
+
+def _run_serve(args) -> None:
+    import logging
+
+    from keras_charrnn.serving.server import ModelServer, ServerOptions
+
+    logging.basicConfig(level=logging.INFO, format="charrnn serve: %(message)s")
+    options = ServerOptions(**{k: v for k, v in vars(args).items() if k in ServerOptions.__dataclass_fields__})
+    server = ModelServer(options)
+    port = server.start()
+    print(f"serving on port {port}", flush=True)
+    server.serve_until_signal()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="charrnn", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
-    _add_train(sub)
+    for add in (_add_train, _add_export, _add_sample, _add_eval, _add_serve):
+        add(sub)
     return parser
 
 
-COMMANDS = {"train": _run_train}
-NEEDS_TENSORFLOW = {"train"}
+COMMANDS = {"train": _run_train, "export": _run_export, "sample": _run_sample, "eval": _run_eval,
+            "serve": _run_serve}
+NEEDS_TENSORFLOW = {"train", "export", "eval", "serve"}
 
 
 def import_tensorflow_quietly() -> None:

@@ -13,6 +13,12 @@ from pathlib import Path
 from typing import Callable
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None], suffix: str = "") -> None:
     """Calls ``write(tmp_path)`` then renames ``tmp_path`` over ``path``.
 
@@ -29,6 +35,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], suffix: 
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -60,6 +67,7 @@ def atomic_write_dir(path: str | os.PathLike, write: Callable[[str], None]) -> N
     tmp = tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         write(tmp)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a server in a container must read it
         os.rename(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -17,7 +17,7 @@ from typing import Iterator
 import numpy as np
 import tensorflow as tf
 
-from keras_charrnn.errors import CharRNNError
+from keras_charrnn.errors import CharRNNError, graph_error_message
 from keras_charrnn.metrics import bits_per_char, perplexity
 from keras_charrnn.session import DEFAULT_CHUNK, ModelInfo, SamplingParams, Session
 from keras_charrnn.vocab import Vocabulary
@@ -49,7 +49,7 @@ class _InProcessRunner:
             out = fn(**{k: tf.constant(v) if v.dtype != object else tf.constant(list(v), tf.string)
                         for k, v in inputs.items()})
         except tf.errors.InvalidArgumentError as exc:
-            raise CharRNNError(exc.message.split("\n")[0]) from None
+            raise CharRNNError(graph_error_message(exc.message)) from None
         return {k: v.numpy() for k, v in out.items()}, self._version
 
 

@@ -1,0 +1,135 @@
+"""Request batching: concurrent calls merged along the batch axis into one model call.
+
+Calls are grouped by (model, version, signature, and every input dimension
+but the batch one, plus ``num_chars``): only such calls can be stacked. A
+batch is closed when it holds ``max_batch_size`` rows or when its oldest call
+has waited ``batch_timeout_micros``; ``num_batch_threads`` threads run the
+closed batches. The rows are split back to their callers. A queue holding
+``max_enqueued_batches`` full batches refuses more calls with UNAVAILABLE.
+
+The exported model keys its randomness by each row's (seed, position), so a
+row's result does not depend on which other calls share its batch.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from keras_charrnn.serving.manager import LoadedVersion, ServingError
+
+DEFAULTS = {"max_batch_size": 64, "batch_timeout_micros": 2000, "num_batch_threads": 2, "max_enqueued_batches": 16}
+
+
+@dataclass
+class _Call:
+    inputs: dict[str, np.ndarray]
+    rows: int
+    future: Future = field(default_factory=Future)
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class Batcher:
+    """Merges concurrent calls of one signature into batched model calls.
+
+    Args:
+        run: executes a signature: ``run(loaded, signature, inputs) -> outputs`` (NumPy dicts).
+        max_batch_size: most rows in one model call.
+        batch_timeout_micros: longest a call waits for others to join it.
+        num_batch_threads: threads running batches.
+        max_enqueued_batches: queue capacity, in full batches, per group.
+    """
+
+    def __init__(self, run, max_batch_size: int = 64, batch_timeout_micros: int = 2000,
+                 num_batch_threads: int = 2, max_enqueued_batches: int = 16):
+        if max_batch_size < 1 or num_batch_threads < 1 or max_enqueued_batches < 1 or batch_timeout_micros < 0:
+            raise ValueError("batching parameters must be positive")
+        self._run = run
+        self.max_batch_size = max_batch_size
+        self.timeout = batch_timeout_micros / 1e6
+        self.max_rows_queued = max_enqueued_batches * max_batch_size
+        self._queues: dict[tuple, deque[_Call]] = {}
+        self._targets: dict[tuple, tuple[LoadedVersion, str]] = {}
+        self._cond = threading.Condition()
+        self._closed = False
+        self._threads = [threading.Thread(target=self._work, name=f"batch-{i}", daemon=True)
+                         for i in range(num_batch_threads)]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, loaded: LoadedVersion, signature: str, inputs: dict[str, np.ndarray]) -> Future:
+        """Queues one call; its future resolves to the call's own rows of the outputs."""
+        rows = {v.shape[0] if v.ndim else -1 for v in inputs.values()}
+        if len(rows) != 1 or -1 in rows:
+            raise ServingError("INVALID_ARGUMENT", "all inputs must have the same batch size (first dimension)")
+        (n,) = rows
+        if n > self.max_batch_size:
+            raise ServingError("INVALID_ARGUMENT", f"batch of {n} rows exceeds max_batch_size {self.max_batch_size}")
+        shape_key = tuple(sorted((k, v.shape[1:], v.dtype.str) for k, v in inputs.items()))
+        extra = tuple(np.unique(inputs["num_chars"]).tolist()) if "num_chars" in inputs else ()
+        key = (loaded.name, loaded.version, id(loaded), signature, shape_key, extra)
+        call = _Call(inputs, n)
+        with self._cond:
+            if self._closed:
+                raise ServingError("UNAVAILABLE", "server is shutting down")
+            queue = self._queues.setdefault(key, deque())
+            if sum(c.rows for c in queue) + n > self.max_rows_queued:
+                raise ServingError("UNAVAILABLE", "the batching queue is full; retry later")
+            queue.append(call)
+            self._targets[key] = (loaded, signature)
+            self._cond.notify()
+        return call.future
+
+    def _take(self) -> tuple[tuple, list[_Call]] | None:
+        """Waits for a batch that is full or whose oldest call has waited long enough."""
+        with self._cond:
+            while True:
+                if self._closed and not any(self._queues.values()):
+                    return None
+                now = time.monotonic()
+                wait = None
+                for key, queue in self._queues.items():
+                    if not queue:
+                        continue
+                    ready_at = queue[0].enqueued + self.timeout
+                    if sum(c.rows for c in queue) >= self.max_batch_size or now >= ready_at or self._closed:
+                        batch, rows = [], 0
+                        while queue and rows + queue[0].rows <= self.max_batch_size:
+                            call = queue.popleft()
+                            batch.append(call)
+                            rows += call.rows
+                        return key, batch
+                    wait = ready_at - now if wait is None else min(wait, ready_at - now)
+                self._cond.wait(timeout=wait)
+
+    def _work(self) -> None:
+        while True:
+            taken = self._take()
+            if taken is None:
+                return
+            key, batch = taken
+            loaded, signature = self._targets[key]
+            try:
+                merged = {k: np.concatenate([c.inputs[k] for c in batch]) for k in batch[0].inputs}
+                outputs = self._run(loaded, signature, merged)
+                start = 0
+                for call in batch:
+                    call.future.set_result({k: v[start:start + call.rows] for k, v in outputs.items()})
+                    start += call.rows
+            except BaseException as exc:  # every caller of the batch gets the error
+                for call in batch:
+                    if not call.future.done():
+                        call.future.set_exception(exc)
+
+    def close(self) -> None:
+        """Runs what is queued, then stops the threads."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        for t in self._threads:
+            t.join(timeout=30)

@@ -1,0 +1,346 @@
+"""The embedded model server: TensorFlow Serving's gRPC API over the same model folders.
+
+Services: ``tensorflow.serving.PredictionService`` (Predict, GetModelMetadata;
+Classify, Regress and MultiInference answer UNIMPLEMENTED),
+``tensorflow.serving.ModelService`` (GetModelStatus), the standard gRPC health
+service and server reflection. Messages and stubs are the tensorflow-serving-api
+package's own. Start it with ``charrnn serve`` (the flags of
+``tensorflow_model_server``) or ``ModelServer(...).start()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import tensorflow as tf
+from google.protobuf import text_format
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from tensorflow.core.protobuf import meta_graph_pb2
+from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2, model_service_pb2,
+                                     model_service_pb2_grpc, predict_pb2, prediction_service_pb2,
+                                     prediction_service_pb2_grpc)
+from tensorflow_serving.config import model_server_config_pb2
+
+from keras_charrnn.errors import graph_error_message
+from keras_charrnn.serving.batching import DEFAULTS as BATCHING_DEFAULTS
+from keras_charrnn.serving.batching import Batcher
+from keras_charrnn.serving.manager import LoadedVersion, ModelManager, ServingError, single_model_config
+from keras_charrnn.serving.protos import BatchingParameters, SSLConfig
+
+log = logging.getLogger("charrnn.serve")
+
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+@dataclass
+class ServerOptions:
+    """The server's settings; the names are ``tensorflow_model_server``'s flags."""
+
+    port: int = 8500
+    host: str = "0.0.0.0"
+    model_name: str | None = None
+    model_base_path: str | None = None
+    model_config_file: str | None = None
+    enable_batching: bool = False
+    batching_parameters_file: str | None = None
+    file_system_poll_wait_seconds: float = 1.0
+    ssl_config_file: str | None = None
+    grpc_max_threads: int = 32
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    max_chars_per_call: int = 4096
+    shutdown_grace_seconds: float = 30.0
+
+
+def read_text_proto(path: str | Path, message):
+    """Parses a protobuf text-format file (TF Serving's config files) into ``message``."""
+    path = Path(path)
+    try:
+        return text_format.Parse(path.read_text(encoding="utf-8"), message)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except text_format.ParseError as exc:
+        raise ValueError(f"{path}: not a valid {message.DESCRIPTOR.name} ({exc})") from None
+
+
+def model_server_config(options: ServerOptions) -> model_server_config_pb2.ModelServerConfig:
+    """The ModelServerConfig given by ``--model_config_file`` or by ``--model_name/--model_base_path``."""
+    if options.model_config_file:
+        if options.model_base_path:
+            raise ValueError("give --model_config_file or --model_base_path, not both")
+        config = read_text_proto(options.model_config_file, model_server_config_pb2.ModelServerConfig())
+        if not config.model_config_list.config:
+            raise ValueError(f"{options.model_config_file}: model_config_list holds no model")
+        return config
+    if not options.model_base_path:
+        raise ValueError("give --model_base_path (with --model_name) or --model_config_file")
+    return single_model_config(options.model_name or "default", options.model_base_path)
+
+
+# ----- tensors <-> NumPy, checked against the signature ----------------------------------------
+
+def _check_inputs(loaded: LoadedVersion, signature: str, request_inputs) -> dict[str, np.ndarray]:
+    sig_def = loaded.signature_defs[signature]
+    expected, given = set(sig_def.inputs), set(request_inputs)
+    if given - expected:
+        raise ServingError("INVALID_ARGUMENT", f"unexpected input(s) {sorted(given - expected)} for signature "
+                                               f"{signature!r}; it takes {sorted(expected)}")
+    if expected - given:
+        raise ServingError("INVALID_ARGUMENT", f"missing input(s) {sorted(expected - given)} for signature {signature!r}")
+    arrays = {}
+    for key in sorted(expected):
+        proto, info = request_inputs[key], sig_def.inputs[key]
+        if proto.dtype != info.dtype:
+            raise ServingError("INVALID_ARGUMENT", f"input {key!r}: expects dtype "
+                                                   f"{tf.dtypes.as_dtype(info.dtype).name}, got "
+                                                   f"{_dtype_name(proto.dtype)}")
+        try:
+            value = tf.make_ndarray(proto)
+        except Exception as exc:  # malformed tensor content
+            raise ServingError("INVALID_ARGUMENT", f"input {key!r}: malformed tensor ({exc})") from None
+        dims = [d.size for d in info.tensor_shape.dim]
+        if value.ndim != len(dims) or any(d != -1 and d != s for d, s in zip(dims, value.shape)):
+            want = "[" + ", ".join("?" if d == -1 else str(d) for d in dims) + "]"
+            raise ServingError("INVALID_ARGUMENT", f"input {key!r}: expects shape {want}, got {list(value.shape)}")
+        arrays[key] = value
+    return arrays
+
+
+def _dtype_name(enum_value: int) -> str:
+    try:
+        return tf.dtypes.as_dtype(enum_value).name
+    except TypeError:
+        return f"invalid dtype {enum_value}"
+
+
+def run_signature(loaded: LoadedVersion, signature: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Calls one signature on NumPy inputs; a model-side check failing becomes INVALID_ARGUMENT."""
+    fn = loaded.signature(signature)
+    try:
+        outputs = fn(**{k: tf.constant(v) for k, v in inputs.items()})
+    except tf.errors.InvalidArgumentError as exc:
+        raise ServingError("INVALID_ARGUMENT", graph_error_message(exc.message)) from None
+    except (ValueError, TypeError) as exc:
+        raise ServingError("INVALID_ARGUMENT", str(exc).strip().splitlines()[0]) from None
+    return {k: v.numpy() for k, v in outputs.items()}
+
+
+# ----- the services ---------------------------------------------------------------------------
+
+def _abort(context: grpc.ServicerContext, error: ServingError):
+    context.abort(getattr(grpc.StatusCode, error.code), error.message)
+
+
+def _guarded(method):
+    """Turns ServingError into its gRPC status and anything unexpected into INTERNAL, without a traceback."""
+
+    def wrapper(self, request, context):
+        try:
+            return method(self, request, context)
+        except ServingError as exc:
+            _abort(context, exc)
+        except Exception as exc:  # never crash, never leak a traceback
+            if isinstance(exc, grpc.RpcError) or context.code() is not None:
+                raise
+            log.exception("internal error in %s", method.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
+
+    wrapper.__name__ = method.__name__
+    return wrapper
+
+
+class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
+    def __init__(self, manager: ModelManager, batcher: Batcher | None, max_chars_per_call: int):
+        self.manager = manager
+        self.batcher = batcher
+        self.max_chars_per_call = max_chars_per_call
+
+    def _resolve(self, spec) -> LoadedVersion:
+        version = spec.version.value if spec.HasField("version") else None
+        return self.manager.resolve(spec.name, version, spec.version_label or None)
+
+    @_guarded
+    def Predict(self, request: predict_pb2.PredictRequest, context) -> predict_pb2.PredictResponse:
+        loaded = self._resolve(request.model_spec)
+        signature = request.model_spec.signature_name or "serving_default"
+        loaded.signature(signature)
+        inputs = _check_inputs(loaded, signature, request.inputs)
+        if "num_chars" in inputs and inputs["num_chars"].size and int(inputs["num_chars"].max()) > self.max_chars_per_call:
+            raise ServingError("INVALID_ARGUMENT", f"num_chars {int(inputs['num_chars'].max())} is over this "
+                                                   f"server's cap of {self.max_chars_per_call} per call")
+        unknown = set(request.output_filter) - set(loaded.signature_defs[signature].outputs)
+        if unknown:
+            raise ServingError("INVALID_ARGUMENT", f"output_filter names unknown output(s) {sorted(unknown)}")
+        if self.batcher is not None and inputs:
+            future = self.batcher.submit(loaded, signature, inputs)
+            remaining = context.time_remaining()
+            try:
+                outputs = future.result(timeout=remaining)
+            except futures.TimeoutError:
+                future.cancel()
+                raise ServingError("DEADLINE_EXCEEDED", "deadline exceeded while waiting in the batching queue") from None
+        else:
+            outputs = run_signature(loaded, signature, inputs)
+        response = predict_pb2.PredictResponse()
+        response.model_spec.name = loaded.name
+        response.model_spec.version.value = loaded.version
+        response.model_spec.signature_name = signature
+        for key, value in outputs.items():
+            if not request.output_filter or key in request.output_filter:
+                response.outputs[key].CopyFrom(tf.make_tensor_proto(value))
+        return response
+
+    @_guarded
+    def GetModelMetadata(self, request, context):
+        loaded = self._resolve(request.model_spec)
+        fields = list(request.metadata_field)
+        if fields != ["signature_def"]:
+            raise ServingError("INVALID_ARGUMENT", f"metadata_field must be ['signature_def'], got {fields}")
+        sig_map = get_model_metadata_pb2.SignatureDefMap()
+        for name, sig_def in loaded.signature_defs.items():
+            sig_map.signature_def[name].CopyFrom(sig_def)
+        response = get_model_metadata_pb2.GetModelMetadataResponse()
+        response.model_spec.name = loaded.name
+        response.model_spec.version.value = loaded.version
+        response.metadata["signature_def"].Pack(sig_map)
+        return response
+
+    def _unimplemented(self, request, context):
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "only Predict and GetModelMetadata are served for these models")
+
+    Classify = Regress = MultiInference = _unimplemented
+
+
+class ModelStatusServicer(model_service_pb2_grpc.ModelServiceServicer):
+    def __init__(self, manager: ModelManager):
+        self.manager = manager
+
+    @_guarded
+    def GetModelStatus(self, request, context):
+        spec = request.model_spec
+        version = spec.version.value if spec.HasField("version") else None
+        response = get_model_status_pb2.GetModelStatusResponse()
+        for v, status in self.manager.statuses(spec.name, version):
+            entry = response.model_version_status.add(version=v, state=status.state)
+            if status.error:
+                entry.status.error_code = 3 if "NotFound" not in status.error else 5  # INVALID_ARGUMENT / NOT_FOUND
+                entry.status.error_message = status.error
+        return response
+
+    def HandleReloadConfigRequest(self, request, context):
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "config reload is not supported; restart with the new config")
+
+
+# ----- the server -----------------------------------------------------------------------------
+
+class ModelServer:
+    """A TF Serving-compatible gRPC server for keras-charrnn SavedModels.
+
+    Args:
+        options: where to listen and what to serve.
+
+    Example:
+
+    >>> server = ModelServer(ServerOptions(port=0, model_name="shakespeare",
+    ...                                    model_base_path="saved_models/shakespeare"))  # doctest: +SKIP
+    >>> server.start(); print(server.port)                                            # doctest: +SKIP
+    """
+
+    def __init__(self, options: ServerOptions):
+        self.options = options
+        self.manager = ModelManager(model_server_config(options), options.file_system_poll_wait_seconds)
+        self.batcher = None
+        if options.enable_batching:
+            params = dict(BATCHING_DEFAULTS)
+            if options.batching_parameters_file:
+                parsed = read_text_proto(options.batching_parameters_file, BatchingParameters())
+                for key in params:
+                    if parsed.HasField(key):
+                        params[key] = getattr(parsed, key).value
+            self.batcher = Batcher(run_signature, **params)
+            log.info("batching on: %s", ", ".join(f"{k}={v}" for k, v in params.items()))
+        self.health = health.HealthServicer()
+        self.port: int | None = None
+        self._server: grpc.Server | None = None
+        self._stopped = threading.Event()
+
+    def _credentials(self):
+        if not self.options.ssl_config_file:
+            return None
+        ssl = read_text_proto(self.options.ssl_config_file, SSLConfig())
+        if not ssl.server_key or not ssl.server_cert:
+            raise ValueError(f"{self.options.ssl_config_file}: server_key and server_cert are required")
+        if ssl.client_verify and not ssl.custom_ca:
+            raise ValueError(f"{self.options.ssl_config_file}: client_verify needs custom_ca")
+        return grpc.ssl_server_credentials([(ssl.server_key.encode(), ssl.server_cert.encode())],
+                                           root_certificates=ssl.custom_ca.encode() if ssl.custom_ca else None,
+                                           require_client_auth=ssl.client_verify)
+
+    def start(self) -> int:
+        """Loads the models, then listens; returns the port (useful with port 0)."""
+        credentials = self._credentials()
+        self.manager.start()
+        limit = self.options.max_message_bytes
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.options.grpc_max_threads),
+                             options=[("grpc.max_receive_message_length", limit),
+                                      ("grpc.max_send_message_length", limit),
+                                      ("grpc.so_reuseport", 0)])
+        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
+            PredictionServicer(self.manager, self.batcher, self.options.max_chars_per_call), server)
+        model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelStatusServicer(self.manager), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        names = (prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"].full_name,
+                 model_service_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,
+                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, server)
+        address = f"{self.options.host}:{self.options.port}"
+        self.port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+        if not self.port:
+            raise ValueError(f"cannot listen on {address}")
+        server.start()
+        self._server = server
+        status = health_pb2.HealthCheckResponse.SERVING if self.manager.ready() else health_pb2.HealthCheckResponse.NOT_SERVING
+        self.health.set("", status)
+        for name in names[:2]:
+            self.health.set(name, status)
+        log.info("listening on %s:%d (%s)", self.options.host, self.port, "TLS" if credentials else "plaintext")
+        return self.port
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stops accepting calls, lets the calls in flight finish (up to ``grace`` seconds), then stops."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self.health.enter_graceful_shutdown()
+        grace = self.options.shutdown_grace_seconds if grace is None else grace
+        if self._server is not None:
+            self._server.stop(grace).wait()
+        if self.batcher is not None:
+            self.batcher.close()
+        self.manager.stop()
+        log.info("stopped")
+
+    def wait(self) -> None:
+        """Blocks until ``stop``."""
+        self._stopped.wait()
+
+    def serve_until_signal(self) -> None:
+        """Runs until SIGTERM or SIGINT, then drains the calls in flight and returns."""
+        received = threading.Event()
+
+        def on_signal(signum, frame):
+            log.info("received %s: draining", signal.Signals(signum).name)
+            received.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        while not received.wait(0.5) and not self._stopped.is_set():
+            pass
+        self.stop()
