@@ -8,6 +8,7 @@ They work beside any other Keras callback:
   stop, keeping the last good checkpoint, if the loss becomes NaN or infinite.
 - ``PlotCurves``: draw the loss/bpc curves to a PNG after every epoch.
 - ``EpochSummary``: print one line per epoch.
+- ``TimeBudget``: stop after a wall-clock budget.
 """
 
 from __future__ import annotations
@@ -192,3 +193,22 @@ class EpochSummary(keras.callbacks.Callback):
                      f"  val_ppl {logs.get('val_perplexity', float('nan')):.2f}")
         line += f"  {speed:,.0f} chars/s  {seconds:.0f}s"
         print(line, flush=True)
+
+
+class TimeBudget(keras.callbacks.Callback):
+    """Stops training once ``seconds`` of wall-clock time have passed (checked after each batch).
+
+    Args:
+        seconds: the budget, counted from the start of ``fit``.
+    """
+
+    def __init__(self, seconds: float):
+        super().__init__()
+        self.seconds = seconds
+
+    def on_train_begin(self, logs=None):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        if time.perf_counter() - self._start >= self.seconds:
+            self.model.stop_training = True

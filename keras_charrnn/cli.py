@@ -206,16 +206,38 @@ def _run_serve(args) -> None:
     server.serve_until_signal()
 
 
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="serve saved_models/ and stream generated text over gRPC")
+    p.add_argument("--train", metavar="CORPUS", default=None, help="first train a small model on this text file")
+    p.add_argument("--minutes", type=float, default=3.0, help="training time with --train (default 3)")
+    p.add_argument("--base-path", default="saved_models", help="folder of the models to serve")
+    p.add_argument("--name", default=None, help="model to sample (default: shakespeare, or the first found)")
+    p.add_argument("--prime", default="ROMEO:", help="text to start from")
+    p.add_argument("--calls", type=_positive_int, default=6, help="number of gRPC calls")
+    p.add_argument("--chunk", type=_positive_int, default=64, help="characters per call")
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--seed", type=int, default=1)
+
+
+def _run_demo(args) -> None:
+    from keras_charrnn.demo import run_demo
+
+    if args.train:
+        import_tensorflow_quietly()
+    run_demo(args.base_path, args.name, args.train, args.minutes, args.prime, args.calls, args.chunk,
+             args.temperature, args.seed)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="charrnn", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
-    for add in (_add_train, _add_export, _add_sample, _add_eval, _add_serve):
+    for add in (_add_train, _add_export, _add_sample, _add_eval, _add_serve, _add_demo):
         add(sub)
     return parser
 
 
 COMMANDS = {"train": _run_train, "export": _run_export, "sample": _run_sample, "eval": _run_eval,
-            "serve": _run_serve}
+            "serve": _run_serve, "demo": _run_demo}
 NEEDS_TENSORFLOW = {"train", "export", "eval", "serve"}
 
 

@@ -1,0 +1,120 @@
+"""Light, wire-compatible copies of the TF Serving messages the client sends and receives.
+
+Importing ``tensorflow_serving.apis`` imports all of TensorFlow (seconds, and
+hundreds of MB). The client needs only a handful of messages, so this module
+builds them from their field numbers (TF Serving's and TensorFlow's own) in a
+private descriptor pool, and converts tensors to and from NumPy by hand.
+They carry the same full names as the real ones, so ``Any`` packing works,
+and ``tests/test_wire_compat.py`` checks that every message parses as the real
+message of the same name, and back.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from google.protobuf import any_pb2, descriptor_pool, wrappers_pb2  # noqa: F401  (registers their files)
+
+from keras_charrnn.serving.schema import make_messages
+
+_pool = descriptor_pool.DescriptorPool()
+
+DT_FLOAT, DT_INT32, DT_STRING, DT_INT64, DT_BOOL = 1, 3, 7, 9, 10
+
+_tf = make_messages(
+    "keras_charrnn/light_tensorflow.proto", "tensorflow",
+    {
+        "TensorShapeProto_Dim": [("size", 1, "int64", False), ("name", 2, "string", False)],
+        "TensorShapeProto": [("dim", 2, "TensorShapeProto_Dim", True), ("unknown_rank", 3, "bool", False)],
+        "TensorProto": [
+            ("dtype", 1, "enum:DataType", False), ("tensor_shape", 2, "TensorShapeProto", False),
+            ("version_number", 3, "int32", False), ("tensor_content", 4, "bytes", False),
+            ("half_val", 13, "int32", True), ("float_val", 5, "float", True), ("double_val", 6, "double", True),
+            ("int_val", 7, "int32", True), ("string_val", 8, "bytes", True), ("int64_val", 10, "int64", True),
+            ("bool_val", 11, "bool", True),
+        ],
+        "TensorInfo": [("name", 1, "string", False), ("dtype", 2, "enum:DataType", False),
+                       ("tensor_shape", 3, "TensorShapeProto", False)],
+        "SignatureDef": [("inputs", 1, ("map", "string", "TensorInfo"), False),
+                         ("outputs", 2, ("map", "string", "TensorInfo"), False),
+                         ("method_name", 3, "string", False)],
+    },
+    enums={"DataType": {"DT_INVALID": 0, "DT_FLOAT": DT_FLOAT, "DT_INT32": DT_INT32, "DT_STRING": DT_STRING,
+                        "DT_INT64": DT_INT64, "DT_BOOL": DT_BOOL}},
+    pool=_pool,
+)
+_serving = make_messages(
+    "keras_charrnn/light_tensorflow_serving.proto", "tensorflow.serving",
+    {
+        "ModelSpec": [("name", 1, "string", False), ("version", 2, ".google.protobuf.Int64Value", False),
+                      ("version_label", 4, "string", False), ("signature_name", 3, "string", False)],
+        "PredictRequest": [("model_spec", 1, "ModelSpec", False),
+                           ("inputs", 2, ("map", "string", ".tensorflow.TensorProto"), False),
+                           ("output_filter", 3, "string", True)],
+        "PredictResponse": [("model_spec", 2, "ModelSpec", False),
+                            ("outputs", 1, ("map", "string", ".tensorflow.TensorProto"), False)],
+        "GetModelMetadataRequest": [("model_spec", 1, "ModelSpec", False), ("metadata_field", 2, "string", True)],
+        "GetModelMetadataResponse": [("model_spec", 1, "ModelSpec", False),
+                                     ("metadata", 2, ("map", "string", ".google.protobuf.Any"), False)],
+        "SignatureDefMap": [("signature_def", 1, ("map", "string", ".tensorflow.SignatureDef"), False)],
+    },
+    dependencies=("keras_charrnn/light_tensorflow.proto", "google/protobuf/wrappers.proto",
+                  "google/protobuf/any.proto"),
+    pool=_pool,
+)
+
+TensorProto = _tf["TensorProto"]
+TensorShapeProto = _tf["TensorShapeProto"]
+TensorInfo = _tf["TensorInfo"]
+SignatureDef = _tf["SignatureDef"]
+ModelSpec = _serving["ModelSpec"]
+PredictRequest = _serving["PredictRequest"]
+PredictResponse = _serving["PredictResponse"]
+GetModelMetadataRequest = _serving["GetModelMetadataRequest"]
+GetModelMetadataResponse = _serving["GetModelMetadataResponse"]
+SignatureDefMap = _serving["SignatureDefMap"]
+
+PREDICT = "/tensorflow.serving.PredictionService/Predict"
+GET_MODEL_METADATA = "/tensorflow.serving.PredictionService/GetModelMetadata"
+
+_NUMPY_OF = {DT_FLOAT: np.float32, DT_INT32: np.int32, DT_INT64: np.int64, DT_BOOL: np.bool_}
+_DTYPE_OF = {np.dtype(v): k for k, v in _NUMPY_OF.items()}
+_VALUES_FIELD = {DT_FLOAT: "float_val", DT_INT32: "int_val", DT_INT64: "int64_val", DT_BOOL: "bool_val"}
+
+
+def to_tensor_proto(value: np.ndarray, into=None):
+    """A NumPy array (numbers, or bytes/str objects) as a TensorProto, as ``tf.make_tensor_proto`` would."""
+    value = np.asarray(value)
+    proto = into if into is not None else TensorProto()
+    for size in value.shape:
+        proto.tensor_shape.dim.add(size=size)
+    if value.dtype == object or value.dtype.kind in "SU":
+        proto.dtype = DT_STRING
+        proto.string_val.extend(v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in value.reshape(-1))
+        return proto
+    if value.dtype not in _DTYPE_OF:
+        raise TypeError(f"no TensorProto dtype for {value.dtype}")
+    proto.dtype = _DTYPE_OF[value.dtype]
+    proto.tensor_content = np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("<")).tobytes()
+    return proto
+
+
+def from_tensor_proto(proto) -> np.ndarray:
+    """A TensorProto as a NumPy array (strings come back as ``bytes`` objects)."""
+    shape = [d.size for d in proto.tensor_shape.dim]
+    count = int(np.prod(shape)) if shape else 1
+    if proto.dtype == DT_STRING:
+        values = list(proto.string_val)
+        if len(values) == 1 and count > 1:
+            values = values * count
+        return np.array(values, dtype=object).reshape(shape)
+    if proto.dtype not in _NUMPY_OF:
+        raise TypeError(f"unsupported tensor dtype {proto.dtype}")
+    dtype = np.dtype(_NUMPY_OF[proto.dtype]).newbyteorder("<")
+    if proto.tensor_content:
+        return np.frombuffer(proto.tensor_content, dtype=dtype).astype(dtype.newbyteorder("=")).reshape(shape)
+    values = np.array(getattr(proto, _VALUES_FIELD[proto.dtype]), dtype=_NUMPY_OF[proto.dtype])
+    if values.size == 1 and count > 1:  # TF's convention: one value fills the tensor
+        values = np.repeat(values, count)
+    if values.size == 0:
+        values = np.zeros(count, _NUMPY_OF[proto.dtype])
+    return values.reshape(shape)
