@@ -19,9 +19,9 @@ class TrainConfig:
     units: int = 512
     embedding_dim: int = 64
     dropout: float = 0.2
-    batch_size: int = 64
+    batch_size: int = 32
     seq_len: int = 100
-    epochs: int = 12
+    epochs: int = 14
     lr: float = 2e-3
     lr_schedule: str = "cosine"  # "cosine" (to lr/10 over the run) or "constant"
     clip_norm: float | None = 5.0

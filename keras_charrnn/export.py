@@ -11,8 +11,9 @@ any call. Signatures (all tensors batch-first, named):
     ``ids`` int32 [B, T>=1], states, and per row ``num_chars`` int32,
     ``temperature`` float32 (0 = greedy), ``top_k`` int32 (0 = off),
     ``top_p`` float32 (1 = off), ``seed`` int64, ``position`` int64 ->
-    ``ids`` int32 [B, num_chars] + the states after the input and every
+    ``ids`` int32 [B, max(num_chars)] + the states after the input and every
     sampled character but the last (pass that last one as the next ``ids``).
+    Rows past their own ``num_chars`` are padded with id 0.
 ``generate_text`` (also ``serving_default``)
     the same with ``prime`` string [B] (UTF-8) in place of ``ids`` and ``text``
     string [B] out.
@@ -74,6 +75,7 @@ class CharRNNModule(tf.Module):
         self._sorted_points = tf.constant(points[order])
         self._sorted_ids = tf.constant((order + 1).astype(np.int32))
         self._chars = tf.constant([UNKNOWN_CHAR] + vocab.chars)
+        self._decode_table = tf.constant([""] + vocab.chars)  # id 0 is never generated: it only pads
         config = {**spec, "vocab_size": vocab.size, "unknown_id": 0, "state_names": list(self.state_names),
                        "state_size": self.units, "max_chars_per_call": MAX_CHARS_PER_CALL,
                        "format": "keras-charrnn/1", **(info or {})}
@@ -129,18 +131,31 @@ class CharRNNModule(tf.Module):
         return self._logits(x), new_states
 
     def _generate(self, ids, lengths, flat_states, num_chars, temperature, top_k, top_p, seed, position):
-        checks = self._check_sampling(ids, lengths, flat_states, num_chars, temperature, top_k, top_p, seed, position)
-        with tf.control_dependencies(checks):
-            n = tf.identity(num_chars[0])
-        _, logits, states = self._feed(ids, lengths, flat_states)
-        out, states = self._sample_loop(n, logits, states, temperature, top_k, top_p, seed, position)
-        return out[:, :n], states
+        """Feeds the input, then samples ``num_chars[b]`` ids for each row b.
 
-    def _sample_loop_impl(self, n, logits, states, temperature, top_k, top_p, seed, position):
+        Returns ``(ids [B, max(num_chars)], flat_states)``; a row's ids past its own
+        ``num_chars`` are 0 (padding), and its states are those after feeding its
+        input and every sampled id but its last. Rows may ask for different counts, so
+        TF Serving's batching may merge any calls.
+        """
+        checks = self._check_sampling(ids, lengths, flat_states, num_chars, temperature, top_k, top_p, seed, position)
+        with tf.control_dependencies(checks):  # nothing runs before the inputs pass the checks
+            ids, lengths, num_chars = tf.identity(ids), tf.identity(lengths), tf.identity(num_chars)
+        _, logits, states = self._feed(ids, lengths, flat_states)
+        out, states = self._sample_loop(num_chars, logits, states, temperature, top_k, top_p, seed, position)
+        n = tf.reduce_max(num_chars)
+        valid = tf.range(n)[None, :] < num_chars[:, None]
+        return tf.where(valid, out[:, :n], 0), states
+
+    def _sample_loop_impl(self, num_chars, logits, states, temperature, top_k, top_p, seed, position):
+        n = tf.reduce_max(num_chars)
+
         def body(i, logits, states, out):
             chosen = decoding.choose(logits, temperature, top_k, top_p, seed, position + tf.cast(i, tf.int64))
-            logits, states = self._step_one(chosen, states)
-            return i + 1, logits, states, out.write(i, chosen)
+            new_logits, new_states = self._step_one(chosen, states)
+            feeding = (i < num_chars - 1)[:, None]  # a row stops before feeding its last sample
+            states = [tf.where(feeding, new, old) for new, old in zip(new_states, states)]
+            return i + 1, new_logits, states, out.write(i, chosen)
 
         _, logits, states, out = tf.while_loop(
             lambda i, *_: i < n - 1, body,
@@ -164,8 +179,6 @@ class CharRNNModule(tf.Module):
                 tf.debugging.assert_greater(tf.reduce_min(num_chars), 0, message="num_chars must be at least 1"),
                 tf.debugging.assert_less_equal(tf.reduce_max(num_chars), MAX_CHARS_PER_CALL,
                                                message=f"num_chars must be at most {MAX_CHARS_PER_CALL} per call"),
-                tf.debugging.assert_equal(tf.reduce_min(num_chars), tf.reduce_max(num_chars),
-                                          message="num_chars must be the same for every row of a call"),
                 tf.debugging.assert_greater_equal(tf.reduce_min(temperature), 0.0,
                                                   message="temperature must be 0 (greedy) or positive"),
                 tf.debugging.assert_greater_equal(tf.reduce_min(top_k), 0, message="top_k must be 0 (off) or positive"),
@@ -191,7 +204,7 @@ class CharRNNModule(tf.Module):
         return tf.reshape(ids, tf.shape(dense)), lengths
 
     def _decode(self, ids):
-        return tf.strings.reduce_join(tf.gather(self._chars, ids), axis=-1)
+        return tf.strings.reduce_join(tf.gather(self._decode_table, ids), axis=-1)
 
     # ----- signatures -------------------------------------------------------------------------
 
@@ -218,7 +231,7 @@ class CharRNNModule(tf.Module):
         def generate_text(prime, *rest):
             ids, lengths = self._encode(prime)
             out, states = self._generate(ids, lengths, list(rest[:k]), *rest[k:])
-            return {"text": self._decode(out), **named_states(states)}
+            return {"text": self._decode(out), **named_states(states)}  # padding (id 0) decodes to ""
 
         def metadata():
             return {"vocabulary": self._chars, "config": self._config_tensor}

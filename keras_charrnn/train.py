@@ -151,6 +151,10 @@ def train(corpus: str | os.PathLike, run_dir: str | os.PathLike, config: TrainCo
             PlotCurves(run_dir / "curves.png", progress),
             EpochSummary(train_batches.chars_per_batch, config.epochs)]
     if config.tensorboard:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise CharRNNError("--tensorboard needs TensorBoard: pip install 'keras-charrnn[tensorboard]'") from None
         ours.append(keras.callbacks.TensorBoard(str(run_dir / "tensorboard")))
     extra = list(callbacks or [])
 

@@ -180,7 +180,8 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             raise ServingError("INVALID_ARGUMENT", f"output_filter names unknown output(s) {sorted(unknown)}")
         if self.batcher is not None and inputs:
             future = self.batcher.submit(loaded, signature, inputs)
-            remaining = context.time_remaining()
+            remaining = context.time_remaining()  # huge when the client set no deadline
+            remaining = None if remaining is None or remaining > 86400 else remaining
             try:
                 outputs = future.result(timeout=remaining)
             except futures.TimeoutError:

@@ -1,0 +1,127 @@
+"""Shared fixtures: small corpora, tiny trained runs and their SavedModels, model servers.
+
+Everything is made by the tests themselves, small enough that the suite runs
+in a few minutes on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+CELLS = ("lstm", "gru", "rnn")
+WORDS = ("the quick brown fox jumps over a lazy dog while seven cats sit on warm mats and "
+         "\"quoted words\" (in brackets) appear now and then").split()
+
+
+def make_corpus(n_words: int = 5000, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    lines = []
+    while n_words > 0:
+        k = rng.randint(4, 12)
+        lines.append(" ".join(rng.choice(WORDS) for _ in range(k)))
+        n_words -= k
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text(make_corpus(), encoding="utf-8")
+    return path
+
+
+def tiny_config(cell: str, **overrides):
+    from keras_charrnn.config import TrainConfig
+
+    values = dict(cell=cell, units=24, layers=2, embedding_dim=16, batch_size=8, seq_len=16, epochs=2,
+                  dropout=0.0, checkpoint_every=20, lr=5e-3)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+@pytest.fixture(scope="session")
+def trained_runs(tmp_path_factory, corpus_file) -> dict[str, Path]:
+    """One tiny trained run folder per cell type."""
+    from keras_charrnn.train import train
+
+    runs = {}
+    for cell in CELLS:
+        run_dir = tmp_path_factory.mktemp(f"run_{cell}")
+        train(corpus_file, run_dir, tiny_config(cell), verbose=0)
+        runs[cell] = run_dir
+    return runs
+
+
+@pytest.fixture(scope="session")
+def model_base(tmp_path_factory, trained_runs) -> Path:
+    """saved_models/-style folder with one exported model per cell: NAME/1."""
+    from keras_charrnn.export import export_run
+
+    base = tmp_path_factory.mktemp("saved_models")
+    for cell, run_dir in trained_runs.items():
+        export_run(run_dir, cell, base)
+    return base
+
+
+def start_server(args: list[str], env: dict | None = None, timeout: float = 120.0, cwd=None):
+    """Runs ``charrnn serve ARGS --port 0`` and returns (process, port) once it serves."""
+    cmd = [sys.executable, "-m", "keras_charrnn.cli", "serve", "--port", "0", "--host", "127.0.0.1", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})}, cwd=cwd)
+    import select
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], 1.0)
+        if ready:
+            line = proc.stdout.readline()
+            match = re.match(r"serving on port (\d+)", line or "")
+            if match:
+                return proc, int(match.group(1))
+            if not line and proc.poll() is not None:
+                break
+    proc.kill()
+    raise RuntimeError(f"server did not start: {proc.stderr.read()[-2000:]}")
+
+
+def stop_server(proc) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
+def write_models_config(path: Path, base: Path, names, policy: str = "") -> Path:
+    entries = "".join(f'  config {{ name: "{n}" base_path: "{base / n}" model_platform: "tensorflow" {policy} }}\n'
+                      for n in names)
+    path.write_text(f"model_config_list {{\n{entries}}}\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(model_base, tmp_path_factory):
+    """A model server for every cell's model; yields its port."""
+    config = write_models_config(tmp_path_factory.mktemp("cfg") / "models.config", model_base, CELLS)
+    proc, port = start_server(["--model_config_file", str(config)])
+    yield port
+    stop_server(proc)
+
+
+def run_cli(*args, input: str | None = None, timeout: float = 300, cwd=None):
+    """Runs ``charrnn ARGS`` in a subprocess; returns the CompletedProcess."""
+    return subprocess.run([sys.executable, "-m", "keras_charrnn.cli", *map(str, args)], capture_output=True,
+                          text=True, input=input, timeout=timeout, cwd=cwd)

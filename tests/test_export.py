@@ -1,0 +1,206 @@
+"""Exported SavedModels: equal to the trained model, reproducible sampling, TF Serving shape, errors."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow.core.protobuf import saved_model_pb2
+
+from conftest import CELLS, run_cli
+from keras_charrnn.errors import CharRNNError
+from keras_charrnn.model import build_model
+from keras_charrnn.sample import load
+from keras_charrnn.train import load_run
+
+TEXT = "the lazy dog sits (on a mat) while \"seven\" cats jump"
+
+
+def _rows(n=1, num_chars=20, temperature=0.8, top_k=0, top_p=1.0, seed=1, position=0):
+    return {"num_chars": tf.fill([n], num_chars), "temperature": tf.fill([n], float(temperature)),
+            "top_k": tf.fill([n], top_k), "top_p": tf.fill([n], float(top_p)),
+            "seed": tf.constant([seed] * n if np.isscalar(seed) else seed, tf.int64),
+            "position": tf.fill([n], tf.constant(position, tf.int64))}
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_step_equals_the_stateful_keras_model_char_by_char(trained_runs, model_base, cell):
+    keras_model, vocab, record = load_run(trained_runs[cell])
+    c = record["config"]
+    stateful = build_model(vocab.size, cell=cell, units=c["units"], layers=c["layers"],
+                           embedding_dim=c["embedding_dim"], batch_size=1, seq_len=1)
+    stateful.set_weights(keras_model.get_weights())
+    model = load(model_base / cell)
+    step = model.signatures["step"]
+    states = {k: tf.constant(v) for k, v in model.zero_state().items()}
+    for i in vocab.encode(TEXT):
+        expected = stateful(np.array([[i]], np.int32)).numpy()
+        out = step(ids=tf.constant([[i]], tf.int32), **states)
+        states = {k: out[k] for k in model.info.state_names}
+        np.testing.assert_allclose(out["logits"].numpy(), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_greedy_generate_equals_argmax_stepping(model_base, cell):
+    model = load(model_base / cell)
+    prime = model.vocab.encode("the ")
+    states = {k: tf.constant(v) for k, v in model.zero_state().items()}
+    out = model.signatures["step"](ids=tf.constant(prime[None, :]), **states)
+    expected = []
+    for _ in range(30):
+        logits = out["logits"][0, -1].numpy()
+        logits[0] = -np.inf  # the unknown id is never generated
+        nxt = int(np.argmax(logits))
+        expected.append(nxt)
+        states = {k: out[k] for k in model.info.state_names}
+        out = model.signatures["step"](ids=tf.constant([[nxt]], tf.int32), **states)
+    zero = {k: tf.constant(v) for k, v in model.zero_state().items()}
+    got = model.signatures["generate"](ids=tf.constant(prime[None, :]), **zero, **_rows(num_chars=30, temperature=0))
+    assert got["ids"].numpy()[0].tolist() == expected
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_same_seed_same_text_however_the_calls_are_chunked(model_base, cell):
+    model = load(model_base / cell)
+    whole = model.generate("the ", 200, temperature=1.0, seed=7)
+    session = model.session("the ", temperature=1.0, seed=7)
+    assert "".join(session.generate(50) for _ in range(4)) == whole
+    session = model.session("the ", temperature=1.0, seed=7)
+    assert "".join(session.stream(200, chunk=33)) == whole
+    assert model.generate("the ", 200, temperature=1.0, seed=8) != whole
+
+
+def test_a_row_does_not_depend_on_the_rest_of_the_batch(model_base):
+    model = load(model_base / "lstm")
+    zero1 = {k: tf.constant(v) for k, v in model.zero_state(1).items()}
+    zero3 = {k: tf.constant(v) for k, v in model.zero_state(3).items()}
+    gen = model.signatures["generate_text"]
+    alone = gen(prime=tf.constant(["the "]), **zero1, **_rows(1, num_chars=60, seed=11, temperature=1.0))
+    mixed = gen(prime=tf.constant(["a much longer prime here", "the ", "x"]), **zero3,
+                **_rows(3, num_chars=60, seed=[5, 11, 9], temperature=1.0))
+    assert mixed["text"].numpy()[1] == alone["text"].numpy()[0]
+    for name in model.info.state_names:
+        np.testing.assert_allclose(mixed[name].numpy()[1], alone[name].numpy()[0], atol=1e-5)
+
+
+def test_top_k_one_is_greedy_and_top_p_keeps_likely_characters(model_base):
+    model = load(model_base / "gru")
+    greedy = model.generate("the ", 80, temperature=0)
+    assert model.generate("the ", 80, temperature=1.5, top_k=1, seed=3) == greedy
+    assert model.generate("the ", 80, temperature=1.5, top_p=1e-6, seed=3) == greedy
+
+
+def test_unknown_characters_are_accepted_in_the_prime_and_never_generated(model_base):
+    model = load(model_base / "rnn")
+    text = model.generate("😀 zebra ", 300, temperature=2.0, seed=2)
+    assert set(text) <= set(model.vocab.chars)
+
+
+def test_score_reports_bits_per_char_consistent_with_loss(model_base, corpus_file):
+    model = load(model_base / "lstm")
+    result = model.score(corpus_file.read_text()[:3000])
+    assert result["bits_per_char"] == pytest.approx(result["loss"] / np.log(2))
+    assert result["perplexity"] == pytest.approx(np.exp(result["loss"]))
+    assert result["bits_per_char"] < np.log2(model.vocab.size)
+
+
+def test_export_is_tf_serving_shaped(model_base):
+    version_dir = model_base / "lstm" / "1"
+    assert (version_dir / "saved_model.pb").is_file() and (version_dir / "variables").is_dir()
+    meta = saved_model_pb2.SavedModel.FromString((version_dir / "saved_model.pb").read_bytes())
+    graph = meta.meta_graphs[0]
+    assert "serve" in graph.meta_info_def.tags
+    sigs = graph.signature_def
+    assert {"step", "generate", "generate_text", "serving_default", "metadata"} <= set(sigs)
+    gen = sigs["generate"]
+    assert set(gen.inputs) == {"ids", "h_0", "c_0", "h_1", "c_1", "num_chars", "temperature", "top_k", "top_p",
+                               "seed", "position"}
+    assert set(gen.outputs) == {"ids", "h_0", "c_0", "h_1", "c_1"}
+    for info in list(gen.inputs.values()) + list(gen.outputs.values()):
+        assert info.tensor_shape.dim[0].size == -1  # batch first, any batch size
+    assert set(sigs["generate_text"].outputs) == {"text", "h_0", "c_0", "h_1", "c_1"}
+    assert all(m.method_name == "tensorflow/serving/predict" for k, m in sigs.items() if not k.startswith("__"))
+
+
+def test_export_versions_count_up_and_never_overwrite(tmp_path, trained_runs):
+    assert run_cli("export", trained_runs["gru"], "--name", "m", "--base-path", tmp_path).returncode == 0
+    assert run_cli("export", trained_runs["gru"], "--name", "m", "--base-path", tmp_path).returncode == 0
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["1", "2"]
+    again = run_cli("export", trained_runs["gru"], "--name", "m", "--base-path", tmp_path, "--version", "2")
+    assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def test_a_fresh_process_with_tensorflow_alone_gets_the_same_outputs(model_base):
+    model = load(model_base / "lstm")
+    zero = {k: tf.constant(v) for k, v in model.zero_state().items()}
+    expected = model.signatures["generate_text"](prime=tf.constant(["the "]), **zero, **_rows(num_chars=50, seed=4))
+    script = f"""
+import tensorflow as tf
+m = tf.saved_model.load({str(model_base / 'lstm' / '1')!r})
+f = m.signatures["generate_text"]
+zero = {{k: tf.zeros([1, 24]) for k in ("h_0", "c_0", "h_1", "c_1")}}
+out = f(prime=tf.constant(["the "]), **zero, num_chars=tf.constant([50]), temperature=tf.constant([0.8]),
+        top_k=tf.constant([0]), top_p=tf.constant([1.0]), seed=tf.constant([4], tf.int64),
+        position=tf.constant([0], tf.int64))
+print(out["text"].numpy()[0].decode())
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.rstrip("\n") == expected["text"].numpy()[0].decode()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"temperature": -0.5}, "temperature"),
+    ({"top_k": 10_000}, "top_k"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+])
+def test_bad_sampling_arguments_get_clear_errors(model_base, kwargs, message):
+    model = load(model_base / "lstm")
+    with pytest.raises(CharRNNError, match=message):
+        model.generate("the ", 10, **kwargs)
+
+
+def test_bad_signature_inputs_are_refused_by_the_graph(model_base):
+    model = load(model_base / "lstm")
+    zero = {k: tf.constant(v) for k, v in model.zero_state().items()}
+    gen = model.signatures["generate_text"]
+    with pytest.raises(tf.errors.InvalidArgumentError, match="num_chars must be at least 1"):
+        gen(prime=tf.constant(["a"]), **zero, **_rows(num_chars=0))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="num_chars must be at most 4096"):
+        gen(prime=tf.constant(["a"]), **zero, **_rows(num_chars=5000))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="prime"):
+        gen(prime=tf.constant([""]), **zero, **_rows())
+    with pytest.raises((ValueError, TypeError, tf.errors.InvalidArgumentError)):
+        gen(prime=tf.constant(["a"]), **{**zero, "h_0": tf.zeros([1, 7])}, **_rows())
+    with pytest.raises(CharRNNError, match="prime"):
+        model.generate("", 10)
+    with pytest.raises(CharRNNError, match="at least 1"):
+        model.session("a").generate(0)
+
+
+def test_sample_and_eval_cli(model_base, corpus_file, tmp_path):
+    model = load(model_base / "lstm")
+    out = run_cli("sample", "--model", model_base / "lstm", "--prime", "the ", "-n", "120", "--seed", "5",
+                  "--temperature", "0.9")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "the " + model.generate("the ", 120, temperature=0.9, seed=5) + "\n"
+    ev = run_cli("eval", "--model", model_base / "lstm", corpus_file)
+    assert ev.returncode == 0 and "bpc" in ev.stdout
+    for args, fragment in [(("sample", "--model", tmp_path / "none"), "no such model"),
+                           (("sample", "--model", model_base / "lstm", "--top-p", "2"), "top_p"),
+                           (("sample", "--model", model_base / "lstm", "--prime", ""), "prime"),
+                           (("eval", "--model", model_base / "lstm", tmp_path / "none.txt"), "no such file")]:
+        result = run_cli(*args)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert fragment in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_metadata_signature_describes_the_model(model_base):
+    out = tf.saved_model.load(str(model_base / "gru" / "1")).signatures["metadata"]()
+    config = json.loads(out["config"].numpy())
+    assert config["cell"] == "gru" and config["state_names"] == ["h_0", "h_1"] and config["state_size"] == 24
+    assert out["vocabulary"].shape[0] == config["vocab_size"]
+    assert config["val_bpc"] > 0 and config["corpus_chars"] > 0

@@ -1,0 +1,43 @@
+import numpy as np
+import pytest
+
+from keras_charrnn.errors import CharRNNError
+from keras_charrnn.vocab import UNKNOWN_ID, Vocabulary, read_corpus
+
+
+def test_round_trip_keeps_chinese_and_emoji(tmp_path):
+    text = "春眠不觉晓 — naïve café 😀🎉 ok"
+    vocab = Vocabulary.from_text(text)
+    assert vocab.decode(vocab.encode(text)) == text
+    vocab.save(tmp_path / "vocab.json")
+    again = Vocabulary.load(tmp_path / "vocab.json")
+    assert again == vocab
+    assert np.array_equal(again.encode(text), vocab.encode(text))
+
+
+def test_ids_follow_code_point_order_with_reserved_unknown():
+    vocab = Vocabulary.from_text("cab")
+    assert vocab.encode("abc").tolist() == [1, 2, 3]
+    assert vocab.size == 4
+
+
+def test_unseen_characters_map_to_the_reserved_id():
+    vocab = Vocabulary.from_text("hello")
+    ids = vocab.encode("hex😀")
+    assert ids.tolist()[2:] == [UNKNOWN_ID, UNKNOWN_ID]
+    assert vocab.decode(ids).endswith("\ufffd\ufffd")
+
+
+def test_invalid_utf8_names_file_and_byte_offset(tmp_path):
+    path = tmp_path / "bad.txt"
+    path.write_bytes(b"good text\n\xff\xfe more")
+    with pytest.raises(CharRNNError, match=r"bad\.txt.*byte offset 10"):
+        read_corpus(path)
+
+
+def test_missing_and_empty_files_are_named(tmp_path):
+    with pytest.raises(CharRNNError, match="no such file"):
+        read_corpus(tmp_path / "nope.txt")
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(CharRNNError, match="empty"):
+        read_corpus(tmp_path / "empty.txt")
