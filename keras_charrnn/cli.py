@@ -80,12 +80,14 @@ def _add_export(sub) -> None:
     p.add_argument("--version", type=_positive_int, default=None, help="version number (default: next integer)")
     p.add_argument("--which", choices=["best", "latest"], default="best",
                    help="best model by validation loss (default) or the latest weights")
+    p.add_argument("--no-xla", action="store_true",
+                   help="do not XLA-compile the sampling loop (for servers without XLA; slower)")
 
 
 def _run_export(args) -> None:
     from keras_charrnn.export import export_run
 
-    path = export_run(args.run_dir, args.name, args.base_path, args.version, args.which)
+    path = export_run(args.run_dir, args.name, args.base_path, args.version, args.which, xla=not args.no_xla)
     print(f"exported {path}")
 
 

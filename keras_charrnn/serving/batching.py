@@ -6,6 +6,8 @@ batch is closed when it holds ``max_batch_size`` rows or when its oldest call
 has waited ``batch_timeout_micros``; ``num_batch_threads`` threads run the
 closed batches. The rows are split back to their callers. A queue holding
 ``max_enqueued_batches`` full batches refuses more calls with UNAVAILABLE.
+Batches are padded to a few sizes (``allowed_batch_sizes``, or powers of two)
+so the XLA-compiled sampling loop is compiled for those sizes only, at load.
 
 The exported model keys its randomness by each row's (seed, position), so a
 row's result does not depend on which other calls share its batch.
@@ -34,6 +36,20 @@ class _Call:
     enqueued: float = field(default_factory=time.monotonic)
 
 
+def padded_sizes(max_batch_size: int, allowed: list[int] | None = None) -> list[int]:
+    """The batch sizes batches are padded to: ``allowed`` (TF Serving's allowed_batch_sizes,
+    ending at ``max_batch_size``) or the powers of two up to ``max_batch_size``."""
+    if allowed:
+        if sorted(allowed) != list(allowed) or allowed[-1] != max_batch_size:
+            raise ValueError("allowed_batch_sizes must increase and end with max_batch_size")
+        return list(allowed)
+    sizes, b = [], 1
+    while b < max_batch_size:
+        sizes.append(b)
+        b *= 2
+    return sizes + [max_batch_size]
+
+
 class Batcher:
     """Merges concurrent calls of one signature into batched model calls.
 
@@ -43,12 +59,15 @@ class Batcher:
         batch_timeout_micros: longest a call waits for others to join it.
         num_batch_threads: threads running batches.
         max_enqueued_batches: queue capacity, in full batches, per group.
+        allowed_batch_sizes: sizes batches are padded to (default: powers of two).
     """
 
     def __init__(self, run, max_batch_size: int = 64, batch_timeout_micros: int = 2000,
-                 num_batch_threads: int = 2, max_enqueued_batches: int = 16):
+                 num_batch_threads: int = 2, max_enqueued_batches: int = 16,
+                 allowed_batch_sizes: list[int] | None = None):
         if max_batch_size < 1 or num_batch_threads < 1 or max_enqueued_batches < 1 or batch_timeout_micros < 0:
             raise ValueError("batching parameters must be positive")
+        self.allowed_batch_sizes = padded_sizes(max_batch_size, allowed_batch_sizes)
         self._run = run
         self.max_batch_size = max_batch_size
         self.timeout = batch_timeout_micros / 1e6
@@ -115,7 +134,12 @@ class Batcher:
             key, batch = taken
             loaded, signature = self._targets[key]
             try:
-                merged = {k: np.concatenate([c.inputs[k] for c in batch]) for k in batch[0].inputs}
+                rows = sum(c.rows for c in batch)
+                size = next(b for b in self.allowed_batch_sizes if b >= rows)
+                # Pad with copies of the last row up to an allowed size: the model is compiled
+                # (XLA) once per batch size, so a few sizes keep compilation off the hot path.
+                merged = {k: np.concatenate([c.inputs[k] for c in batch] + [batch[-1].inputs[k][-1:]] * (size - rows))
+                          for k in batch[0].inputs}
                 outputs = self._run(loaded, signature, merged)
                 start = 0
                 for call in batch:

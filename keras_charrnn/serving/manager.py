@@ -78,8 +78,9 @@ def _fingerprint(path: Path) -> tuple:
     return tuple(sorted(items))
 
 
-def load_version(name: str, version: int, path: Path) -> LoadedVersion:
-    """Loads a SavedModel version and runs each generating signature once (XLA compiles then)."""
+def load_version(name: str, version: int, path: Path, warmup_batch_sizes: list[int] = (1,)) -> LoadedVersion:
+    """Loads a SavedModel version and runs each generating signature once per batch size
+    (the XLA-compiled sampling loop compiles then, not on a client's call)."""
     pb = path / "saved_model.pb"
     if not pb.is_file():
         raise ValueError(f"no saved_model.pb in {path}")
@@ -90,21 +91,22 @@ def load_version(name: str, version: int, path: Path) -> LoadedVersion:
     module = tf.saved_model.load(str(path), tags=["serve"])
     loaded = LoadedVersion(name, version, path, module,
                            {k: v for k, v in serve[0].signature_def.items() if not k.startswith("__")})
-    _warm_up(loaded)
+    for batch in warmup_batch_sizes:
+        _warm_up(loaded, batch)
     return loaded
 
 
-def _warm_up(loaded: LoadedVersion) -> None:
-    """Calls ``generate`` and ``generate_text`` once, so the first client does not wait for compilation."""
+def _warm_up(loaded: LoadedVersion, batch: int) -> None:
+    """Calls ``generate`` and ``generate_text`` once with ``batch`` rows."""
     for sig in ("generate", "generate_text"):
         if sig not in loaded.module.signatures:
             continue
         fn = loaded.module.signatures[sig]
         inputs = {}
         for key, spec in fn.structured_input_signature[1].items():
-            shape = [1 if d is None else d for d in spec.shape]
+            shape = [batch if d is None else d for d in spec.shape]
             if key == "ids":
-                shape = [1, 1]
+                shape = [batch, 1]
             if spec.dtype == tf.string:
                 inputs[key] = tf.constant(["\n"] * shape[0])
             elif key in ("num_chars", "top_p"):
@@ -141,6 +143,7 @@ class ModelManager:
                 raise ValueError(f"model {mc.name}: platform {mc.model_platform!r} is not supported (only tensorflow)")
             self.models[mc.name] = ManagedModel(mc)
         self.poll_seconds = poll_seconds
+        self.warmup_batch_sizes: list[int] = [1]
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -204,7 +207,7 @@ class ModelManager:
             return  # failed before and unchanged since
         model.status[version] = VersionStatus(LOADING)
         try:
-            loaded = load_version(name, version, path)
+            loaded = load_version(name, version, path, self.warmup_batch_sizes)
         except Exception as exc:  # a corrupt model can raise anything
             error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
             model.status[version] = VersionStatus(END, error, fingerprint)

@@ -33,6 +33,7 @@ from keras_charrnn.errors import graph_error_message
 from keras_charrnn.serving.batching import DEFAULTS as BATCHING_DEFAULTS
 from keras_charrnn.serving.batching import Batcher
 from keras_charrnn.serving.manager import LoadedVersion, ModelManager, ServingError, single_model_config
+from keras_charrnn.serving import wire
 from keras_charrnn.serving.protos import BatchingParameters, SSLConfig
 
 log = logging.getLogger("charrnn.serve")
@@ -102,7 +103,7 @@ def _check_inputs(loaded: LoadedVersion, signature: str, request_inputs) -> dict
                                                    f"{tf.dtypes.as_dtype(info.dtype).name}, got "
                                                    f"{_dtype_name(proto.dtype)}")
         try:
-            value = tf.make_ndarray(proto)
+            value = wire.from_tensor_proto(proto)
         except Exception as exc:  # malformed tensor content
             raise ServingError("INVALID_ARGUMENT", f"input {key!r}: malformed tensor ({exc})") from None
         dims = [d.size for d in info.tensor_shape.dim]
@@ -195,7 +196,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         response.model_spec.signature_name = signature
         for key, value in outputs.items():
             if not request.output_filter or key in request.output_filter:
-                response.outputs[key].CopyFrom(tf.make_tensor_proto(value))
+                wire.to_tensor_proto(value, response.outputs[key])
         return response
 
     @_guarded
@@ -260,12 +261,15 @@ class ModelServer:
         self.batcher = None
         if options.enable_batching:
             params = dict(BATCHING_DEFAULTS)
+            allowed = None
             if options.batching_parameters_file:
                 parsed = read_text_proto(options.batching_parameters_file, BatchingParameters())
                 for key in params:
                     if parsed.HasField(key):
                         params[key] = getattr(parsed, key).value
-            self.batcher = Batcher(run_signature, **params)
+                allowed = list(parsed.allowed_batch_sizes) or None
+            self.batcher = Batcher(run_signature, allowed_batch_sizes=allowed, **params)
+            self.manager.warmup_batch_sizes = self.batcher.allowed_batch_sizes
             log.info("batching on: %s", ", ".join(f"{k}={v}" for k, v in params.items()))
         self.health = health.HealthServicer()
         self.port: int | None = None

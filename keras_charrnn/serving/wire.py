@@ -82,7 +82,10 @@ _VALUES_FIELD = {DT_FLOAT: "float_val", DT_INT32: "int_val", DT_INT64: "int64_va
 
 
 def to_tensor_proto(value: np.ndarray, into=None):
-    """A NumPy array (numbers, or bytes/str objects) as a TensorProto, as ``tf.make_tensor_proto`` would."""
+    """A NumPy array (numbers, or bytes/str objects) as a TensorProto, as ``tf.make_tensor_proto`` would.
+
+    ``into`` may be a light or a real (tensorflow) TensorProto: the fields are the same.
+    """
     value = np.asarray(value)
     proto = into if into is not None else TensorProto()
     for size in value.shape:
