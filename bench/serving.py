@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from report import update_section  # noqa: E402
 
@@ -59,7 +56,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=200, help="calls per latency measurement")
     args = parser.parse_args()
 
-    from conftest import start_server, stop_server
+    from keras_charrnn.demo import start_server, stop_server
     from keras_charrnn.export import save_savedmodel
     from keras_charrnn.model import build_model
     from keras_charrnn.sample import load

@@ -230,17 +230,64 @@ def _run_demo(args) -> None:
              args.temperature, args.seed)
 
 
+def _add_visualize(sub) -> None:
+    p = sub.add_parser("visualize", help="HTML page of hidden-unit activations and next-character guesses")
+    p.add_argument("--model", required=True, help="SavedModel folder or training run folder")
+    p.add_argument("text_file", help="UTF-8 text to analyse")
+    p.add_argument("--out", required=True, help="HTML file to write")
+    p.add_argument("--layer", type=int, default=None, help="only this layer (default: all)")
+    p.add_argument("--units", default=None, help="comma-separated unit numbers (default: best-scoring first)")
+    p.add_argument("--top", type=_positive_int, default=5, help="next-character guesses shown per character")
+    p.add_argument("--max-chars", type=_positive_int, default=5000, help="analyse at most this many characters")
+
+
+def _run_visualize(args) -> None:
+    from pathlib import Path
+
+    from keras_charrnn.errors import CharRNNError
+    from keras_charrnn.visualize import inspect, write_report
+    from keras_charrnn.vocab import read_corpus
+
+    units = None
+    if args.units:
+        try:
+            units = [int(u) for u in args.units.split(",") if u.strip()]
+        except ValueError:
+            raise CharRNNError(f"--units must be comma-separated integers, got {args.units!r}") from None
+    text = read_corpus(args.text_file)[: args.max_chars]
+    if len(text) < 2:
+        raise CharRNNError(f"{args.text_file}: needs at least two characters")
+    model_path = Path(args.model)
+    if not model_path.exists():
+        raise CharRNNError(f"{model_path}: no such model folder")
+    curves = model_path / "curves.png" if (model_path / "curves.png").is_file() else None
+    if curves is None and not (model_path / "config.json").is_file():
+        from keras_charrnn.sample import load
+
+        model = load(model_path)
+        run = model.config.get("run_dir")
+        curves = Path(run) / "curves.png" if run and (Path(run) / "curves.png").is_file() else None
+        result = inspect(model, text, top=args.top)
+        name = model.path.parent.name
+    else:
+        result = inspect(model_path, text, top=args.top)
+        name = model_path.name
+    out = write_report(result, args.out, name, layer=args.layer, units=units,
+                       curves=curves.resolve().as_uri() if curves else None)
+    print(f"wrote {out} ({len(text)} characters, {result.bits_per_char:.3f} bpc)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="charrnn", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
-    for add in (_add_train, _add_export, _add_sample, _add_eval, _add_serve, _add_demo):
+    for add in (_add_train, _add_export, _add_sample, _add_eval, _add_serve, _add_demo, _add_visualize):
         add(sub)
     return parser
 
 
 COMMANDS = {"train": _run_train, "export": _run_export, "sample": _run_sample, "eval": _run_eval,
-            "serve": _run_serve, "demo": _run_demo}
-NEEDS_TENSORFLOW = {"train", "export", "eval", "serve"}
+            "serve": _run_serve, "demo": _run_demo, "visualize": _run_visualize}
+NEEDS_TENSORFLOW = {"train", "export", "eval", "serve", "visualize"}
 
 
 def import_tensorflow_quietly() -> None:

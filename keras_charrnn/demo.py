@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -35,19 +36,22 @@ def _write_config(base: Path, names: list[str], path: Path) -> None:
     path.write_text(f"model_config_list {{\n{entries}}}\n")
 
 
-def start_server(config_file: Path, extra: list[str] | None = None) -> tuple[subprocess.Popen, int]:
-    """Starts ``charrnn serve`` on a free port; returns the process and its port once it serves."""
-    cmd = [sys.executable, "-m", "keras_charrnn.cli", "serve", "--port", "0", "--host", "127.0.0.1",
-           "--model_config_file", str(config_file), *(extra or [])]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + SERVER_START_TIMEOUT
+def start_server(args: list[str], cwd: str | os.PathLike | None = None,
+                 timeout: float = SERVER_START_TIMEOUT) -> tuple[subprocess.Popen, int]:
+    """Starts ``charrnn serve ARGS`` on a free loopback port; returns the process and its port once it serves."""
+    cmd = [sys.executable, "-m", "keras_charrnn.cli", "serve", "--port", "0", "--host", "127.0.0.1", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd)
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], 1.0)
+        if not ready:
+            continue
         line = proc.stdout.readline()
-        if not line:
-            break
         match = re.match(r"serving on port (\d+)", line)
         if match:
             return proc, int(match.group(1))
+        if not line and proc.poll() is not None:
+            break
     proc.kill()
     err = proc.stderr.read().strip().splitlines()
     raise CharRNNError(f"the model server did not start: {err[-1] if err else 'no output'}")
@@ -55,7 +59,8 @@ def start_server(config_file: Path, extra: list[str] | None = None) -> tuple[sub
 
 def stop_server(proc: subprocess.Popen) -> int:
     """SIGTERM, then wait for the drain; returns the exit status."""
-    proc.send_signal(signal.SIGTERM)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
     try:
         return proc.wait(timeout=60)
     except subprocess.TimeoutExpired:
@@ -100,7 +105,7 @@ def run_demo(base_path: str = "saved_models", name: str | None = None, train_cor
     config_file = Path(os.environ.get("TMPDIR", "/tmp")) / f"charrnn-demo-{os.getpid()}.config"
     _write_config(base, models, config_file)
     started = time.perf_counter()
-    proc, port = start_server(config_file)
+    proc, port = start_server(["--model_config_file", str(config_file)])
     print(f"model server up on 127.0.0.1:{port} in {time.perf_counter() - started:.1f}s, serving {', '.join(models)}")
     timings = []
     try:

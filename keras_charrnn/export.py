@@ -7,6 +7,9 @@ any call. Signatures (all tensors batch-first, named):
 
 ``step``
     ``ids`` int32 [B, T] + states -> ``logits`` float32 [B, T, V] + states.
+``inspect``
+    like ``step``, plus every layer's outputs ``layer_0``, ``layer_1``, ...
+    float32 [B, T, units] (for visualising what the units do).
 ``generate``
     ``ids`` int32 [B, T>=1], states, and per row ``num_chars`` int32,
     ``temperature`` float32 (0 = greedy), ``top_k`` int32 (0 = off),
@@ -43,7 +46,6 @@ from keras_charrnn.model import describe, recurrent_layers, state_names
 from keras_charrnn.vocab import UNKNOWN_CHAR, Vocabulary
 
 MAX_CHARS_PER_CALL = 4096  # cap on num_chars of one generate call
-SIGNATURES = ("step", "generate", "generate_text", "metadata", "serving_default")
 
 
 class CharRNNModule(tf.Module):
@@ -96,13 +98,14 @@ class CharRNNModule(tf.Module):
     def _feed(self, ids, lengths, flat_states):
         """Runs ``ids`` [B, T] through the layers; row b uses its first ``lengths[b]`` ids.
 
-        Returns ``(top_outputs [T, B, U], last_logits [B, V], flat_states)``: the top
-        layer's outputs, the logits after each row's last id, and the new states.
+        Returns ``(layer_outputs, last_logits [B, V], flat_states)``: every layer's
+        outputs [T, B, U] (bottom first), the logits after each row's last id, and
+        the new states.
         """
         x = tf.transpose(tf.gather(self.embedding, ids), [1, 0, 2])  # [T, B, E]
         steps = tf.shape(ids)[1]
         active = tf.range(steps)[:, None] < lengths[None, :]  # [T, B]
-        new_states = []
+        new_states, layer_outputs = [], []
         for weights, states in zip(self.rnn, self._split_states(flat_states)):
             xw = cells.project(self.cell, x, weights)  # every step's input projection at once
 
@@ -116,10 +119,11 @@ class CharRNNModule(tf.Module):
                 lambda t, *_: t < steps, body,
                 (tf.constant(0), states, tf.TensorArray(tf.float32, size=steps)))
             x = outputs.stack()
+            layer_outputs.append(x)
             new_states.extend(states)
         # The top layer's h state is its output after each row's last active step.
         last_h = new_states[-2] if self.cell == "lstm" else new_states[-1]
-        return x, self._logits(last_h), new_states
+        return layer_outputs, self._logits(last_h), new_states
 
     def _step_one(self, ids, flat_states):
         """Feeds one id per row; returns ``(logits [B, V], flat_states)``."""
@@ -220,8 +224,14 @@ class CharRNNModule(tf.Module):
 
         def step(ids, *states):
             lengths = tf.fill([tf.shape(ids)[0]], tf.shape(ids)[1])
-            top, _, new_states = self._feed(ids, lengths, list(states))
-            return {"logits": self._logits(tf.transpose(top, [1, 0, 2])), **named_states(new_states)}
+            outputs, _, new_states = self._feed(ids, lengths, list(states))
+            return {"logits": self._logits(tf.transpose(outputs[-1], [1, 0, 2])), **named_states(new_states)}
+
+        def inspect(ids, *states):
+            lengths = tf.fill([tf.shape(ids)[0]], tf.shape(ids)[1])
+            outputs, _, new_states = self._feed(ids, lengths, list(states))
+            layers = {f"layer_{i}": tf.transpose(out, [1, 0, 2]) for i, out in enumerate(outputs)}
+            return {"logits": self._logits(layers[f"layer_{len(outputs) - 1}"]), **layers, **named_states(new_states)}
 
         def generate(ids, *rest):
             lengths = tf.fill([tf.shape(ids)[0]], tf.shape(ids)[1])
@@ -238,6 +248,7 @@ class CharRNNModule(tf.Module):
 
         ids_spec = tf.TensorSpec([None, None], tf.int32, name="ids")
         self.step = tf.function(step, input_signature=[ids_spec] + state_specs)
+        self.inspect = tf.function(inspect, input_signature=[ids_spec] + state_specs)
         self.generate = tf.function(generate, input_signature=[ids_spec] + state_specs + sampling_specs)
         self.generate_text = tf.function(
             generate_text, input_signature=[tf.TensorSpec([None], tf.string, name="prime")] + state_specs + sampling_specs)
@@ -246,7 +257,8 @@ class CharRNNModule(tf.Module):
     def signatures(self) -> dict:
         """The concrete functions to save, by signature name."""
         text = self.generate_text.get_concrete_function()
-        return {"step": self.step.get_concrete_function(), "generate": self.generate.get_concrete_function(),
+        return {"step": self.step.get_concrete_function(), "inspect": self.inspect.get_concrete_function(),
+                "generate": self.generate.get_concrete_function(),
                 "generate_text": text, "serving_default": text, "metadata": self.metadata.get_concrete_function()}
 
 
@@ -312,5 +324,5 @@ def export_run(run_dir: str | os.PathLike, name: str, base_path: str | os.PathLi
     best = record.get("best_val_loss")
     info = {"val_loss": best, "val_bpc": bits_per_char(best) if best is not None else None,
             "corpus_chars": record["corpus"]["chars"], "corpus": os.path.basename(record["corpus"]["path"]),
-            "trained_epochs": record.get("epochs_done")}
+            "trained_epochs": record.get("epochs_done"), "run_dir": str(Path(run_dir).resolve())}
     return save_savedmodel(model, vocab, target, info, xla=xla)

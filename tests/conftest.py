@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import os
 import random
-import re
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from keras_charrnn.demo import start_server, stop_server  # noqa: F401  (used by the test modules)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -71,38 +71,6 @@ def model_base(tmp_path_factory, trained_runs) -> Path:
     for cell, run_dir in trained_runs.items():
         export_run(run_dir, cell, base)
     return base
-
-
-def start_server(args: list[str], env: dict | None = None, timeout: float = 120.0, cwd=None):
-    """Runs ``charrnn serve ARGS --port 0`` and returns (process, port) once it serves."""
-    cmd = [sys.executable, "-m", "keras_charrnn.cli", "serve", "--port", "0", "--host", "127.0.0.1", *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **(env or {})}, cwd=cwd)
-    import select
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], 1.0)
-        if ready:
-            line = proc.stdout.readline()
-            match = re.match(r"serving on port (\d+)", line or "")
-            if match:
-                return proc, int(match.group(1))
-            if not line and proc.poll() is not None:
-                break
-    proc.kill()
-    raise RuntimeError(f"server did not start: {proc.stderr.read()[-2000:]}")
-
-
-def stop_server(proc) -> int:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        return proc.wait()
 
 
 def write_models_config(path: Path, base: Path, names, policy: str = "") -> Path:
