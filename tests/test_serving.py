@@ -1,7 +1,9 @@
 """The embedded model server over real gRPC on loopback, started as a subprocess."""
 
+import re
 import shutil
 import subprocess
+import textwrap
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -279,6 +281,17 @@ def test_every_config_file_in_serving_parses_with_tf_serving_messages():
     batching = text_format.Parse((root / "batching_parameters.txt").read_text(), BatchingParameters())
     assert batching.max_batch_size.value >= 16
 
+    # The Kubernetes ConfigMap carries the same two files as block scalars.
+    configmap = (root / "k8s" / "configmap.yaml").read_text()
+    blocks = dict(re.findall(r"^  (\S+): \|\n((?:    .*\n|\n)+)", configmap, flags=re.M))
+    k8s_models = text_format.Parse(textwrap.dedent(blocks["models.config"]), model_server_config_pb2.ModelServerConfig())
+    assert k8s_models == config
+    k8s_batching = text_format.Parse(textwrap.dedent(blocks["batching_parameters.txt"]), BatchingParameters())
+    assert k8s_batching == batching
+    compose = (root / "compose.yaml").read_text()
+    for path in re.findall(r"--(?:model_config_file|batching_parameters_file)=/workspace/(\S+)", compose):
+        assert (root.parent / path).is_file(), path
+
 
 def test_embedded_server_serves_from_the_repo_serving_files():
     from pathlib import Path
@@ -311,3 +324,27 @@ def test_the_client_works_against_real_tensorflow_serving(model_base):
     finally:
         proc.terminate()
         proc.wait()
+
+
+def test_a_full_batching_queue_answers_unavailable():
+    from keras_charrnn.serving.batching import Batcher
+    from keras_charrnn.serving.manager import LoadedVersion, ServingError
+
+    release = threading.Event()
+
+    def slow_run(loaded, signature, inputs):
+        release.wait(10)
+        return {"y": inputs["x"] * 2}
+
+    batcher = Batcher(slow_run, max_batch_size=2, batch_timeout_micros=0, num_batch_threads=1, max_enqueued_batches=1)
+    target = LoadedVersion("m", 1, None, None, {})
+    first = batcher.submit(target, "s", {"x": np.ones([2, 1])})  # taken by the one batch thread
+    time.sleep(0.2)
+    queued = batcher.submit(target, "s", {"x": np.full([2, 1], 3.0)})  # fills the queue (one batch of 2 rows)
+    with pytest.raises(ServingError) as info:
+        batcher.submit(target, "s", {"x": np.ones([1, 1])})
+    assert info.value.code == "UNAVAILABLE" and "full" in info.value.message
+    release.set()
+    np.testing.assert_array_equal(first.result(10)["y"], np.full([2, 1], 2.0))
+    np.testing.assert_array_equal(queued.result(10)["y"], np.full([2, 1], 6.0))
+    batcher.close()
