@@ -23,6 +23,9 @@ any call. Signatures (all tensors batch-first, named):
 ``metadata``
     no inputs -> ``vocabulary`` string [V] (id order) and ``config`` (JSON).
 
+Besides the signatures, the object has a ``keras_step`` function (``step`` taking
+one dict) for ``keras.layers.TFSMLayer``.
+
 States are named ``h_0``, ``c_0`` (LSTM only), ``h_1``, ... and are float32
 [B, units]; the zero state starts a session.
 """
@@ -247,19 +250,28 @@ class CharRNNModule(tf.Module):
             return {"vocabulary": self._chars, "config": self._config_tensor}
 
         ids_spec = tf.TensorSpec([None, None], tf.int32, name="ids")
-        self.step = tf.function(step, input_signature=[ids_spec] + state_specs)
-        self.inspect = tf.function(inspect, input_signature=[ids_spec] + state_specs)
-        self.generate = tf.function(generate, input_signature=[ids_spec] + state_specs + sampling_specs)
-        self.generate_text = tf.function(
+        self.step_function = tf.function(step, input_signature=[ids_spec] + state_specs)
+        self.inspect_function = tf.function(inspect, input_signature=[ids_spec] + state_specs)
+        self.generate_function = tf.function(generate, input_signature=[ids_spec] + state_specs + sampling_specs)
+        self.generate_text_function = tf.function(
             generate_text, input_signature=[tf.TensorSpec([None], tf.string, name="prime")] + state_specs + sampling_specs)
-        self.metadata = tf.function(metadata, input_signature=[])
+        self.metadata_function = tf.function(metadata, input_signature=[])
+        # For keras.layers.TFSMLayer(path, call_endpoint="keras_step"): Keras passes one
+        # positional input, so this endpoint takes step's inputs as one dict.
+        self.keras_step = tf.function(lambda inputs: step(inputs["ids"], *[inputs[n] for n in self.state_names]),
+                                      input_signature=[{"ids": ids_spec, **{s.name: s for s in state_specs}}])
 
     def signatures(self) -> dict:
-        """The concrete functions to save, by signature name."""
-        text = self.generate_text.get_concrete_function()
-        return {"step": self.step.get_concrete_function(), "inspect": self.inspect.get_concrete_function(),
-                "generate": self.generate.get_concrete_function(),
-                "generate_text": text, "serving_default": text, "metadata": self.metadata.get_concrete_function()}
+        """The concrete functions to save, by signature name.
+
+        The functions are attributes named ``*_function``, not by the signature names, so
+        loaders that look attributes up first (``keras.layers.TFSMLayer``) find the
+        keyword-argument signatures.
+        """
+        text = self.generate_text_function.get_concrete_function()
+        return {"step": self.step_function.get_concrete_function(), "inspect": self.inspect_function.get_concrete_function(),
+                "generate": self.generate_function.get_concrete_function(),
+                "generate_text": text, "serving_default": text, "metadata": self.metadata_function.get_concrete_function()}
 
 
 def next_version(base_path: str | os.PathLike) -> int:

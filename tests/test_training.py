@@ -41,7 +41,7 @@ def test_state_after_fit_equals_stepping_the_streams_by_hand(cell):
     module = CharRNNModule(model, vocab)
     stream = np.concatenate([batches[i][0] for i in range(k)], axis=1)
     zeros = [tf.zeros([4, 16]) for _ in state_names(cell, 2)]
-    out = module.step(tf.constant(stream), *zeros)
+    out = module.step_function(tf.constant(stream), *zeros)
     for name, value in zip(state_names(cell, 2), fitted):
         np.testing.assert_allclose(out[name].numpy(), value, atol=1e-5)
 
