@@ -131,7 +131,7 @@ def main() -> None:
             print(rows[-1], flush=True)
     body = ("## Training throughput\n\n"
             f"Batch {BATCH}, seq_len {SEQ}, embedding {EMB}, Adam 2e-3, clip-norm 5; median of {args.repeats} runs of "
-            f"{args.batches} batches each, Keras and PyTorch alternating in one process.\n\n" + "\n".join(rows) +
+            f"{args.batches} batches each, Keras then PyTorch for each model, in one process.\n\n" + "\n".join(rows) +
             "\n\nGoal: >= 1.0x PyTorch for every cell and both sizes.")
     update_section("train_throughput", body)
 

@@ -8,7 +8,6 @@ version folder) with TensorFlow alone and returns a ``CharRNN``.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from pathlib import Path

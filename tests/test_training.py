@@ -2,7 +2,6 @@
 
 import csv
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from keras_charrnn.config import TrainConfig
 from keras_charrnn.errors import CharRNNError
 from keras_charrnn.export import CharRNNModule
 from keras_charrnn.model import build_model, get_states, state_names
-from keras_charrnn.train import compile_model, make_optimizer, train
+from keras_charrnn.train import make_optimizer, train
 from keras_charrnn.vocab import Vocabulary
 
 
