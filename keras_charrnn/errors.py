@@ -1,12 +1,47 @@
-"""The package's one exception type for problems a user can fix."""
+"""The package's exceptions: one base, ``CharRNNError``, and three kinds under it.
+
+Every problem a user can fix raises a ``CharRNNError`` whose message names
+the problem and the parameter (``val_frac``, ``version``), never a CLI flag,
+so it reads the same from Python and from ``charrnn``. The CLI catches
+``CharRNNError`` alone: anything else is a bug and keeps its traceback.
+
+- ``ConfigError``: a setting is wrong (a hyper-parameter, a server option, a config file).
+- ``InputError``: data is wrong (a corpus, a checkpoint, a model folder, a request's tensors).
+- ``ServingError``: a request cannot be served; ``code`` is a ``grpc.StatusCode`` name.
+"""
+
+from __future__ import annotations
 
 
 class CharRNNError(Exception):
-    """A problem with the user's input (a file, a flag, an argument).
+    """A problem the user can fix; its message names the problem."""
 
-    The CLI prints its message as one line and exits non-zero; the Python API
-    lets it propagate. Its message always names the problem.
+
+class ConfigError(CharRNNError):
+    """A setting is invalid: a hyper-parameter, a server option, a config file.
+
+    Example:
+
+    >>> raise ConfigError("lr must be positive, got -1")  # doctest: +SKIP
     """
+
+
+class InputError(CharRNNError):
+    """Data is invalid: a corpus, a checkpoint, a model folder, a session record."""
+
+
+class ServingError(CharRNNError):
+    """A request that cannot be served.
+
+    Args:
+        code: a ``grpc.StatusCode`` name (``"INVALID_ARGUMENT"``, ``"NOT_FOUND"``, ...).
+        message: what is wrong, for the caller; never a server path.
+    """
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
 
 
 def graph_error_message(text: str) -> str:
