@@ -49,7 +49,7 @@ def numpy_limit(weights: list[np.ndarray], units: int, layers: int, repeats: int
 def main() -> None:
     from keras_charrnn.export import save_savedmodel
     from keras_charrnn.model import build_model
-    from keras_charrnn.sample import load
+    from keras_charrnn.inprocess import load
     from keras_charrnn.vocab import Vocabulary
 
     vocab = Vocabulary([chr(c) for c in range(32, 32 + VOCAB - 1)])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +22,9 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from report import update_section  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from servers import ServerProcess  # noqa: E402  (the tests' model-server process)
 
 
 def percentile(values, q):
@@ -56,10 +60,9 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=200, help="calls per latency measurement")
     args = parser.parse_args()
 
-    from keras_charrnn.demo import start_server, stop_server
     from keras_charrnn.export import save_savedmodel
     from keras_charrnn.model import build_model
-    from keras_charrnn.sample import load
+    from keras_charrnn.inprocess import load
     from keras_charrnn.serving.client import SamplingClient
     from keras_charrnn.vocab import Vocabulary
 
@@ -78,9 +81,8 @@ def main() -> None:
             save_savedmodel(model, vocab, f"{tmp}/{name}/1")
             local = load(f"{tmp}/{name}")
             for flags, label in (([], "off"), (["--enable_batching", "--batching_parameters_file", str(params)], "on")):
-                proc, port = start_server(["--model_name", name, "--model_base_path", f"{tmp}/{name}", *flags])
-                try:
-                    client = SamplingClient(f"127.0.0.1:{port}", timeout=120)
+                with ServerProcess(["--model_name", name, "--model_base_path", f"{tmp}/{name}", *flags]) as server:
+                    client = SamplingClient(f"127.0.0.1:{server.port}", timeout=120)
                     if label == "off":
                         for chars in (1, 64):
                             calls = args.calls if chars == 1 else max(20, args.calls // 4)
@@ -104,8 +106,6 @@ def main() -> None:
                             row.append(speed)
                         print(name, label, sessions, f"{speed:,.0f}", flush=True)
                     client.close()
-                finally:
-                    stop_server(proc)
     table = batch_rows[:2]
     for row in batch_rows[2:]:
         one = next(r for r in batch_rows[2:] if r[0] == row[0] and r[1] == 1)[3]

@@ -29,11 +29,10 @@ BATCH, SEQ, EMB = 64, 100, 64
 def keras_speed(ids: np.ndarray, vocab: int, cell: str, units: int, batches: int, repeats: int) -> float:
     import keras
 
-    from keras_charrnn.batching import TBPTTBatches
     from keras_charrnn.callbacks import ResetStates
     from keras_charrnn.config import TrainConfig
-    from keras_charrnn.model import build_model
-    from keras_charrnn.train import compile_model, make_optimizer
+    from keras_charrnn.model import build_model, compile_model, make_optimizer
+    from keras_charrnn.tbptt import TBPTTBatches
 
     data = TBPTTBatches(ids[: BATCH * SEQ * (batches + 2) + 1], BATCH, SEQ)
     model = build_model(vocab, cell=cell, units=units, layers=2, embedding_dim=EMB, batch_size=BATCH, seq_len=SEQ)

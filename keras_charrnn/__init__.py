@@ -1,9 +1,9 @@
 """keras-charrnn: character-level RNN language models on Keras, served with TF Serving's gRPC API.
 
-The pipeline, one module each: ``vocab`` -> ``batching`` -> ``model`` -> ``train``
+The pipeline, one module each: ``vocab`` -> ``tbptt`` -> ``model`` -> ``train``
 (``callbacks``, ``checkpoint``) -> ``export`` (``cells``, ``decoding``) ->
-``serving`` (server and gRPC client) -> ``sample`` (in-process, ``session``) ->
-``visualize``.
+``serving`` (server and gRPC client) -> ``inprocess`` (``session``, ``sampling``) ->
+``analysis`` -> ``report``.
 
 Names are imported lazily, so ``import keras_charrnn.serving.client`` does not
 import TensorFlow.
@@ -17,18 +17,22 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "Vocabulary": "keras_charrnn.vocab",
-    "TBPTTBatches": "keras_charrnn.batching",
+    "TBPTTBatches": "keras_charrnn.tbptt",
     "build_model": "keras_charrnn.model",
     "reset_states": "keras_charrnn.model",
     "TrainConfig": "keras_charrnn.config",
     "train": "keras_charrnn.train",
-    "load_run": "keras_charrnn.train",
+    "RunFolder": "keras_charrnn.run_folder",
     "export_run": "keras_charrnn.export",
     "save_savedmodel": "keras_charrnn.export",
-    "load": "keras_charrnn.sample",
-    "CharRNN": "keras_charrnn.sample",
-    "inspect": "keras_charrnn.visualize",
+    "load": "keras_charrnn.inprocess",
+    "CharRNN": "keras_charrnn.inprocess",
+    "SamplingParams": "keras_charrnn.sampling",
+    "inspect": "keras_charrnn.analysis",
+    "write_report": "keras_charrnn.report",
     "CharRNNError": "keras_charrnn.errors",
+    "ConfigError": "keras_charrnn.errors",
+    "InputError": "keras_charrnn.errors",
 }
 
 __all__ = sorted(_EXPORTS)

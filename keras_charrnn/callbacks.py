@@ -18,11 +18,13 @@ import time
 from pathlib import Path
 
 import keras
+import numpy as np
 
-from keras_charrnn.checkpoint import Progress, save_checkpoint
+from keras_charrnn.checkpoint import Progress, save_checkpoint, snapshot, write_checkpoint
 from keras_charrnn.fileio import atomic_write
 from keras_charrnn.metrics import bits_per_char, perplexity
 from keras_charrnn.model import get_states, reset_states, set_states
+from keras_charrnn.run_folder import RunFolder
 
 
 class ResetStates(keras.callbacks.Callback):
@@ -77,58 +79,81 @@ class TrainingCheckpoint(keras.callbacks.Callback):
     Every ``every`` batches and at each epoch end it writes ``state.npz``
     (see ``checkpoint.py``); at each epoch end where the validation loss
     (or, without validation, the training loss) improves it writes
-    ``best.keras``. Both writes are atomic. A NaN or infinite loss stops
-    training before anything is written, so the last good state survives.
+    ``best.keras``. Both writes are atomic.
+
+    Divergence: the loss a batch reports was computed before that batch's
+    update, so weights are only known good once the *next* loss is finite.
+    A mid-epoch checkpoint is therefore taken in memory after batch k and
+    written after batch k+1 if its loss is finite; at epoch end the
+    validation loss (or, without validation, finite weights) vouches for the
+    last update. A NaN or infinite loss stops training and nothing from the
+    bad update is written, so the last good state survives.
 
     Args:
-        run_dir: the run folder.
+        run: the run folder.
         progress: where the run starts (restored when resuming).
         every: batches between checkpoints within an epoch (0: epoch ends only).
     """
 
-    def __init__(self, run_dir: str | Path, progress: Progress, every: int = 100):
+    def __init__(self, run: RunFolder, progress: Progress, every: int = 100):
         super().__init__()
-        self.run_dir = Path(run_dir)
+        self.run = run
         self.progress = progress
         self.every = every
         self.diverged: str | None = None
+        self._pending: dict | None = None  # a snapshot waiting for the next batch's loss
 
-    def _check_finite(self, logs, where: str) -> bool:
-        loss = (logs or {}).get("loss")
+    def _stop(self, why: str) -> None:
+        self.diverged = why
+        self._pending = None
+        self.model.stop_training = True
+
+    def _loss_is_finite(self, logs, key: str, where: str) -> bool:
+        loss = (logs or {}).get(key)
         if loss is not None and not math.isfinite(float(loss)):
-            self.diverged = f"loss became {float(loss)} at {where}"
-            self.model.stop_training = True
+            label = "loss" if key == "loss" else "validation loss"
+            self._stop(f"{label} became {float(loss)} at {where}")
             return False
         return True
+
+    def _weights_are_finite(self) -> bool:
+        return all(np.isfinite(v.numpy()).all() for v in self.model.trainable_variables)
 
     def on_epoch_begin(self, epoch, logs=None):
         if epoch != self.progress.epoch:
             self.progress.epoch, self.progress.step = epoch, 0
+        self._pending = None
 
     def on_train_batch_end(self, batch, logs=None):
         if self.diverged:
             return
         self.progress.step += 1
-        if not self._check_finite(logs, f"epoch {self.progress.epoch + 1}, batch {self.progress.step}"):
+        if not self._loss_is_finite(logs, "loss", f"epoch {self.progress.epoch + 1}, batch {self.progress.step}"):
             return
+        if self._pending is not None:  # this batch's finite loss vouches for the previous update
+            write_checkpoint(self.run.state_path, self._pending)
+            self._pending = None
         if self.every and self.progress.step % self.every == 0:
-            save_checkpoint(self.run_dir / "state.npz", self.model, self.progress)
+            self._pending = snapshot(self.model, self.progress)
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
-        if self.diverged or not self._check_finite(logs, f"the end of epoch {epoch + 1}"):
+        self._pending = None  # superseded by the epoch-end checkpoint, or from a bad update
+        where = f"the end of epoch {epoch + 1}"
+        if self.diverged or not self._loss_is_finite(logs, "loss", where):
+            return
+        if not self._loss_is_finite(logs, "val_loss", where):
+            return
+        if not self._weights_are_finite():
+            self._stop(f"weights became non-finite at {where}")
             return
         val = logs.get("val_loss", logs.get("loss"))
-        if val is not None and not math.isfinite(float(val)):
-            self.diverged = f"validation loss became {float(val)} at the end of epoch {epoch + 1}"
-            self.model.stop_training = True
-            return
         self.progress.history.append({k: float(v) for k, v in logs.items()})
         if val is not None and (self.progress.best_val_loss is None or val < self.progress.best_val_loss):
             self.progress.best_val_loss = float(val)
-            atomic_write(self.run_dir / "best.keras", self.model.save, suffix=".keras")
+            atomic_write(self.run.best_path, self.model.save, suffix=".keras")
         self.progress.epoch, self.progress.step = epoch + 1, 0
-        save_checkpoint(self.run_dir / "state.npz", self.model, self.progress)
+        save_checkpoint(self.run.state_path, self.model, self.progress)
 
 
 class PlotCurves(keras.callbacks.Callback):

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from keras_charrnn.errors import ConfigError
+
 
 def project(cell: str, x, weights):
     """The input's share of the pre-activations, for inputs of any leading shape."""
@@ -44,4 +46,4 @@ def recur(cell: str, xw, states, weights):
         (h,) = states
         h = tf.tanh(xw + tf.matmul(h, recurrent_kernel))
         return h, (h,)
-    raise ValueError(f"unknown cell {cell!r}")
+    raise ConfigError(f"cell must be lstm, gru or rnn, got {cell!r}")

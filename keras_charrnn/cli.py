@@ -8,10 +8,13 @@ that need it, so ``charrnn --help`` is instant.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
 from keras_charrnn.config import TrainConfig
+from keras_charrnn.sampling import (DEFAULT_CHUNK, DEFAULT_PRIME, DEFAULT_TEMPERATURE, DEFAULT_TOP_K,
+                                  DEFAULT_TOP_P, MAX_CHARS_PER_CALL)
 
 DESCRIPTION = "Character-level RNN language models on Keras, served with TensorFlow Serving's gRPC API."
 
@@ -31,44 +34,42 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _optional_float(text: str) -> float | None:
+    return None if text.lower() == "none" else float(text)
+
+
+# How a TrainConfig field's annotation reads its flag's text.
+_FLAG_TYPES = {"int": int, "float": float, "str": str, "float | None": _optional_float}
+
+
+def _add_config_flags(p, config_class) -> None:
+    """One flag per field of a config dataclass (``batch_size`` -> ``--batch-size``), with its default and help."""
+    for f in dataclasses.fields(config_class):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        if f.type == "bool":
+            p.add_argument(flag, dest=f.name, action="store_true", default=f.default, help=f"{help_text} (default: off)")
+            continue
+        p.add_argument(flag, dest=f.name, type=_FLAG_TYPES[f.type], default=f.default,
+                       choices=f.metadata.get("choices"), help=f"{help_text} (default: %(default)s)")
+
+
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a model on a UTF-8 text file")
     p.add_argument("corpus", help="UTF-8 text file")
     p.add_argument("--out", required=True, help="run folder (checkpoints, logs, best model)")
-    d = TrainConfig()
-    p.add_argument("--cell", choices=["lstm", "gru", "rnn"], default=d.cell)
-    p.add_argument("--layers", type=_positive_int, default=d.layers)
-    p.add_argument("--units", type=_positive_int, default=d.units)
-    p.add_argument("--embedding-dim", type=_positive_int, default=d.embedding_dim)
-    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
-    p.add_argument("--seq-len", type=_positive_int, default=d.seq_len)
-    p.add_argument("--epochs", type=_positive_int, default=d.epochs)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--lr-schedule", choices=["cosine", "constant"], default=d.lr_schedule)
-    p.add_argument("--clip-norm", type=float, default=d.clip_norm, help="clip gradients by global norm (default 5)")
-    p.add_argument("--clip-value", type=float, default=None, help="clip each gradient element (turns off --clip-norm)")
-    p.add_argument("--dropout", type=float, default=d.dropout)
-    p.add_argument("--val-frac", type=float, default=d.val_frac)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="batches between checkpoints")
-    p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard logs")
+    _add_config_flags(p, TrainConfig)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar, only the per-epoch line")
 
 
 def _run_train(args) -> None:
-
-    clip_norm = None if args.clip_value is not None else args.clip_norm
-    config = TrainConfig(cell=args.cell, layers=args.layers, units=args.units, embedding_dim=args.embedding_dim,
-                         dropout=args.dropout, batch_size=args.batch_size, seq_len=args.seq_len,
-                         epochs=args.epochs, lr=args.lr, lr_schedule=args.lr_schedule, clip_norm=clip_norm,
-                         clip_value=args.clip_value, val_frac=args.val_frac, seed=args.seed,
-                         checkpoint_every=args.checkpoint_every, tensorboard=args.tensorboard)
-    if not args.resume:
-        config.validate()
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    if values["clip_value"] is not None:
+        values["clip_norm"] = None  # clipping by value replaces the default clipping by norm
     from keras_charrnn.train import train
 
-    train(args.corpus, args.out, config, resume=args.resume, verbose=0 if args.quiet else "auto")
+    train(args.corpus, args.out, TrainConfig(**values), resume=args.resume, verbose=0 if args.quiet else "auto")
     print(f"run saved in {args.out}: export it with 'charrnn export {args.out} --name NAME'")
 
 
@@ -91,20 +92,24 @@ def _run_export(args) -> None:
     print(f"exported {path}")
 
 
+MODEL_HELP = "SavedModel folder (saved_models/NAME or a version folder) or training run folder"
+
+
 def _add_sampling_flags(p) -> None:
-    p.add_argument("--prime", default="\n", help="text to start from (default: a newline)")
+    p.add_argument("--prime", default=DEFAULT_PRIME, help="text to start from (default: a newline)")
     p.add_argument("-n", "--num-chars", type=_positive_int, default=500, help="characters to generate")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy; higher = more varied")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest characters (0 = off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="0 = greedy; higher = more varied")
+    p.add_argument("--top-k", type=int, default=DEFAULT_TOP_K,
+                   help="sample among the k likeliest characters (0 = off)")
+    p.add_argument("--top-p", type=float, default=DEFAULT_TOP_P, help="nucleus sampling mass (1 = off)")
     p.add_argument("--seed", type=int, default=None, help="makes the text reproducible")
-    p.add_argument("--chunk", type=_positive_int, default=64, help="characters per model call")
+    p.add_argument("--chunk", type=_positive_int, default=DEFAULT_CHUNK, help="characters per model call")
 
 
 def _add_sample(sub) -> None:
     p = sub.add_parser("sample", help="generate text from a SavedModel (in-process) or a model server (gRPC)")
     where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--model", help="SavedModel folder (saved_models/NAME or a version folder)")
+    where.add_argument("--model", help=MODEL_HELP)
     where.add_argument("--server", help="model server address, e.g. localhost:8500")
     p.add_argument("--name", default=None, help="model name on the server (with --server)")
     p.add_argument("--version", type=_positive_int, default=None, help="pin this model version (with --server)")
@@ -113,29 +118,32 @@ def _add_sample(sub) -> None:
 
 
 def _run_sample(args) -> None:
-    from keras_charrnn.errors import CharRNNError
+    from keras_charrnn.errors import ConfigError
+    from keras_charrnn.sampling import SamplingParams
 
+    params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     if args.server:
         if not args.name:
-            raise CharRNNError("--server needs --name (the model's name on the server)")
+            raise ConfigError("sampling from a server needs the model's name there (--name)")
         from keras_charrnn.serving.client import SamplingClient
 
         client = SamplingClient(args.server)
-        make = lambda prime: client.session(args.name, prime=prime, temperature=args.temperature,  # noqa: E731
-                                            top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                                            version=args.version)
+        make = lambda prime: client.session(args.name, prime, params, version=args.version)  # noqa: E731
     else:
         import_tensorflow_quietly()
-        from keras_charrnn.sample import load
+        from keras_charrnn.inprocess import load
 
         model = load(args.model)
-        make = lambda prime: model.session(prime, temperature=args.temperature, top_k=args.top_k,  # noqa: E731
-                                           top_p=args.top_p, seed=args.seed)
+        make = lambda prime: model.session(prime, params)  # noqa: E731
     if args.interactive:
         _interactive(make, args)
         return
     session = make(args.prime)
     sys.stdout.write(args.prime)
+    _write_stream(session, args)
+
+
+def _write_stream(session, args) -> None:
     for text in session.stream(args.num_chars, chunk=args.chunk):
         sys.stdout.write(text)
         sys.stdout.flush()
@@ -155,20 +163,17 @@ def _interactive(make, args) -> None:
             session = make((line or args.prime) + "\n")
         elif line:
             session.feed(line + "\n")
-        for text in session.stream(args.num_chars, chunk=args.chunk):
-            sys.stdout.write(text)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
+        _write_stream(session, args)
 
 
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="loss, bits per character and perplexity of a text file")
-    p.add_argument("--model", required=True, help="SavedModel folder")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("file", help="UTF-8 text file")
 
 
 def _run_eval(args) -> None:
-    from keras_charrnn.sample import load
+    from keras_charrnn.inprocess import load
     from keras_charrnn.vocab import read_corpus
 
     text = read_corpus(args.file)
@@ -192,7 +197,18 @@ def _add_serve(sub) -> None:
     p.add_argument("--grpc_max_threads", type=_positive_int, default=32)
     p.add_argument("--max_message_bytes", type=_positive_int, default=4 * 1024 * 1024,
                    help="largest request accepted (larger: RESOURCE_EXHAUSTED)")
-    p.add_argument("--max_chars_per_call", type=_positive_int, default=4096, help="cap on num_chars of one call")
+    p.add_argument("--max_chars_per_call", type=_positive_int, default=MAX_CHARS_PER_CALL,
+                   help="cap on num_chars of one call")
+    p.add_argument("--rest_api_port", type=int, default=0,
+                   help="port of TF Serving's REST API, /playground and the metrics (0: no REST API)")
+    p.add_argument("--rest_api_num_threads", type=_positive_int, default=argparse.SUPPRESS,
+                   help="REST requests answered at once (default 16)")
+    p.add_argument("--rest_api_timeout_in_ms", type=int, default=argparse.SUPPRESS,
+                   help="longest a REST predict waits for the batching queue (default 30000; 0: no limit)")
+    p.add_argument("--monitoring_config_file", default=None,
+                   help="MonitoringConfig text file (prometheus_config { enable: true }: metrics on the REST port)")
+    p.add_argument("--log_level", choices=["debug", "info", "warning", "error"], default="info",
+                   help="debug also logs every call received and every batch run")
 
 
 def _run_serve(args) -> None:
@@ -200,10 +216,14 @@ def _run_serve(args) -> None:
 
     from keras_charrnn.serving.server import ModelServer, ServerOptions
 
-    logging.basicConfig(level=logging.INFO, format="charrnn serve: %(message)s")
+    level = getattr(logging, args.log_level.upper())
+    logging.basicConfig(level=max(level, logging.INFO), format="charrnn serve: %(message)s")
+    logging.getLogger("charrnn").setLevel(level)  # debug lines from the server only, not from every library
     options = ServerOptions(**{k: v for k, v in vars(args).items() if k in ServerOptions.__dataclass_fields__})
     server = ModelServer(options)
     port = server.start()
+    if server.rest_port:
+        print(f"REST API on port {server.rest_port}", flush=True)
     print(f"serving on port {port}", flush=True)
     server.serve_until_signal()
 
@@ -216,8 +236,8 @@ def _add_demo(sub) -> None:
     p.add_argument("--name", default=None, help="model to sample (default: shakespeare, or the first found)")
     p.add_argument("--prime", default="ROMEO:", help="text to start from")
     p.add_argument("--calls", type=_positive_int, default=6, help="number of gRPC calls")
-    p.add_argument("--chunk", type=_positive_int, default=64, help="characters per call")
-    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--chunk", type=_positive_int, default=DEFAULT_CHUNK, help="characters per call")
+    p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE)
     p.add_argument("--seed", type=int, default=1)
 
 
@@ -230,50 +250,38 @@ def _run_demo(args) -> None:
              args.temperature, args.seed)
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(u) for u in text.split(",") if u.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers, got {text!r}") from None
+
+
 def _add_visualize(sub) -> None:
     p = sub.add_parser("visualize", help="HTML page of hidden-unit activations and next-character guesses")
-    p.add_argument("--model", required=True, help="SavedModel folder or training run folder")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("text_file", help="UTF-8 text to analyse")
     p.add_argument("--out", required=True, help="HTML file to write")
     p.add_argument("--layer", type=int, default=None, help="only this layer (default: all)")
-    p.add_argument("--units", default=None, help="comma-separated unit numbers (default: best-scoring first)")
+    p.add_argument("--units", type=_int_list, default=None,
+                   help="comma-separated unit numbers (default: best-scoring first)")
     p.add_argument("--top", type=_positive_int, default=5, help="next-character guesses shown per character")
     p.add_argument("--max-chars", type=_positive_int, default=5000, help="analyse at most this many characters")
 
 
 def _run_visualize(args) -> None:
-    from pathlib import Path
-
-    from keras_charrnn.errors import CharRNNError
-    from keras_charrnn.visualize import inspect, write_report
+    from keras_charrnn.analysis import inspect
+    from keras_charrnn.inprocess import load
+    from keras_charrnn.report import write_report
+    from keras_charrnn.run_folder import RunFolder
     from keras_charrnn.vocab import read_corpus
 
-    units = None
-    if args.units:
-        try:
-            units = [int(u) for u in args.units.split(",") if u.strip()]
-        except ValueError:
-            raise CharRNNError(f"--units must be comma-separated integers, got {args.units!r}") from None
     text = read_corpus(args.text_file)[: args.max_chars]
-    if len(text) < 2:
-        raise CharRNNError(f"{args.text_file}: needs at least two characters")
-    model_path = Path(args.model)
-    if not model_path.exists():
-        raise CharRNNError(f"{model_path}: no such model folder")
-    curves = model_path / "curves.png" if (model_path / "curves.png").is_file() else None
-    if curves is None and not (model_path / "config.json").is_file():
-        from keras_charrnn.sample import load
-
-        model = load(model_path)
-        run = model.config.get("run_dir")
-        curves = Path(run) / "curves.png" if run and (Path(run) / "curves.png").is_file() else None
-        result = inspect(model, text, top=args.top)
-        name = model.path.parent.name
-    else:
-        result = inspect(model_path, text, top=args.top)
-        name = model_path.name
-    out = write_report(result, args.out, name, layer=args.layer, units=units,
-                       curves=curves.resolve().as_uri() if curves else None)
+    model = load(args.model)
+    result = inspect(model, text, top=args.top)
+    curves = RunFolder(args.model).curves_path if RunFolder.is_run(args.model) else None
+    out = write_report(result, args.out, model.info.name, layer=args.layer, units=args.units,
+                       curves=curves.resolve().as_uri() if curves and curves.is_file() else None)
     print(f"wrote {out} ({len(text)} characters, {result.bits_per_char:.3f} bpc)")
 
 
@@ -326,9 +334,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("charrnn: interrupted", file=sys.stderr)
         return 130
-    except (OSError, ValueError) as exc:
-        print(f"charrnn: error: {exc}", file=sys.stderr)
-        return 2
     return 0
 
 

@@ -10,62 +10,83 @@ for a few minutes, exports it, and serves that one.
 
 from __future__ import annotations
 
-import os
 import re
 import select
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
-from keras_charrnn.errors import CharRNNError
+from keras_charrnn.errors import ConfigError, ServingError
+from keras_charrnn.sampling import DEFAULT_CHUNK, DEFAULT_TEMPERATURE
+from keras_charrnn.versions import list_versions
 
 SERVER_START_TIMEOUT = 180.0
 
 
 def _models_under(base: Path) -> list[str]:
-    return sorted(p.name for p in base.iterdir()
-                  if p.is_dir() and any(v.name.isdigit() and (v / "saved_model.pb").is_file() for v in p.iterdir())) \
-        if base.is_dir() else []
+    """The model folders under ``base`` that hold at least one complete version."""
+    try:
+        folders = sorted(p for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
+    except OSError as exc:
+        raise ConfigError(f"base_path {base}: cannot list it ({exc.strerror})") from None
+    return [p.name for p in folders if list_versions(p, complete_only=True)]
 
 
-def _write_config(base: Path, names: list[str], path: Path) -> None:
+def _models_config(base: Path, names: list[str]) -> str:
+    """A ModelServerConfig text serving ``names`` from ``base``."""
     entries = "".join(f'  config {{\n    name: "{n}"\n    base_path: "{(base / n).resolve()}"\n'
                       f'    model_platform: "tensorflow"\n  }}\n' for n in names)
-    path.write_text(f"model_config_list {{\n{entries}}}\n")
+    return f"model_config_list {{\n{entries}}}\n"
 
 
-def start_server(args: list[str], cwd: str | os.PathLike | None = None,
-                 timeout: float = SERVER_START_TIMEOUT) -> tuple[subprocess.Popen, int]:
-    """Starts ``charrnn serve ARGS`` on a free loopback port; returns the process and its port once it serves."""
-    cmd = [sys.executable, "-m", "keras_charrnn.cli", "serve", "--port", "0", "--host", "127.0.0.1", *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd)
-    deadline = time.monotonic() + timeout
+@contextmanager
+def _server(config_text: str) -> Iterator[tuple[subprocess.Popen, int]]:
+    """``charrnn serve`` on a free loopback port, in a subprocess; yields it and its port, stops it with SIGTERM.
+
+    The server's log goes to a temporary file (read back when it fails to start).
+    """
+    try:
+        workdir = tempfile.TemporaryDirectory(prefix="charrnn-demo-")
+    except OSError as exc:
+        raise ConfigError(f"no usable temporary folder for the server's config ({exc})") from None
+    with workdir as tmp, open(Path(tmp) / "server.log", "w+") as log:
+        config = Path(tmp) / "models.config"
+        config.write_text(config_text, encoding="utf-8")
+        proc = subprocess.Popen([sys.executable, "-m", "keras_charrnn.cli", "serve", "--port", "0", "--host",
+                                 "127.0.0.1", "--model_config_file", str(config)],
+                                stdout=subprocess.PIPE, stderr=log, text=True)
+        try:
+            yield proc, _announced_port(proc, log)
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _announced_port(proc: subprocess.Popen, log) -> int:
+    """Waits for the server's "serving on port N" line; raises ServingError if it never comes."""
+    deadline = time.monotonic() + SERVER_START_TIMEOUT
     while time.monotonic() < deadline:
         ready, _, _ = select.select([proc.stdout], [], [], 1.0)
-        if not ready:
-            continue
-        line = proc.stdout.readline()
+        line = proc.stdout.readline() if ready else ""
         match = re.match(r"serving on port (\d+)", line)
         if match:
-            return proc, int(match.group(1))
-        if not line and proc.poll() is not None:
+            return int(match.group(1))
+        if ready and not line and proc.poll() is not None:
             break
     proc.kill()
-    err = proc.stderr.read().strip().splitlines()
-    raise CharRNNError(f"the model server did not start: {err[-1] if err else 'no output'}")
-
-
-def stop_server(proc: subprocess.Popen) -> int:
-    """SIGTERM, then wait for the drain; returns the exit status."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        return proc.wait()
+    log.seek(0)
+    lines = log.read().strip().splitlines()
+    raise ServingError("UNAVAILABLE", f"the model server did not start: {lines[-1] if lines else 'no output'}")
 
 
 def train_small(corpus: str, minutes: float, base_path: Path) -> str:
@@ -87,28 +108,43 @@ def train_small(corpus: str, minutes: float, base_path: Path) -> str:
 
 
 def run_demo(base_path: str = "saved_models", name: str | None = None, train_corpus: str | None = None,
-             minutes: float = 3.0, prime: str = "ROMEO:", calls: int = 6, chunk: int = 64,
-             temperature: float = 0.8, seed: int = 1) -> None:
-    """Serves the models under ``base_path`` and samples one of them over gRPC; see the module doc."""
+             minutes: float = 3.0, prime: str = "ROMEO:", calls: int = 6, chunk: int = DEFAULT_CHUNK,
+             temperature: float = DEFAULT_TEMPERATURE, seed: int = 1) -> None:
+    """Serves the models under ``base_path`` and samples one of them over gRPC; see the module doc.
+
+    Args:
+        base_path: the folder of all models (``saved_models``).
+        name: the model to sample (default: ``shakespeare``, or the first found).
+        train_corpus: first train a small model on this text file, export it and sample it.
+        minutes: training time with ``train_corpus``.
+        prime: the text to continue.
+        calls: the number of gRPC calls.
+        chunk: characters per call.
+        temperature: sampling temperature.
+        seed: sampling seed.
+
+    Raises:
+        ConfigError: no model to serve, or no model ``name``.
+        ServingError: the server did not start, or did not exit cleanly.
+    """
     base = Path(base_path)
     if train_corpus:
         name = train_small(train_corpus, minutes, base)
     models = _models_under(base)
     if not models:
-        raise CharRNNError(f"no SavedModels under {base}/ (train and export one, or run 'charrnn demo --train FILE')")
+        raise ConfigError(f"base_path {base}: no SavedModels under it (train and export one, or run the demo with "
+                          f"train_corpus)")
     name = name or ("shakespeare" if "shakespeare" in models else models[0])
     if name not in models:
-        raise CharRNNError(f"no model {name!r} under {base}/ (have: {', '.join(models)})")
+        raise ConfigError(f"name: no model {name!r} under {base} (have: {', '.join(models)})")
 
     from keras_charrnn.serving.client import SamplingClient
 
-    config_file = Path(os.environ.get("TMPDIR", "/tmp")) / f"charrnn-demo-{os.getpid()}.config"
-    _write_config(base, models, config_file)
     started = time.perf_counter()
-    proc, port = start_server(["--model_config_file", str(config_file)])
-    print(f"model server up on 127.0.0.1:{port} in {time.perf_counter() - started:.1f}s, serving {', '.join(models)}")
     timings = []
-    try:
+    with _server(_models_config(base, models)) as (proc, port):
+        print(f"model server up on 127.0.0.1:{port} in {time.perf_counter() - started:.1f}s, "
+              f"serving {', '.join(models)}")
         with SamplingClient(f"127.0.0.1:{port}") as client:
             session = client.session(name, prime=prime, temperature=temperature, seed=seed)
             print(f"--- {name}: {calls} calls of {chunk} characters, state carried by the client ---")
@@ -120,9 +156,7 @@ def run_demo(base_path: str = "saved_models", name: str | None = None, train_cor
                 sys.stdout.write(text)
                 sys.stdout.flush()
             print(f"\n--- served by version {session.version}; session position {session.position} ---")
-    finally:
-        status = stop_server(proc)
-        config_file.unlink(missing_ok=True)
+    status = proc.returncode
     print(f"{'call':>4} {'chars':>6} {'latency ms':>11} {'chars/s':>9}")
     for i, seconds in enumerate(timings, 1):
         print(f"{i:>4} {chunk:>6} {seconds * 1000:>11.1f} {chunk / seconds:>9.0f}")
@@ -130,4 +164,4 @@ def run_demo(base_path: str = "saved_models", name: str | None = None, train_cor
     print(f"total {chunk * len(timings)} characters in {total:.2f}s ({chunk * len(timings) / total:.0f} chars/s); "
           f"server stopped with exit status {status}")
     if status != 0:
-        raise CharRNNError(f"the model server exited with status {status}")
+        raise ServingError("INTERNAL", f"the model server exited with status {status}")

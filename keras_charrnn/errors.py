@@ -53,8 +53,9 @@ def graph_error_message(text: str) -> str:
     marker = "assertion failed: ["
     if marker in text:
         start = text.index(marker) + len(marker)
-        end = text.find("]", start)
-        return text[start:end if end > 0 else None]
+        line = text[start:].split("\n", 1)[0]
+        end = line.find("] [")  # the message may hold "]" itself: "top_p must be in (0, 1]"
+        return line[:end] if end >= 0 else line.removesuffix("]")
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     useful = [line for line in lines if not line.startswith(("Graph execution error", "Detected at node"))]
     return (useful or lines or ["model error"])[-1]

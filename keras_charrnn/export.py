@@ -22,6 +22,16 @@ any call. Signatures (all tensors batch-first, named):
     string [B] out.
 ``metadata``
     no inputs -> ``vocabulary`` string [V] (id order) and ``config`` (JSON).
+``generate_xla``, ``generate_text_xla`` (unless exported with ``xla=False``)
+    XLA-compiled twins of ``generate`` and ``generate_text``: the same inputs,
+    outputs and text, several times faster, but only on a server with XLA JIT
+    (``tensorflow_model_server --xla_cpu_compilation_enabled=true``; the embedded
+    server and in-process use have it). Nothing the other signatures reach is
+    must-compile, so a stock server serves them; callers try a twin first and
+    fall back once (see ``keras_charrnn.xla``).
+
+``assets.extra/tf_serving_warmup_requests`` holds TF Serving's warm-up
+records (``keras_charrnn.warmup``).
 
 Besides the signatures, the object has a ``keras_step`` function (``step`` taking
 one dict) for ``keras.layers.TFSMLayer``.
@@ -36,19 +46,21 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import Callable
 
 import keras
-import numpy as np
 import tensorflow as tf
 
-from keras_charrnn import cells, decoding
-from keras_charrnn.errors import CharRNNError
+from keras_charrnn import cells, decoding, warmup
+from keras_charrnn.errors import ConfigError, InputError
 from keras_charrnn.fileio import atomic_write_dir
 from keras_charrnn.metrics import bits_per_char
 from keras_charrnn.model import describe, recurrent_layers, state_names
+from keras_charrnn.run_folder import RunFolder
+from keras_charrnn.sampling import MAX_CHARS_PER_CALL
+from keras_charrnn.versions import next_version
 from keras_charrnn.vocab import UNKNOWN_CHAR, Vocabulary
-
-MAX_CHARS_PER_CALL = 4096  # cap on num_chars of one generate call
+from keras_charrnn.xla import TWINNED, xla_twin
 
 
 class CharRNNModule(tf.Module):
@@ -58,13 +70,18 @@ class CharRNNModule(tf.Module):
         model: a model made by ``build_model`` (stateful or not).
         vocab: its vocabulary.
         info: extra facts recorded in the ``config`` metadata (validation bpc, corpus size).
+        jit_compile: add the XLA-compiled twins ``generate_xla`` and ``generate_text_xla``
+            (the other signatures never need XLA).
+
+    Raises:
+        InputError: the model's output size and the vocabulary disagree.
     """
 
     def __init__(self, model: keras.Model, vocab: Vocabulary, info: dict | None = None, jit_compile: bool = True):
         super().__init__(name="charrnn")
         spec = describe(model)
         if spec["vocab_size"] != vocab.size:
-            raise CharRNNError(f"model has {spec['vocab_size']} output ids but the vocabulary {vocab.size}")
+            raise InputError(f"model has {spec['vocab_size']} output ids but the vocabulary {vocab.size}")
         self.cell, self.units, self.num_layers = spec["cell"], spec["units"], spec["layers"]
         self.vocab_size = vocab.size
         self.state_names = tuple(state_names(self.cell, self.num_layers))
@@ -75,18 +92,21 @@ class CharRNNModule(tf.Module):
         self.logits_kernel = tf.Variable(kernel, trainable=False, name="logits_kernel")
         self.logits_bias = tf.Variable(bias, trainable=False, name="logits_bias")
 
-        points = np.array([ord(c) for c in vocab.chars], dtype=np.int32)
-        order = np.argsort(points)
-        self._sorted_points = tf.constant(points[order])
-        self._sorted_ids = tf.constant((order + 1).astype(np.int32))
+        points, ids = vocab.sorted_code_points()
+        self._sorted_points = tf.constant(points)
+        self._sorted_ids = tf.constant(ids)
         self._chars = tf.constant([UNKNOWN_CHAR] + vocab.chars)
         self._decode_table = tf.constant([""] + vocab.chars)  # id 0 is never generated: it only pads
         config = {**spec, "vocab_size": vocab.size, "unknown_id": 0, "state_names": list(self.state_names),
                        "state_size": self.units, "max_chars_per_call": MAX_CHARS_PER_CALL,
-                       "format": "keras-charrnn/1", "xla": jit_compile, **(info or {})}
+                       "format": "keras-charrnn/1", "xla": jit_compile,
+                  "xla_signatures": [xla_twin(n) for n in TWINNED] if jit_compile else [], **(info or {})}
         self.config_json = json.dumps(config)  # a dict attribute would be wrapped by tf.Module tracking
         self._config_tensor = tf.constant(self.config_json)
-        self._sample_loop = tf.function(self._sample_loop_impl, jit_compile=jit_compile, autograph=False)
+        self.jit_compile = jit_compile
+        # The same loop twice: traced plainly for the default signatures, XLA-compiled for the twins.
+        self._sample_loop = tf.function(self._sample_loop_impl, autograph=False)
+        self._sample_loop_xla = tf.function(self._sample_loop_impl, jit_compile=True, autograph=False)
         self._build_signatures()
 
     # ----- the model, batched over rows and time ---------------------------------------------
@@ -137,19 +157,22 @@ class CharRNNModule(tf.Module):
             new_states.extend(states)
         return self._logits(x), new_states
 
-    def _generate(self, ids, lengths, flat_states, num_chars, temperature, top_k, top_p, seed, position):
+    def _generate(self, ids, lengths, flat_states, num_chars, temperature, top_k, top_p, seed, position,
+                  xla: bool = False):
         """Feeds the input, then samples ``num_chars[b]`` ids for each row b.
 
         Returns ``(ids [B, max(num_chars)], flat_states)``; a row's ids past its own
         ``num_chars`` are 0 (padding), and its states are those after feeding its
         input and every sampled id but its last. Rows may ask for different counts, so
-        TF Serving's batching may merge any calls.
+        TF Serving's batching may merge any calls. ``xla`` runs the sampling loop
+        XLA-compiled (the rest, checks included, is the same graph either way).
         """
         checks = self._check_sampling(ids, lengths, flat_states, num_chars, temperature, top_k, top_p, seed, position)
         with tf.control_dependencies(checks):  # nothing runs before the inputs pass the checks
             ids, lengths, num_chars = tf.identity(ids), tf.identity(lengths), tf.identity(num_chars)
         _, logits, states = self._feed(ids, lengths, flat_states)
-        out, states = self._sample_loop(num_chars, logits, states, temperature, top_k, top_p, seed, position)
+        loop = self._sample_loop_xla if xla else self._sample_loop
+        out, states = loop(num_chars, logits, states, temperature, top_k, top_p, seed, position)
         n = tf.reduce_max(num_chars)
         valid = tf.range(n)[None, :] < num_chars[:, None]
         return tf.where(valid, out[:, :n], 0), states
@@ -236,15 +259,19 @@ class CharRNNModule(tf.Module):
             layers = {f"layer_{i}": tf.transpose(out, [1, 0, 2]) for i, out in enumerate(outputs)}
             return {"logits": self._logits(layers[f"layer_{len(outputs) - 1}"]), **layers, **named_states(new_states)}
 
-        def generate(ids, *rest):
-            lengths = tf.fill([tf.shape(ids)[0]], tf.shape(ids)[1])
-            out, states = self._generate(ids, lengths, list(rest[:k]), *rest[k:])
-            return {"ids": out, **named_states(states)}
+        def generate_with(xla):
+            def generate(ids, *rest):
+                lengths = tf.fill([tf.shape(ids)[0]], tf.shape(ids)[1])
+                out, states = self._generate(ids, lengths, list(rest[:k]), *rest[k:], xla=xla)
+                return {"ids": out, **named_states(states)}
+            return generate
 
-        def generate_text(prime, *rest):
-            ids, lengths = self._encode(prime)
-            out, states = self._generate(ids, lengths, list(rest[:k]), *rest[k:])
-            return {"text": self._decode(out), **named_states(states)}  # padding (id 0) decodes to ""
+        def generate_text_with(xla):
+            def generate_text(prime, *rest):
+                ids, lengths = self._encode(prime)
+                out, states = self._generate(ids, lengths, list(rest[:k]), *rest[k:], xla=xla)
+                return {"text": self._decode(out), **named_states(states)}  # padding (id 0) decodes to ""
+            return generate_text
 
         def metadata():
             return {"vocabulary": self._chars, "config": self._config_tensor}
@@ -252,9 +279,13 @@ class CharRNNModule(tf.Module):
         ids_spec = tf.TensorSpec([None, None], tf.int32, name="ids")
         self.step_function = tf.function(step, input_signature=[ids_spec] + state_specs)
         self.inspect_function = tf.function(inspect, input_signature=[ids_spec] + state_specs)
-        self.generate_function = tf.function(generate, input_signature=[ids_spec] + state_specs + sampling_specs)
-        self.generate_text_function = tf.function(
-            generate_text, input_signature=[tf.TensorSpec([None], tf.string, name="prime")] + state_specs + sampling_specs)
+        generate_specs = [ids_spec] + state_specs + sampling_specs
+        text_specs = [tf.TensorSpec([None], tf.string, name="prime")] + state_specs + sampling_specs
+        self.generate_function = tf.function(generate_with(False), input_signature=generate_specs)
+        self.generate_text_function = tf.function(generate_text_with(False), input_signature=text_specs)
+        if self.jit_compile:
+            self.generate_xla_function = tf.function(generate_with(True), input_signature=generate_specs)
+            self.generate_text_xla_function = tf.function(generate_text_with(True), input_signature=text_specs)
         self.metadata_function = tf.function(metadata, input_signature=[])
         # For keras.layers.TFSMLayer(path, call_endpoint="keras_step"): Keras passes one
         # positional input, so this endpoint takes step's inputs as one dict.
@@ -269,16 +300,29 @@ class CharRNNModule(tf.Module):
         keyword-argument signatures.
         """
         text = self.generate_text_function.get_concrete_function()
-        return {"step": self.step_function.get_concrete_function(), "inspect": self.inspect_function.get_concrete_function(),
+        sigs = {"step": self.step_function.get_concrete_function(),
+                "inspect": self.inspect_function.get_concrete_function(),
                 "generate": self.generate_function.get_concrete_function(),
                 "generate_text": text, "serving_default": text, "metadata": self.metadata_function.get_concrete_function()}
+        if self.jit_compile:
+            sigs["generate_xla"] = self.generate_xla_function.get_concrete_function()
+            sigs["generate_text_xla"] = self.generate_text_xla_function.get_concrete_function()
+        return sigs
 
+    def named_signatures(self) -> dict[str, Callable[..., dict]]:
+        """The signatures called as a loaded SavedModel's are: tensors by input name, e.g. ``f(ids=..., h_0=...)``.
 
-def next_version(base_path: str | os.PathLike) -> int:
-    """One more than the highest numeric version folder under ``base_path`` (1 if none)."""
-    base = Path(base_path)
-    versions = [int(p.name) for p in base.iterdir() if p.is_dir() and re.fullmatch(r"\d+", p.name)] if base.is_dir() else []
-    return max(versions, default=0) + 1
+        So an in-memory module (a training run opened by ``keras_charrnn.load``)
+        and its exported SavedModel are run by the same code.
+
+        Returns:
+            ``{signature name: function of keyword tensors returning a dict of tensors}``.
+        """
+        def by_name(function):
+            names = [spec.name for spec in tf.nest.flatten(function.structured_input_signature)]
+            return lambda **inputs: function(*[inputs[name] for name in names])
+
+        return {name: by_name(function) for name, function in self.signatures().items()}
 
 
 def save_savedmodel(model: keras.Model, vocab: Vocabulary, path: str | os.PathLike, info: dict | None = None,
@@ -296,9 +340,49 @@ def save_savedmodel(model: keras.Model, vocab: Vocabulary, path: str | os.PathLi
     Returns:
         ``path``.
     """
-    module = CharRNNModule(model, vocab, info, jit_compile=xla)
-    atomic_write_dir(path, lambda tmp: tf.saved_model.save(module, tmp, signatures=module.signatures()))
+    return _save_module(CharRNNModule(model, vocab, info, jit_compile=xla), path)
+
+
+def _save_module(module: CharRNNModule, path: str | os.PathLike) -> Path:
+    try:
+        atomic_write_dir(path, lambda tmp: tf.saved_model.save(module, tmp, signatures=module.signatures()))
+    except OSError as exc:
+        raise InputError(f"{path}: cannot write the SavedModel ({exc.strerror or exc})") from None
     return Path(path)
+
+
+def run_facts(record: dict) -> dict:
+    """What the ``config`` metadata records of a training run: validation loss, corpus, epochs.
+
+    Only facts that mean something on another machine: the corpus by file name,
+    never a path of the training machine.
+
+    Args:
+        record: ``RunFolder.record()``.
+
+    Returns:
+        ``{"val_loss", "val_bpc", "corpus_chars", "corpus", "trained_epochs"}``.
+    """
+    best = record.get("best_val_loss")
+    corpus = record.get("corpus", {})
+    return {"val_loss": best, "val_bpc": bits_per_char(best) if best is not None else None,
+            "corpus_chars": corpus.get("chars"), "corpus": os.path.basename(corpus.get("path", "")) or None,
+            "trained_epochs": record.get("epochs_done")}
+
+
+def module_from_run(run_dir: str | os.PathLike, which: str = "best", xla: bool = True) -> CharRNNModule:
+    """The exported module of a training run, in memory: what ``export_run`` would write.
+
+    Args:
+        run_dir: a run folder written by ``train``.
+        which: ``"best"`` model by validation loss or ``"latest"`` weights.
+        xla: compile the sampling loop with XLA.
+
+    Returns:
+        The module; ``named_signatures()`` runs it as the SavedModel would be run.
+    """
+    run = RunFolder(run_dir)
+    return CharRNNModule(run.load_model(which), run.vocab(), run_facts(run.record()), jit_compile=xla)
 
 
 def export_run(run_dir: str | os.PathLike, name: str, base_path: str | os.PathLike = "saved_models",
@@ -316,25 +400,21 @@ def export_run(run_dir: str | os.PathLike, name: str, base_path: str | os.PathLi
     Returns:
         The version folder written.
 
+    Raises:
+        ConfigError: ``name``, ``version`` or ``which`` is invalid.
+        InputError: the run cannot be loaded, or the version folder exists or cannot be written.
+
     Example:
 
     >>> export_run("runs/shakespeare", "shakespeare")  # doctest: +SKIP
     PosixPath('saved_models/shakespeare/1')
     """
-    from keras_charrnn.train import load_run
-
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
-        raise CharRNNError(f"model name {name!r}: use letters, digits, '_', '.' and '-'")
-    if version is not None and version < 1:
-        raise CharRNNError(f"--version must be a positive integer, got {version}")
-    model, vocab, record = load_run(run_dir, which=which)
+        raise ConfigError(f"name {name!r}: use letters, digits, '_', '.' and '-'")
+    if version is not None and (not isinstance(version, int) or version < 1):
+        raise ConfigError(f"version must be a positive integer, got {version}")
     base = Path(base_path) / name
-    version = version or next_version(base)
-    target = base / str(version)
+    target = base / str(version or next_version(base))
     if target.exists():
-        raise CharRNNError(f"{target} already exists; choose another --version")
-    best = record.get("best_val_loss")
-    info = {"val_loss": best, "val_bpc": bits_per_char(best) if best is not None else None,
-            "corpus_chars": record["corpus"]["chars"], "corpus": os.path.basename(record["corpus"]["path"]),
-            "trained_epochs": record.get("epochs_done"), "run_dir": str(Path(run_dir).resolve())}
-    return save_savedmodel(model, vocab, target, info, xla=xla)
+        raise InputError(f"{target} already exists; choose another version")
+    return _save_module(module_from_run(run_dir, which, xla), target)

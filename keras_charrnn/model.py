@@ -1,6 +1,7 @@
 """The model: Embedding -> stacked stateful recurrent layers -> Dense logits.
 
-``build_model`` returns a plain Keras functional model. The helpers below
+``build_model`` returns a plain Keras functional model; ``model_from_config``
+builds (and ``compile_model`` compiles) the one a ``TrainConfig`` describes. The helpers below
 name the recurrent layers' hidden states (``h_0``, ``c_0``, ``h_1``, ...), read
 and write them, and reset them; Keras 3 has no ``Model.reset_states()``.
 """
@@ -10,7 +11,8 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from keras_charrnn.errors import CharRNNError
+from keras_charrnn.config import TrainConfig
+from keras_charrnn.errors import ConfigError, InputError
 
 CELL_LAYERS = {"lstm": keras.layers.LSTM, "gru": keras.layers.GRU, "rnn": keras.layers.SimpleRNN}
 STATES_PER_LAYER = {"lstm": ("h", "c"), "gru": ("h",), "rnn": ("h",)}
@@ -51,15 +53,15 @@ def build_model(
     (32, 50, 66)
     """
     if cell not in CELL_LAYERS:
-        raise CharRNNError(f"unknown cell {cell!r}: choose one of {', '.join(CELL_LAYERS)}")
+        raise ConfigError(f"unknown cell {cell!r}: choose one of {', '.join(CELL_LAYERS)}")
     for name, value in (("units", units), ("layers", layers), ("embedding_dim", embedding_dim),
                         ("vocab_size", vocab_size)):
         if value < 1:
-            raise CharRNNError(f"{name} must be at least 1, got {value}")
+            raise ConfigError(f"{name} must be at least 1, got {value}")
     if not 0.0 <= dropout < 1.0:
-        raise CharRNNError(f"dropout must be in [0, 1), got {dropout}")
+        raise ConfigError(f"dropout must be in [0, 1), got {dropout}")
     if stateful and batch_size is None:
-        raise CharRNNError("a stateful model needs a fixed batch_size")
+        raise ConfigError("a stateful model needs a fixed batch_size")
 
     ids = keras.Input(batch_shape=(batch_size, seq_len), dtype="int32", name="ids")
     x = keras.layers.Embedding(vocab_size, embedding_dim, name="embedding")(ids)
@@ -80,7 +82,7 @@ def describe(model: keras.Model) -> dict:
     """The architecture of a model made by ``build_model``, as plain values."""
     rnns = recurrent_layers(model)
     if not rnns:
-        raise CharRNNError(f"model {model.name!r} has no recurrent layers")
+        raise InputError(f"model {model.name!r} has no recurrent layers")
     cell = next(name for name, cls in CELL_LAYERS.items() if type(rnns[0]) is cls)
     dropouts = [l.rate for l in model.layers if isinstance(l, keras.layers.Dropout)]
     return {
@@ -117,6 +119,52 @@ def set_states(model: keras.Model, values: list[np.ndarray]) -> None:
     """Sets the hidden states of a stateful model, in ``state_names`` order."""
     variables = _state_variables(model)
     if len(variables) != len(values):
-        raise CharRNNError(f"expected {len(variables)} state arrays, got {len(values)}")
+        raise InputError(f"expected {len(variables)} state arrays, got {len(values)}")
     for var, value in zip(variables, values):
         var.assign(value)
+
+
+def make_optimizer(config: TrainConfig, total_steps: int) -> keras.optimizers.Optimizer:
+    """Adam with the config's learning rate, schedule and gradient clipping.
+
+    Args:
+        config: supplies ``lr``, ``lr_schedule``, ``clip_norm`` and ``clip_value``.
+        total_steps: batches in the whole run (the cosine schedule's length).
+
+    Returns:
+        A ``keras.optimizers.Adam``; clipping by global norm uses Keras'
+        ``global_clipnorm``, clipping by value its ``clipvalue``.
+    """
+    lr = config.lr
+    if config.lr_schedule == "cosine":
+        lr = keras.optimizers.schedules.CosineDecay(config.lr, decay_steps=max(total_steps, 1), alpha=0.1)
+    return keras.optimizers.Adam(learning_rate=lr, global_clipnorm=config.clip_norm, clipvalue=config.clip_value)
+
+
+def model_from_config(config: TrainConfig, vocab_size: int) -> keras.Model:
+    """The stateful training model that ``config`` describes.
+
+    Args:
+        config: the run's hyper-parameters.
+        vocab_size: the vocabulary's size (the unknown id included).
+
+    Returns:
+        An uncompiled ``build_model`` model with ``config``'s shape.
+    """
+    return build_model(vocab_size, cell=config.cell, units=config.units, layers=config.layers,
+                       embedding_dim=config.embedding_dim, dropout=config.dropout,
+                       batch_size=config.batch_size, seq_len=config.seq_len)
+
+
+def compile_model(model: keras.Model, optimizer: keras.optimizers.Optimizer) -> keras.Model:
+    """Compiles a char model: cross-entropy on logits, in nats per character.
+
+    Args:
+        model: a ``build_model`` model.
+        optimizer: e.g. ``make_optimizer(config, steps)``.
+
+    Returns:
+        ``model``, compiled.
+    """
+    model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model

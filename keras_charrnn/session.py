@@ -16,15 +16,13 @@ in the ``Runner`` that executes a signature. This module needs NumPy only.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from typing import Iterator, Protocol
 
 import numpy as np
 
-from keras_charrnn.errors import CharRNNError
-
-DEFAULT_CHUNK = 64
+from keras_charrnn.errors import ConfigError, InputError
+from keras_charrnn.sampling import DEFAULT_CHUNK, SamplingParams
 
 
 class Runner(Protocol):
@@ -32,26 +30,6 @@ class Runner(Protocol):
 
     def run(self, signature: str, inputs: dict[str, np.ndarray], version: int | None) -> tuple[dict[str, np.ndarray], int | None]:
         """Returns the outputs and the model version that answered."""
-
-
-@dataclass
-class SamplingParams:
-    """How characters are chosen; checked here so mistakes fail before any call."""
-
-    temperature: float = 0.8
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
-
-    def __post_init__(self):
-        if not self.temperature >= 0:
-            raise CharRNNError(f"temperature must be 0 (greedy) or positive, got {self.temperature}")
-        if self.top_k < 0:
-            raise CharRNNError(f"top_k must be 0 (off) or positive, got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise CharRNNError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.seed is None:
-            self.seed = int.from_bytes(os.urandom(8), "little") >> 1
 
 
 @dataclass
@@ -67,6 +45,15 @@ class ModelInfo:
 
     @classmethod
     def from_config(cls, name: str, config: dict) -> "ModelInfo":
+        """Reads the facts from a model's ``metadata`` config.
+
+        Args:
+            name: the model's name (its folder, or its name on a server).
+            config: the JSON object of the ``metadata`` signature's ``config``.
+
+        Returns:
+            The model's info.
+        """
         return cls(name=name, state_names=list(config["state_names"]), state_size=int(config["state_size"]),
                    vocab_size=int(config["vocab_size"]), max_chars_per_call=int(config["max_chars_per_call"]),
                    config=config)
@@ -90,9 +77,9 @@ class Session:
 
     def __init__(self, runner: Runner, info: ModelInfo, prime: str, params: SamplingParams):
         if not prime:
-            raise CharRNNError("the prime must hold at least one character")
+            raise ConfigError("prime must hold at least one character")
         if params.top_k > info.vocab_size - 1:
-            raise CharRNNError(f"top_k must be at most the vocabulary size ({info.vocab_size - 1}), got {params.top_k}")
+            raise ConfigError(f"top_k must be at most the vocabulary size ({info.vocab_size - 1}), got {params.top_k}")
         self.runner = runner
         self.info = info
         self.params = params
@@ -108,9 +95,9 @@ class Session:
     def stream(self, n: int, chunk: int = DEFAULT_CHUNK) -> Iterator[str]:
         """Yields the next ``n`` characters, ``chunk`` characters per model call."""
         if n < 1:
-            raise CharRNNError(f"the number of characters must be at least 1, got {n}")
+            raise ConfigError(f"n (the number of characters) must be at least 1, got {n}")
         if not 1 <= chunk <= self.info.max_chars_per_call:
-            raise CharRNNError(f"chunk must be in 1..{self.info.max_chars_per_call}, got {chunk}")
+            raise ConfigError(f"chunk must be in 1..{self.info.max_chars_per_call}, got {chunk}")
         left = n
         while left:
             take = min(chunk, left)
@@ -152,18 +139,35 @@ class Session:
 
     @classmethod
     def from_json(cls, data: str, runner: Runner, info: ModelInfo) -> "Session":
-        """Restores a session saved by ``to_json`` onto ``runner``."""
+        """Restores a session saved by ``to_json`` onto ``runner``.
+
+        Args:
+            data: the JSON text from ``to_json``.
+            runner: executes the model's signatures.
+            info: the model the session continues on.
+
+        Returns:
+            The session, ready to continue.
+
+        Raises:
+            InputError: ``data`` is not a saved session, or one saved from a model of other states.
+        """
         try:
             obj = json.loads(data)
             params = SamplingParams(obj["temperature"], obj["top_k"], obj["top_p"], obj["seed"])
             session = cls(runner, info, obj["pending"], params)
-            if set(obj["states"]) != set(info.state_names):
-                raise CharRNNError(f"saved session states {sorted(obj['states'])} do not match the model's {info.state_names}")
-            session.states = {k: np.asarray(v, np.float32).reshape(1, -1) for k, v in obj["states"].items()}
-            if any(v.shape[1] != info.state_size for v in session.states.values()):
-                raise CharRNNError(f"saved session states are not of width {info.state_size}")
-            session.position = int(obj["position"])
-            session.version = obj["version"]
-            return session
-        except (ValueError, KeyError, TypeError) as exc:
-            raise CharRNNError(f"not a saved session: {exc}") from None
+            states = {k: np.asarray(v, np.float32).reshape(1, -1) for k, v in obj["states"].items()}
+            position = int(obj["position"])
+            version = obj["version"]
+        except KeyError as exc:
+            raise InputError(f"not a saved session: no {exc} field") from None
+        except (ValueError, TypeError, AttributeError, ConfigError) as exc:
+            raise InputError(f"not a saved session: {exc}") from None
+        if set(states) != set(info.state_names):
+            raise InputError(f"saved session states {sorted(states)} do not match the model's {info.state_names}")
+        if any(v.shape[1] != info.state_size for v in states.values()):
+            raise InputError(f"saved session states are not of width {info.state_size}")
+        if position < 0:
+            raise InputError(f"saved session position must be 0 or more, got {position}")
+        session.states, session.position, session.version = states, position, version
+        return session

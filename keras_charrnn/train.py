@@ -1,72 +1,45 @@
 """Training: text file -> vocabulary -> TBPTT batches -> ``model.fit`` -> run folder.
 
-A run folder holds everything about one training run::
-
-    RUN_DIR/config.json   the TrainConfig and the corpus it trained on
-    RUN_DIR/vocab.json    the vocabulary
-    RUN_DIR/state.npz     latest full training state (resume from here)
-    RUN_DIR/best.keras    best model by validation loss
-    RUN_DIR/log.csv       one row per epoch: loss, bpc, perplexity, val_*
-    RUN_DIR/curves.png    the bpc curves
-    RUN_DIR/tensorboard/  TensorBoard logs (with ``tensorboard=True``)
-
-The defaults are ``TrainConfig``'s, in ``config.py``.
+What the run folder holds is described in ``run_folder.py``; the defaults are
+``TrainConfig``'s, in ``config.py``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import json
 import os
 from pathlib import Path
 
 import keras
-import numpy as np
 
-from keras_charrnn.batching import TBPTTBatches, split_train_val
 from keras_charrnn.callbacks import CharMetrics, EpochSummary, PlotCurves, ResetStates, TrainingCheckpoint
 from keras_charrnn.checkpoint import Progress, load_checkpoint
 from keras_charrnn.config import TrainConfig
-from keras_charrnn.errors import CharRNNError
-from keras_charrnn.fileio import atomic_write_text
-from keras_charrnn.model import build_model, reset_states
+from keras_charrnn.errors import ConfigError, InputError
+from keras_charrnn.model import compile_model, make_optimizer, model_from_config, reset_states
+from keras_charrnn.run_folder import RunFolder
+from keras_charrnn.tbptt import TBPTTBatches, split_train_val
 from keras_charrnn.vocab import Vocabulary, read_corpus
 
+__all__ = ["train", "prepare_data", "TrainingDiverged"]
 
-def make_optimizer(config: TrainConfig, total_steps: int) -> keras.optimizers.Optimizer:
-    """Adam with the config's learning rate, schedule and gradient clipping.
 
-    Args:
-        config: supplies ``lr``, ``lr_schedule``, ``clip_norm`` and ``clip_value``.
-        total_steps: batches in the whole run (the cosine schedule's length).
+class TrainingDiverged(ConfigError):
+    """The loss became NaN or infinite; the run folder keeps the last good checkpoint.
 
-    Returns:
-        A ``keras.optimizers.Adam``; clipping by global norm uses Keras'
-        ``global_clipnorm``, clipping by value its ``clipvalue``.
+    A ``ConfigError``: the remedy is a setting (a lower ``lr`` or ``clip_norm``).
     """
-    lr = config.lr
-    if config.lr_schedule == "cosine":
-        lr = keras.optimizers.schedules.CosineDecay(config.lr, decay_steps=max(total_steps, 1), alpha=0.1)
-    return keras.optimizers.Adam(learning_rate=lr, global_clipnorm=config.clip_norm, clipvalue=config.clip_value)
-
-
-def model_from_config(config: TrainConfig, vocab_size: int) -> keras.Model:
-    """The stateful training model that ``config`` describes."""
-    return build_model(vocab_size, cell=config.cell, units=config.units, layers=config.layers,
-                       embedding_dim=config.embedding_dim, dropout=config.dropout,
-                       batch_size=config.batch_size, seq_len=config.seq_len)
-
-
-def compile_model(model: keras.Model, optimizer: keras.optimizers.Optimizer) -> keras.Model:
-    """Compiles a char model: cross-entropy on logits, in nats per character."""
-    model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    return model
 
 
 def prepare_data(text: str, config: TrainConfig, vocab: Vocabulary | None = None,
                  name: str = "corpus") -> tuple[Vocabulary, TBPTTBatches, TBPTTBatches | None]:
     """Encodes a corpus and lays it out for truncated BPTT.
+
+    Args:
+        text: the corpus.
+        config: supplies ``batch_size``, ``seq_len`` and ``val_frac``.
+        vocab: the vocabulary to encode with (default: the corpus's own).
+        name: what the corpus is called in error messages.
 
     Returns:
         ``(vocab, train_batches, val_batches)``; ``val_batches`` is None when
@@ -78,12 +51,69 @@ def prepare_data(text: str, config: TrainConfig, vocab: Vocabulary | None = None
     val = None
     if len(val_ids):
         val = TBPTTBatches(val_ids, config.batch_size, config.seq_len,
-                           name=f"{name} (validation part, --val-frac {config.val_frac})")
+                           name=f"{name} (validation part, val_frac {config.val_frac})")
     return vocab, train, val
 
 
 def _corpus_record(path: Path, text: str) -> dict:
     return {"path": str(path), "chars": len(text), "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
+
+
+def _resumed_setup(run: RunFolder, corpus: Path, text: str) -> tuple[TrainConfig, Vocabulary]:
+    """The saved config and vocabulary of the run to resume; checks it trained on this corpus."""
+    if not run.config_path.is_file():
+        raise InputError(f"{run.path}: nothing to resume (no {run.config_path.name}); start without resume")
+    if run.corpus_sha256() != _corpus_record(corpus, text)["sha256"]:
+        raise InputError(f"{corpus}: not the corpus this run was trained on ({run.corpus_path()})")
+    return run.config(), run.vocab()
+
+
+def _new_setup(run: RunFolder, config: TrainConfig | None) -> TrainConfig:
+    """The config of a new run; refuses a folder that already holds one."""
+    if run.has_checkpoint():
+        raise ConfigError(f"{run.path} already holds a run; resume it or choose another run_dir")
+    return config or TrainConfig()
+
+
+def _build(config: TrainConfig, vocab: Vocabulary, steps_per_epoch: int) -> keras.Model:
+    """The compiled training model, seeded by ``config.seed``."""
+    keras.utils.set_random_seed(config.seed)
+    model = model_from_config(config, vocab.size)
+    return compile_model(model, make_optimizer(config, steps_per_epoch * config.epochs))
+
+
+def _callbacks(run: RunFolder, config: TrainConfig, progress: Progress,
+               chars_per_batch: int) -> tuple[TrainingCheckpoint, list[keras.callbacks.Callback]]:
+    """The package's callbacks for a run, metrics before the loggers that record them.
+
+    Returns:
+        ``(checkpoint, callbacks)``; ``checkpoint.diverged`` tells whether training blew up.
+    """
+    checkpoint = TrainingCheckpoint(run, progress, every=config.checkpoint_every)
+    ours = [CharMetrics(), checkpoint, keras.callbacks.CSVLogger(str(run.log_path), append=True),
+            PlotCurves(run.curves_path, progress), EpochSummary(chars_per_batch, config.epochs)]
+    if config.tensorboard:
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise ConfigError("tensorboard=True needs TensorBoard: pip install 'keras-charrnn[tensorboard]'") from None
+        ours.append(keras.callbacks.TensorBoard(str(run.tensorboard_dir)))
+    return checkpoint, ours
+
+
+def _fit(model: keras.Model, train_batches: TBPTTBatches, val_batches: TBPTTBatches | None,
+         progress: Progress, epochs: int, checkpoint: TrainingCheckpoint,
+         callbacks: list[keras.callbacks.Callback], verbose: int | str) -> None:
+    """Trains from ``progress`` to ``epochs``: first the rest of a half-done epoch, then whole epochs."""
+    common = dict(validation_data=val_batches, shuffle=False, verbose=verbose)
+    if progress.step > 0:
+        # Killed part-way through an epoch: finish it from the saved batch,
+        # keeping the restored hidden state, then train the remaining epochs.
+        model.fit(train_batches.from_batch(progress.step), initial_epoch=progress.epoch, epochs=progress.epoch + 1,
+                  callbacks=[ResetStates(skip_first_epoch_reset=True)] + callbacks, **common)
+    if checkpoint.diverged is None and progress.epoch < epochs:
+        model.fit(train_batches, initial_epoch=progress.epoch, epochs=epochs,
+                  callbacks=[ResetStates()] + callbacks, **common)
 
 
 def train(corpus: str | os.PathLike, run_dir: str | os.PathLike, config: TrainConfig | None = None,
@@ -96,113 +126,45 @@ def train(corpus: str | os.PathLike, run_dir: str | os.PathLike, config: TrainCo
         run_dir: the run folder (created if missing).
         config: hyper-parameters; with ``resume`` the run's saved config is used.
         resume: continue the run in ``run_dir`` from its last checkpoint.
-        callbacks: extra Keras callbacks, run beside the package's own.
+        callbacks: extra Keras callbacks, run after the package's own.
         verbose: Keras' progress display (1 bar, 2 one line per epoch, 0 silent).
 
     Returns:
         The trained stateful Keras model (its final weights; ``best.keras``
         holds the best by validation loss).
 
+    Raises:
+        ConfigError: a hyper-parameter is invalid, or ``run_dir`` already holds a run.
+        InputError: the corpus or the run to resume is missing, unreadable or mismatched.
+        TrainingDiverged: the loss became NaN or infinite (the last good checkpoint is kept).
+
     Example:
 
     >>> model = train("input.txt", "runs/tiny", TrainConfig(units=64, epochs=2))  # doctest: +SKIP
     """
-    corpus, run_dir = Path(corpus), Path(run_dir)
+    corpus, run = Path(corpus), RunFolder(run_dir)
     text = read_corpus(corpus)
-    config_path = run_dir / "config.json"
     if resume:
-        if not config_path.is_file():
-            raise CharRNNError(f"{run_dir}: nothing to resume (no config.json); start without --resume")
-        saved = json.loads(config_path.read_text())
-        config = TrainConfig(**saved["config"])
-        if saved["corpus"]["sha256"] != _corpus_record(corpus, text)["sha256"]:
-            raise CharRNNError(f"{corpus}: not the corpus this run was trained on ({saved['corpus']['path']})")
-        vocab = Vocabulary.load(run_dir / "vocab.json")
+        config, vocab = _resumed_setup(run, corpus, text)
     else:
-        config = config or TrainConfig()
-        if (run_dir / "state.npz").exists():
-            raise CharRNNError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
-        vocab = None
+        config, vocab = _new_setup(run, config), None
     config.validate()
     vocab, train_batches, val_batches = prepare_data(text, config, vocab, name=str(corpus))
+    model = _build(config, vocab, len(train_batches))
 
-    keras.utils.set_random_seed(config.seed)
-    model = model_from_config(config, vocab.size)
-    steps_per_epoch = len(train_batches)
-    compile_model(model, make_optimizer(config, steps_per_epoch * config.epochs))
-
-    run_dir.mkdir(parents=True, exist_ok=True)
     if resume:
-        progress = load_checkpoint(run_dir / "state.npz", model)
+        progress = load_checkpoint(run.state_path, model)
     else:
+        run.start(config, _corpus_record(corpus, text), vocab)
         progress = Progress()
-        vocab.save(run_dir / "vocab.json")
-        atomic_write_text(config_path, json.dumps(
-            {"config": dataclasses.asdict(config), "corpus": _corpus_record(corpus, text),
-             "vocab_size": vocab.size}, indent=2))
-        for stale in ("log.csv", "curves.png", "best.keras"):
-            (run_dir / stale).unlink(missing_ok=True)
     if progress.epoch >= config.epochs:
-        print(f"{run_dir}: all {config.epochs} epochs already done")
+        print(f"{run.path}: all {config.epochs} epochs already done")
         return model
 
-    checkpoint = TrainingCheckpoint(run_dir, progress, every=config.checkpoint_every)
-    ours = [CharMetrics(), checkpoint, keras.callbacks.CSVLogger(str(run_dir / "log.csv"), append=True),
-            PlotCurves(run_dir / "curves.png", progress),
-            EpochSummary(train_batches.chars_per_batch, config.epochs)]
-    if config.tensorboard:
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            raise CharRNNError("--tensorboard needs TensorBoard: pip install 'keras-charrnn[tensorboard]'") from None
-        ours.append(keras.callbacks.TensorBoard(str(run_dir / "tensorboard")))
-    extra = list(callbacks or [])
-
-    if progress.step > 0:
-        # Killed part-way through an epoch: finish it from the saved batch,
-        # keeping the restored hidden state, then train the remaining epochs.
-        model.fit(train_batches.from_batch(progress.step), validation_data=val_batches,
-                  initial_epoch=progress.epoch, epochs=progress.epoch + 1, shuffle=False, verbose=verbose,
-                  callbacks=[ResetStates(skip_first_epoch_reset=True)] + ours + extra)
-    if checkpoint.diverged is None and progress.epoch < config.epochs:
-        model.fit(train_batches, validation_data=val_batches, initial_epoch=progress.epoch,
-                  epochs=config.epochs, shuffle=False, verbose=verbose,
-                  callbacks=[ResetStates()] + ours + extra)
+    checkpoint, ours = _callbacks(run, config, progress, train_batches.chars_per_batch)
+    _fit(model, train_batches, val_batches, progress, config.epochs, checkpoint, ours + list(callbacks or []), verbose)
     if checkpoint.diverged:
-        raise CharRNNError(f"training diverged: {checkpoint.diverged}; the last good checkpoint is kept "
-                           f"in {run_dir} (lower --lr or --clip-norm, then --resume)")
+        raise TrainingDiverged(f"training diverged: {checkpoint.diverged}; the last good checkpoint is kept "
+                               f"in {run.path} (lower lr or clip_norm, then resume)")
     reset_states(model)
     return model
-
-
-def load_run(run_dir: str | os.PathLike, which: str = "best") -> tuple[keras.Model, Vocabulary, dict]:
-    """Loads a trained model, its vocabulary and its config record from a run folder.
-
-    Args:
-        run_dir: the run folder.
-        which: ``"best"`` (``best.keras``) or ``"latest"`` (weights of ``state.npz``).
-
-    Returns:
-        ``(model, vocab, record)`` where ``record`` is ``config.json``'s content
-        plus the best validation loss.
-    """
-    run_dir = Path(run_dir)
-    config_path = run_dir / "config.json"
-    if not config_path.is_file():
-        raise CharRNNError(f"{run_dir}: not a run folder (no config.json)")
-    record = json.loads(config_path.read_text())
-    vocab = Vocabulary.load(run_dir / "vocab.json")
-    if which == "best" and (run_dir / "best.keras").is_file():
-        model = keras.models.load_model(run_dir / "best.keras", compile=False)
-    else:
-        config = TrainConfig(**record["config"])
-        model = model_from_config(config, vocab.size)
-        compile_model(model, make_optimizer(config, 1))
-        load_checkpoint(run_dir / "state.npz", model)
-    state_path = run_dir / "state.npz"
-    if state_path.is_file():
-        with np.load(state_path) as data:
-            progress = json.loads(str(data["progress"]))
-        record["best_val_loss"] = progress.get("best_val_loss")
-        record["epochs_done"] = progress.get("epoch")
-    return model, vocab, record

@@ -15,7 +15,7 @@ from typing import Iterable
 
 import numpy as np
 
-from keras_charrnn.errors import CharRNNError
+from keras_charrnn.errors import InputError
 from keras_charrnn.fileio import atomic_write_text
 
 UNKNOWN_ID = 0
@@ -32,21 +32,21 @@ def read_corpus(path: str | os.PathLike) -> str:
         The text.
 
     Raises:
-        CharRNNError: the file is missing, empty, or not valid UTF-8 (the
+        InputError: the file is missing, empty, or not valid UTF-8 (the
             message names the file and the byte offset of the first bad byte).
     """
     path = Path(path)
     if not path.is_file():
-        raise CharRNNError(f"{path}: no such file")
+        raise InputError(f"{path}: no such file")
     data = path.read_bytes()
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise CharRNNError(
+        raise InputError(
             f"{path}: not valid UTF-8 (bad byte 0x{data[exc.start]:02x} at byte offset {exc.start})"
         ) from None
     if not text:
-        raise CharRNNError(f"{path}: file is empty")
+        raise InputError(f"{path}: file is empty")
     return text
 
 
@@ -73,9 +73,9 @@ class Vocabulary:
     def __init__(self, chars: Iterable[str]):
         self.chars: list[str] = list(chars)
         if any(len(c) != 1 for c in self.chars):
-            raise CharRNNError("vocabulary entries must be single characters")
+            raise InputError("vocabulary entries must be single characters")
         if len(set(self.chars)) != len(self.chars):
-            raise CharRNNError("vocabulary has duplicate characters")
+            raise InputError("vocabulary has duplicate characters")
         points = np.array([ord(c) for c in self.chars], dtype=np.uint32)
         self._order = np.argsort(points)
         self._sorted = points[self._order]
@@ -104,21 +104,42 @@ class Vocabulary:
         ids = np.where(known, self._order[pos] + 1, UNKNOWN_ID)
         return ids.astype(np.int32)
 
+    def sorted_code_points(self) -> tuple[np.ndarray, np.ndarray]:
+        """The lookup table ``encode`` searches: code points in increasing order and their ids.
+
+        Returns:
+            ``(points, ids)``, both int32 [len(chars)]: ``chars`` as code points sorted,
+            and the id of each (what an exported model's graph searches too).
+        """
+        return self._sorted.astype(np.int32), (self._order + 1).astype(np.int32)
+
     def decode(self, ids: Iterable[int]) -> str:
         """Returns the text of ``ids``; the unknown id decodes to U+FFFD."""
         table = [UNKNOWN_CHAR] + self.chars
         return "".join(table[int(i)] for i in ids)
 
     def to_json(self) -> str:
+        """The vocabulary as JSON: ``{"unknown_id": 0, "chars": [...]}``."""
         return json.dumps({"unknown_id": UNKNOWN_ID, "chars": self.chars}, ensure_ascii=False)
 
     @classmethod
     def from_json(cls, data: str) -> "Vocabulary":
+        """Reads what ``to_json`` wrote.
+
+        Args:
+            data: the JSON text.
+
+        Returns:
+            The vocabulary.
+
+        Raises:
+            InputError: the text is not a vocabulary.
+        """
         try:
             obj = json.loads(data)
             return cls(obj["chars"])
         except (ValueError, KeyError, TypeError) as exc:
-            raise CharRNNError(f"malformed vocabulary JSON: {exc}") from None
+            raise InputError(f"malformed vocabulary JSON ({type(exc).__name__}: {exc})") from None
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes the vocabulary as JSON, atomically."""
@@ -126,10 +147,24 @@ class Vocabulary:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Vocabulary":
+        """Reads a vocabulary file written by ``save``.
+
+        Args:
+            path: the JSON file.
+
+        Returns:
+            The vocabulary.
+
+        Raises:
+            InputError: the file is missing or malformed (the message names it).
+        """
         path = Path(path)
         if not path.is_file():
-            raise CharRNNError(f"{path}: no vocabulary file")
-        return cls.from_json(path.read_text(encoding="utf-8"))
+            raise InputError(f"{path}: no vocabulary file")
+        try:
+            return cls.from_json(path.read_text(encoding="utf-8"))
+        except (InputError, OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"{path}: {exc}") from None
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Vocabulary) and self.chars == other.chars

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from keras_charrnn.demo import start_server, stop_server  # noqa: F401  (used by the test modules)
+from servers import ServerProcess
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -84,9 +84,8 @@ def write_models_config(path: Path, base: Path, names, policy: str = "") -> Path
 def server(model_base, tmp_path_factory):
     """A model server for every cell's model; yields its port."""
     config = write_models_config(tmp_path_factory.mktemp("cfg") / "models.config", model_base, CELLS)
-    proc, port = start_server(["--model_config_file", str(config)])
-    yield port
-    stop_server(proc)
+    with ServerProcess(["--model_config_file", config]) as process:
+        yield process.port
 
 
 def run_cli(*args, input: str | None = None, timeout: float = 300, cwd=None):

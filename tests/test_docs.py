@@ -1,5 +1,6 @@
-"""The documented snippets run as written, and the README's CLI examples parse."""
+"""The documented snippets run as written and print what the package computes; the README's CLI examples parse."""
 
+import ast
 import re
 import shlex
 import subprocess
@@ -11,34 +12,94 @@ import pytest
 from conftest import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "savedmodels.md"
+BUNDLED = ROOT / "saved_models" / "shakespeare"
 
 
-def _blocks(path: Path, language: str) -> list[str]:
-    return re.findall(rf"```{language}\n(.*?)```", path.read_text(), flags=re.S)
+def _blocks(text: str, language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", text, flags=re.S)
 
 
-@pytest.mark.parametrize("index", range(len(_blocks(ROOT / "docs" / "savedmodels.md", "python"))))
-def test_savedmodel_doc_python_snippets_run(index):
-    code = _blocks(ROOT / "docs" / "savedmodels.md", "python")[index]
+def _sections(path: Path, language: str) -> dict[str, str]:
+    """The one ``language`` block under each ``## heading`` that has one."""
+    sections = {}
+    for part in re.split(r"^## ", path.read_text(), flags=re.M)[1:]:
+        heading, _, body = part.partition("\n")
+        blocks = _blocks(body, language)
+        assert len(blocks) <= 1, f"{heading}: one {language} block per section"
+        if blocks:
+            sections[heading.strip()] = blocks[0]
+    return sections
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    from keras_charrnn.inprocess import load
+
+    return load(BUNDLED)
+
+
+def _run_python(code: str) -> str:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip()
+    return result.stdout
 
 
-def test_savedmodel_doc_saved_model_cli_commands_run():
+def _tensorflow_alone(model) -> str:
+    whole = model.generate("ROMEO:", 200, temperature=0.8, seed=1)  # one call == two calls continued
+    return "ROMEO:" + whole[:100] + "\n" + whole[100:] + "\n"
+
+
+def _keras_layer(model) -> str:
+    return f"(1, 3, {model.vocab.size})\n"
+
+
+def _this_package(model, stdout: str) -> None:
+    from keras_charrnn.sampling import SamplingParams
+
+    session = model.session("JULIET:", SamplingParams(top_k=5, seed=2))
+    texts = model.generate("ROMEO:", 100, temperature=0.8, seed=1) + "\n" + session.generate(100) + "\n"
+    assert stdout.startswith(texts)
+    printed = ast.literal_eval(stdout[len(texts):])
+    expected = model.score("To be, or not to be, that is the question.")
+    assert printed.keys() == expected.keys() and printed["chars"] == expected["chars"]
+    assert printed["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+
+
+EXPECTED = {"With TensorFlow alone": _tensorflow_alone, "As a Keras layer": _keras_layer}
+CHECKED = {"With this package": _this_package}
+
+
+def test_every_python_snippet_of_the_savedmodel_doc_has_a_check():
+    assert set(_sections(DOC, "python")) == set(EXPECTED) | set(CHECKED)
+
+
+@pytest.mark.parametrize("heading", sorted(EXPECTED))
+def test_savedmodel_doc_snippet_prints_what_the_package_computes(bundled, heading):
+    assert _run_python(_sections(DOC, "python")[heading]) == EXPECTED[heading](bundled)
+
+
+@pytest.mark.parametrize("heading", sorted(CHECKED))
+def test_package_doc_snippet_prints_its_texts_and_score(bundled, heading):
+    CHECKED[heading](bundled, _run_python(_sections(DOC, "python")[heading]))
+
+
+def test_savedmodel_doc_saved_model_cli_commands_run(bundled):
     cli = Path(sys.executable).with_name("saved_model_cli")
     if not cli.exists():
         pytest.skip("saved_model_cli is not installed beside this Python")
-    script = _blocks(ROOT / "docs" / "savedmodels.md", "bash")[0].replace("saved_model_cli", str(cli))
+    script = _sections(DOC, "bash")["With saved_model_cli"].replace("saved_model_cli", str(cli))
     result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], capture_output=True, text=True, cwd=ROOT,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "generate_text" in result.stdout or "text" in result.stdout
+    assert "inputs['prime'] tensor_info" in result.stdout  # 'show' lists the signature's inputs
+    text = result.stdout.split("Result for output key text:\n", 1)[1].splitlines()[0]
+    assert ast.literal_eval(text) == [bundled.generate("ROMEO:", 60, temperature=0.8, seed=1).encode()]
 
 
 def _readme_commands() -> list[list[str]]:
     commands = []
-    for block in _blocks(ROOT / "README.md", "bash"):
+    for block in _blocks((ROOT / "README.md").read_text(), "bash"):
         for line in block.replace("\\\n", " ").splitlines():
             for part in re.split(r"&&|;", line):
                 words = shlex.split(part.strip(), comments=True)

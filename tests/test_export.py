@@ -10,10 +10,14 @@ import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
 from conftest import CELLS, run_cli
-from keras_charrnn.errors import CharRNNError
+from keras_charrnn.analysis import inspect
+from keras_charrnn.decoding import filter_logits
+from keras_charrnn.errors import CharRNNError, InputError
+from keras_charrnn.inprocess import load
 from keras_charrnn.model import build_model
-from keras_charrnn.sample import load
-from keras_charrnn.train import load_run
+from keras_charrnn.run_folder import RunFolder
+from keras_charrnn.sampling import SamplingParams
+from keras_charrnn.session import ModelInfo, Session
 
 TEXT = "the lazy dog sits (on a mat) while \"seven\" cats jump"
 
@@ -27,11 +31,11 @@ def _rows(n=1, num_chars=20, temperature=0.8, top_k=0, top_p=1.0, seed=1, positi
 
 @pytest.mark.parametrize("cell", CELLS)
 def test_step_equals_the_stateful_keras_model_char_by_char(trained_runs, model_base, cell):
-    keras_model, vocab, record = load_run(trained_runs[cell])
-    c = record["config"]
-    stateful = build_model(vocab.size, cell=cell, units=c["units"], layers=c["layers"],
-                           embedding_dim=c["embedding_dim"], batch_size=1, seq_len=1)
-    stateful.set_weights(keras_model.get_weights())
+    run = RunFolder(trained_runs[cell])
+    vocab, c = run.vocab(), run.config()
+    stateful = build_model(vocab.size, cell=cell, units=c.units, layers=c.layers,
+                           embedding_dim=c.embedding_dim, batch_size=1, seq_len=1)
+    stateful.set_weights(run.load_model().get_weights())
     model = load(model_base / cell)
     step = model.signatures["step"]
     states = {k: tf.constant(v) for k, v in model.zero_state().items()}
@@ -98,12 +102,23 @@ def test_unknown_characters_are_accepted_in_the_prime_and_never_generated(model_
     assert set(text) <= set(model.vocab.chars)
 
 
-def test_score_reports_bits_per_char_consistent_with_loss(model_base, corpus_file):
+def test_score_is_the_mean_of_inspects_per_character_losses(model_base, corpus_file):
     model = load(model_base / "lstm")
-    result = model.score(corpus_file.read_text()[:3000])
+    text = corpus_file.read_text()[:1500]  # several inspect windows
+    result = model.score(text)
+    assert result["chars"] == len(text) - 1
+    assert result["loss"] == pytest.approx(float(inspect(model, text).losses.mean()), rel=1e-6)
     assert result["bits_per_char"] == pytest.approx(result["loss"] / np.log(2))
     assert result["perplexity"] == pytest.approx(np.exp(result["loss"]))
     assert result["bits_per_char"] < np.log2(model.vocab.size)
+
+
+def test_a_run_folder_and_its_export_give_the_same_text_and_scores(trained_runs, model_base, corpus_file):
+    run, exported = load(trained_runs["rnn"]), load(model_base / "rnn")
+    text = corpus_file.read_text()[:600]
+    assert run.score(text)["loss"] == pytest.approx(exported.score(text)["loss"], abs=1e-5)
+    assert run.generate("the ", 60, seed=3) == exported.generate("the ", 60, seed=3)
+    assert run.info.name == trained_runs["rnn"].name and exported.info.name == "rnn"
 
 
 def test_export_is_tf_serving_shaped(model_base):
@@ -177,8 +192,77 @@ def test_bad_signature_inputs_are_refused_by_the_graph(model_base):
         gen(prime=tf.constant(["a"]), **{**zero, "h_0": tf.zeros([1, 7])}, **_rows())
     with pytest.raises(CharRNNError, match="prime"):
         model.generate("", 10)
+    with pytest.raises(CharRNNError, match="not both"):
+        model.generate("a", 10, SamplingParams(), seed=1)
     with pytest.raises(CharRNNError, match="at least 1"):
         model.session("a").generate(0)
+
+
+def test_export_metadata_holds_no_path_of_the_training_machine(model_base, trained_runs):
+    config = load(model_base / "lstm").config
+    assert "run_dir" not in config and config["corpus"] == "corpus.txt"
+    assert str(trained_runs["lstm"]) not in json.dumps(config)
+
+
+def test_export_refuses_bad_names_and_versions_naming_the_parameter(trained_runs, tmp_path):
+    from keras_charrnn.export import export_run
+
+    with pytest.raises(CharRNNError, match="version must be a positive integer"):
+        export_run(trained_runs["gru"], "m", tmp_path, version=0)
+    with pytest.raises(CharRNNError, match="name 'a/b'"):
+        export_run(trained_runs["gru"], "a/b", tmp_path)
+
+
+def test_interactive_cli_continues_as_an_in_process_session_fed_the_same_lines(model_base):
+    result = run_cli("sample", "--model", model_base / "gru", "--interactive", "-n", "20", "--seed", "1",
+                     "--temperature", "1.0", input="the lazy\n\nseven cats\n")
+    assert result.returncode == 0, result.stderr
+    session = load(model_base / "gru").session("the lazy\n", temperature=1.0, seed=1)
+    turns = [session.generate(20), session.generate(20)]  # a line, then an empty line: it continues on its own
+    session.feed("seven cats\n")
+    turns.append(session.generate(20))
+    intro = result.stdout.split("\n", 1)[0]
+    assert result.stdout == intro + "\n" + "".join(f"> {t}\n" for t in turns) + "> \n"
+
+
+def test_top_p_keeps_the_smallest_prefix_whose_mass_reaches_p_exactly():
+    probs = np.array([[0.5, 0.25, 0.125, 0.125]], np.float32)  # exact in float32: the boundary is exact
+
+    def kept(top_p, top_k=0):
+        out = filter_logits(tf.math.log(tf.constant(probs)), tf.constant([top_k]), tf.constant([top_p], tf.float32))
+        return np.isfinite(out.numpy()[0]).tolist()
+
+    assert kept(0.5) == [True, False, False, False]  # the first id's mass is exactly 0.5: enough
+    assert kept(0.75) == [True, True, False, False]
+    assert kept(np.nextafter(np.float32(0.75), np.float32(1))) == [True, True, True, True]  # ties at the cut stay
+    assert kept(1.0) == [True] * 4
+    assert kept(1.0, top_k=2) == [True, True, False, False]
+
+
+def _info():
+    return ModelInfo(name="m", state_names=["h_0", "c_0"], state_size=3, vocab_size=10, max_chars_per_call=64)
+
+
+def _saved(**changes):
+    obj = {"model": "m", "version": 1, "position": 5, "pending": "a", "temperature": 0.8, "top_k": 0, "top_p": 1.0,
+           "seed": 1, "states": {"h_0": [0.0] * 3, "c_0": [0.0] * 3}}
+    return json.dumps({**obj, **changes})
+
+
+def test_session_from_json_round_trips_and_refuses_what_is_not_a_saved_session():
+    session = Session.from_json(_saved(), None, _info())
+    assert (session.position, session.pending, session.version, session.params) == (5, "a", 1, SamplingParams(seed=1))
+    assert Session.from_json(session.to_json(), None, _info()).to_json() == session.to_json()
+    for data, message in [("{not json", "not a saved session"),
+                          (json.dumps({"pending": "a"}), "no 'temperature' field"),
+                          (_saved(states={"h_0": [0.0] * 3}), "do not match"),
+                          (_saved(states={"h_0": [0.0] * 2, "c_0": [0.0] * 2}), "width 3"),
+                          (_saved(top_p=2.0), "top_p"),
+                          (_saved(pending=""), "prime"),
+                          (_saved(position=-1), "position"),
+                          (_saved(states=[1, 2]), "not a saved session")]:
+        with pytest.raises(InputError, match=message):
+            Session.from_json(data, None, _info())
 
 
 def test_sample_and_eval_cli(model_base, corpus_file, tmp_path):
@@ -203,4 +287,4 @@ def test_metadata_signature_describes_the_model(model_base):
     config = json.loads(out["config"].numpy())
     assert config["cell"] == "gru" and config["state_names"] == ["h_0", "h_1"] and config["state_size"] == 24
     assert out["vocabulary"].shape[0] == config["vocab_size"]
-    assert config["val_bpc"] > 0 and config["corpus_chars"] > 0
+    assert config["val_bpc"] > 0 and config["corpus_chars"] > 0 and config["max_chars_per_call"] == 4096

@@ -15,13 +15,20 @@ import tensorflow as tf
 from google.protobuf import text_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from tensorflow.core.protobuf import error_codes_pb2
 from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc,
                                      predict_pb2, prediction_service_pb2_grpc)
+from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 from tensorflow_serving.config import model_server_config_pb2
 
-from conftest import CELLS, start_server, stop_server, write_models_config
-from keras_charrnn.sample import load
+from conftest import CELLS, run_cli, write_models_config
+from keras_charrnn.errors import ConfigError, ServingError, graph_error_message
+from keras_charrnn.inprocess import load
+from keras_charrnn.serving.manager import LoadedVersion, ModelManager, single_model_config, wanted_versions
 from keras_charrnn.serving.protos import BatchingParameters, SSLConfig
+from keras_charrnn.serving.request_batcher import Batcher, BatchingOptions, padded_sizes
+from keras_charrnn.serving.server import ModelServer, ServerOptions, batching_options
+from servers import ServerProcess
 
 
 def _request(model, signature, inputs, version=None):
@@ -89,7 +96,7 @@ def test_model_metadata_and_status_answer_as_tf_serving_does(server, stub):
     channel = grpc.insecure_channel(f"127.0.0.1:{server}")
     status = model_service_pb2_grpc.ModelServiceStub(channel).GetModelStatus(
         get_model_status_pb2.GetModelStatusRequest(model_spec={"name": "gru"}))
-    assert [(s.version, s.state) for s in status.model_version_status] == [(1, 30)]  # AVAILABLE
+    assert [(s.version, s.state) for s in status.model_version_status] == [(1, ModelVersionStatus.AVAILABLE)]
     health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
     assert health.status == health_pb2.HealthCheckResponse.SERVING
     refl = reflection_pb2_grpc.ServerReflectionStub(channel)
@@ -99,9 +106,9 @@ def test_model_metadata_and_status_answer_as_tf_serving_does(server, stub):
 
 
 def _code(call):
-    with pytest.raises(grpc.RpcError) as info:
+    with pytest.raises(grpc.RpcError) as raised:
         call()
-    return info.value.code(), info.value.details()
+    return raised.value.code(), raised.value.details()
 
 
 def test_every_bad_request_gets_its_status_code_and_the_server_keeps_serving(stub, model_base):
@@ -124,7 +131,7 @@ def test_every_bad_request_gets_its_status_code_and_the_server_keeps_serving(stu
         (predict(h_0=np.zeros([24], np.float32)), grpc.StatusCode.INVALID_ARGUMENT, "shape"),
         (predict(temperature=np.array([-1], np.float32)), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
         (predict(top_k=np.array([500], np.int32)), grpc.StatusCode.INVALID_ARGUMENT, "top_k"),
-        (predict(top_p=np.array([0], np.float32)), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+        (predict(top_p=np.array([0], np.float32)), grpc.StatusCode.INVALID_ARGUMENT, "top_p must be in (0, 1]"),
         (predict(num_chars=np.array([0], np.int32)), grpc.StatusCode.INVALID_ARGUMENT, "num_chars"),
         (predict(num_chars=np.array([100_000], np.int32)), grpc.StatusCode.INVALID_ARGUMENT, "num_chars"),
         (predict(prime=np.array([b""], dtype=object)), grpc.StatusCode.INVALID_ARGUMENT, "prime"),
@@ -150,69 +157,80 @@ def test_every_bad_request_gets_its_status_code_and_the_server_keeps_serving(stu
     assert tf.make_ndarray(response.outputs["text"]).shape == (1,)
 
 
+def _version_states(status_stub, name):
+    response = status_stub.GetModelStatus(get_model_status_pb2.GetModelStatusRequest(model_spec={"name": name}))
+    return {s.version: s for s in response.model_version_status}
+
+
+def _poll(condition, timeout=60.0, every=0.1):
+    """Calls ``condition`` until it returns something true; returns that."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value or time.monotonic() > deadline:
+            assert value, f"condition not met after {timeout}s"
+            return value
+        time.sleep(every)
+
+
 def test_new_version_is_served_and_a_corrupt_one_is_refused(tmp_path, model_base):
     base = tmp_path / "m"
     shutil.copytree(model_base / "lstm" / "1", base / "1")
-    proc, port = start_server(["--model_name", "m", "--model_base_path", str(base),
-                               "--file_system_poll_wait_seconds", "0.5"])
-    try:
-        stub = prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
-        status_stub = model_service_pb2_grpc.ModelServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+    with ServerProcess(["--model_name", "m", "--model_base_path", base,
+                        "--file_system_poll_wait_seconds", "0.5"]) as server:
+        channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        status_stub = model_service_pb2_grpc.ModelServiceStub(channel)
         model = load(model_base / "lstm")
         inputs = _gen_inputs(model)
         assert stub.Predict(_request("m", "generate_text", inputs)).model_spec.version.value == 1
 
         (base / "3").mkdir()
         (base / "3" / "saved_model.pb").write_bytes(b"this is not a SavedModel")
-        time.sleep(3)
+        statuses = _poll(lambda: (found := _version_states(status_stub, "m")).get(3) and
+                         found[3].state == ModelVersionStatus.END and found)
+        assert statuses[3].status.error_code == error_codes_pb2.INVALID_ARGUMENT and statuses[3].status.error_message
+        assert statuses[1].state == ModelVersionStatus.AVAILABLE
         assert stub.Predict(_request("m", "generate_text", inputs)).model_spec.version.value == 1
-        statuses = {s.version: s for s in status_stub.GetModelStatus(
-            get_model_status_pb2.GetModelStatusRequest(model_spec={"name": "m"})).model_version_status}
-        assert statuses[3].state == 50 and statuses[3].status.error_message  # END, with its error
-        assert statuses[1].state == 30
 
         shutil.copytree(model_base / "gru" / "1", base / "4")
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if stub.Predict(_request("m", "metadata", {})).model_spec.version.value == 4:
-                break
-            time.sleep(0.3)
-        answer = stub.Predict(_request("m", "metadata", {}))
-        assert answer.model_spec.version.value == 4
+        _poll(lambda: stub.Predict(_request("m", "metadata", {})).model_spec.version.value == 4, every=0.3)
         assert _code(lambda: stub.Predict(_request("m", "metadata", {}, version=1)))[0] == grpc.StatusCode.NOT_FOUND
-    finally:
-        assert stop_server(proc) == 0
+    assert server.proc.returncode == 0
 
 
-def test_batched_concurrent_calls_equal_the_same_calls_one_at_a_time(model_base, tmp_path):
+def test_batched_concurrent_calls_form_multi_row_batches_and_equal_the_calls_alone(model_base, tmp_path):
     params = tmp_path / "batching.txt"
-    params.write_text("max_batch_size { value: 16 }\nbatch_timeout_micros { value: 20000 }\n"
+    params.write_text("max_batch_size { value: 16 }\nbatch_timeout_micros { value: 100000 }\n"
                       "num_batch_threads { value: 2 }\nmax_enqueued_batches { value: 4 }\n")
-    proc, port = start_server(["--model_name", "lstm", "--model_base_path", str(model_base / "lstm"),
-                               "--enable_batching", "--batching_parameters_file", str(params)])
-    try:
-        stub = prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+    with ServerProcess(["--model_name", "lstm", "--model_base_path", model_base / "lstm",
+                        "--enable_batching", "--batching_parameters_file", params], debug=True) as server:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
         model = load(model_base / "lstm")
         requests = [_request("lstm", "generate_text", _gen_inputs(model, prime=p, seed=s, n=48, temperature=1.0))
                     for s, p in enumerate(["the ", "a", "lazy dog ", "(", "\"q", "cats sit", "x", "seven "] * 2)]
         alone = [tf.make_ndarray(stub.Predict(r).outputs["text"])[0] for r in requests]
+        batch = r"ran a batch of (\d+) rows from (\d+) calls .* generate_text"
+        assert [m.group(1, 2) for m in server.log_matches(batch)] == [("1", "1")] * 16  # one at a time: no batching
         with ThreadPoolExecutor(16) as pool:
             together = list(pool.map(lambda r: stub.Predict(r), requests))
         assert [tf.make_ndarray(r.outputs["text"])[0] for r in together] == alone
-    finally:
-        assert stop_server(proc) == 0
+        concurrent = [(int(m.group(1)), int(m.group(2))) for m in server.log_matches(batch)][16:]
+        assert sum(rows for rows, _ in concurrent) == 16
+        assert max(calls for _, calls in concurrent) > 1, concurrent  # calls really shared model runs
+    assert server.proc.returncode == 0
 
 
 def test_sigterm_drains_calls_in_flight_and_exits_zero(model_base):
-    proc, port = start_server(["--model_name", "lstm", "--model_base_path", str(model_base / "lstm")])
-    stub = prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+    server = ServerProcess(["--model_name", "lstm", "--model_base_path", model_base / "lstm"], debug=True)
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
     model = load(model_base / "lstm")
     request = _request("lstm", "generate_text", _gen_inputs(model, n=4000))
     result = {}
     thread = threading.Thread(target=lambda: result.update(r=stub.Predict(request, timeout=60)))
     thread.start()
-    time.sleep(0.05)
-    assert stop_server(proc) == 0
+    server.wait_for_log(r"Predict: model lstm version 1 signature generate_text")  # the call is in flight
+    assert server.stop() == 0
     thread.join()
     assert len(tf.make_ndarray(result["r"].outputs["text"])[0].decode()) == 4000
 
@@ -238,22 +256,18 @@ def test_mutual_tls_serves_known_clients_and_refuses_others(tmp_path, model_base
     ssl = SSLConfig(server_key=certs["server.key"].decode(), server_cert=certs["server.pem"].decode(),
                     custom_ca=certs["ca.pem"].decode(), client_verify=True)
     (tmp_path / "ssl.config").write_text(text_format.MessageToString(ssl))
-    proc, port = start_server(["--model_name", "gru", "--model_base_path", str(model_base / "gru"),
-                               "--ssl_config_file", str(tmp_path / "ssl.config")])
-    try:
+    with ServerProcess(["--model_name", "gru", "--model_base_path", model_base / "gru",
+                        "--ssl_config_file", tmp_path / "ssl.config"]) as server:
         def call(key, cert):
             creds = grpc.ssl_channel_credentials(certs["ca.pem"], key and certs[key], cert and certs[cert])
-            channel = grpc.secure_channel(f"localhost:{port}", creds)
+            channel = grpc.secure_channel(f"localhost:{server.port}", creds)
             return prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(
                 _request("gru", "metadata", {}), timeout=10)
 
         assert call("client.key", "client.pem").model_spec.name == "gru"
         for key, cert in ((None, None), ("rogue.key", "rogue.pem")):
-            with pytest.raises(grpc.RpcError) as info:
-                call(key, cert)
-            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-    finally:
-        assert stop_server(proc) == 0
+            assert _code(lambda: call(key, cert))[0] == grpc.StatusCode.UNAVAILABLE
+    assert server.proc.returncode == 0
 
 
 def test_served_versions_follow_the_version_policy(tmp_path, model_base):
@@ -262,14 +276,11 @@ def test_served_versions_follow_the_version_policy(tmp_path, model_base):
         shutil.copytree(model_base / "rnn" / "1", base / str(v))
     config = write_models_config(tmp_path / "models.config", tmp_path, ["m"],
                                  policy="model_version_policy { specific { versions: 1 versions: 3 } }")
-    proc, port = start_server(["--model_config_file", str(config)])
-    try:
-        stub = prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+    with ServerProcess(["--model_config_file", config]) as server:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
         assert stub.Predict(_request("m", "metadata", {}, version=1)).model_spec.version.value == 1
         assert stub.Predict(_request("m", "metadata", {})).model_spec.version.value == 3
         assert _code(lambda: stub.Predict(_request("m", "metadata", {}, version=2)))[0] == grpc.StatusCode.NOT_FOUND
-    finally:
-        stop_server(proc)
 
 
 def test_every_config_file_in_serving_parses_with_tf_serving_messages():
@@ -297,13 +308,11 @@ def test_embedded_server_serves_from_the_repo_serving_files():
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    proc, port = start_server(["--model_config_file", "serving/models.config", "--enable_batching",
-                               "--batching_parameters_file", "serving/batching_parameters.txt"], cwd=root)
-    try:
-        stub = prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+    with ServerProcess(["--model_config_file", "serving/models.config", "--enable_batching",
+                        "--batching_parameters_file", "serving/batching_parameters.txt"], cwd=root) as server:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
         assert stub.Predict(_request("shakespeare", "metadata", {})).model_spec.name == "shakespeare"
-    finally:
-        assert stop_server(proc) == 0
+    assert server.proc.returncode == 0
 
 
 @pytest.mark.skipif(shutil.which("tensorflow_model_server") is None, reason="tensorflow_model_server is not on PATH")
@@ -327,24 +336,125 @@ def test_the_client_works_against_real_tensorflow_serving(model_base):
 
 
 def test_a_full_batching_queue_answers_unavailable():
-    from keras_charrnn.serving.batching import Batcher
-    from keras_charrnn.serving.manager import LoadedVersion, ServingError
-
-    release = threading.Event()
+    running, release = threading.Event(), threading.Event()
 
     def slow_run(loaded, signature, inputs):
+        running.set()
         release.wait(10)
         return {"y": inputs["x"] * 2}
 
-    batcher = Batcher(slow_run, max_batch_size=2, batch_timeout_micros=0, num_batch_threads=1, max_enqueued_batches=1)
+    batcher = Batcher(slow_run, BatchingOptions(max_batch_size=2, batch_timeout_micros=0, num_batch_threads=1,
+                                                max_enqueued_batches=1))
     target = LoadedVersion("m", 1, None, None, {})
-    first = batcher.submit(target, "s", {"x": np.ones([2, 1])})  # taken by the one batch thread
-    time.sleep(0.2)
+    first = batcher.submit(target, "s", {"x": np.ones([2, 1])})
+    assert running.wait(10)  # taken by the one batch thread
     queued = batcher.submit(target, "s", {"x": np.full([2, 1], 3.0)})  # fills the queue (one batch of 2 rows)
-    with pytest.raises(ServingError) as info:
+    with pytest.raises(ServingError) as raised:
         batcher.submit(target, "s", {"x": np.ones([1, 1])})
-    assert info.value.code == "UNAVAILABLE" and "full" in info.value.message
+    assert raised.value.code == "UNAVAILABLE" and "full" in raised.value.message
     release.set()
     np.testing.assert_array_equal(first.result(10)["y"], np.full([2, 1], 2.0))
     np.testing.assert_array_equal(queued.result(10)["y"], np.full([2, 1], 6.0))
     batcher.close()
+    assert batcher.batch_rows_run == {2: 2}
+
+
+# ----- fast unit tests: no server process ------------------------------------------------------
+
+def _policy(text: str = "") -> model_server_config_pb2.ModelConfig:
+    return text_format.Parse(text, model_server_config_pb2.ModelConfig())
+
+
+@pytest.mark.parametrize("policy, on_disk, wanted", [
+    ("", [1, 3, 2], [3]),  # default: the latest one
+    ("model_version_policy { latest { num_versions: 2 } }", [1, 3, 2], [3, 2]),
+    ("model_version_policy { latest { num_versions: 5 } }", [2, 1], [2, 1]),
+    ("model_version_policy { all {} }", [1, 3, 2], [3, 2, 1]),
+    ("model_version_policy { specific { versions: 1 versions: 3 } }", [1, 2, 3, 4], [3, 1]),
+    ("model_version_policy { specific { versions: 7 } }", [1, 2], []),
+    ("", [], []),
+])
+def test_version_policy_picks_the_wanted_versions_newest_first(policy, on_disk, wanted):
+    assert wanted_versions(_policy(policy), on_disk) == wanted
+
+
+def test_batches_are_padded_to_powers_of_two_or_the_allowed_sizes():
+    assert padded_sizes(1) == [1]
+    assert padded_sizes(16) == [1, 2, 4, 8, 16]
+    assert padded_sizes(12) == [1, 2, 4, 8, 12]
+    assert padded_sizes(8, [2, 5, 8]) == [2, 5, 8]
+    for bad in ([4, 2, 8], [2, 4], [2, 2, 8], [0, 8]):
+        with pytest.raises(ConfigError, match="allowed_batch_sizes"):
+            padded_sizes(8, bad)
+
+
+def test_batching_parameters_file_fills_in_defaults_and_bad_values_name_the_parameter(tmp_path):
+    path = tmp_path / "batching.txt"
+    path.write_text("max_batch_size { value: 8 }\nallowed_batch_sizes: 4\nallowed_batch_sizes: 8\n")
+    options = batching_options(path)
+    assert options == BatchingOptions(max_batch_size=8, allowed_batch_sizes=(4, 8))
+    assert options.batch_timeout_micros == BatchingOptions().batch_timeout_micros
+    path.write_text("num_batch_threads { value: 0 }\n")
+    with pytest.raises(ConfigError, match="num_batch_threads"):
+        Batcher(lambda *a: {}, batching_options(path))
+    path.write_text("max_batch_size: 8\n")  # not a wrapper message
+    with pytest.raises(ConfigError, match="BatchingParameters"):
+        batching_options(path)
+
+
+def test_server_configuration_problems_raise_config_error(tmp_path):
+    cases = [
+        (ServerOptions(), "model_base_path"),
+        (ServerOptions(model_config_file=str(tmp_path / "missing.config")), "no such file"),
+        (ServerOptions(model_config_file=str(tmp_path), model_base_path=str(tmp_path / "m")), "not both"),
+        (ServerOptions(model_config_file=str(tmp_path)), "cannot read"),
+        (ServerOptions(model_base_path=str(tmp_path / "m"), enable_batching=True,
+                       batching_parameters_file=str(tmp_path / "missing.txt")), "no such file"),
+    ]
+    (tmp_path / "empty.config").write_text("model_config_list {}\n")
+    cases.append((ServerOptions(model_config_file=str(tmp_path / "empty.config")), "holds no model"))
+    (tmp_path / "other.config").write_text('model_config_list { config { name: "m" base_path: "/x" '
+                                           'model_platform: "pytorch" } }\n')
+    cases.append((ServerOptions(model_config_file=str(tmp_path / "other.config")), "model_platform"))
+    for options, fragment in cases:
+        with pytest.raises(ConfigError, match=fragment):
+            ModelServer(options)
+    (tmp_path / "ssl.config").write_text('server_key: "k"\n')
+    server = ModelServer(ServerOptions(model_base_path=str(tmp_path / "none"), ssl_config_file=str(tmp_path / "ssl.config"),
+                                       file_system_poll_wait_seconds=0))
+    with pytest.raises(ConfigError, match="server_cert"):
+        server.start()
+
+
+def test_serve_command_reports_a_config_problem_in_one_line(tmp_path):
+    result = run_cli("serve", "--port", "0", "--model_config_file", tmp_path / "missing.config", timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"charrnn: error: {tmp_path / 'missing.config'}: no such file"]
+
+
+def test_a_zero_padded_version_folder_is_not_served_as_that_number(tmp_path):
+    base = tmp_path / "m"
+    for name in ("007", "2"):
+        (base / name).mkdir(parents=True)
+        (base / name / "saved_model.pb").write_bytes(b"not a SavedModel")
+    config = single_model_config("m", str(base))
+    config.model_config_list.config[0].model_version_policy.all.SetInParent()
+    manager = ModelManager(config, poll_seconds=0)
+    manager.poll()
+    (version, status), = manager.statuses("m")  # 2 was tried; 007 was never read as version 7
+    assert version == 2 and status.state == ModelVersionStatus.END and status.error_code == "INVALID_ARGUMENT"
+    with pytest.raises(ServingError) as raised:
+        manager.resolve("m", 7)
+    assert raised.value.code == "NOT_FOUND"
+
+
+def test_graph_error_message_keeps_the_models_own_sentence():
+    report = ("Graph execution error:\n\nDetected at node assert/Assert defined at (most recent call last):\n"
+              "  File ...\nassertion failed: [top_p must be in (0, 1]] [Condition x > 0 did not hold]\n"
+              "\t [[{{node assert/Assert}}]] [Op:__inference_generate_123]")
+    assert graph_error_message(report) == "top_p must be in (0, 1]"  # the message's own "]" is kept
+    assert graph_error_message("assertion failed: [the batch is empty]") == "the batch is empty"
+    assert graph_error_message("Graph execution error:\n\nDetected at node x\nindices[0] = 99 is not in [0, 65)") \
+        == "indices[0] = 99 is not in [0, 65)"
+    assert graph_error_message("Graph execution error:\n") == "Graph execution error:"
+    assert graph_error_message("") == "model error"

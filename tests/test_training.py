@@ -1,7 +1,10 @@
 """Training through Keras fit: state carry-over, clipping, learning, resume, divergence, CLI errors."""
 
 import csv
+import dataclasses
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,13 +16,16 @@ import pytest
 import tensorflow as tf
 
 from conftest import CELLS, make_corpus, run_cli, tiny_config
-from keras_charrnn.batching import TBPTTBatches
+from keras_charrnn.tbptt import TBPTTBatches
 from keras_charrnn.callbacks import ResetStates
 from keras_charrnn.config import TrainConfig
-from keras_charrnn.errors import CharRNNError
+from keras_charrnn.cli import build_parser
+from keras_charrnn.errors import ConfigError, InputError
+from keras_charrnn.fileio import atomic_write_dir, atomic_write_text
 from keras_charrnn.export import CharRNNModule
-from keras_charrnn.model import build_model, get_states, state_names
-from keras_charrnn.train import make_optimizer, train
+from keras_charrnn.model import build_model, get_states, make_optimizer, state_names
+from keras_charrnn.run_folder import RunFolder
+from keras_charrnn.train import TrainingDiverged, train
 from keras_charrnn.vocab import Vocabulary
 
 
@@ -121,12 +127,10 @@ def test_resume_after_sigkill_ends_with_the_same_weights(tmp_path):
     state = tmp_path / "killed" / "state.npz"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:  # kill mid-way through the second epoch
-        try:
+        if state.is_file():  # written atomically: absent or complete
             p = _progress(state)
             if p["epoch"] == 1 and p["step"] >= 10:
                 break
-        except Exception:
-            pass
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -141,19 +145,25 @@ def test_resume_after_sigkill_ends_with_the_same_weights(tmp_path):
                 assert np.array_equal(a[key], b[key]), key
 
 
-def test_divergence_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path, corpus_file):
-    class Poison(keras.callbacks.Callback):  # a weight turns NaN after batch 5, as in a blow-up
+def test_divergence_keeps_the_weights_from_before_the_bad_update(tmp_path, corpus_file):
+    good = {}
+
+    class BlowUp(keras.callbacks.Callback):  # the update of batch 6 uses an infinite learning rate
         def on_train_batch_end(self, batch, logs=None):
             if batch == 4:
-                kernel = self.model.get_layer("logits").kernel
-                kernel.assign(np.full(kernel.shape, np.nan, np.float32))
+                good["weights"] = [np.array(v.numpy()) for v in self.model.variables]
+                self.model.optimizer.learning_rate = float("inf")
 
-    config = tiny_config("lstm", checkpoint_every=1, epochs=2)
-    with pytest.raises(CharRNNError, match="diverged: loss became nan at epoch 1, batch 6"):
-        train(corpus_file, tmp_path / "run", config, callbacks=[Poison()], verbose=0)
-    with np.load(tmp_path / "run" / "state.npz") as data:
+    config = tiny_config("lstm", checkpoint_every=1, epochs=2, lr_schedule="constant")
+    # Batch 6's loss is still finite (computed before its update); batch 7's is not.
+    with pytest.raises(TrainingDiverged, match=r"diverged: loss became (nan|inf) at epoch 1, batch 7"):
+        train(corpus_file, tmp_path / "run", config, callbacks=[BlowUp()], verbose=0)
+    with np.load(RunFolder(tmp_path / "run").state_path) as data:
         assert json.loads(str(data["progress"]))["step"] == 5
-        assert all(np.isfinite(data[k]).all() for k in data.files if k.startswith("model_"))
+        saved = [data[f"model_{i}"] for i in range(len(good["weights"]))]
+    assert all(np.isfinite(w).all() for w in saved)
+    for before, after in zip(good["weights"], saved):
+        assert np.array_equal(before, after)
 
 
 def _one_line_error(result, *fragments):
@@ -171,8 +181,93 @@ def test_cli_bad_inputs_get_one_line_errors(tmp_path, corpus_file):
     _one_line_error(run_cli("train", tmp_path / "missing.txt", "--out", tmp_path / "r"), "missing.txt")
     _one_line_error(run_cli("train", bad, "--out", tmp_path / "r"), "bad.txt", "byte offset 3")
     _one_line_error(run_cli("train", corpus_file, "--out", tmp_path / "r", "--batch-size", "4096"), "too short")
-    _one_line_error(run_cli("train", corpus_file, "--out", tmp_path / "r", "--lr", "-1"), "--lr")
+    _one_line_error(run_cli("train", corpus_file, "--out", tmp_path / "r", "--lr", "-1"), "lr must be positive")
     _one_line_error(run_cli("train", corpus_file, "--out", tmp_path / "r", "--units", "many"), "--units")
-    _one_line_error(run_cli("train", corpus_file, "--out", tmp_path / "r", "--val-frac", "1.5"), "--val-frac")
+    _one_line_error(run_cli("train", corpus_file, "--out", tmp_path / "r", "--val-frac", "1.5"), "val_frac must be in [0, 1)")
     _one_line_error(run_cli("train", corpus_file, "--out", tmp_path / "nothing", "--resume"), "nothing to resume")
     _one_line_error(run_cli("train", corpus_file, "--out", tmp_path / "r", "--cell", "transformer"), "--cell")
+    (tmp_path / "a_file").write_text("")
+    _one_line_error(run_cli("train", corpus_file, "--out", tmp_path / "a_file", "--batch-size", "4", "--seq-len", "8"),
+                    "a_file: cannot write the run folder")
+
+
+def _copy_run(trained_runs, tmp_path):
+    return RunFolder(shutil.copytree(trained_runs["lstm"], tmp_path / "copy"))
+
+
+def test_truncated_checkpoint_gives_a_one_line_error_naming_the_file(trained_runs, corpus_file, tmp_path):
+    run = _copy_run(trained_runs, tmp_path)
+    data = run.state_path.read_bytes()
+    run.state_path.write_bytes(data[: len(data) // 2])
+    _one_line_error(run_cli("train", corpus_file, "--out", run.path, "--resume"), str(run.state_path))
+    with pytest.raises(InputError, match="state.npz: unreadable checkpoint"):
+        run.load_model("latest")
+
+
+def test_corrupted_best_model_gives_an_input_error_naming_the_file(trained_runs, tmp_path):
+    run = _copy_run(trained_runs, tmp_path)
+    run.best_path.write_bytes(b"PK\x03\x04 not really a zip archive")
+    with pytest.raises(InputError, match="best.keras: unreadable model"):
+        run.load_model("best")
+
+
+def test_run_folder_reports_its_config_vocab_and_progress(trained_runs, tmp_path):
+    run = RunFolder(trained_runs["gru"])
+    record = run.record()
+    assert record["config"]["cell"] == "gru" and record["epochs_done"] == 2
+    assert record["best_val_loss"] == pytest.approx(min(float(r["val_loss"]) for r in csv.DictReader(open(run.log_path))))
+    assert run.config() == tiny_config("gru")
+    assert run.vocab().size == record["vocab_size"] == run.load_model().get_layer("logits").units
+    assert RunFolder.is_run(run.path)
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "saved_model.pb").write_bytes(b"")
+    assert not RunFolder.is_run(tmp_path)
+    with pytest.raises(InputError, match="not a run folder"):
+        RunFolder(tmp_path / "nothing").record()
+    with pytest.raises(ConfigError, match="which must be"):
+        run.load_model("newest")
+
+
+def test_train_flags_come_from_train_config_with_their_defaults():
+    train_parser = build_parser()._subparsers._group_actions[0].choices["train"]
+    flags = {a.dest: a for a in train_parser._actions}
+    for f in dataclasses.fields(TrainConfig):
+        assert flags[f.name].option_strings == ["--" + f.name.replace("_", "-")]
+        assert flags[f.name].default == f.default
+    assert "(default: 32)" in train_parser.format_help().replace("\n", " ")
+    args = build_parser().parse_args(["train", "c.txt", "--out", "r", "--batch-size", "7", "--clip-value", "0.5"])
+    assert args.batch_size == 7 and args.clip_value == 0.5
+
+
+def test_bad_config_names_the_parameter_not_the_flag():
+    with pytest.raises(ConfigError, match="^val_frac must be"):
+        TrainConfig(val_frac=2).validate()
+    with pytest.raises(ConfigError, match="^use clip_norm or clip_value"):
+        TrainConfig(clip_value=1.0).validate()
+
+
+def test_atomic_writes_fsync_the_data_and_then_the_folder(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    atomic_write_text(tmp_path / "a.txt", "hello")
+    assert len(synced) == 2 and synced[0].startswith(str(tmp_path / ".a.txt.")) and synced[1] == str(tmp_path)
+
+    synced.clear()
+
+    def fill(folder):
+        os.mkdir(os.path.join(folder, "variables"))
+        for name in ("saved_model.pb", "variables/v.index"):
+            with open(os.path.join(folder, name), "w") as f:
+                f.write("x")
+
+    atomic_write_dir(tmp_path / "1", fill)
+    names = [os.path.basename(p) for p in synced]
+    assert {"saved_model.pb", "v.index", "variables"} <= set(names)
+    assert names[-2].startswith(".1.") and synced[-1] == str(tmp_path)  # the temp folder, then after the rename its parent
+    assert (tmp_path / "1" / "variables" / "v.index").read_text() == "x"

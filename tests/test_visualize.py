@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from conftest import run_cli
+from keras_charrnn.analysis import inspect, score_units
 from keras_charrnn.export import save_savedmodel
+from keras_charrnn.inprocess import load
 from keras_charrnn.model import build_model
-from keras_charrnn.sample import load
-from keras_charrnn.visualize import activation_color, inspect, score_units
+from keras_charrnn.report import activation_color, write_report
 from keras_charrnn.vocab import Vocabulary
 
 TEXT = "he said “a cat” and ran. a bat “sat” here\nthen “a hat” a\n" * 3
@@ -56,10 +57,18 @@ def test_unit_scoring_finds_the_planted_inside_quotes_unit(tmp_path):
     assert best["correlation"] > 0.8
 
 
+def test_report_of_a_text_no_feature_scores_offers_every_unit(tmp_path):
+    result = inspect(handmade_model(tmp_path), "\n\n\n\n")
+    assert score_units(result) == []
+    page = write_report(result, tmp_path / "r.html", "handmade").read_text()
+    assert re.findall(r'<option value="(\d+:\d+)">', page) == ["0:0", "0:1"]
+    assert 'id="current">layer 0, unit 0<' in page and "{{" not in page
+
+
 def test_exported_model_and_training_run_give_the_same_activations(trained_runs, model_base, corpus_file):
     text = corpus_file.read_text()[:700]
     exported = inspect(load(model_base / "gru"), text)
-    from_run = inspect(trained_runs["gru"], text)
+    from_run = inspect(load(trained_runs["gru"]), text)
     for a, b in zip(exported.activations, from_run.activations):
         np.testing.assert_allclose(a, b, atol=1e-5)
     np.testing.assert_array_equal(exported.top_ids[:, 0], from_run.top_ids[:, 0])
@@ -116,10 +125,11 @@ def test_visualize_bad_inputs_get_one_line_errors(tmp_path, model_base):
     bad.write_bytes(b"ab\xffcd")
     good = tmp_path / "good.txt"
     good.write_text("the lazy dog")
-    cases = [((empty,), "empty"), ((bad,), "byte offset 2"), ((good, "--layer", "5"), "--layer 5"),
-             ((good, "--units", "0,999"), "999"), ((good, "--units", "x"), "--units")]
+    cases = [((empty,), "empty"), ((bad,), "byte offset 2"), ((good, "--layer", "5"), "layer 5 does not exist"),
+             ((good, "--units", "0,999"), "999"), ((good, "--units", "x"), "--units"),
+             ((good, "--out", good / "r.html"), "cannot write the page"), ((good, "--model", tmp_path), "no SavedModel")]
     for extra, fragment in cases:
-        result = run_cli("visualize", "--model", model_base / "lstm", *extra, "--out", tmp_path / "r.html")
+        result = run_cli("visualize", "--model", model_base / "lstm", "--out", tmp_path / "r.html", *extra)
         assert result.returncode == 2, result.stderr
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in result.stderr

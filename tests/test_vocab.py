@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from keras_charrnn.errors import CharRNNError
+from keras_charrnn.errors import InputError
 from keras_charrnn.vocab import UNKNOWN_ID, Vocabulary, read_corpus
 
 
@@ -31,13 +31,23 @@ def test_unseen_characters_map_to_the_reserved_id():
 def test_invalid_utf8_names_file_and_byte_offset(tmp_path):
     path = tmp_path / "bad.txt"
     path.write_bytes(b"good text\n\xff\xfe more")
-    with pytest.raises(CharRNNError, match=r"bad\.txt.*byte offset 10"):
+    with pytest.raises(InputError, match=r"bad\.txt.*byte offset 10"):
         read_corpus(path)
 
 
 def test_missing_and_empty_files_are_named(tmp_path):
-    with pytest.raises(CharRNNError, match="no such file"):
+    with pytest.raises(InputError, match="no such file"):
         read_corpus(tmp_path / "nope.txt")
     (tmp_path / "empty.txt").write_text("")
-    with pytest.raises(CharRNNError, match="empty"):
+    with pytest.raises(InputError, match="empty"):
         read_corpus(tmp_path / "empty.txt")
+
+
+def test_malformed_vocabulary_file_is_named(tmp_path):
+    path = tmp_path / "vocab.json"
+    path.write_text('{"chars": ["ab"]}')
+    with pytest.raises(InputError, match=r"vocab\.json: vocabulary entries must be single characters"):
+        Vocabulary.load(path)
+    path.write_text("not json")
+    with pytest.raises(InputError, match=r"vocab\.json: malformed vocabulary JSON"):
+        Vocabulary.load(path)

@@ -26,9 +26,10 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
-from keras_charrnn.errors import CharRNNError
+from keras_charrnn.errors import CharRNNError, ConfigError, InputError
+from keras_charrnn.sampling import DEFAULT_PRIME, SamplingParams
 from keras_charrnn.serving import wire
-from keras_charrnn.session import ModelInfo, SamplingParams, Session
+from keras_charrnn.session import ModelInfo, Session
 
 SAMPLING_INPUTS = ("prime", "num_chars", "temperature", "top_k", "top_p", "seed", "position")
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
@@ -65,8 +66,23 @@ class TLS:
     server_name: str | None = None
 
     def credentials(self) -> grpc.ChannelCredentials:
-        read = lambda p: open(p, "rb").read() if p else None  # noqa: E731
-        return grpc.ssl_channel_credentials(read(self.ca_cert), read(self.client_key), read(self.client_cert))
+        """The channel credentials these files make.
+
+        Raises:
+            ConfigError: a file cannot be read.
+        """
+        return grpc.ssl_channel_credentials(_read_pem(self.ca_cert, "ca_cert"), _read_pem(self.client_key, "client_key"),
+                                            _read_pem(self.client_cert, "client_cert"))
+
+
+def _read_pem(path: str | None, parameter: str) -> bytes | None:
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise ConfigError(f"{parameter}: cannot read {path} ({exc.strerror})") from None
 
 
 class SamplingClient:
@@ -85,7 +101,7 @@ class SamplingClient:
                  retries: int = 4, backoff: float = 0.05):
         self.targets = [targets] if isinstance(targets, str) else list(targets)
         if not self.targets:
-            raise CharRNNError("give at least one server address")
+            raise ConfigError("targets must hold at least one server address")
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
         options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
         if tls and tls.server_name:
@@ -99,7 +115,7 @@ class SamplingClient:
                                         response_deserializer=wire.GetModelMetadataResponse.FromString)
                           for c in self._channels]
         self._current = 0
-        self._info: dict[str, ModelInfo] = {}
+        self._model_infos: dict[str, ModelInfo] = {}  # "model@version" -> its facts
 
     def _call(self, stubs, request):
         """One call with failover: retryable failures move on to the next target."""
@@ -147,38 +163,46 @@ class SamplingClient:
         response = self._call(self._metadata, request)
         sig_map = wire.SignatureDefMap()
         if not response.metadata["signature_def"].Unpack(sig_map):
-            raise CharRNNError(f"model {model!r}: the server's metadata holds no SignatureDefMap")
+            raise InputError(f"model {model!r}: the server's metadata holds no SignatureDefMap")
         return dict(sig_map.signature_def)
 
     def model_info(self, model: str, version: int | None = None) -> ModelInfo:
         """State names and sizes (GetModelMetadata) and limits (the ``metadata`` signature)."""
         key = f"{model}@{version}"
-        if key not in self._info:
+        if key not in self._model_infos:
             sigs = self.signature_defs(model, version)
             if "generate_text" not in sigs or "metadata" not in sigs:
-                raise CharRNNError(f"model {model!r} is not a keras-charrnn model (no generate_text/metadata signature)")
+                raise InputError(f"model {model!r} is not a keras-charrnn model (no generate_text/metadata signature)")
             states = {k: v.tensor_shape.dim[1].size for k, v in sigs["generate_text"].inputs.items()
                       if k not in SAMPLING_INPUTS}
             outputs, _ = self.predict(model, "metadata", {}, version)
             config = json.loads(outputs["config"].reshape(-1)[0].decode("utf-8"))
             info = ModelInfo.from_config(model, config)
             if set(states) != set(info.state_names) or any(s != info.state_size for s in states.values()):
-                raise CharRNNError(f"model {model!r}: signature states {states} disagree with its metadata")
-            self._info[key] = info
-        return self._info[key]
+                raise InputError(f"model {model!r}: signature states {states} disagree with its metadata")
+            self._model_infos[key] = info
+        return self._model_infos[key]
 
-    def session(self, model: str, prime: str = "\n", temperature: float = 0.8, top_k: int = 0,
-                top_p: float = 1.0, seed: int | None = None, version: int | None = None) -> Session:
+    def session(self, model: str, prime: str = DEFAULT_PRIME, params: SamplingParams | None = None,
+                version: int | None = None, **fields) -> Session:
         """A session on ``model``; its first call pins the version that answered.
 
         Args:
             model: the model's name on the server.
             prime: the text to continue (at least one character).
-            temperature, top_k, top_p, seed: how characters are chosen (see ``CharRNN.generate``).
+            params: how characters are chosen; or give its fields as keywords
+                (``temperature=``, ``top_k=``, ``top_p=``, ``seed=``).
             version: pin this version from the start (default: the newest the server has).
+
+        Returns:
+            A new session; its calls go to the server.
+
+        Example:
+
+        >>> client.session("shakespeare", prime="ROMEO:", temperature=0.5, seed=1).generate(100)  # doctest: +SKIP
         """
-        session = Session(_GrpcRunner(self, model), self.model_info(model, version), prime,
-                          SamplingParams(temperature, top_k, top_p, seed))
+        params = SamplingParams.of(params, **fields)
+        session = Session(_GrpcRunner(self, model), self.model_info(model, version), prime, params)
         session.version = version
         return session
 

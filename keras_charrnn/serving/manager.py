@@ -13,27 +13,23 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
+from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 from tensorflow_serving.config import model_server_config_pb2
+
+from keras_charrnn.errors import ConfigError, InputError, ServingError
+from keras_charrnn.serving import monitoring
+from keras_charrnn.versions import list_versions
 
 log = logging.getLogger("charrnn.serve")
 
-START, LOADING, AVAILABLE, UNLOADING, END = 10, 20, 30, 40, 50  # ModelVersionStatus.State
-
-
-class ServingError(Exception):
-    """A request that cannot be served; ``code`` is a ``grpc.StatusCode`` name."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
+State = ModelVersionStatus.State  # TF Serving's version states: START, LOADING, AVAILABLE, UNLOADING, END
 
 
 @dataclass
@@ -56,13 +52,21 @@ class LoadedVersion:
 
 @dataclass
 class VersionStatus:
+    """Where one version stands: a ``ModelVersionStatus.State`` value and, after a failed load, why.
+
+    ``error_code`` is a ``tensorflow.error.Code`` name (``"INVALID_ARGUMENT"``, ``"NOT_FOUND"``).
+    """
+
     state: int
     error: str = ""  # empty when OK
+    error_code: str = ""
     fingerprint: tuple = ()
 
 
 @dataclass
 class ManagedModel:
+    """One configured model: its config, the versions loaded and every version's status."""
+
     config: model_server_config_pb2.ModelConfig
     loaded: dict[int, LoadedVersion] = field(default_factory=dict)
     status: dict[int, VersionStatus] = field(default_factory=dict)
@@ -79,15 +83,31 @@ def _fingerprint(path: Path) -> tuple:
 
 
 def load_version(name: str, version: int, path: Path, warmup_batch_sizes: list[int] = (1,)) -> LoadedVersion:
-    """Loads a SavedModel version and runs each generating signature once per batch size
-    (the XLA-compiled sampling loop compiles then, not on a client's call)."""
+    """Loads a SavedModel version and warms it up.
+
+    Each generating signature runs once per batch size, so the XLA-compiled
+    sampling loop compiles now, not on a client's call.
+
+    Args:
+        name: the model's name.
+        version: the version number.
+        path: the version folder.
+        warmup_batch_sizes: the batch sizes calls will be padded to.
+
+    Returns:
+        The loaded version.
+
+    Raises:
+        InputError: the folder holds no SavedModel with a ``serve`` MetaGraph
+            (TensorFlow's own errors pass through for a corrupt one).
+    """
     pb = path / "saved_model.pb"
     if not pb.is_file():
-        raise ValueError(f"no saved_model.pb in {path}")
+        raise InputError(f"no saved_model.pb in version {version}")
     meta = saved_model_pb2.SavedModel.FromString(pb.read_bytes())
     serve = [m for m in meta.meta_graphs if "serve" in m.meta_info_def.tags]
     if not serve:
-        raise ValueError(f"{path} has no MetaGraph tagged 'serve'")
+        raise InputError(f"version {version} has no MetaGraph tagged 'serve'")
     module = tf.saved_model.load(str(path), tags=["serve"])
     loaded = LoadedVersion(name, version, path, module,
                            {k: v for k, v in serve[0].signature_def.items() if not k.startswith("__")})
@@ -117,7 +137,21 @@ def _warm_up(loaded: LoadedVersion, batch: int) -> None:
 
 
 def wanted_versions(policy: model_server_config_pb2.ModelConfig, on_disk: list[int]) -> list[int]:
-    """The versions a policy asks for, newest first, out of those on disk."""
+    """The versions a model's version policy asks for, out of those on disk.
+
+    Args:
+        policy: the model's config; its ``model_version_policy`` is ``latest``
+            (``num_versions``, default 1), ``all`` or ``specific``.
+        on_disk: the version numbers found.
+
+    Returns:
+        The wanted versions, newest first.
+
+    Example:
+
+    >>> wanted_versions(model_server_config_pb2.ModelConfig(), [1, 3, 2])
+    [3]
+    """
     which = policy.model_version_policy.WhichOneof("policy_choice")
     newest_first = sorted(on_disk, reverse=True)
     if which == "all":
@@ -140,7 +174,8 @@ class ModelManager:
         self.models: dict[str, ManagedModel] = {}
         for mc in config.model_config_list.config:
             if mc.model_platform not in ("", "tensorflow"):
-                raise ValueError(f"model {mc.name}: platform {mc.model_platform!r} is not supported (only tensorflow)")
+                raise ConfigError(f"model {mc.name}: model_platform {mc.model_platform!r} is not supported "
+                                  f"(only tensorflow)")
             self.models[mc.name] = ManagedModel(mc)
         self.poll_seconds = poll_seconds
         self.warmup_batch_sizes: list[int] = [1]
@@ -156,6 +191,7 @@ class ModelManager:
             self._thread.start()
 
     def stop(self) -> None:
+        """Stops the poller (loaded versions stay usable)."""
         self._stop.set()
         if self._thread:
             self._thread.join(timeout=5)
@@ -171,8 +207,8 @@ class ModelManager:
         """One rescan of every base path: load wanted versions, then unload the rest."""
         for name, model in self.models.items():
             base = Path(model.config.base_path)
-            on_disk = sorted(int(p.name) for p in base.iterdir() if p.is_dir() and re.fullmatch(r"\d+", p.name)) \
-                if base.is_dir() else []
+            folders = list_versions(base)
+            on_disk = list(folders)
             if not on_disk and not model.loaded:
                 log.warning("model %s: no versions under %s", name, base)
             # Try the newest wanted versions first; a failed one falls back to an older one under `latest`.
@@ -180,13 +216,13 @@ class ModelManager:
             for version in target:
                 if version in model.loaded:
                     continue
-                self._try_load(model, version, base / str(version))
+                self._try_load(model, version, folders[version])
             keep = set(self._targets(model, on_disk, only_loaded=True))
             for version in list(model.loaded):
                 if version not in keep:
                     with self._lock:
                         model.loaded.pop(version)
-                        model.status[version] = VersionStatus(END)
+                        model.status[version] = VersionStatus(State.END)
                     log.info("model %s: unloaded version %d", name, version)
 
     def _targets(self, model: ManagedModel, on_disk: list[int], only_loaded: bool = False) -> list[int]:
@@ -205,17 +241,21 @@ class ModelManager:
         fingerprint = _fingerprint(path)
         if status and status.error and status.fingerprint == fingerprint:
             return  # failed before and unchanged since
-        model.status[version] = VersionStatus(LOADING)
+        model.status[version] = VersionStatus(State.LOADING)
+        started = time.perf_counter()
         try:
             loaded = load_version(name, version, path, self.warmup_batch_sizes)
         except Exception as exc:  # a corrupt model can raise anything
+            monitoring.record_load(path, False, time.perf_counter() - started)
             error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-            model.status[version] = VersionStatus(END, error, fingerprint)
+            code = "NOT_FOUND" if isinstance(exc, (tf.errors.NotFoundError, FileNotFoundError)) else "INVALID_ARGUMENT"
+            model.status[version] = VersionStatus(State.END, error, code, fingerprint)
             log.error("model %s: refused version %d (%s)", name, version, error)
             return
+        monitoring.record_load(path, True, time.perf_counter() - started)
         with self._lock:
             model.loaded[version] = loaded
-            model.status[version] = VersionStatus(AVAILABLE)
+            model.status[version] = VersionStatus(State.AVAILABLE)
         log.info("model %s: loaded version %d from %s", name, version, path)
 
     def ready(self) -> bool:
@@ -223,7 +263,19 @@ class ModelManager:
         return all(m.loaded for m in self.models.values())
 
     def resolve(self, name: str, version: int | None = None, label: str | None = None) -> LoadedVersion:
-        """The version that answers a request (the newest loaded one by default)."""
+        """The version that answers a request.
+
+        Args:
+            name: the model's name.
+            version: a version number, or None for the newest loaded one.
+            label: a version label of the model's config (overrides ``version``).
+
+        Returns:
+            The loaded version.
+
+        Raises:
+            ServingError: NOT_FOUND for an unknown model, label or version.
+        """
         model = self.models.get(name)
         if model is None:
             raise ServingError("NOT_FOUND", f"Servable not found for request: model {name!r} is not served")
@@ -242,6 +294,18 @@ class ModelManager:
             return model.loaded[version]
 
     def statuses(self, name: str, version: int | None = None) -> list[tuple[int, VersionStatus]]:
+        """Every version's status, as GetModelStatus reports them.
+
+        Args:
+            name: the model's name.
+            version: only this version (None: all).
+
+        Returns:
+            ``(version, status)`` pairs, newest first.
+
+        Raises:
+            ServingError: NOT_FOUND for an unknown model or a version never seen.
+        """
         model = self.models.get(name)
         if model is None:
             raise ServingError("NOT_FOUND", f"Could not find any versions of model {name}")
@@ -255,7 +319,15 @@ class ModelManager:
 
 
 def single_model_config(name: str, base_path: str) -> model_server_config_pb2.ModelServerConfig:
-    """The config that ``--model_name`` and ``--model_base_path`` stand for."""
+    """The config that ``model_name`` and ``model_base_path`` stand for.
+
+    Args:
+        name: the model's name.
+        base_path: the folder of its numbered versions.
+
+    Returns:
+        A ``ModelServerConfig`` with that one model (default version policy: the latest).
+    """
     config = model_server_config_pb2.ModelServerConfig()
     mc = config.model_config_list.config.add()
     mc.name, mc.base_path, mc.model_platform = name, str(Path(base_path).resolve()), "tensorflow"

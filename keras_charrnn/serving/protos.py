@@ -1,7 +1,8 @@
 """TF Serving configuration messages that the tensorflow-serving-api wheel lacks.
 
-``BatchingParameters`` (tensorflow_serving/servables/tensorflow/session_bundle_config.proto)
-and ``SSLConfig`` (tensorflow_serving/config/ssl_config.proto), with TF Serving's
+``BatchingParameters`` (tensorflow_serving/servables/tensorflow/session_bundle_config.proto),
+``SSLConfig`` (tensorflow_serving/config/ssl_config.proto) and ``MonitoringConfig``
+(tensorflow_serving/config/monitoring_config.proto), with TF Serving's
 field names and numbers, so ``--batching_parameters_file`` and
 ``--ssl_config_file`` take the same text files as ``tensorflow_model_server``.
 """
@@ -30,9 +31,12 @@ _messages = make_messages(
             ("custom_ca", 3, "string", False),
             ("client_verify", 4, "bool", False),
         ],
+        "PrometheusConfig": [("enable", 1, "bool", False), ("path", 2, "string", False)],
+        "MonitoringConfig": [("prometheus_config", 1, "PrometheusConfig", False)],
     },
     dependencies=("google/protobuf/wrappers.proto",),
     pool=descriptor_pool.DescriptorPool(),
 )
 BatchingParameters = _messages["BatchingParameters"]
 SSLConfig = _messages["SSLConfig"]
+MonitoringConfig = _messages["MonitoringConfig"]  # tensorflow_serving/config/monitoring_config.proto

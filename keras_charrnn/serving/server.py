@@ -10,6 +10,7 @@ package's own. Start it with ``charrnn serve`` (the flags of
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import threading
@@ -26,14 +27,18 @@ from grpc_reflection.v1alpha import reflection
 from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2, model_service_pb2,
                                      model_service_pb2_grpc, predict_pb2, prediction_service_pb2,
                                      prediction_service_pb2_grpc)
+from tensorflow.core.protobuf import error_codes_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
-from keras_charrnn.errors import graph_error_message
-from keras_charrnn.serving.batching import DEFAULTS as BATCHING_DEFAULTS
-from keras_charrnn.serving.batching import Batcher
-from keras_charrnn.serving.manager import LoadedVersion, ModelManager, ServingError, single_model_config
-from keras_charrnn.serving import wire
+from keras_charrnn.errors import ConfigError, ServingError, graph_error_message
+from keras_charrnn.sampling import MAX_CHARS_PER_CALL
+from keras_charrnn.serving import monitoring, wire
+from keras_charrnn.serving.manager import LoadedVersion, ModelManager, single_model_config
 from keras_charrnn.serving.protos import BatchingParameters, SSLConfig
+from keras_charrnn.serving.request_batcher import Batcher, BatchingOptions
+from keras_charrnn.serving.rest import DEFAULT_NUM_THREADS as DEFAULT_REST_THREADS
+from keras_charrnn.serving.rest import DEFAULT_TIMEOUT_MS as DEFAULT_REST_TIMEOUT_MS
+from keras_charrnn.serving.rest import RestApi, RestServer
 
 log = logging.getLogger("charrnn.serve")
 
@@ -55,33 +60,80 @@ class ServerOptions:
     ssl_config_file: str | None = None
     grpc_max_threads: int = 32
     max_message_bytes: int = MAX_MESSAGE_BYTES
-    max_chars_per_call: int = 4096
+    max_chars_per_call: int = MAX_CHARS_PER_CALL
     shutdown_grace_seconds: float = 30.0
+    rest_api_port: int = 0  # 0: no REST API (TF Serving's default)
+    rest_api_num_threads: int = DEFAULT_REST_THREADS
+    rest_api_timeout_in_ms: int = DEFAULT_REST_TIMEOUT_MS
+    monitoring_config_file: str | None = None
 
 
 def read_text_proto(path: str | Path, message):
-    """Parses a protobuf text-format file (TF Serving's config files) into ``message``."""
+    """Parses a protobuf text-format file (TF Serving's config files).
+
+    Args:
+        path: the text file.
+        message: an empty message of the file's type; it is filled in.
+
+    Returns:
+        ``message``.
+
+    Raises:
+        ConfigError: the file cannot be read or does not parse as that message.
+    """
     path = Path(path)
     try:
         return text_format.Parse(path.read_text(encoding="utf-8"), message)
     except FileNotFoundError:
-        raise ValueError(f"{path}: no such file") from None
+        raise ConfigError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read it ({exc.strerror if isinstance(exc, OSError) else exc})") from None
     except text_format.ParseError as exc:
-        raise ValueError(f"{path}: not a valid {message.DESCRIPTOR.name} ({exc})") from None
+        raise ConfigError(f"{path}: not a valid {message.DESCRIPTOR.name} ({exc})") from None
 
 
 def model_server_config(options: ServerOptions) -> model_server_config_pb2.ModelServerConfig:
-    """The ModelServerConfig given by ``--model_config_file`` or by ``--model_name/--model_base_path``."""
+    """The models to serve: ``options.model_config_file``, or ``model_name`` at ``model_base_path``.
+
+    Args:
+        options: the server's settings.
+
+    Returns:
+        TF Serving's ``ModelServerConfig``.
+
+    Raises:
+        ConfigError: neither or both ways are given, or the config file is invalid.
+    """
     if options.model_config_file:
         if options.model_base_path:
-            raise ValueError("give --model_config_file or --model_base_path, not both")
+            raise ConfigError("give model_config_file or model_base_path, not both")
         config = read_text_proto(options.model_config_file, model_server_config_pb2.ModelServerConfig())
         if not config.model_config_list.config:
-            raise ValueError(f"{options.model_config_file}: model_config_list holds no model")
+            raise ConfigError(f"{options.model_config_file}: model_config_list holds no model")
         return config
     if not options.model_base_path:
-        raise ValueError("give --model_base_path (with --model_name) or --model_config_file")
+        raise ConfigError("give model_base_path (with model_name) or model_config_file")
     return single_model_config(options.model_name or "default", options.model_base_path)
+
+
+def batching_options(path: str | Path | None) -> BatchingOptions:
+    """The batching parameters of a ``BatchingParameters`` text file; the defaults for what it leaves out.
+
+    Args:
+        path: the file (TF Serving's ``--batching_parameters_file``), or None for the defaults.
+
+    Returns:
+        The options.
+
+    Raises:
+        ConfigError: the file is unreadable or invalid.
+    """
+    if not path:
+        return BatchingOptions()
+    parsed = read_text_proto(path, BatchingParameters())
+    given = {f.name: getattr(parsed, f.name).value for f in dataclasses.fields(BatchingOptions)
+             if f.name != "allowed_batch_sizes" and parsed.HasField(f.name)}
+    return BatchingOptions(**given, allowed_batch_sizes=tuple(parsed.allowed_batch_sizes))
 
 
 # ----- tensors <-> NumPy, checked against the signature ----------------------------------------
@@ -96,16 +148,16 @@ def _check_inputs(loaded: LoadedVersion, signature: str, request_inputs) -> dict
         raise ServingError("INVALID_ARGUMENT", f"missing input(s) {sorted(expected - given)} for signature {signature!r}")
     arrays = {}
     for key in sorted(expected):
-        proto, info = request_inputs[key], sig_def.inputs[key]
-        if proto.dtype != info.dtype:
+        proto, tensor_spec = request_inputs[key], sig_def.inputs[key]
+        if proto.dtype != tensor_spec.dtype:
             raise ServingError("INVALID_ARGUMENT", f"input {key!r}: expects dtype "
-                                                   f"{tf.dtypes.as_dtype(info.dtype).name}, got "
+                                                   f"{tf.dtypes.as_dtype(tensor_spec.dtype).name}, got "
                                                    f"{_dtype_name(proto.dtype)}")
         try:
             value = wire.from_tensor_proto(proto)
         except Exception as exc:  # malformed tensor content
             raise ServingError("INVALID_ARGUMENT", f"input {key!r}: malformed tensor ({exc})") from None
-        dims = [d.size for d in info.tensor_shape.dim]
+        dims = [d.size for d in tensor_spec.tensor_shape.dim]
         if value.ndim != len(dims) or any(d != -1 and d != s for d, s in zip(dims, value.shape)):
             want = "[" + ", ".join("?" if d == -1 else str(d) for d in dims) + "]"
             raise ServingError("INVALID_ARGUMENT", f"input {key!r}: expects shape {want}, got {list(value.shape)}")
@@ -135,7 +187,7 @@ def run_signature(loaded: LoadedVersion, signature: str, inputs: dict[str, np.nd
 # ----- the services ---------------------------------------------------------------------------
 
 def _abort(context: grpc.ServicerContext, error: ServingError):
-    context.abort(getattr(grpc.StatusCode, error.code), error.message)
+    context.abort(grpc.StatusCode[error.code], error.message)
 
 
 def _guarded(method):
@@ -168,10 +220,29 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
 
     @_guarded
     def Predict(self, request: predict_pb2.PredictRequest, context) -> predict_pb2.PredictResponse:
+        remaining = context.time_remaining()  # huge when the client set no deadline
+        with monitoring.track_request(request.model_spec.name, "Predict", "GRPC"):
+            return self.predict(request, None if remaining is None or remaining > 86400 else remaining)
+
+    def predict(self, request: predict_pb2.PredictRequest,
+                timeout: float | None = None) -> predict_pb2.PredictResponse:
+        """Predict, transport aside: the gRPC method and the REST API both call it.
+
+        Args:
+            request: the PredictRequest.
+            timeout: the most seconds to wait in the batching queue (None: no limit).
+
+        Returns:
+            The PredictResponse.
+
+        Raises:
+            ServingError: the request cannot be served (its code is the gRPC status).
+        """
         loaded = self._resolve(request.model_spec)
         signature = request.model_spec.signature_name or "serving_default"
         loaded.signature(signature)
         inputs = _check_inputs(loaded, signature, request.inputs)
+        log.debug("Predict: model %s version %d signature %s", loaded.name, loaded.version, signature)
         if "num_chars" in inputs and inputs["num_chars"].size and int(inputs["num_chars"].max()) > self.max_chars_per_call:
             raise ServingError("INVALID_ARGUMENT", f"num_chars {int(inputs['num_chars'].max())} is over this "
                                                    f"server's cap of {self.max_chars_per_call} per call")
@@ -180,10 +251,8 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             raise ServingError("INVALID_ARGUMENT", f"output_filter names unknown output(s) {sorted(unknown)}")
         if self.batcher is not None and inputs:
             future = self.batcher.submit(loaded, signature, inputs)
-            remaining = context.time_remaining()  # huge when the client set no deadline
-            remaining = None if remaining is None or remaining > 86400 else remaining
             try:
-                outputs = future.result(timeout=remaining)
+                outputs = future.result(timeout=timeout)
             except futures.TimeoutError:
                 future.cancel()
                 raise ServingError("DEADLINE_EXCEEDED", "deadline exceeded while waiting in the batching queue") from None
@@ -200,6 +269,10 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
 
     @_guarded
     def GetModelMetadata(self, request, context):
+        return self.metadata(request)
+
+    def metadata(self, request) -> get_model_metadata_pb2.GetModelMetadataResponse:
+        """GetModelMetadata, transport aside (gRPC and REST); raises ServingError."""
         loaded = self._resolve(request.model_spec)
         fields = list(request.metadata_field)
         if fields != ["signature_def"]:
@@ -225,13 +298,19 @@ class ModelStatusServicer(model_service_pb2_grpc.ModelServiceServicer):
 
     @_guarded
     def GetModelStatus(self, request, context):
+        return self.status(request)
+
+    def status(self, request) -> get_model_status_pb2.GetModelStatusResponse:
+        """GetModelStatus, transport aside (gRPC and REST); raises ServingError."""
         spec = request.model_spec
         version = spec.version.value if spec.HasField("version") else None
+        if version is None and spec.version_label:
+            version = self.manager.resolve(spec.name, None, spec.version_label).version
         response = get_model_status_pb2.GetModelStatusResponse()
         for v, status in self.manager.statuses(spec.name, version):
             entry = response.model_version_status.add(version=v, state=status.state)
             if status.error:
-                entry.status.error_code = 3 if "NotFound" not in status.error else 5  # INVALID_ARGUMENT / NOT_FOUND
+                entry.status.error_code = error_codes_pb2.Code.Value(status.error_code)
                 entry.status.error_message = status.error
         return response
 
@@ -259,19 +338,14 @@ class ModelServer:
         self.manager = ModelManager(model_server_config(options), options.file_system_poll_wait_seconds)
         self.batcher = None
         if options.enable_batching:
-            params = dict(BATCHING_DEFAULTS)
-            allowed = None
-            if options.batching_parameters_file:
-                parsed = read_text_proto(options.batching_parameters_file, BatchingParameters())
-                for key in params:
-                    if parsed.HasField(key):
-                        params[key] = getattr(parsed, key).value
-                allowed = list(parsed.allowed_batch_sizes) or None
-            self.batcher = Batcher(run_signature, allowed_batch_sizes=allowed, **params)
+            batching = batching_options(options.batching_parameters_file)
+            self.batcher = Batcher(run_signature, batching)
             self.manager.warmup_batch_sizes = self.batcher.allowed_batch_sizes
-            log.info("batching on: %s", ", ".join(f"{k}={v}" for k, v in params.items()))
+            log.info("batching on: %s", ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(batching).items()))
         self.health = health.HealthServicer()
         self.port: int | None = None
+        self.rest_port: int | None = None
+        self._rest: RestServer | None = None
         self._server: grpc.Server | None = None
         self._stopped = threading.Event()
 
@@ -280,9 +354,9 @@ class ModelServer:
             return None
         ssl = read_text_proto(self.options.ssl_config_file, SSLConfig())
         if not ssl.server_key or not ssl.server_cert:
-            raise ValueError(f"{self.options.ssl_config_file}: server_key and server_cert are required")
+            raise ConfigError(f"{self.options.ssl_config_file}: server_key and server_cert are required")
         if ssl.client_verify and not ssl.custom_ca:
-            raise ValueError(f"{self.options.ssl_config_file}: client_verify needs custom_ca")
+            raise ConfigError(f"{self.options.ssl_config_file}: client_verify needs custom_ca")
         return grpc.ssl_server_credentials([(ssl.server_key.encode(), ssl.server_cert.encode())],
                                            root_certificates=ssl.custom_ca.encode() if ssl.custom_ca else None,
                                            require_client_auth=ssl.client_verify)
@@ -296,18 +370,26 @@ class ModelServer:
                              options=[("grpc.max_receive_message_length", limit),
                                       ("grpc.max_send_message_length", limit),
                                       ("grpc.so_reuseport", 0)])
-        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-            PredictionServicer(self.manager, self.batcher, self.options.max_chars_per_call), server)
-        model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelStatusServicer(self.manager), server)
+        prediction = PredictionServicer(self.manager, self.batcher, self.options.max_chars_per_call)
+        model_status = ModelStatusServicer(self.manager)
+        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(prediction, server)
+        model_service_pb2_grpc.add_ModelServiceServicer_to_server(model_status, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = (prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"].full_name,
                  model_service_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,
                  health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, server)
         address = f"{self.options.host}:{self.options.port}"
-        self.port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+        try:
+            self.port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+        except RuntimeError:  # grpc's "failed to bind": the port is taken or the host is not this machine's
+            self.port = 0
         if not self.port:
-            raise ValueError(f"cannot listen on {address}")
+            self.manager.stop()
+            raise ConfigError(f"cannot listen on {address} (is the port in use, and is host an address of this "
+                              f"machine?)")
+        if self.options.rest_api_port:
+            self._start_rest(prediction, model_status)
         server.start()
         self._server = server
         status = health_pb2.HealthCheckResponse.SERVING if self.manager.ready() else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -317,6 +399,23 @@ class ModelServer:
         log.info("listening on %s:%d (%s)", self.options.host, self.port, "TLS" if credentials else "plaintext")
         return self.port
 
+    def _start_rest(self, prediction: PredictionServicer, model_status: ModelStatusServicer) -> None:
+        """Starts the REST API (with the playground, and the metrics if the monitoring config enables them)."""
+        timeout_ms = self.options.rest_api_timeout_in_ms
+        api = RestApi(prediction, model_status, timeout_ms / 1000 if timeout_ms > 0 else None)
+        try:
+            prometheus = monitoring.read_monitoring_config(self.options.monitoring_config_file)
+            self._rest = RestServer(api, self.options.host, self.options.rest_api_port,
+                                    self.options.max_message_bytes, prometheus.path if prometheus.enable else None,
+                                    list(self.manager.models), self.options.max_chars_per_call,
+                                    self.options.rest_api_num_threads)
+        except BaseException:
+            self.manager.stop()
+            raise
+        self.rest_port = self._rest.start()
+        log.info("REST API on %s:%d%s", self.options.host, self.rest_port,
+                 f", Prometheus metrics at {prometheus.path}" if prometheus.enable else "")
+
     def stop(self, grace: float | None = None) -> None:
         """Stops accepting calls, lets the calls in flight finish (up to ``grace`` seconds), then stops."""
         if self._stopped.is_set():
@@ -324,6 +423,8 @@ class ModelServer:
         self._stopped.set()
         self.health.enter_graceful_shutdown()
         grace = self.options.shutdown_grace_seconds if grace is None else grace
+        if self._rest is not None:
+            self._rest.stop(grace)
         if self._server is not None:
             self._server.stop(grace).wait()
         if self.batcher is not None:

@@ -15,17 +15,57 @@ row's result does not depend on which other calls share its batch.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from keras_charrnn.serving.manager import LoadedVersion, ServingError
+from keras_charrnn.errors import ConfigError, ServingError
+from keras_charrnn.serving import monitoring
+from keras_charrnn.serving.manager import LoadedVersion
 
-DEFAULTS = {"max_batch_size": 64, "batch_timeout_micros": 2000, "num_batch_threads": 2, "max_enqueued_batches": 16}
+log = logging.getLogger("charrnn.serve")
+
+
+@dataclass(frozen=True)
+class BatchingOptions:
+    """How calls are batched: TF Serving's ``BatchingParameters``, and the one home of their defaults.
+
+    Args:
+        max_batch_size: most rows in one model call.
+        batch_timeout_micros: longest a call waits for others to join it.
+        num_batch_threads: threads running batches.
+        max_enqueued_batches: queue capacity, in full batches, per group.
+        allowed_batch_sizes: sizes batches are padded to (empty: powers of two up to ``max_batch_size``).
+
+    Example:
+
+    >>> BatchingOptions(max_batch_size=16).padded_sizes()
+    [1, 2, 4, 8, 16]
+    """
+
+    max_batch_size: int = 64
+    batch_timeout_micros: int = 2000
+    num_batch_threads: int = 2
+    max_enqueued_batches: int = 16
+    allowed_batch_sizes: tuple[int, ...] = ()
+
+    def validate(self) -> None:
+        """Raises ConfigError naming the first invalid parameter."""
+        for name in ("max_batch_size", "num_batch_threads", "max_enqueued_batches"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.batch_timeout_micros < 0:
+            raise ConfigError(f"batch_timeout_micros must be 0 or more, got {self.batch_timeout_micros}")
+        self.padded_sizes()
+
+    def padded_sizes(self) -> list[int]:
+        """The batch sizes batches are padded to (see ``padded_sizes``)."""
+        return padded_sizes(self.max_batch_size, list(self.allowed_batch_sizes) or None)
 
 
 @dataclass
@@ -37,11 +77,27 @@ class _Call:
 
 
 def padded_sizes(max_batch_size: int, allowed: list[int] | None = None) -> list[int]:
-    """The batch sizes batches are padded to: ``allowed`` (TF Serving's allowed_batch_sizes,
-    ending at ``max_batch_size``) or the powers of two up to ``max_batch_size``."""
+    """The batch sizes batches are padded to.
+
+    Args:
+        max_batch_size: the largest batch.
+        allowed: TF Serving's ``allowed_batch_sizes``: increasing, ending at ``max_batch_size``.
+
+    Returns:
+        ``allowed`` when given, else the powers of two below ``max_batch_size``, then ``max_batch_size``.
+
+    Raises:
+        ConfigError: ``allowed`` does not increase or does not end at ``max_batch_size``.
+
+    Example:
+
+    >>> padded_sizes(12), padded_sizes(8, [2, 8])
+    ([1, 2, 4, 8, 12], [2, 8])
+    """
     if allowed:
-        if sorted(allowed) != list(allowed) or allowed[-1] != max_batch_size:
-            raise ValueError("allowed_batch_sizes must increase and end with max_batch_size")
+        if any(b <= a for a, b in zip(allowed, allowed[1:])) or allowed[0] < 1 or allowed[-1] != max_batch_size:
+            raise ConfigError(f"allowed_batch_sizes must increase and end with max_batch_size ({max_batch_size}), "
+                              f"got {list(allowed)}")
         return list(allowed)
     sizes, b = [], 1
     while b < max_batch_size:
@@ -55,34 +111,45 @@ class Batcher:
 
     Args:
         run: executes a signature: ``run(loaded, signature, inputs) -> outputs`` (NumPy dicts).
-        max_batch_size: most rows in one model call.
-        batch_timeout_micros: longest a call waits for others to join it.
-        num_batch_threads: threads running batches.
-        max_enqueued_batches: queue capacity, in full batches, per group.
-        allowed_batch_sizes: sizes batches are padded to (default: powers of two).
+        options: the batching parameters (defaults: ``BatchingOptions()``).
+
+    Raises:
+        ConfigError: an invalid batching parameter.
     """
 
-    def __init__(self, run, max_batch_size: int = 64, batch_timeout_micros: int = 2000,
-                 num_batch_threads: int = 2, max_enqueued_batches: int = 16,
-                 allowed_batch_sizes: list[int] | None = None):
-        if max_batch_size < 1 or num_batch_threads < 1 or max_enqueued_batches < 1 or batch_timeout_micros < 0:
-            raise ValueError("batching parameters must be positive")
-        self.allowed_batch_sizes = padded_sizes(max_batch_size, allowed_batch_sizes)
+    def __init__(self, run, options: BatchingOptions | None = None):
+        options = options or BatchingOptions()
+        options.validate()
+        self.options = options
+        self.allowed_batch_sizes = options.padded_sizes()
         self._run = run
-        self.max_batch_size = max_batch_size
-        self.timeout = batch_timeout_micros / 1e6
-        self.max_rows_queued = max_enqueued_batches * max_batch_size
+        self.max_batch_size = options.max_batch_size
+        self.timeout = options.batch_timeout_micros / 1e6
+        self.max_rows_queued = options.max_enqueued_batches * options.max_batch_size
+        self.batch_rows_run: Counter[int] = Counter()  # rows of each batch run (before padding) -> how many
         self._queues: dict[tuple, deque[_Call]] = {}
         self._targets: dict[tuple, tuple[LoadedVersion, str]] = {}
         self._cond = threading.Condition()
         self._closed = False
         self._threads = [threading.Thread(target=self._work, name=f"batch-{i}", daemon=True)
-                         for i in range(num_batch_threads)]
+                         for i in range(options.num_batch_threads)]
         for t in self._threads:
             t.start()
 
     def submit(self, loaded: LoadedVersion, signature: str, inputs: dict[str, np.ndarray]) -> Future:
-        """Queues one call; its future resolves to the call's own rows of the outputs."""
+        """Queues one call.
+
+        Args:
+            loaded: the model version to run on.
+            signature: the signature's name.
+            inputs: the call's tensors; all share the first (batch) dimension.
+
+        Returns:
+            A future that resolves to the call's own rows of the outputs.
+
+        Raises:
+            ServingError: INVALID_ARGUMENT for inputs that cannot be batched, UNAVAILABLE when the queue is full.
+        """
         rows = {v.shape[0] if v.ndim else -1 for v in inputs.values()}
         if len(rows) != 1 or -1 in rows:
             raise ServingError("INVALID_ARGUMENT", "all inputs must have the same batch size (first dimension)")
@@ -140,7 +207,12 @@ class Batcher:
                 # (XLA) once per batch size, so a few sizes keep compilation off the hot path.
                 merged = {k: np.concatenate([c.inputs[k] for c in batch] + [batch[-1].inputs[k][-1:]] * (size - rows))
                           for k in batch[0].inputs}
+                monitoring.record_batch([c.rows for c in batch], [time.monotonic() - c.enqueued for c in batch], size)
                 outputs = self._run(loaded, signature, merged)
+                with self._cond:
+                    self.batch_rows_run[rows] += 1
+                log.debug("ran a batch of %d rows from %d calls (padded to %d) on %s version %d %s",
+                          rows, len(batch), size, loaded.name, loaded.version, signature)
                 start = 0
                 for call in batch:
                     call.future.set_result({k: v[start:start + call.rows] for k, v in outputs.items()})

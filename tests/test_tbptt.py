@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from keras_charrnn.batching import TBPTTBatches, min_length, split_train_val
-from keras_charrnn.errors import CharRNNError
+from keras_charrnn.tbptt import TBPTTBatches, min_length, split_train_val
+from keras_charrnn.errors import ConfigError, InputError
 
 
 def test_each_row_continues_in_the_next_batch():
@@ -40,10 +40,15 @@ def test_validation_is_the_contiguous_tail():
 
 
 def test_too_short_corpus_says_how_long_it_must_be():
-    with pytest.raises(CharRNNError, match=f"at least {min_length(64, 100)}"):
+    with pytest.raises(InputError, match=f"at least {min_length(64, 100)}"):
         TBPTTBatches(np.arange(500), batch_size=64, seq_len=100)
 
 
 def test_batches_are_int32_ids_not_one_hot():
     x, y = TBPTTBatches(np.arange(1000), batch_size=4, seq_len=10)[0]
     assert x.dtype == np.int32 and x.shape == (4, 10) and y.shape == (4, 10)
+
+
+def test_validation_fraction_out_of_range_names_the_parameter():
+    with pytest.raises(ConfigError, match=r"^val_frac must be in \[0, 1\), got 1.0"):
+        split_train_val(np.arange(100), 1.0)

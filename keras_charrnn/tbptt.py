@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import keras
 
-from keras_charrnn.errors import CharRNNError
+from keras_charrnn.errors import ConfigError, InputError
 
 
 def min_length(batch_size: int, seq_len: int) -> int:
@@ -38,7 +38,7 @@ def split_train_val(ids: np.ndarray, val_frac: float) -> tuple[np.ndarray, np.nd
         ``(train_ids, val_ids)``; ``val_ids`` is empty when ``val_frac`` is 0.
     """
     if not 0.0 <= val_frac < 1.0:
-        raise CharRNNError(f"--val-frac must be in [0, 1), got {val_frac}")
+        raise ConfigError(f"val_frac must be in [0, 1), got {val_frac}")
     n_val = int(round(len(ids) * val_frac))
     return ids[: len(ids) - n_val], ids[len(ids) - n_val :]
 
@@ -68,13 +68,13 @@ class TBPTTBatches(keras.utils.PyDataset):
     def __init__(self, ids: np.ndarray, batch_size: int, seq_len: int, name: str = "corpus"):
         super().__init__(workers=1, use_multiprocessing=False)
         if batch_size < 1 or seq_len < 1:
-            raise CharRNNError(f"batch_size and seq_len must be positive, got {batch_size} and {seq_len}")
+            raise ConfigError(f"batch_size and seq_len must be positive, got {batch_size} and {seq_len}")
         need = min_length(batch_size, seq_len)
         if len(ids) < need:
-            raise CharRNNError(
+            raise InputError(
                 f"{name} is too short: {len(ids)} characters, but batch_size {batch_size} x "
                 f"seq_len {seq_len} needs at least {need}; use a longer text or smaller "
-                f"--batch-size/--seq-len"
+                f"batch_size/seq_len"
             )
         ids = np.asarray(ids, dtype=np.int32)
         self.batch_size = batch_size
@@ -102,7 +102,7 @@ class TBPTTBatches(keras.utils.PyDataset):
         clone = object.__new__(TBPTTBatches)
         clone.__dict__.update(self.__dict__)
         if not 0 <= start < self.num_batches_total:
-            raise CharRNNError(f"start batch {start} outside 0..{self.num_batches_total - 1}")
+            raise ConfigError(f"start batch {start} outside 0..{self.num_batches_total - 1}")
         clone.start = start
         return clone
 

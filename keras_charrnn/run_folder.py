@@ -1,0 +1,184 @@
+"""The run folder: everything one training run writes, and the one place its file names are spelled.
+
+::
+
+    RUN_DIR/config.json   the TrainConfig, the corpus it trained on, the vocabulary size
+    RUN_DIR/vocab.json    the vocabulary
+    RUN_DIR/state.npz     latest full training state (resume from here; see checkpoint.py)
+    RUN_DIR/best.keras    best model by validation loss
+    RUN_DIR/log.csv       one row per epoch: loss, bpc, perplexity, val_*
+    RUN_DIR/curves.png    the bpc curves
+    RUN_DIR/samples.txt   generated samples (when something writes them)
+    RUN_DIR/tensorboard/  TensorBoard logs (with ``tensorboard=True``)
+
+Example:
+
+>>> run = RunFolder("runs/tiny")                      # doctest: +SKIP
+>>> model = run.load_model("best"); vocab = run.vocab()  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import keras
+
+from keras_charrnn.checkpoint import UNREADABLE, Progress, load_checkpoint, read_progress, unreadable
+from keras_charrnn.config import TrainConfig
+from keras_charrnn.errors import ConfigError, InputError
+from keras_charrnn.fileio import atomic_write_text
+from keras_charrnn.model import compile_model, make_optimizer, model_from_config
+from keras_charrnn.vocab import Vocabulary
+
+# Outputs of a previous run in the same folder that a new run must not append to or mistake for its own.
+_STALE_ON_NEW_RUN = ("log_path", "curves_path", "best_path", "samples_path")
+
+
+class RunFolder:
+    """The files of one training run.
+
+    Args:
+        path: the run folder (it need not exist yet).
+
+    Attributes:
+        path, config_path, vocab_path, state_path, best_path, log_path,
+        curves_path, samples_path, tensorboard_dir: ``pathlib.Path`` of each part.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.config_path = self.path / "config.json"
+        self.vocab_path = self.path / "vocab.json"
+        self.state_path = self.path / "state.npz"
+        self.best_path = self.path / "best.keras"
+        self.log_path = self.path / "log.csv"
+        self.curves_path = self.path / "curves.png"
+        self.samples_path = self.path / "samples.txt"
+        self.tensorboard_dir = self.path / "tensorboard"
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    @staticmethod
+    def is_run(path: str | os.PathLike) -> bool:
+        """Whether ``path`` is a training run folder.
+
+        Args:
+            path: any path.
+
+        Returns:
+            True when it holds ``config.json`` and is not a SavedModel folder.
+        """
+        run = RunFolder(path)
+        return run.config_path.is_file() and not (run.path / "saved_model.pb").is_file()
+
+    def has_checkpoint(self) -> bool:
+        """Whether a training state has been saved (the folder holds a run, started or done)."""
+        return self.state_path.exists()
+
+    def _read_config_file(self) -> dict:
+        if not self.config_path.is_file():
+            raise InputError(f"{self.path}: not a run folder (no {self.config_path.name})")
+        try:
+            record = json.loads(self.config_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise unreadable(self.config_path, "run config", exc) from None
+        if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+            raise InputError(f"{self.config_path}: not a run config (no 'config' object)")
+        return record
+
+    def record(self) -> dict:
+        """``config.json``'s content plus where training stands.
+
+        Returns:
+            The dict of ``config.json`` (``config``, ``corpus``, ``vocab_size``) with
+            ``best_val_loss`` and ``epochs_done`` added from the checkpoint (None before one).
+
+        Raises:
+            InputError: not a run folder, or a file of it is unreadable.
+        """
+        record = self._read_config_file()
+        progress = self.progress() if self.state_path.is_file() else None
+        record["best_val_loss"] = progress.best_val_loss if progress else None
+        record["epochs_done"] = progress.epoch if progress else None
+        return record
+
+    def progress(self) -> Progress:
+        """The progress record of the latest checkpoint (raises InputError if missing or corrupt)."""
+        return read_progress(self.state_path)
+
+    def config(self) -> TrainConfig:
+        """The run's ``TrainConfig`` (raises InputError if ``config.json`` is missing or malformed)."""
+        saved = self._read_config_file()["config"]
+        try:
+            return TrainConfig(**saved)
+        except TypeError as exc:
+            raise InputError(f"{self.config_path}: malformed config ({exc})") from None
+
+    def corpus_sha256(self) -> str | None:
+        """The SHA-256 of the corpus the run trained on, as recorded in ``config.json``."""
+        return self._read_config_file().get("corpus", {}).get("sha256")
+
+    def corpus_path(self) -> str | None:
+        """The path of the corpus the run trained on, as recorded in ``config.json``."""
+        return self._read_config_file().get("corpus", {}).get("path")
+
+    def vocab(self) -> Vocabulary:
+        """The run's vocabulary (raises InputError if missing or malformed)."""
+        return Vocabulary.load(self.vocab_path)
+
+    def start(self, config: TrainConfig, corpus: dict, vocab: Vocabulary) -> None:
+        """Begins a new run here: writes the vocabulary and the config, removes a previous run's outputs.
+
+        Args:
+            config: the run's hyper-parameters.
+            corpus: what was trained on: ``{"path", "chars", "sha256"}``.
+            vocab: the run's vocabulary.
+
+        Raises:
+            InputError: the folder cannot be written (a file stands there, no permission).
+        """
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            vocab.save(self.vocab_path)
+            atomic_write_text(self.config_path, json.dumps(
+                {"config": dataclasses.asdict(config), "corpus": corpus, "vocab_size": vocab.size}, indent=2))
+            for name in _STALE_ON_NEW_RUN:
+                getattr(self, name).unlink(missing_ok=True)
+        except OSError as exc:
+            raise InputError(f"{self.path}: cannot write the run folder ({exc.strerror or exc})") from None
+
+    def load_model(self, which: str = "best") -> keras.Model:
+        """Loads the run's model.
+
+        Args:
+            which: ``"best"`` (``best.keras``; the latest weights when there is none yet)
+                or ``"latest"`` (the weights of ``state.npz``).
+
+        Returns:
+            The Keras model: ``best.keras`` as saved, or the stateful training model
+            with the checkpoint's weights, hidden states and optimizer restored.
+
+        Raises:
+            ConfigError: ``which`` is neither "best" nor "latest".
+            InputError: the folder, its config or the model file is missing or corrupt
+                (the message names the file).
+        """
+        if which not in ("best", "latest"):
+            raise ConfigError(f"which must be 'best' or 'latest', got {which!r}")
+        if which == "best" and self.best_path.is_file():
+            return self._load_best()
+        config = self.config()
+        model = model_from_config(config, self.vocab().size)
+        compile_model(model, make_optimizer(config, 1))
+        load_checkpoint(self.state_path, model)
+        return model
+
+    def _load_best(self) -> keras.Model:
+        try:
+            return keras.models.load_model(self.best_path, compile=False)
+        except UNREADABLE as exc:
+            raise unreadable(self.best_path, "model", exc) from None

@@ -1,0 +1,305 @@
+"""TF Serving's REST API and the playground page, against a real ``charrnn serve`` subprocess over HTTP."""
+
+from __future__ import annotations
+
+import base64
+import html
+import http.client
+import json
+import re
+import shutil
+import socket
+import subprocess
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+from conftest import write_models_config
+from keras_charrnn import load
+from keras_charrnn.errors import ServingError
+from keras_charrnn.serving.rest import error_reply
+from servers import ServerProcess
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+SAMPLING = {"temperature": 0.8, "top_k": 0, "top_p": 1.0}
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on now (for ``--rest_api_port``)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_call(url: str, body=None, method: str | None = None) -> tuple[int, dict]:
+    """Sends JSON (if ``body``) with urllib; returns the status and the JSON answer, errors included."""
+    data = json.dumps(body).encode() if body is not None and not isinstance(body, bytes) else body
+    request = urllib.request.Request(url, data=data, method=method or ("POST" if data is not None else "GET"),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+@pytest.fixture(scope="module")
+def rest(model_base, tmp_path_factory):
+    """A server for the lstm and gru models with the REST API on; yields its base URL and gRPC port."""
+    config = write_models_config(tmp_path_factory.mktemp("rest") / "models.config", model_base, ["lstm", "gru"])
+    port = free_port()
+    with ServerProcess(["--model_config_file", config, "--rest_api_port", port, "--max_chars_per_call", 500]) as server:
+        yield f"http://127.0.0.1:{port}", server.port
+
+
+@pytest.fixture(scope="module")
+def lstm(model_base):
+    return load(model_base / "lstm")
+
+
+def generate_inputs(model, prime: str, n: int, seed: int, rows: int = 1) -> dict[str, np.ndarray]:
+    return {"prime": np.array([prime.encode()] * rows, dtype=object), **model.zero_state(rows),
+            "num_chars": np.full([rows], n, np.int32), "temperature": np.full([rows], 0.8, np.float32),
+            "top_k": np.zeros([rows], np.int32), "top_p": np.ones([rows], np.float32),
+            "seed": np.arange(seed, seed + rows, dtype=np.int64), "position": np.zeros([rows], np.int64)}
+
+
+def as_json(arrays: dict[str, np.ndarray]) -> dict:
+    """NumPy inputs as TF Serving's columnar JSON (strings as text)."""
+    return {k: [x.decode() if isinstance(x, bytes) else x for x in v.tolist()] for k, v in arrays.items()}
+
+
+def in_process(model, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    outputs = model.signatures["generate_text"](**{k: tf.constant(v) for k, v in inputs.items()})
+    return {k: v.numpy() for k, v in outputs.items()}
+
+
+def test_model_status_answers_tf_serving_json(rest):
+    url, _ = rest
+    expected = {"model_version_status": [{"version": "1", "state": "AVAILABLE",
+                                          "status": {"error_code": "OK", "error_message": ""}}]}
+    assert http_call(f"{url}/v1/models/lstm") == (200, expected)
+    assert http_call(f"{url}/v1/models/lstm/versions/1") == (200, expected)
+    status, answer = http_call(f"{url}/v1/models/lstm/versions/7")
+    assert status == 404 and "version 7" in answer["error"]
+    status, answer = http_call(f"{url}/v1/models/nosuchmodel")
+    assert status == 404 and "nosuchmodel" in answer["error"]
+    status, answer = http_call(f"{url}/v1/models")
+    assert status == 400 and answer == {"error": "Missing model name in request."}
+
+
+def test_model_metadata_lists_the_signatures_with_their_tensors(rest, lstm):
+    url, _ = rest
+    status, answer = http_call(f"{url}/v1/models/lstm/versions/1/metadata")
+    assert status == 200
+    assert answer["model_spec"] == {"name": "lstm", "version": "1", "signature_name": ""}
+    signatures = answer["metadata"]["signature_def"]["signature_def"]
+    assert {"generate_text", "generate", "step", "metadata", "serving_default"} <= set(signatures)
+    inputs = signatures["generate_text"]["inputs"]
+    assert inputs["prime"]["dtype"] == "DT_STRING" and inputs["seed"]["dtype"] == "DT_INT64"
+    assert [d["size"] for d in inputs["h_0"]["tensor_shape"]["dim"]] == ["-1", str(lstm.info.state_size)]
+    assert signatures["generate_text"]["outputs"]["text"]["dtype"] == "DT_STRING"
+
+
+def test_predict_row_and_columnar_formats_equal_the_in_process_model(rest, lstm):
+    url, _ = rest
+    inputs = generate_inputs(lstm, "the ", 30, seed=11, rows=2)
+    expected = in_process(lstm, inputs)
+    columns = as_json(inputs)
+
+    instances = [{k: v[i] for k, v in columns.items()} for i in range(2)]
+    status, answer = http_call(f"{url}/v1/models/lstm:predict",
+                               {"signature_name": "generate_text", "instances": instances})
+    assert status == 200, answer
+    rows = answer["predictions"]
+    assert [r["text"] for r in rows] == [t.decode() for t in expected["text"]]
+    for name in lstm.info.state_names:
+        np.testing.assert_array_equal(np.array([r[name] for r in rows], np.float32), expected[name])
+
+    status, answer = http_call(f"{url}/v1/models/lstm/versions/1:predict",
+                               {"signature_name": "generate_text", "inputs": columns})
+    assert status == 200, answer
+    assert answer["outputs"]["text"] == [t.decode() for t in expected["text"]]
+    for name in lstm.info.state_names:
+        np.testing.assert_array_equal(np.array(answer["outputs"][name], np.float32), expected[name])
+
+
+def test_binary_strings_travel_as_b64_objects(rest, lstm):
+    url, _ = rest
+    arrays = generate_inputs(lstm, "a lazy ", 20, seed=4)
+    inputs = {**as_json(arrays), "prime": [{"b64": base64.b64encode("a lazy ".encode()).decode()}]}
+    status, answer = http_call(f"{url}/v1/models/lstm:predict", {"signature_name": "generate_text", "inputs": inputs})
+    assert status == 200, answer
+    assert answer["outputs"]["text"] == [in_process(lstm, arrays)["text"][0].decode()]
+    inputs["prime"] = [{"b64": "not base64!"}]
+    status, answer = http_call(f"{url}/v1/models/lstm:predict", {"signature_name": "generate_text", "inputs": inputs})
+    assert status == 400 and "base64" in answer["error"]
+
+
+def test_metadata_signature_answers_the_vocabulary_in_columnar_format(rest, lstm):
+    url, _ = rest
+    status, answer = http_call(f"{url}/v1/models/lstm:predict", {"signature_name": "metadata", "inputs": {}})
+    assert status == 200, answer
+    expected = {k: v.numpy() for k, v in lstm.signatures["metadata"]().items()}
+    assert answer["outputs"]["vocabulary"] == [c.decode() for c in expected["vocabulary"]]
+    assert answer["outputs"]["config"] == expected["config"].decode()
+
+
+def test_a_text_continued_over_rest_by_passing_the_states_back_equals_the_in_process_session(rest, lstm):
+    url, _ = rest
+    prime, n, seed = "the quick ", 25, 7
+    states = {name: [[0.0] * lstm.info.state_size] for name in lstm.info.state_names}
+    pending, position, text = prime, 0, ""
+    for _ in range(3):  # what the README's curl example does
+        body = {"signature_name": "generate_text",
+                "inputs": {"prime": [pending], **states, "num_chars": [n], "temperature": [SAMPLING["temperature"]],
+                           "top_k": [SAMPLING["top_k"]], "top_p": [SAMPLING["top_p"]], "seed": [seed],
+                           "position": [position]}}
+        status, answer = http_call(f"{url}/v1/models/lstm/versions/1:predict", body)
+        assert status == 200, answer
+        chunk = answer["outputs"]["text"][0]
+        states = {name: answer["outputs"][name] for name in lstm.info.state_names}
+        pending, position, text = chunk[-1], position + n, text + chunk
+    session = lstm.session(prime, seed=seed, **SAMPLING)
+    assert text == "".join(session.generate(n) for _ in range(3))
+
+
+@pytest.mark.skipif(not (shutil.which("curl") and shutil.which("jq")), reason="needs curl and jq")
+def test_readme_curl_example_continues_the_text_as_the_in_process_session_does(rest, lstm, tmp_path):
+    url, _ = rest
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## REST API, playground and metrics\n", 1)[1].split("\n## ", 1)[0]
+    script = next(b for b in re.findall(r"```bash\n(.*?)```", section, re.S) if "for call" in b)
+    script = (script.replace("localhost:8501", url.removeprefix("http://")).replace("shakespeare", "lstm")
+              .replace("range(512)", f"range({lstm.info.state_size})"))
+    result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    session = lstm.session("ROMEO:", seed=1, **SAMPLING)
+    assert result.stdout == "".join(session.generate(100) for _ in range(3))
+
+
+def test_rest_and_grpc_refuse_a_request_with_the_same_message(rest, lstm):
+    url, grpc_port = rest
+    inputs = generate_inputs(lstm, "the ", 501, seed=1)  # over --max_chars_per_call 500
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name, request.model_spec.signature_name = "lstm", "generate_text"
+    for k, v in inputs.items():
+        request.inputs[k].CopyFrom(tf.make_tensor_proto(v))
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+        with pytest.raises(grpc.RpcError) as caught:
+            prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request, timeout=60)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    body = {"signature_name": "generate_text", "inputs": as_json(inputs)}
+    assert http_call(f"{url}/v1/models/lstm:predict", body) == (400, {"error": caught.value.details()})
+
+
+@pytest.mark.parametrize("path, body, status, message", [
+    ("lstm:predict", b"{not json", 400, "JSON Parse error"),
+    ("lstm:predict", [1, 2], 400, "Is not object"),
+    ("lstm:predict", {"instances": [{"ids": [[1]]}], "inputs": {}}, 400, "exactly one of"),
+    ("lstm:predict", {"signature_name": "nope", "inputs": {}}, 400, 'signature name: "nope" not found'),
+    ("lstm:predict", {"signature_name": "step", "inputs": {"ids": [[1]]}}, 400, "missing named input"),
+    ("lstm:predict", {"signature_name": "step", "inputs": {"ids": [[1]], "idz": [1]}}, 400, "unexpected input"),
+    ("lstm:predict", {"signature_name": "step", "instances": [[1]]}, 400, "give a list of objects"),
+    ("lstm:predict", b'{"signature_name": "step", "inputs": {"ids": ' + b"[" * 40 + b"1" + b"]" * 40 + b"}}", 400,
+     "nested deeper"),
+    ("nosuchmodel:predict", {"inputs": {}}, 404, "nosuchmodel"),
+    ("lstm/versions/9:predict", {"inputs": {}}, 404, "lstm"),
+    ("lstm:classify", {"examples": []}, 501, "classify"),
+    ("lstm:explain", {"inputs": {}}, 400, "Malformed request"),
+])
+def test_bad_requests_get_a_json_error_with_tf_serving_http_status(rest, path, body, status, message):
+    url, _ = rest
+    got_status, answer = http_call(f"{url}/v1/models/{path}", body, method="POST")
+    assert got_status == status and message in answer["error"], answer
+
+
+def test_tensor_values_are_checked_against_the_signature(rest, lstm):
+    url, _ = rest
+    zero = {name: [[0.0] * lstm.info.state_size] for name in lstm.info.state_names}
+    cases = [({"ids": [[1.5]]}, "not of expected type int32"), ({"ids": [[True]]}, "not of expected type int32"),
+             ({"ids": [[2 ** 40]]}, "not of expected type int32"), ({"ids": [[1, 2], [3]]}, "not a dense tensor"),
+             ({"ids": [1, [2]]}, "not a dense tensor"), ({"ids": [[1]], "h_0": [[0.0]]}, "expects shape")]
+    for change, message in cases:
+        status, answer = http_call(f"{url}/v1/models/lstm:predict",
+                                   {"signature_name": "step", "inputs": {**zero, **change}})
+        assert status == 400 and message in answer["error"], (change, answer)
+    status, answer = http_call(f"{url}/v1/models/lstm:predict",
+                               {"signature_name": "step", "inputs": {**zero, "ids": [[1, 2]]}})
+    assert status == 200 and np.array(answer["outputs"]["logits"]).shape == (1, 2, lstm.vocab.size)
+
+
+def test_oversized_deeply_nested_and_chunked_bodies_are_refused_before_reading(rest):
+    url, _ = rest
+    host, port = url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    connection.putrequest("POST", "/v1/models/lstm:predict")
+    connection.putheader("Content-Length", str(10 ** 9))  # and no body follows
+    connection.endheaders()
+    response = connection.getresponse()
+    assert response.status == 413 and "limit" in json.loads(response.read())["error"]
+    connection.close()
+
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    connection.request("POST", "/v1/models/lstm:predict", body=iter([b'{"inputs": {}}']))  # sent chunked
+    response = connection.getresponse()
+    assert response.status == 411 and "Content-Length" in json.loads(response.read())["error"]
+    connection.close()
+
+    deep = b'{"inputs": ' + b"[" * 100000 + b"]" * 100000 + b"}"
+    status, answer = http_call(f"{url}/v1/models/lstm:predict", deep)
+    assert status == 400 and "JSON" in answer["error"]
+
+
+def test_unknown_pages_answer_404_and_metrics_are_off_without_a_monitoring_config(rest):
+    url, _ = rest
+    assert http_call(f"{url}/nothing/here")[0] == 404
+    assert http_call(f"{url}/monitoring/prometheus/metrics")[0] == 404
+
+
+@pytest.mark.parametrize("code, status", [("INVALID_ARGUMENT", 400), ("FAILED_PRECONDITION", 400), ("NOT_FOUND", 404),
+                                          ("RESOURCE_EXHAUSTED", 429), ("UNAVAILABLE", 503),
+                                          ("DEADLINE_EXCEEDED", 504), ("INTERNAL", 500), ("DATA_LOSS", 500)])
+def test_each_error_code_maps_to_tf_serving_http_status(code, status):
+    reply = error_reply(ServingError(code, "why"))
+    assert reply.status == status and json.loads(reply.body) == {"error": "why"}
+
+
+# ----- the playground ---------------------------------------------------------------------
+
+def _playground_dom(url: str, tmp_path, query: str) -> str:
+    result = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=60000",
+                             f"--user-data-dir={tmp_path / 'chrome'}", "--dump-dom", f"{url}/playground?{query}"],
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+def _element_text(dom: str, element_id: str) -> str:
+    match = re.search(rf'<(\w+) id="{element_id}"[^>]*>(.*?)</\1>', dom, re.S)
+    assert match, f"no #{element_id} in the page"
+    return html.unescape(match.group(2))
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium package")
+def test_playground_continue_grows_the_text_as_the_in_process_session_does(rest, lstm, tmp_path):
+    url, _ = rest
+    query = "model=lstm&prime=the%20lazy%20&seed=5&temperature=0.8&top_k=0&top_p=1&num_chars=30"
+    once = _playground_dom(url, tmp_path, query + "&auto=1")
+    twice = _playground_dom(url, tmp_path, query + "&auto=2")
+    assert 'data-auto-done="2"' in twice and _element_text(twice, "error") == ""
+    first, second = _element_text(once, "generated"), _element_text(twice, "generated")
+    assert len(first) == 30 and len(second) == 60 and second.startswith(first)
+    session = lstm.session("the lazy ", seed=5, **SAMPLING)
+    assert second == session.generate(30) + session.generate(30)
+    assert _element_text(twice, "prime-text") == "the lazy "
+    info = _element_text(twice, "info")
+    assert "lstm version 1" in info and "position 60" in info and "seed 5" in info
+    assert "http://" not in twice and "https://" not in twice  # the page loads nothing from elsewhere
