@@ -7,7 +7,8 @@ They work beside any other Keras callback:
 - ``TrainingCheckpoint``: keep the latest full training state and the best model;
   stop, keeping the last good checkpoint, if the loss becomes NaN or infinite.
 - ``PlotCurves``: draw the loss/bpc curves to a PNG after every epoch.
-- ``EpochSummary``: print one line per epoch.
+- ``EpochSummary``: training speed per epoch: in Keras' progress bar, or one line when it is off.
+- ``SampleText``: print a short sample at a few temperatures and append it to samples.txt.
 - ``TimeBudget``: stop after a wall-clock budget.
 """
 
@@ -194,8 +195,26 @@ class PlotCurves(keras.callbacks.Callback):
         plt.close(fig)
 
 
+def _keras_prints(callback: keras.callbacks.Callback) -> bool:
+    """Whether ``fit`` shows Keras' progress display (verbose 1 or 2), which prints the epoch logs itself."""
+    return (callback.params or {}).get("verbose", 0) != 0
+
+
 class EpochSummary(keras.callbacks.Callback):
-    """Prints one line per epoch: losses, bits per character, speed."""
+    """Reports each epoch's training speed without repeating what Keras prints.
+
+    With Keras' progress display on (``verbose`` 1 or 2), the bar already shows the
+    epoch, the time and every log (``loss``, ``bpc``, ``perplexity``, ``val_*``, added by
+    ``CharMetrics``): this callback adds ``chars_per_s`` to the logs, so the bar (and
+    callbacks after this one, e.g. TensorBoard) show it too, and prints nothing.
+    With ``verbose=0`` it prints the one line per epoch, everything on it::
+
+        epoch 3/14: loss 1.6123  bpc 2.3261  val_loss 1.5880  val_bpc 2.2910  val_ppl 4.89  31,204 chars/s  52s
+
+    Args:
+        chars_per_batch: characters trained per batch (batch_size x seq_len).
+        total_epochs: the run's epochs.
+    """
 
     def __init__(self, chars_per_batch: int, total_epochs: int):
         super().__init__()
@@ -204,20 +223,122 @@ class EpochSummary(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self._start, self._batches = time.perf_counter(), 0
+        self._trained = 0.0
 
     def on_train_batch_end(self, batch, logs=None):
         self._batches += 1
+        self._trained = time.perf_counter() - self._start  # training time, validation left out
+
+    def on_epoch_end(self, epoch, logs=None):
+        seconds = time.perf_counter() - self._start
+        speed = self._batches * self.chars_per_batch / max(self._trained, 1e-9)
+        if logs is not None:
+            logs["chars_per_s"] = speed
+        if _keras_prints(self):
+            return
+        logs = logs or {}
+        nan = float("nan")
+        line = (f"epoch {epoch + 1}/{self.total_epochs}: loss {logs.get('loss', nan):.4f}"
+                f"  bpc {logs.get('bpc', nan):.4f}")
+        if "val_loss" in logs:
+            line += (f"  val_loss {logs['val_loss']:.4f}  val_bpc {logs.get('val_bpc', nan):.4f}"
+                     f"  val_ppl {logs.get('val_perplexity', nan):.2f}")
+        line += f"  {speed:,.0f} chars/s  {seconds:.0f}s"
+        print(line, flush=True)
+
+
+class SampleText(keras.callbacks.Callback):
+    """Samples the model as it trains: a short text from a fixed prime at a few temperatures.
+
+    At each epoch end (and every ``every`` batches, if not 0) it copies the current
+    weights into an exported module (``export.CharRNNModule``, made once) and calls
+    its ``generate_text`` signature, the code an exported model samples with, one
+    row per temperature, seeded, so samples of different epochs are comparable. It
+    reads the weights only: the training model's hidden states, dropout seeds and
+    optimizer are untouched, so a resumed run stays exact. Each sample is appended
+    to ``path`` and printed (after Keras' bar line, when the bar is on).
+
+    Args:
+        path: the text file the samples are appended to (a run folder's ``samples_path``).
+        vocab: the model's vocabulary.
+        progress: where the run stands (shared with ``TrainingCheckpoint``).
+        chars: characters per sample (0: no samples).
+        every: batches between samples within an epoch (0: epoch ends only).
+        prime: the text every sample continues.
+        temperatures: one sample per temperature.
+        seed: the sampling seed (the run's seed).
+    """
+
+    def __init__(self, path: str | Path, vocab, progress: Progress, chars: int = 200, every: int = 0,
+                 prime: str = "\n", temperatures: tuple[float, ...] = (0.5, 0.8, 1.0), seed: int = 0):
+        super().__init__()
+        self.path = Path(path)
+        self.vocab = vocab
+        self.progress = progress
+        self.chars, self.every, self.prime = chars, every, prime
+        self.temperatures, self.seed = tuple(temperatures), seed
+        self._module = None
+        self._held: str | None = None  # an epoch-end sample printed once Keras' bar line is out
+
+    def sample(self) -> list[str]:
+        """The texts sampled from the model's current weights, one per temperature (the prime not included)."""
+        import tensorflow as tf
+
+        from keras_charrnn.export import CharRNNModule
+
+        if self._module is None:
+            self._module = CharRNNModule(self.model, self.vocab, jit_compile=False)
+        module = self._module
+        module.assign_weights(self.model)
+        rows = len(self.temperatures)
+        zeros = [tf.zeros([rows, module.units]) for _ in module.state_names]
+        out = module.generate_text_function(
+            tf.constant([self.prime.encode("utf-8")] * rows), *zeros,
+            tf.fill([rows], self.chars), tf.constant(self.temperatures, tf.float32), tf.zeros([rows], tf.int32),
+            tf.ones([rows], tf.float32), tf.fill([rows], tf.constant(self.seed, tf.int64)), tf.zeros([rows], tf.int64))
+        return [t.decode("utf-8") for t in out["text"].numpy()]
+
+    def _write(self, title: str) -> str:
+        texts = self.sample()
+        block = f"=== {title} ===\n" + "".join(
+            f"--- temperature {t} ---\n{self.prime}{text}\n" for t, text in zip(self.temperatures, texts))
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(block + "\n")
+        return block
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._flush()
+
+    def on_train_end(self, logs=None):
+        self._flush()
+
+    def _flush(self) -> None:
+        if self._held:
+            print(self._held, flush=True)
+            self._held = None
+
+    def on_train_batch_end(self, batch, logs=None):
+        if not (self.chars and self.every) or self.progress.step % self.every:
+            return
+        if not math.isfinite(float((logs or {}).get("loss", 0.0))):
+            return
+        if batch + 1 == (self.params or {}).get("steps"):
+            return  # the epoch's last batch: its epoch-end sample follows
+        block = self._write(f"epoch {self.progress.epoch + 1}, batch {self.progress.step}")
+        print(("\n" if _keras_prints(self) else "") + block, flush=True)
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
-        seconds = time.perf_counter() - self._start
-        speed = self._batches * self.chars_per_batch / max(seconds, 1e-9)
-        line = f"epoch {epoch + 1}/{self.total_epochs}: loss {logs.get('loss', float('nan')):.4f}"
-        if "val_loss" in logs:
-            line += (f"  val_loss {logs['val_loss']:.4f}  val_bpc {logs.get('val_bpc', float('nan')):.4f}"
-                     f"  val_ppl {logs.get('val_perplexity', float('nan')):.2f}")
-        line += f"  {speed:,.0f} chars/s  {seconds:.0f}s"
-        print(line, flush=True)
+        label = "val_loss" if "val_loss" in logs else "loss"
+        loss = logs.get(label)
+        if not self.chars or (loss is not None and not math.isfinite(float(loss))):
+            return  # nothing to sample from diverged weights
+        title = f"epoch {epoch + 1} end" + (f", {label} {float(loss):.4f}" if loss is not None else "")
+        block = self._write(title)
+        if _keras_prints(self):
+            self._held = block  # Keras' bar prints the epoch's line after every callback's on_epoch_end
+        else:
+            print(block, flush=True)
 
 
 class TimeBudget(keras.callbacks.Callback):

@@ -19,7 +19,7 @@ import numpy as np
 
 from keras_charrnn.errors import InputError
 from keras_charrnn.fileio import atomic_write
-from keras_charrnn.model import get_states, set_states
+from keras_charrnn.model import get_states, model_variables, set_states
 
 
 @dataclass
@@ -42,7 +42,9 @@ def snapshot(model: keras.Model, progress: Progress) -> dict[str, np.ndarray]:
     Returns:
         The arrays of the checkpoint, for ``write_checkpoint``.
     """
-    arrays = {f"model_{i}": np.array(v.numpy()) for i, v in enumerate(model.variables)}
+    # model_variables: the hidden states are saved once, as state_i, on every backend (JAX also lists
+    # them in model.variables), so a checkpoint's format does not depend on the backend or the strategy.
+    arrays = {f"model_{i}": np.array(v.numpy()) for i, v in enumerate(model_variables(model))}
     arrays.update({f"state_{i}": s for i, s in enumerate(get_states(model))})
     arrays.update({f"opt_{i}": np.array(v.numpy()) for i, v in enumerate(model.optimizer.variables)})
     arrays["progress"] = np.array(json.dumps(progress.__dict__))
@@ -139,8 +141,9 @@ def load_checkpoint(path: str | os.PathLike, model: keras.Model) -> Progress:
             n_model = sum(k.startswith("model_") for k in keys)
             n_opt = sum(k.startswith("opt_") for k in keys)
             n_state = sum(k.startswith("state_") for k in keys)
-            if n_model != len(model.variables):
-                raise InputError(f"{path}: checkpoint has {n_model} model variables, the model {len(model.variables)}")
+            variables = model_variables(model)
+            if n_model != len(variables):
+                raise InputError(f"{path}: checkpoint has {n_model} model variables, the model {len(variables)}")
             if not model.optimizer.built:
                 model.optimizer.build(model.trainable_variables)
             if n_opt != len(model.optimizer.variables):
@@ -152,7 +155,7 @@ def load_checkpoint(path: str | os.PathLike, model: keras.Model) -> Progress:
     except UNREADABLE as exc:
         raise unreadable(path, "checkpoint", exc) from None
     try:
-        for v, value in zip(model.variables, model_values):
+        for v, value in zip(variables, model_values):
             v.assign(value)
         for v, value in zip(model.optimizer.variables, opt_values):
             v.assign(value)

@@ -42,25 +42,66 @@ def _optional_float(text: str) -> float | None:
 _FLAG_TYPES = {"int": int, "float": float, "str": str, "float | None": _optional_float}
 
 
+class _StoreGiven(argparse.Action):
+    """Stores a flag's value and notes that it was given (in ``namespace.given``), so ``--resume`` can tell
+    a flag typed on the command line from a default."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
+        namespace.given = frozenset(getattr(namespace, "given", frozenset())) | {self.dest}
+
+
 def _add_config_flags(p, config_class) -> None:
-    """One flag per field of a config dataclass (``batch_size`` -> ``--batch-size``), with its default and help."""
+    """One flag per field of a config dataclass (``batch_size`` -> ``--batch-size``), with its default and help.
+
+    Fields that a resumed run may change say so in their help.
+    """
+    p.set_defaults(given=frozenset())
     for f in dataclasses.fields(config_class):
         flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata.get("help", "")
+        help_text = f.metadata.get("help", "") + ("; may change on --resume" if f.metadata.get("on_resume") else "")
         if f.type == "bool":
-            p.add_argument(flag, dest=f.name, action="store_true", default=f.default, help=f"{help_text} (default: off)")
+            p.add_argument(flag, dest=f.name, action=_StoreGiven, nargs=0, const=True, default=f.default,
+                           help=f"{help_text} (default: off)")
             continue
-        p.add_argument(flag, dest=f.name, type=_FLAG_TYPES[f.type], default=f.default,
+        p.add_argument(flag, dest=f.name, action=_StoreGiven, type=_FLAG_TYPES[f.type], default=f.default,
                        choices=f.metadata.get("choices"), help=f"{help_text} (default: %(default)s)")
 
 
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="train a model on a UTF-8 text file")
-    p.add_argument("corpus", help="UTF-8 text file")
-    p.add_argument("--out", required=True, help="run folder (checkpoints, logs, best model)")
+    p = sub.add_parser("train", help="train a model on a UTF-8 text file, a folder of them or a glob")
+    p.add_argument("corpus", help="UTF-8 text file, folder (every file under it, sorted; hidden ones left out) "
+                                  "or quoted glob pattern such as 'src/**/*.py'; files are joined with a blank line")
+    p.add_argument("--out", required=True, help="run folder (checkpoints, logs, samples, best model); required")
     _add_config_flags(p, TrainConfig)
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--quiet", action="store_true", help="no progress bar, only the per-epoch line")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse a corpus file that is not UTF-8 (default: off, such files are skipped with a warning)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint, with its saved settings; "
+                        "only flags marked 'may change on --resume' may be given with a new value (default: off)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no Keras progress bar: one line per epoch instead (default: off)")
+    p.add_argument("--distribute", choices=("mirrored", "multi-worker"), default=None,
+                   help="train under tf.distribute: 'mirrored' on every local GPU (or CPU device), 'multi-worker' "
+                        "on the cluster in TF_CONFIG; --batch-size stays the global batch (default: one device)")
+    p.add_argument("--backend", choices=("tensorflow", "jax"), default=None,
+                   help="Keras backend to train with; jax needs 'pip install keras-charrnn[jax]' "
+                        "(default: $KERAS_BACKEND, else tensorflow)")
+
+
+def _choose_backend(name: str | None) -> None:
+    """Sets KERAS_BACKEND for this process; Keras reads it once, when it is first imported."""
+    if not name:
+        return
+    if "keras" in sys.modules:
+        import keras
+
+        if keras.backend.backend() != name:
+            from keras_charrnn.errors import ConfigError
+
+            raise ConfigError(f"backend {name!r}: Keras is already running on {keras.backend.backend()!r} in this "
+                              f"process; set KERAS_BACKEND={name} before it starts")
+    os.environ["KERAS_BACKEND"] = name
 
 
 def _run_train(args) -> None:
@@ -69,7 +110,16 @@ def _run_train(args) -> None:
         values["clip_norm"] = None  # clipping by value replaces the default clipping by norm
     from keras_charrnn.train import train
 
-    train(args.corpus, args.out, TrainConfig(**values), resume=args.resume, verbose=0 if args.quiet else "auto")
+    verbose = 0 if args.quiet else "auto"
+    if args.resume:
+        given = {name: values[name] for name in args.given}
+        if "clip_value" in given:
+            given["clip_norm"] = values["clip_norm"]
+        train(args.corpus, args.out, resume=True, changes=given, verbose=verbose, strict=args.strict,
+              strategy=args.distribute)
+    else:
+        train(args.corpus, args.out, TrainConfig(**values), verbose=verbose, strict=args.strict,
+              strategy=args.distribute)
     print(f"run saved in {args.out}: export it with 'charrnn export {args.out} --name NAME'")
 
 
@@ -81,14 +131,36 @@ def _add_export(sub) -> None:
     p.add_argument("--version", type=_positive_int, default=None, help="version number (default: next integer)")
     p.add_argument("--which", choices=["best", "latest"], default="best",
                    help="best model by validation loss (default) or the latest weights")
-    p.add_argument("--no-xla", action="store_true",
-                   help="do not XLA-compile the sampling loop (for servers without XLA; slower)")
+    p.add_argument("--xla", action=argparse.BooleanOptionalAction, default=True,
+                   help="add the XLA-compiled twins generate_xla and generate_text_xla, which clients prefer "
+                        "where the server has XLA JIT (default: on; the default signatures never need XLA)")
+    sizes = p.add_mutually_exclusive_group()
+    sizes.add_argument("--warmup-batch-sizes", type=_batch_sizes, default=None, metavar="N,N,...",
+                       help="batch sizes of the warm-up records in assets.extra (default 1,2,4,8)")
+    sizes.add_argument("--batching-parameters-file", default=None, metavar="FILE",
+                       help="warm the batch sizes this BatchingParameters file pads to "
+                            "(e.g. serving/batching_parameters.txt)")
+    p.add_argument("--warmup-xla", action="store_true",
+                   help="warm the XLA twins too: only for servers run with --xla_cpu_compilation_enabled=true "
+                        "(a stock server then fails to load the model)")
+
+
+def _batch_sizes(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def _run_export(args) -> None:
+    from keras_charrnn import warmup
     from keras_charrnn.export import export_run
 
-    path = export_run(args.run_dir, args.name, args.base_path, args.version, args.which, xla=not args.no_xla)
+    sizes = args.warmup_batch_sizes or warmup.DEFAULT_BATCH_SIZES
+    if args.batching_parameters_file:
+        sizes = warmup.batch_sizes_from_batching_parameters(args.batching_parameters_file)
+    path = export_run(args.run_dir, args.name, args.base_path, args.version, args.which, xla=args.xla,
+                      warmup_batch_sizes=sizes, warmup_xla=args.warmup_xla)
     print(f"exported {path}")
 
 
@@ -193,12 +265,30 @@ def _add_serve(sub) -> None:
     p.add_argument("--batching_parameters_file", default=None, help="BatchingParameters text file")
     p.add_argument("--file_system_poll_wait_seconds", type=float, default=1.0,
                    help="how often to look for new versions (0: only at start)")
+    p.add_argument("--model_config_file_poll_wait_seconds", type=float, default=0.0,
+                   help="reread --model_config_file this often: models added, removed or relabelled live "
+                        "(0: read only at start)")
+    p.add_argument("--allow_version_labels_for_unavailable_models", type=_true_false, nargs="?", const=True,
+                   default=False, help="let a new version label name a version that is not loaded yet")
     p.add_argument("--ssl_config_file", default=None, help="SSLConfig text file (TLS, mutual TLS)")
     p.add_argument("--grpc_max_threads", type=_positive_int, default=32)
     p.add_argument("--max_message_bytes", type=_positive_int, default=4 * 1024 * 1024,
                    help="largest request accepted (larger: RESOURCE_EXHAUSTED)")
     p.add_argument("--max_chars_per_call", type=_positive_int, default=MAX_CHARS_PER_CALL,
-                   help="cap on num_chars of one call")
+                   help="cap on num_chars of one row of a call")
+    from keras_charrnn.serving.limits import ServingLimits  # pure Python: no TensorFlow
+
+    p.add_argument("--max_prime_chars", type=_positive_int, default=ServingLimits.max_prime_chars,
+                   help="cap on the characters of one row's prime (its UTF-8 bytes are checked first)")
+    p.add_argument("--max_ids_length", type=_positive_int, default=ServingLimits.max_ids_length,
+                   help="cap on ids per row (T) of step, inspect and generate calls")
+    p.add_argument("--max_rows_per_call", type=_positive_int, default=ServingLimits.max_rows_per_call,
+                   help="cap on the rows (batch dimension) of one call")
+    p.add_argument("--max_request_elements", type=_positive_int, default=ServingLimits.max_request_elements,
+                   help="cap on the elements all of a request's tensors claim together")
+    p.add_argument("--max_concurrent_requests", type=int, default=0,
+                   help="Predict calls answered at once; more get RESOURCE_EXHAUSTED at once "
+                        "(default 0: grpc_max_threads - 8, leaving threads for health and status)")
     p.add_argument("--rest_api_port", type=int, default=0,
                    help="port of TF Serving's REST API, /playground and the metrics (0: no REST API)")
     p.add_argument("--rest_api_num_threads", type=_positive_int, default=argparse.SUPPRESS,
@@ -209,6 +299,18 @@ def _add_serve(sub) -> None:
                    help="MonitoringConfig text file (prometheus_config { enable: true }: metrics on the REST port)")
     p.add_argument("--log_level", choices=["debug", "info", "warning", "error"], default="info",
                    help="debug also logs every call received and every batch run")
+    p.add_argument("--xla_cpu_compilation_enabled", type=_true_false, nargs="?", const=True, default=True,
+                   help="run the XLA twins of the generating signatures (default true; =false answers them "
+                        "'XLA compilation disabled', as a stock tensorflow_model_server does)")
+
+
+def _true_false(text: str) -> bool:
+    """TF Serving's boolean flag values: true/false (also 1/0)."""
+    if text.lower() in ("true", "1"):
+        return True
+    if text.lower() in ("false", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def _run_serve(args) -> None:
@@ -325,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     from keras_charrnn.errors import CharRNNError
 
     try:
+        _choose_backend(getattr(args, "backend", None))
         if args.command in NEEDS_TENSORFLOW:
             import_tensorflow_quietly()
         COMMANDS[args.command](args)

@@ -4,22 +4,35 @@
 holds its help text (and its choices), and ``charrnn train`` makes one flag
 per field from it (``batch_size`` -> ``--batch-size``).
 
+Resuming a run keeps its config. Only the fields marked ``on_resume`` may
+change then (``RESUMABLE``: how long and how watched it trains, and the
+optimizer's step size and clipping, e.g. to continue a diverged run with a lower
+``lr``); every other field fixes the model, the data layout or the random
+streams, and ``resume_changes`` refuses a change to it.
+
 Pure Python, no TensorFlow import, so the CLI can show the defaults instantly.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 from keras_charrnn.errors import ConfigError
+from keras_charrnn.sampling import MAX_CHARS_PER_CALL
 
 CELLS = ("lstm", "gru", "rnn")
 LR_SCHEDULES = ("cosine", "constant")
 
 
-def _field(default, help: str, choices: tuple[str, ...] | None = None):
-    """A dataclass field with its default, its help text and its allowed values (for the CLI)."""
-    return field(default=default, metadata={"help": help, "choices": choices})
+SAMPLE_TEMPERATURES = (0.5, 0.8, 1.0)  # the samples printed during training, one per temperature
+
+
+def _field(default, help: str, choices: tuple[str, ...] | None = None, on_resume: bool = False):
+    """A dataclass field with its default, its help text, its allowed values (for the CLI),
+    and whether resuming a run may change it."""
+    return field(default=default, metadata={"help": help, "choices": choices, "on_resume": on_resume})
 
 
 @dataclass
@@ -38,15 +51,21 @@ class TrainConfig:
     dropout: float = _field(0.2, "dropout after each recurrent layer, in [0, 1)")
     batch_size: int = _field(32, "streams trained side by side (rows of a batch)")
     seq_len: int = _field(100, "characters per row of a batch (the truncated-BPTT length)")
-    epochs: int = _field(14, "passes over the training part of the corpus")
-    lr: float = _field(2e-3, "Adam's learning rate (the start of the cosine schedule)")
-    lr_schedule: str = _field("cosine", "cosine (down to lr/10 over the run) or constant", LR_SCHEDULES)
-    clip_norm: float | None = _field(5.0, "clip gradients by global norm (turned off by clip_value)")
-    clip_value: float | None = _field(None, "clip each gradient element (turns off clip_norm)")
+    epochs: int = _field(14, "passes over the training part of the corpus", on_resume=True)
+    lr: float = _field(2e-3, "Adam's learning rate (the start of the cosine schedule)", on_resume=True)
+    lr_schedule: str = _field("cosine", "cosine (down to lr/10 over the run) or constant", LR_SCHEDULES,
+                              on_resume=True)
+    clip_norm: float | None = _field(5.0, "clip gradients by global norm (turned off by clip_value)", on_resume=True)
+    clip_value: float | None = _field(None, "clip each gradient element (turns off clip_norm)", on_resume=True)
     val_frac: float = _field(0.1, "fraction of the corpus, from its end, held out for validation, in [0, 1)")
     seed: int = _field(0, "random seed (weights, dropout)")
-    checkpoint_every: int = _field(100, "batches between mid-epoch checkpoints; 0 = epoch ends only")
-    tensorboard: bool = _field(False, "also write TensorBoard logs")
+    checkpoint_every: int = _field(100, "batches between mid-epoch checkpoints; 0 = epoch ends only",
+                                   on_resume=True)
+    sample_every: int = _field(0, "batches between samples within an epoch (a sample is printed and added to "
+                                  "samples.txt at each epoch end too); 0 = epoch ends only", on_resume=True)
+    sample_chars: int = _field(200, "characters per sample (one per temperature 0.5, 0.8, 1.0); 0 = no samples",
+                               on_resume=True)
+    tensorboard: bool = _field(False, "also write TensorBoard logs", on_resume=True)
 
     def validate(self) -> None:
         """Checks every field.
@@ -73,5 +92,45 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be positive, got {value}")
         if self.clip_norm is not None and self.clip_value is not None:
             raise ConfigError("use clip_norm or clip_value, not both")
-        if self.checkpoint_every < 0:
-            raise ConfigError(f"checkpoint_every must be 0 or more, got {self.checkpoint_every}")
+        for name in ("checkpoint_every", "sample_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if not 0 <= self.sample_chars <= MAX_CHARS_PER_CALL:
+            raise ConfigError(f"sample_chars must be in 0..{MAX_CHARS_PER_CALL}, got {self.sample_chars}")
+
+
+RESUMABLE = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["on_resume"])
+
+
+def resume_changes(saved: TrainConfig, changes: Mapping[str, Any]) -> tuple[TrainConfig, dict[str, tuple]]:
+    """The config of a resumed run: the saved one with the allowed changes applied.
+
+    Args:
+        saved: the run's config.
+        changes: field values asked for (e.g. the flags given with ``--resume``);
+            a value equal to the saved one is no change.
+
+    Returns:
+        ``(config, changed)``: the new config and ``{field: (old, new)}`` of what changed.
+
+    Raises:
+        ConfigError: a field is unknown, or a change would alter the run (one line naming
+            every such field and what may change instead).
+
+    Example:
+
+    >>> resume_changes(TrainConfig(epochs=2), {"epochs": 4})[1]
+    {'epochs': (2, 4)}
+    """
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(changes) - names)
+    if unknown:
+        raise ConfigError(f"unknown config fields: {', '.join(unknown)}")
+    changed = {f.name: (getattr(saved, f.name), changes[f.name]) for f in dataclasses.fields(TrainConfig)
+               if f.name in changes and getattr(saved, f.name) != changes[f.name]}
+    fixed = [k for k in changed if k not in RESUMABLE]
+    if fixed:
+        what = ", ".join(f"{k} ({changed[k][0]} -> {changed[k][1]})" for k in fixed)
+        raise ConfigError(f"resuming cannot change {what}: they fix the run (start a new run for that); "
+                          f"a resumed run may change {', '.join(RESUMABLE)}")
+    return dataclasses.replace(saved, **{k: new for k, (_, new) in changed.items()}), changed

@@ -46,10 +46,11 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import keras
 import tensorflow as tf
+from tensorflow.core.protobuf import saved_model_pb2
 
 from keras_charrnn import cells, decoding, warmup
 from keras_charrnn.errors import ConfigError, InputError
@@ -98,8 +99,8 @@ class CharRNNModule(tf.Module):
         self._chars = tf.constant([UNKNOWN_CHAR] + vocab.chars)
         self._decode_table = tf.constant([""] + vocab.chars)  # id 0 is never generated: it only pads
         config = {**spec, "vocab_size": vocab.size, "unknown_id": 0, "state_names": list(self.state_names),
-                       "state_size": self.units, "max_chars_per_call": MAX_CHARS_PER_CALL,
-                       "format": "keras-charrnn/1", "xla": jit_compile,
+                  "state_size": self.units, "max_chars_per_call": MAX_CHARS_PER_CALL,
+                  "format": "keras-charrnn/1", "xla": jit_compile,
                   "xla_signatures": [xla_twin(n) for n in TWINNED] if jit_compile else [], **(info or {})}
         self.config_json = json.dumps(config)  # a dict attribute would be wrapped by tf.Module tracking
         self._config_tensor = tf.constant(self.config_json)
@@ -108,6 +109,23 @@ class CharRNNModule(tf.Module):
         self._sample_loop = tf.function(self._sample_loop_impl, autograph=False)
         self._sample_loop_xla = tf.function(self._sample_loop_impl, jit_compile=True, autograph=False)
         self._build_signatures()
+
+    def assign_weights(self, model: keras.Model) -> None:
+        """Copies the current weights of ``model`` (the same architecture) into this module.
+
+        The traced signatures are kept, so a training run can sample from its latest
+        weights through this module's ``generate_text`` without tracing it again.
+
+        Args:
+            model: a model like the one this module was made from (e.g. the training model).
+        """
+        self.embedding.assign(model.get_layer("embedding").get_weights()[0])
+        for variables, layer in zip(self.rnn, recurrent_layers(model)):
+            for variable, value in zip(variables, layer.get_weights()):
+                variable.assign(value)
+        kernel, bias = model.get_layer("logits").get_weights()
+        self.logits_kernel.assign(kernel)
+        self.logits_bias.assign(bias)
 
     # ----- the model, batched over rows and time ---------------------------------------------
 
@@ -326,7 +344,8 @@ class CharRNNModule(tf.Module):
 
 
 def save_savedmodel(model: keras.Model, vocab: Vocabulary, path: str | os.PathLike, info: dict | None = None,
-                    xla: bool = True) -> Path:
+                    xla: bool = True, warmup_batch_sizes: Iterable[int] = warmup.DEFAULT_BATCH_SIZES,
+                    warmup_xla: bool = False) -> Path:
     """Writes the SavedModel of ``model`` to the folder ``path`` atomically (build, then rename).
 
     Args:
@@ -334,18 +353,37 @@ def save_savedmodel(model: keras.Model, vocab: Vocabulary, path: str | os.PathLi
         vocab: its vocabulary.
         path: the version folder to create, e.g. ``saved_models/shakespeare/3``; must not exist.
         info: extra facts for the ``config`` metadata.
-        xla: compile the sampling loop with XLA (several times faster; TensorFlow
-            Serving then needs ``--xla_cpu_compilation_enabled=true``).
+        xla: add the XLA-compiled twins ``generate_xla`` and ``generate_text_xla``
+            (several times faster where the server has XLA JIT; the default
+            signatures serve without it either way).
+        warmup_batch_sizes: the batch sizes of the warm-up records (see ``keras_charrnn.warmup``).
+        warmup_xla: warm the XLA twins too; only for servers started with XLA JIT
+            (``--xla_cpu_compilation_enabled=true``): a stock server fails the load on them.
 
     Returns:
         ``path``.
+
+    Raises:
+        ConfigError: bad warm-up batch sizes.
+        InputError: the folder cannot be written.
     """
-    return _save_module(CharRNNModule(model, vocab, info, jit_compile=xla), path)
+    return _save_module(CharRNNModule(model, vocab, info, jit_compile=xla), path, warmup_batch_sizes, warmup_xla)
 
 
-def _save_module(module: CharRNNModule, path: str | os.PathLike) -> Path:
+def _save_module(module: CharRNNModule, path: str | os.PathLike,
+                 warmup_batch_sizes: Iterable[int] = warmup.DEFAULT_BATCH_SIZES, warmup_xla: bool = False) -> Path:
+    signatures = list(warmup.WARMUP_SIGNATURES)
+    if warmup_xla and module.jit_compile:
+        signatures += [xla_twin(s) for s in warmup.WARMUP_SIGNATURES if s in TWINNED]
+    sizes = warmup.check_batch_sizes(list(warmup_batch_sizes), signatures)
+
+    def write(tmp: str) -> None:
+        tf.saved_model.save(module, tmp, signatures=module.signatures())
+        saved = saved_model_pb2.SavedModel.FromString((Path(tmp) / "saved_model.pb").read_bytes())
+        warmup.write_warmup_file(tmp, warmup.warmup_requests(saved.meta_graphs[0].signature_def, sizes, signatures))
+
     try:
-        atomic_write_dir(path, lambda tmp: tf.saved_model.save(module, tmp, signatures=module.signatures()))
+        atomic_write_dir(path, write)
     except OSError as exc:
         raise InputError(f"{path}: cannot write the SavedModel ({exc.strerror or exc})") from None
     return Path(path)
@@ -376,7 +414,7 @@ def module_from_run(run_dir: str | os.PathLike, which: str = "best", xla: bool =
     Args:
         run_dir: a run folder written by ``train``.
         which: ``"best"`` model by validation loss or ``"latest"`` weights.
-        xla: compile the sampling loop with XLA.
+        xla: add the XLA-compiled twins of the generating signatures.
 
     Returns:
         The module; ``named_signatures()`` runs it as the SavedModel would be run.
@@ -386,7 +424,8 @@ def module_from_run(run_dir: str | os.PathLike, which: str = "best", xla: bool =
 
 
 def export_run(run_dir: str | os.PathLike, name: str, base_path: str | os.PathLike = "saved_models",
-               version: int | None = None, which: str = "best", xla: bool = True) -> Path:
+               version: int | None = None, which: str = "best", xla: bool = True,
+               warmup_batch_sizes: Iterable[int] = warmup.DEFAULT_BATCH_SIZES, warmup_xla: bool = False) -> Path:
     """Exports a training run as ``base_path/name/version``, the layout TF Serving polls.
 
     Args:
@@ -395,13 +434,16 @@ def export_run(run_dir: str | os.PathLike, name: str, base_path: str | os.PathLi
         base_path: the folder of all models.
         version: the version number; defaults to the next integer.
         which: ``"best"`` model by validation loss or ``"latest"`` weights.
-        xla: compile the sampling loop with XLA (see ``save_savedmodel``).
+        xla: add the XLA-compiled twins (see ``save_savedmodel``).
+        warmup_batch_sizes: the batch sizes of the warm-up records, e.g.
+            ``warmup.batch_sizes_from_batching_parameters("serving/batching_parameters.txt")``.
+        warmup_xla: warm the XLA twins too (see ``save_savedmodel``).
 
     Returns:
         The version folder written.
 
     Raises:
-        ConfigError: ``name``, ``version`` or ``which`` is invalid.
+        ConfigError: ``name``, ``version``, ``which`` or ``warmup_batch_sizes`` is invalid.
         InputError: the run cannot be loaded, or the version folder exists or cannot be written.
 
     Example:
@@ -417,4 +459,5 @@ def export_run(run_dir: str | os.PathLike, name: str, base_path: str | os.PathLi
     target = base / str(version or next_version(base))
     if target.exists():
         raise InputError(f"{target} already exists; choose another version")
-    return _save_module(module_from_run(run_dir, which, xla), target)
+    sizes = warmup.check_batch_sizes(list(warmup_batch_sizes), warmup.WARMUP_SIGNATURES)  # before the slow part
+    return _save_module(module_from_run(run_dir, which, xla), target, sizes, warmup_xla)

@@ -27,6 +27,7 @@ from keras_charrnn.sampling import DEFAULT_CHUNK, DEFAULT_PRIME, SamplingParams
 from keras_charrnn.session import ModelInfo, Session
 from keras_charrnn.versions import latest_version_dir, version_number
 from keras_charrnn.vocab import Vocabulary
+from keras_charrnn.xla import xla_twin
 
 
 class _InProcessRunner:
@@ -36,7 +37,8 @@ class _InProcessRunner:
         self._signatures, self._version = signatures, version
 
     def run(self, signature, inputs, version):
-        fn = self._signatures[signature]
+        # The XLA twin when the model has one: the same text, faster (this process has XLA JIT).
+        fn = self._signatures.get(xla_twin(signature)) or self._signatures[signature]
         try:
             out = fn(**{k: tf.constant(v) if v.dtype != object else tf.constant(list(v), tf.string)
                         for k, v in inputs.items()})

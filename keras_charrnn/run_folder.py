@@ -2,13 +2,13 @@
 
 ::
 
-    RUN_DIR/config.json   the TrainConfig, the corpus it trained on, the vocabulary size
+    RUN_DIR/config.json   the TrainConfig, the corpus it trained on (files, hash), the vocabulary size
     RUN_DIR/vocab.json    the vocabulary
     RUN_DIR/state.npz     latest full training state (resume from here; see checkpoint.py)
     RUN_DIR/best.keras    best model by validation loss
     RUN_DIR/log.csv       one row per epoch: loss, bpc, perplexity, val_*
     RUN_DIR/curves.png    the bpc curves
-    RUN_DIR/samples.txt   generated samples (when something writes them)
+    RUN_DIR/samples.txt   text sampled during training (each epoch end or every ``sample_every`` batches)
     RUN_DIR/tensorboard/  TensorBoard logs (with ``tensorboard=True``)
 
 Example:
@@ -126,6 +126,26 @@ class RunFolder:
         """The path of the corpus the run trained on, as recorded in ``config.json``."""
         return self._read_config_file().get("corpus", {}).get("path")
 
+    def corpus_record(self) -> dict:
+        """The corpus record of ``config.json``: ``path``, ``files``, ``skipped``, ``separator``, ``chars``, ``sha256``."""
+        return dict(self._read_config_file().get("corpus", {}))
+
+    def update_config(self, config: TrainConfig) -> None:
+        """Rewrites the config of ``config.json`` (after a resume changed some fields), keeping the rest.
+
+        Args:
+            config: the run's new config.
+
+        Raises:
+            InputError: not a run folder, or it cannot be written.
+        """
+        record = self._read_config_file()
+        record["config"] = dataclasses.asdict(config)
+        try:
+            atomic_write_text(self.config_path, json.dumps(record, indent=2))
+        except OSError as exc:
+            raise InputError(f"{self.config_path}: cannot write ({exc.strerror or exc})") from None
+
     def vocab(self) -> Vocabulary:
         """The run's vocabulary (raises InputError if missing or malformed)."""
         return Vocabulary.load(self.vocab_path)
@@ -135,7 +155,7 @@ class RunFolder:
 
         Args:
             config: the run's hyper-parameters.
-            corpus: what was trained on: ``{"path", "chars", "sha256"}``.
+            corpus: what was trained on (``corpus.CorpusScan.record``: ``path``, ``files``, ``chars``, ``sha256``...).
             vocab: the run's vocabulary.
 
         Raises:

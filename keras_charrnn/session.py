@@ -16,13 +16,14 @@ in the ``Runner`` that executes a signature. This module needs NumPy only.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Iterator, Protocol
 
 import numpy as np
 
 from keras_charrnn.errors import ConfigError, InputError
-from keras_charrnn.sampling import DEFAULT_CHUNK, SamplingParams
+from keras_charrnn.sampling import DEFAULT_CHUNK, MAX_CHARS_PER_CALL, SamplingParams
 
 
 class Runner(Protocol):
@@ -34,7 +35,20 @@ class Runner(Protocol):
 
 @dataclass
 class ModelInfo:
-    """What a session must know of a model: its state tensors and limits (from ``metadata``)."""
+    """What a session must know of a model: its state tensors and limits.
+
+    Args:
+        name: the model's name (its folder, or its name on a server).
+        state_names: the state tensors, in the order of the model's layers.
+        state_size: the width of every state tensor (the units of each layer).
+        vocab_size: the number of ids, 0 (unknown) included.
+        max_chars_per_call: the most characters one ``generate_text`` call may ask for:
+            the model's own cap, or the server's advertised limit if lower.
+        config: the model's ``metadata`` config.
+        version: the version these facts describe (None: unknown, e.g. in-process).
+        limits: the server's advertised request limits (``max_prime_chars``,
+            ``max_chars_per_call``, ...); empty when it advertises none.
+    """
 
     name: str
     state_names: list[str]
@@ -42,21 +56,42 @@ class ModelInfo:
     vocab_size: int
     max_chars_per_call: int
     config: dict = field(default_factory=dict)
+    version: int | None = None
+    limits: dict = field(default_factory=dict)
 
     @classmethod
-    def from_config(cls, name: str, config: dict) -> "ModelInfo":
+    def from_config(cls, name: str, config: dict, version: int | None = None, limits: dict | None = None
+                    ) -> "ModelInfo":
         """Reads the facts from a model's ``metadata`` config.
 
         Args:
             name: the model's name (its folder, or its name on a server).
             config: the JSON object of the ``metadata`` signature's ``config``.
+            version: the version the config was read from, if known.
+            limits: request limits advertised by the server (positive integers by name);
+                ``max_chars_per_call`` lowers the model's own cap.
 
         Returns:
             The model's info.
+
+        Example:
+
+        >>> ModelInfo.from_config("m", {"state_names": ["h_0"], "state_size": 8, "vocab_size": 30,
+        ...                             "max_chars_per_call": 4096}, limits={"max_chars_per_call": 256}).max_chars_per_call
+        256
         """
+        limits = {k: int(v) for k, v in (limits or {}).items() if isinstance(v, (int, float)) and v > 0}
+        cap = int(config.get("max_chars_per_call", MAX_CHARS_PER_CALL))
+        if "max_chars_per_call" in limits:
+            cap = min(cap, limits["max_chars_per_call"])
         return cls(name=name, state_names=list(config["state_names"]), state_size=int(config["state_size"]),
-                   vocab_size=int(config["vocab_size"]), max_chars_per_call=int(config["max_chars_per_call"]),
-                   config=config)
+                   vocab_size=int(config["vocab_size"]), max_chars_per_call=cap, config=config, version=version,
+                   limits=limits)
+
+    @property
+    def max_prime_chars(self) -> int | None:
+        """The most characters of text one call may feed (None: no advertised limit)."""
+        return self.limits.get("max_prime_chars")
 
 
 class Session:
@@ -93,34 +128,53 @@ class Session:
         return "".join(self.stream(n, chunk=self.info.max_chars_per_call))
 
     def stream(self, n: int, chunk: int = DEFAULT_CHUNK) -> Iterator[str]:
-        """Yields the next ``n`` characters, ``chunk`` characters per model call."""
+        """Yields the next ``n`` characters, ``chunk`` at a time.
+
+        A chunk over the model's or the server's ``max_chars_per_call`` is made of
+        several calls; the text is the same however it is chunked.
+        """
         if n < 1:
             raise ConfigError(f"n (the number of characters) must be at least 1, got {n}")
-        if not 1 <= chunk <= self.info.max_chars_per_call:
-            raise ConfigError(f"chunk must be in 1..{self.info.max_chars_per_call}, got {chunk}")
+        if chunk < 1:
+            raise ConfigError(f"chunk must be at least 1, got {chunk}")
         left = n
         while left:
             take = min(chunk, left)
-            yield self._call(take)
+            yield "".join(self._call(min(self.info.max_chars_per_call, take - done))
+                          for done in range(0, take, self.info.max_chars_per_call))
             left -= take
 
     def feed(self, text: str) -> None:
         """Pushes ``text`` into the state: the next characters continue after it."""
         self.pending += text
 
-    def _call(self, n: int) -> str:
+    def _run(self, text: str, n: int) -> dict[str, np.ndarray]:
+        """One ``generate_text`` call: feeds ``text``, samples ``n``; keeps the states and the version."""
         p = self.params
-        inputs = {"prime": np.array([self.pending.encode("utf-8")], dtype=object),
+        inputs = {"prime": np.array([text.encode("utf-8")], dtype=object),
                   **self.states,
                   "num_chars": np.array([n], np.int32), "temperature": np.array([p.temperature], np.float32),
                   "top_k": np.array([p.top_k], np.int32), "top_p": np.array([p.top_p], np.float32),
                   "seed": np.array([p.seed], np.int64), "position": np.array([self.position], np.int64)}
         outputs, version = self.runner.run("generate_text", inputs, self.version)
-        text = outputs["text"].reshape(-1)[0]
-        text = text.decode("utf-8") if isinstance(text, bytes) else str(text)
+        if version is not None and self.info.version is not None and version != self.info.version:
+            refresh = getattr(self.runner, "model_info", None)  # the facts of the version that answered
+            if refresh is not None:
+                self.info = refresh(version)
         self.states = {name: np.asarray(outputs[name], np.float32) for name in self.info.state_names}
         if self.version is None:
             self.version = version
+        return outputs
+
+    def _call(self, n: int) -> str:
+        limit = self.info.max_prime_chars
+        while limit and len(self.pending) > limit:
+            # Feed the text in pieces the server accepts: a call samples one character it does not
+            # feed, so its states are those after the piece alone; that sample is dropped.
+            self._run(self.pending[:limit], 1)
+            self.pending = self.pending[limit:]
+        text = self._run(self.pending, n)["text"].reshape(-1)[0]
+        text = text.decode("utf-8") if isinstance(text, bytes) else str(text)
         self.pending = text[-1]
         self.position += n
         return text
@@ -139,7 +193,7 @@ class Session:
 
     @classmethod
     def from_json(cls, data: str, runner: Runner, info: ModelInfo) -> "Session":
-        """Restores a session saved by ``to_json`` onto ``runner``.
+        """Restores a session saved by ``to_json`` onto ``runner``, checking every field.
 
         Args:
             data: the JSON text from ``to_json``.
@@ -150,24 +204,89 @@ class Session:
             The session, ready to continue.
 
         Raises:
-            InputError: ``data`` is not a saved session, or one saved from a model of other states.
+            InputError: ``data`` is not a saved session, or a field is invalid or belongs to
+                another model (the message names the field). Unknown fields are ignored.
+
+        Example:
+
+        >>> Session.from_json('{"temperature": -1, ...}', runner, info)  # doctest: +SKIP
+        InputError: saved session field 'temperature': must be a finite number, 0 or more, got -1
         """
         try:
             obj = json.loads(data)
-            params = SamplingParams(obj["temperature"], obj["top_k"], obj["top_p"], obj["seed"])
-            session = cls(runner, info, obj["pending"], params)
-            states = {k: np.asarray(v, np.float32).reshape(1, -1) for k, v in obj["states"].items()}
-            position = int(obj["position"])
-            version = obj["version"]
-        except KeyError as exc:
-            raise InputError(f"not a saved session: no {exc} field") from None
-        except (ValueError, TypeError, AttributeError, ConfigError) as exc:
+        except (ValueError, TypeError) as exc:
             raise InputError(f"not a saved session: {exc}") from None
-        if set(states) != set(info.state_names):
-            raise InputError(f"saved session states {sorted(states)} do not match the model's {info.state_names}")
-        if any(v.shape[1] != info.state_size for v in states.values()):
-            raise InputError(f"saved session states are not of width {info.state_size}")
-        if position < 0:
-            raise InputError(f"saved session position must be 0 or more, got {position}")
+        if not isinstance(obj, dict):
+            raise InputError(f"not a saved session: expected a JSON object, got {type(obj).__name__}")
+        for name in SAVED_FIELDS:
+            if name not in obj:
+                raise InputError(f"not a saved session: no {name!r} field")
+        model, version, position, pending = obj["model"], obj["version"], obj["position"], obj["pending"]
+        if model != info.name:
+            raise InputError(f"saved session field 'model': saved from model {model!r}, not {info.name!r}")
+        if version is not None and not (_is_int(version) and version >= 1):
+            raise InputError(f"saved session field 'version': must be a version number (1 or more) or null, "
+                             f"got {version!r}")
+        if not (_is_int(position) and 0 <= position <= INT64_MAX):
+            raise InputError(f"saved session field 'position': must be an integer, 0 or more, got {position!r}")
+        if not isinstance(pending, str) or not pending:
+            raise InputError(f"saved session field 'pending': must be a non-empty string (the text still to feed, "
+                             f"as a prime is), got {pending!r}")
+        params = _saved_params(obj, info)
+        states = _saved_states(obj["states"], info)
+        session = cls(runner, info, pending, params)
         session.states, session.position, session.version = states, position, version
         return session
+
+
+SAVED_FIELDS = ("temperature", "top_k", "top_p", "seed", "pending", "states", "position", "version", "model")
+INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _saved_params(obj: dict, info: ModelInfo) -> SamplingParams:
+    temperature, top_k, top_p, seed = obj["temperature"], obj["top_k"], obj["top_p"], obj["seed"]
+    if not (_is_number(temperature) and temperature >= 0):
+        raise InputError(f"saved session field 'temperature': must be a finite number, 0 or more, got {temperature!r}")
+    if not (_is_int(top_k) and 0 <= top_k <= info.vocab_size - 1):
+        raise InputError(f"saved session field 'top_k': must be an integer in 0..{info.vocab_size - 1} "
+                         f"(0: off; at most the vocabulary size), got {top_k!r}")
+    if not (_is_number(top_p) and 0 < top_p <= 1):
+        raise InputError(f"saved session field 'top_p': must be in (0, 1], got {top_p!r}")
+    if not (_is_int(seed) and INT64_MIN <= seed <= INT64_MAX):
+        raise InputError(f"saved session field 'seed': must be an integer in the int64 range, got {seed!r}")
+    return SamplingParams(float(temperature), top_k, float(top_p), seed)
+
+
+def _saved_states(saved, info: ModelInfo) -> dict[str, np.ndarray]:
+    if not isinstance(saved, dict):
+        raise InputError(f"not a saved session: field 'states' must map state names to values, "
+                         f"got {type(saved).__name__}")
+    if set(saved) != set(info.state_names):
+        raise InputError(f"saved session field 'states': names {sorted(saved)} do not match the model's "
+                         f"{info.state_names}")
+    states = {}
+    for name in info.state_names:
+        where = f"saved session field 'states' ({name!r})"
+        try:
+            value = np.asarray(saved[name])
+        except (ValueError, TypeError):
+            raise InputError(f"{where}: not an array of numbers") from None
+        if value.dtype.kind not in "iuf":  # strings, booleans, ragged lists (object) are not states
+            raise InputError(f"{where}: must hold numbers, got {value.dtype.name} values")
+        if value.shape not in ((info.state_size,), (1, info.state_size)):
+            raise InputError(f"{where}: must be 1 row of width {info.state_size} (the model's state_size), "
+                             f"got shape {list(value.shape)}")
+        with np.errstate(over="ignore"):
+            value = value.astype(np.float32).reshape(1, info.state_size)
+        if not np.isfinite(value).all():
+            raise InputError(f"{where}: must be finite float32 numbers (no NaN, no infinity, |x| < 3.4e38)")
+        states[name] = value
+    return states

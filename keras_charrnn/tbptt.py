@@ -11,7 +11,9 @@ model may carry its hidden state from one batch to the next::
     batch 0:  x=[[a b c d], [i j k l]]  y=[[b c d e], [j k l m]]
     batch 1:  x=[[e f g h], [m n o p]]  y=[[f g h i], [n o p q]]
 
-Batches are views on one int32 array: memory is about 4 bytes per character.
+The streams are views on the ids as given (``uint8``/``uint16`` for a corpus read
+by ``corpus.py``: 1-2 bytes per character, never copied); each batch is cast to
+int32 when Keras asks for it.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ class TBPTTBatches(keras.utils.PyDataset):
     from batch k to batch k+1 would then be wrong.
 
     Args:
-        ids: the encoded corpus, 1-D integers.
+        ids: the encoded corpus, 1-D integers of any integer type (kept as is, not copied).
         batch_size: number of streams (rows of every batch).
         seq_len: characters per row of a batch (the truncation length).
         name: what the corpus is called in error messages.
@@ -76,7 +78,9 @@ class TBPTTBatches(keras.utils.PyDataset):
                 f"seq_len {seq_len} needs at least {need}; use a longer text or smaller "
                 f"batch_size/seq_len"
             )
-        ids = np.asarray(ids, dtype=np.int32)
+        ids = np.asarray(ids)
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise ConfigError(f"ids must be integers, got {ids.dtype}")
         self.batch_size = batch_size
         self.seq_len = seq_len
         self.num_batches_total = (len(ids) - 1) // (batch_size * seq_len)
@@ -94,8 +98,8 @@ class TBPTTBatches(keras.utils.PyDataset):
         if not 0 <= k < self.num_batches_total:
             raise IndexError(index)
         window = slice(k * self.seq_len, (k + 1) * self.seq_len)
-        return (np.ascontiguousarray(self.x_streams[:, window]),
-                np.ascontiguousarray(self.y_streams[:, window]))
+        return (np.ascontiguousarray(self.x_streams[:, window], dtype=np.int32),
+                np.ascontiguousarray(self.y_streams[:, window], dtype=np.int32))
 
     def from_batch(self, start: int) -> "TBPTTBatches":
         """The same batches, starting at batch ``start`` (for resuming mid-epoch)."""

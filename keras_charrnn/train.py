@@ -1,27 +1,30 @@
-"""Training: text file -> vocabulary -> TBPTT batches -> ``model.fit`` -> run folder.
+"""Training: corpus (file, folder or glob) -> vocabulary and ids -> TBPTT batches -> ``model.fit`` -> run folder.
 
 What the run folder holds is described in ``run_folder.py``; the defaults are
-``TrainConfig``'s, in ``config.py``.
+``TrainConfig``'s, in ``config.py``; how a corpus is read, in ``corpus.py``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-from pathlib import Path
+from typing import Any, Mapping
 
 import keras
+import numpy as np
 
-from keras_charrnn.callbacks import CharMetrics, EpochSummary, PlotCurves, ResetStates, TrainingCheckpoint
+from keras_charrnn.callbacks import (CharMetrics, EpochSummary, PlotCurves, ResetStates, SampleText,
+                                     TrainingCheckpoint)
 from keras_charrnn.checkpoint import Progress, load_checkpoint
-from keras_charrnn.config import TrainConfig
+from keras_charrnn.config import SAMPLE_TEMPERATURES, TrainConfig, resume_changes
+from keras_charrnn.corpus import Corpus, CorpusScan, encode, scan
 from keras_charrnn.errors import ConfigError, InputError
 from keras_charrnn.model import compile_model, make_optimizer, model_from_config, reset_states
 from keras_charrnn.run_folder import RunFolder
+from keras_charrnn.sampling import DEFAULT_PRIME
 from keras_charrnn.tbptt import TBPTTBatches, split_train_val
-from keras_charrnn.vocab import Vocabulary, read_corpus
+from keras_charrnn.vocab import Vocabulary
 
-__all__ = ["train", "prepare_data", "TrainingDiverged"]
+__all__ = ["train", "prepare_data", "load_data", "TrainingDiverged"]
 
 
 class TrainingDiverged(ConfigError):
@@ -46,26 +49,73 @@ def prepare_data(text: str, config: TrainConfig, vocab: Vocabulary | None = None
         ``config.val_frac`` is 0.
     """
     vocab = vocab or Vocabulary.from_text(text)
-    train_ids, val_ids = split_train_val(vocab.encode(text), config.val_frac)
+    return (vocab, *_layout(vocab.encode(text), config, name))
+
+
+def _layout(ids: np.ndarray, config: TrainConfig, name: str) -> tuple[TBPTTBatches, TBPTTBatches | None]:
+    """The training and validation batches of encoded ids (views on ``ids``, not copies)."""
+    train_ids, val_ids = split_train_val(ids, config.val_frac)
     train = TBPTTBatches(train_ids, config.batch_size, config.seq_len, name=f"{name} (training part)")
     val = None
     if len(val_ids):
         val = TBPTTBatches(val_ids, config.batch_size, config.seq_len,
                            name=f"{name} (validation part, val_frac {config.val_frac})")
-    return vocab, train, val
+    return train, val
 
 
-def _corpus_record(path: Path, text: str) -> dict:
-    return {"path": str(path), "chars": len(text), "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
+def load_data(corpus: str | os.PathLike, config: TrainConfig, vocab: Vocabulary | None = None,
+              strict: bool = False) -> tuple[Corpus, TBPTTBatches, TBPTTBatches | None]:
+    """Reads a corpus in blocks, encodes it and lays it out for truncated BPTT.
+
+    Peak memory is the id array (1-4 bytes per character, see ``corpus.py``) plus a few blocks.
+
+    Args:
+        corpus: a file, a folder or a glob pattern.
+        config: supplies ``batch_size``, ``seq_len`` and ``val_frac``.
+        vocab: the vocabulary to encode with (default: the corpus's own).
+        strict: refuse files that are not UTF-8 instead of skipping them.
+
+    Returns:
+        ``(corpus, train_batches, val_batches)``; ``val_batches`` is None when ``val_frac`` is 0.
+    """
+    found = scan(corpus, strict)
+    return _encoded(found, vocab or Vocabulary(found.chars_seen), config)
 
 
-def _resumed_setup(run: RunFolder, corpus: Path, text: str) -> tuple[TrainConfig, Vocabulary]:
-    """The saved config and vocabulary of the run to resume; checks it trained on this corpus."""
+def _encoded(found: CorpusScan, vocab: Vocabulary, config: TrainConfig):
+    data = Corpus(encode(found, vocab), vocab, found.record())
+    return (data, *_layout(data.ids, config, found.spec))
+
+
+def _check_same_corpus(run: RunFolder, found: CorpusScan) -> None:
+    """Refuses a corpus whose joined text differs from the one the run trained on, naming the files that differ."""
+    saved = run.corpus_record()
+    if saved.get("sha256") == found.sha256:
+        return
+    why = ""
+    if "files" in saved:
+        added = [n for n in found.names if n not in set(saved["files"])]
+        missing = [n for n in saved["files"] if n not in set(found.names)]
+        parts = [f"{label}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+                 for label, names in (("new files", added), ("missing files", missing)) if names]
+        why = "; ".join(parts) or "the same files with different text"
+        why = f" ({why})"
+    raise InputError(f"{found.spec}: not the corpus this run was trained on ({saved.get('path')}){why}")
+
+
+def _resumed_setup(run: RunFolder, corpus: str | os.PathLike, strict: bool, changes: Mapping[str, Any]
+                   ) -> tuple[TrainConfig, Vocabulary, CorpusScan, dict]:
+    """The config (with the allowed changes) and vocabulary of the run to resume; checks the corpus.
+
+    Returns:
+        ``(config, vocab, scan, changed)``, ``changed`` as ``resume_changes`` gives it.
+    """
     if not run.config_path.is_file():
         raise InputError(f"{run.path}: nothing to resume (no {run.config_path.name}); start without resume")
-    if run.corpus_sha256() != _corpus_record(corpus, text)["sha256"]:
-        raise InputError(f"{corpus}: not the corpus this run was trained on ({run.corpus_path()})")
-    return run.config(), run.vocab()
+    config, changed = resume_changes(run.config(), changes)
+    found = scan(corpus, strict)
+    _check_same_corpus(run, found)
+    return config, run.vocab(), found, changed
 
 
 def _new_setup(run: RunFolder, config: TrainConfig | None) -> TrainConfig:
@@ -75,15 +125,32 @@ def _new_setup(run: RunFolder, config: TrainConfig | None) -> TrainConfig:
     return config or TrainConfig()
 
 
-def _build(config: TrainConfig, vocab: Vocabulary, steps_per_epoch: int) -> keras.Model:
-    """The compiled training model, seeded by ``config.seed``."""
+def _build(config: TrainConfig, vocab: Vocabulary, steps_per_epoch: int, dist=None) -> keras.Model:
+    """The compiled training model, seeded by ``config.seed``; under ``dist`` (a ``distribute.Distribution``)
+    built in its strategy's scope with the per-replica batch."""
     keras.utils.set_random_seed(config.seed)
-    model = model_from_config(config, vocab.size)
-    return compile_model(model, make_optimizer(config, steps_per_epoch * config.epochs))
+    if dist is None:
+        model = model_from_config(config, vocab.size)
+        return compile_model(model, make_optimizer(config, steps_per_epoch * config.epochs))
+    dist.check_batch(config.batch_size)
+    with dist.scope():
+        model = model_from_config(config, vocab.size, replicas=dist.replicas)
+        compile_model(model, make_optimizer(config, steps_per_epoch * config.epochs, dist.optimizer_class()))
+    return dist.prepare(model)
 
 
-def _callbacks(run: RunFolder, config: TrainConfig, progress: Progress,
-               chars_per_batch: int) -> tuple[TrainingCheckpoint, list[keras.callbacks.Callback]]:
+def _distribution(strategy):
+    """A ``distribute.Distribution`` for a strategy (or its name, or an open strategy scope); None without one."""
+    if strategy is None and keras.backend.backend() != "tensorflow":
+        return None
+    from keras_charrnn import distribute  # TensorFlow only
+
+    strategy = distribute.resolve(strategy)
+    return None if strategy is None else distribute.Distribution(strategy)
+
+
+def _callbacks(run: RunFolder, config: TrainConfig, progress: Progress, chars_per_batch: int,
+               vocab: Vocabulary) -> tuple[TrainingCheckpoint, list[keras.callbacks.Callback]]:
     """The package's callbacks for a run, metrics before the loggers that record them.
 
     Returns:
@@ -91,7 +158,9 @@ def _callbacks(run: RunFolder, config: TrainConfig, progress: Progress,
     """
     checkpoint = TrainingCheckpoint(run, progress, every=config.checkpoint_every)
     ours = [CharMetrics(), checkpoint, keras.callbacks.CSVLogger(str(run.log_path), append=True),
-            PlotCurves(run.curves_path, progress), EpochSummary(chars_per_batch, config.epochs)]
+            PlotCurves(run.curves_path, progress), EpochSummary(chars_per_batch, config.epochs),
+            SampleText(run.samples_path, vocab, progress, chars=config.sample_chars, every=config.sample_every,
+                       prime=DEFAULT_PRIME, temperatures=SAMPLE_TEMPERATURES, seed=config.seed)]
     if config.tensorboard:
         try:
             import tensorboard  # noqa: F401
@@ -118,23 +187,35 @@ def _fit(model: keras.Model, train_batches: TBPTTBatches, val_batches: TBPTTBatc
 
 def train(corpus: str | os.PathLike, run_dir: str | os.PathLike, config: TrainConfig | None = None,
           resume: bool = False, callbacks: list[keras.callbacks.Callback] | None = None,
-          verbose: int | str = "auto") -> keras.Model:
-    """Trains a character model on a text file, writing the run folder.
+          verbose: int | str = "auto", strict: bool = False,
+          changes: Mapping[str, Any] | None = None, strategy=None) -> keras.Model:
+    """Trains a character model on a corpus, writing the run folder.
 
     Args:
-        corpus: a UTF-8 text file.
+        corpus: a UTF-8 text file, a folder or a glob pattern (see ``corpus.py``: files
+            joined in sorted order with a blank line between them).
         run_dir: the run folder (created if missing).
-        config: hyper-parameters; with ``resume`` the run's saved config is used.
+        config: hyper-parameters; with ``resume`` the run's saved config is used (see ``changes``).
         resume: continue the run in ``run_dir`` from its last checkpoint.
         callbacks: extra Keras callbacks, run after the package's own.
-        verbose: Keras' progress display (1 bar, 2 one line per epoch, 0 silent).
+        verbose: Keras' progress display (1 bar, 2 one line per epoch, 0 silent: the
+            package then prints one line per epoch).
+        strict: refuse a corpus file that is not UTF-8 (default: skip it with a warning).
+        changes: with ``resume``, config fields to change (``{"epochs": 20}``); only
+            ``config.RESUMABLE`` fields may change, the change is printed and saved.
+        strategy: train under ``tf.distribute`` (TensorFlow backend): ``"mirrored"``,
+            ``"multi-worker"`` (see ``distribute.strategy_from_name``) or a strategy; by
+            default the strategy whose scope is open, if any. ``config.batch_size`` stays the
+            global batch and the run folder is a single-device run's; with several workers
+            only the chief writes it (it must be on a volume every worker reads).
 
     Returns:
         The trained stateful Keras model (its final weights; ``best.keras``
         holds the best by validation loss).
 
     Raises:
-        ConfigError: a hyper-parameter is invalid, or ``run_dir`` already holds a run.
+        ConfigError: a hyper-parameter is invalid, ``run_dir`` already holds a run, or
+            ``changes`` would alter a resumed run (the message names the fields).
         InputError: the corpus or the run to resume is missing, unreadable or mismatched.
         TrainingDiverged: the loss became NaN or infinite (the last good checkpoint is kept).
 
@@ -142,29 +223,48 @@ def train(corpus: str | os.PathLike, run_dir: str | os.PathLike, config: TrainCo
 
     >>> model = train("input.txt", "runs/tiny", TrainConfig(units=64, epochs=2))  # doctest: +SKIP
     """
-    corpus, run = Path(corpus), RunFolder(run_dir)
-    text = read_corpus(corpus)
+    dist = _distribution(strategy)  # first: a multi-worker strategy must be made before TensorFlow starts
+    run = RunFolder(run_dir)
+    writes = run if dist is None else RunFolder(dist.write_dir(run.path))  # non-chief workers: a temporary folder
     if resume:
-        config, vocab = _resumed_setup(run, corpus, text)
+        config, vocab, found, changed = _resumed_setup(run, corpus, strict, changes or {})
     else:
-        config, vocab = _new_setup(run, config), None
+        config = _new_setup(writes, config)
+        found = scan(corpus, strict)
+        vocab, changed = Vocabulary(found.chars_seen), {}
     config.validate()
-    vocab, train_batches, val_batches = prepare_data(text, config, vocab, name=str(corpus))
-    model = _build(config, vocab, len(train_batches))
+    data, train_batches, val_batches = _encoded(found, vocab, config)
+    model = _build(config, vocab, len(train_batches), dist)
+    if dist is not None:
+        print(f"distributed: {dist.replicas} replicas, batch_size {config.batch_size} = {dist.replicas} x "
+              f"{config.batch_size // dist.replicas}" + ("" if dist.is_chief else "; this worker writes to a temporary "
+                                                         "folder, the chief to the run folder"), flush=True)
 
     if resume:
-        progress = load_checkpoint(run.state_path, model)
+        if dist is None:
+            progress = load_checkpoint(run.state_path, model)
+        else:
+            with dist.scope():  # every worker restores (its own rows of the states)
+                progress = load_checkpoint(run.state_path, model)
+        if changed and writes is run:
+            run.update_config(config)
+        what = "; ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
+        where = f", {progress.step} batches into epoch {progress.epoch + 1}" if progress.step else ""
+        print(f"resuming {run.path}: {progress.epoch} of {config.epochs} epochs done{where}"
+              + (f"; changed: {what}" if what else ""), flush=True)
     else:
-        run.start(config, _corpus_record(corpus, text), vocab)
+        writes.start(config, data.record, vocab)
         progress = Progress()
     if progress.epoch >= config.epochs:
         print(f"{run.path}: all {config.epochs} epochs already done")
         return model
 
-    checkpoint, ours = _callbacks(run, config, progress, train_batches.chars_per_batch)
+    checkpoint, ours = _callbacks(writes, config, progress, train_batches.chars_per_batch, vocab)
     _fit(model, train_batches, val_batches, progress, config.epochs, checkpoint, ours + list(callbacks or []), verbose)
     if checkpoint.diverged:
         raise TrainingDiverged(f"training diverged: {checkpoint.diverged}; the last good checkpoint is kept "
                                f"in {run.path} (lower lr or clip_norm, then resume)")
     reset_states(model)
+    if dist is not None:
+        dist.cleanup()
     return model

@@ -2,8 +2,8 @@
 
 Ids are Unicode code points seen in the training corpus, sorted by code
 point, shifted by one: id 0 (``UNKNOWN_ID``) is reserved for characters the
-model never saw in training. Encoding is vectorised with NumPy, so a 100 MB
-corpus encodes in a few seconds and about 8 bytes per character.
+model never saw in training. ``encode`` is vectorised with NumPy; training
+corpora (files, folders, globs) are read and encoded in blocks by ``corpus.py``.
 """
 
 from __future__ import annotations
@@ -20,34 +20,26 @@ from keras_charrnn.fileio import atomic_write_text
 
 UNKNOWN_ID = 0
 UNKNOWN_CHAR = "\ufffd"  # what decode() prints for the reserved id
+MAX_CODE_POINT = 0x10FFFF
 
 
-def read_corpus(path: str | os.PathLike) -> str:
-    """Reads a UTF-8 text file.
+def read_corpus(path: str | os.PathLike, strict: bool = False) -> str:
+    """Reads a corpus whole: a UTF-8 text file, or a folder or glob of them (see ``corpus.py``).
 
     Args:
-        path: the file to read.
+        path: the file, folder or glob pattern.
+        strict: refuse a file of a folder or glob that is not UTF-8 (a single file always is refused).
 
     Returns:
-        The text.
+        The text (files joined with ``corpus.SEPARATOR``).
 
     Raises:
         InputError: the file is missing, empty, or not valid UTF-8 (the
             message names the file and the byte offset of the first bad byte).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such file")
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InputError(
-            f"{path}: not valid UTF-8 (bad byte 0x{data[exc.start]:02x} at byte offset {exc.start})"
-        ) from None
-    if not text:
-        raise InputError(f"{path}: file is empty")
-    return text
+    from keras_charrnn.corpus import read_text  # corpus.py builds on this module
+
+    return read_text(path, strict)
 
 
 def _code_points(text: str) -> np.ndarray:
@@ -92,6 +84,26 @@ class Vocabulary:
 
     def __len__(self) -> int:
         return self.size
+
+    @property
+    def id_dtype(self) -> np.dtype:
+        """The smallest integer type holding every id: uint8, uint16 or int32 (what corpora are encoded in)."""
+        if self.size <= 1 << 8:
+            return np.dtype(np.uint8)
+        if self.size <= 1 << 16:
+            return np.dtype(np.uint16)
+        return np.dtype(np.int32)
+
+    def lookup_table(self) -> np.ndarray:
+        """Every code point's id, for encoding large texts by indexing.
+
+        Returns:
+            An array of ``MAX_CODE_POINT + 1`` ids of type ``id_dtype`` (1-4 MB), indexed by code point;
+            ``UNKNOWN_ID`` for characters not in the vocabulary.
+        """
+        table = np.zeros(MAX_CODE_POINT + 1, dtype=self.id_dtype)
+        table[self._sorted] = self._order + 1
+        return table
 
     def encode(self, text: str) -> np.ndarray:
         """Returns the ids of ``text`` as int32; unknown characters get ``UNKNOWN_ID``."""

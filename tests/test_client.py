@@ -1,7 +1,10 @@
 """The gRPC sampling client against real model-server processes on loopback."""
 
+import dataclasses
 import json
+import math
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -14,9 +17,11 @@ from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
 from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
 from conftest import run_cli
-from keras_charrnn.errors import ConfigError
+from keras_charrnn.errors import CharRNNError, ConfigError, InputError
 from keras_charrnn.inprocess import load
+from keras_charrnn.sampling import SamplingParams
 from keras_charrnn.serving.client import SamplingClient, ServerError, VersionGoneError
+from keras_charrnn.session import ModelInfo, Session
 from servers import ServerProcess
 
 
@@ -62,41 +67,6 @@ def test_feed_pushes_user_text_into_the_state(client, model_base):
     assert session.generate(60) == expected_session.generate(60)
 
 
-def test_session_survives_a_replica_killed_mid_session(model_base):
-    args = ["--model_name", "lstm", "--model_base_path", model_base / "lstm"]
-    with ServerProcess(args) as first, ServerProcess(args) as second:
-        expected = load(model_base / "lstm").generate("the ", 240, temperature=1.0, seed=77)
-        client = SamplingClient([f"127.0.0.1:{first.port}", f"127.0.0.1:{second.port}"], timeout=10, retries=6)
-        session = client.session("lstm", prime="the ", temperature=1.0, seed=77)
-        text = session.generate(80)
-        first.kill()  # SIGKILL: no drain, connections drop
-        text += session.generate(80) + session.generate(80)
-        assert text == expected
-        client.close()
-
-
-def test_a_pinned_version_that_disappears_raises_a_clear_error(tmp_path, model_base):
-    base = tmp_path / "m"
-    shutil.copytree(model_base / "lstm" / "1", base / "1")
-    with ServerProcess(["--model_name", "m", "--model_base_path", base,
-                        "--file_system_poll_wait_seconds", "0.3"]) as server:
-        client = SamplingClient(f"127.0.0.1:{server.port}")
-        session = client.session("m", prime="the ", seed=1)
-        session.generate(20)
-        assert session.version == 1
-        shutil.copytree(model_base / "lstm" / "1", base / "2")  # version 2 replaces version 1
-        status = model_service_pb2_grpc.ModelServiceStub(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
-        request = get_model_status_pb2.GetModelStatusRequest(model_spec={"name": "m", "version": {"value": 1}})
-        deadline = time.monotonic() + 60
-        while status.GetModelStatus(request).model_version_status[0].state != ModelVersionStatus.END:
-            assert time.monotonic() < deadline, "version 1 was never unloaded"
-            time.sleep(0.1)
-        with pytest.raises(VersionGoneError, match="version 1 .* no longer served"):
-            session.generate(20)
-        assert client.session("m", prime="the ", seed=1).generate(5)  # a new session runs on version 2
-        client.close()
-
-
 def test_sixteen_concurrent_sessions_each_produce_what_they_produce_alone(client, model_base):
     model = load(model_base / "lstm")
     expected = [model.generate("the ", 96, temperature=1.0, seed=s) for s in range(16)]
@@ -133,6 +103,12 @@ def test_client_configuration_problems_raise_config_error(tmp_path):
         SamplingClient([])
     with pytest.raises(ConfigError, match="ca_cert"):
         SamplingClient("localhost:1", tls=TLS(ca_cert=str(tmp_path / "missing.pem")))
+    with pytest.raises(ConfigError, match="limits"):
+        SamplingClient("localhost:1", limits={"max_prime_char": 8})
+    with pytest.raises(ConfigError, match="limits"):
+        SamplingClient("localhost:1", limits={"max_prime_chars": 0})
+    with pytest.raises(ConfigError, match="timeout"):
+        SamplingClient("localhost:1", timeout=0)
 
 
 def test_client_import_is_light_and_does_not_load_tensorflow():
@@ -172,3 +148,234 @@ def test_demo_runs_to_completion(model_base):
                      "--chunk", "32")
     assert result.returncode == 0, result.stderr
     assert "server stopped with exit status 0" in result.stdout and "latency" in result.stdout
+
+
+# ----- Session.from_json: every field checked (no server) ------------------------------------
+
+def _info(**changes):
+    return ModelInfo(**{"name": "m", "state_names": ["h_0", "c_0"], "state_size": 3, "vocab_size": 10,
+                        "max_chars_per_call": 64, **changes})
+
+
+def _saved(**changes):
+    obj = {"model": "m", "version": 1, "position": 5, "pending": "a", "temperature": 0.8, "top_k": 0, "top_p": 1.0,
+           "seed": 1, "states": {"h_0": [0.5] * 3, "c_0": [[0.25] * 3]}}
+    return json.dumps({**obj, **changes})
+
+
+def test_from_json_restores_a_valid_record_exactly():
+    session = Session.from_json(_saved(version=None, seed=-(2 ** 63), top_k=9, temperature=0, position=2 ** 40),
+                                None, _info())
+    assert (session.version, session.params.seed, session.params.top_k, session.position) == (None, -(2 ** 63), 9,
+                                                                                              2 ** 40)
+    assert session.states["c_0"].shape == (1, 3) and session.states["c_0"].dtype == np.float32
+    assert Session.from_json(session.to_json(), None, _info()).to_json() == session.to_json()
+
+
+@pytest.mark.parametrize("field, value", [
+    ("states", {"h_0": [math.nan, 0, 0], "c_0": [0, 0, 0]}),
+    ("states", {"h_0": [math.inf, 0, 0], "c_0": [0, 0, 0]}),
+    ("states", {"h_0": [1e39, 0, 0], "c_0": [0, 0, 0]}),  # finite in JSON, infinite as float32
+    ("states", {"h_0": [0, 0], "c_0": [0, 0]}),
+    ("states", {"h_0": [[0, 0, 0], [0, 0, 0]], "c_0": [0, 0, 0]}),  # two rows
+    ("states", {"h_0": ["0", "0", "0"], "c_0": [0, 0, 0]}),
+    ("states", {"h_0": [True, False, True], "c_0": [0, 0, 0]}),
+    ("states", {"h_0": [[0], [0, 0]], "c_0": [0, 0, 0]}),  # ragged
+    ("states", {"h_0": [0, 0, 0], "h_1": [0, 0, 0]}),  # another model's state names
+    ("states", [0, 0, 0]),
+    ("temperature", math.nan), ("temperature", math.inf), ("temperature", -0.1), ("temperature", "0.8"),
+    ("temperature", True),
+    ("top_k", -1), ("top_k", 10), ("top_k", 1.5), ("top_k", True),
+    ("top_p", 0), ("top_p", 1.5), ("top_p", math.nan), ("top_p", None),
+    ("seed", 2 ** 63), ("seed", -(2 ** 63) - 1), ("seed", 1.5), ("seed", "1"),
+    ("position", -1), ("position", 1.0), ("position", 2 ** 63),
+    ("version", 0), ("version", -1), ("version", 1.5), ("version", "1"),
+    ("pending", ""), ("pending", 3), ("pending", None),
+    ("model", "other"), ("model", None),
+])
+def test_from_json_refuses_an_invalid_field_naming_it(field, value):
+    with pytest.raises(InputError, match=field) as raised:
+        Session.from_json(_saved(**{field: value}), None, _info())
+    assert isinstance(raised.value, CharRNNError)
+
+
+@pytest.mark.parametrize("data, message", [
+    ("{not json", "not a saved session"), ("[1, 2]", "JSON object"), ('"text"', "JSON object"),
+    (json.dumps({"pending": "a"}), "no 'temperature' field"),
+    (json.dumps({k: v for k, v in json.loads(_saved()).items() if k != "model"}), "no 'model' field"),
+])
+def test_from_json_refuses_what_is_not_a_saved_session(data, message):
+    with pytest.raises(InputError, match=message):
+        Session.from_json(data, None, _info())
+
+
+def test_limits_split_calls_and_prime_without_changing_the_text(model_base):
+    """A prime longer than max_prime_chars is fed in pieces, num_chars is cut to max_chars_per_call."""
+    model = load(model_base / "lstm")
+    expected = model.generate("the quick brown fox ", 50, temperature=1.0, seed=3)
+    calls = []
+
+    class CountingRunner:  # the real in-process runner, with each call's sizes recorded
+        def run(self, signature, inputs, version):
+            calls.append((len(inputs["prime"][0].decode()), int(inputs["num_chars"][0])))
+            return model._runner.run(signature, inputs, version)
+
+    info = dataclasses.replace(model.info, max_chars_per_call=16, limits={"max_prime_chars": 6})
+    session = Session(CountingRunner(), info, "the quick brown fox ", SamplingParams(temperature=1.0, seed=3))
+    assert "".join(session.stream(50, chunk=25)) == expected
+    assert calls[:4] == [(6, 1), (6, 1), (6, 1), (2, 16)] and [n for _, n in calls[3:]] == [16, 9, 16, 9]
+    assert all(length <= 6 for length, _ in calls)
+
+
+# ----- several replicas: balance, failover, versions, deadlines --------------------------------
+
+class Replicas:
+    """Two ``charrnn serve`` replicas of model "lstm", each on its own base path (so versions may differ)."""
+
+    def __init__(self, model_base, tmp_path_factory):
+        self.bases = []
+        for name in ("a", "b"):
+            base = tmp_path_factory.mktemp(f"replica_{name}") / "lstm"
+            shutil.copytree(model_base / "lstm" / "1", base / "1")
+            self.bases.append(base)
+        self.servers = [self._start(base) for base in self.bases]
+
+    @staticmethod
+    def _start(base, port: int = 0) -> ServerProcess:
+        return ServerProcess(["--model_name", "lstm", "--model_base_path", base, "--file_system_poll_wait_seconds",
+                              "0.3", "--max_prime_chars", "8", "--max_chars_per_call", "48", "--port", port],
+                             debug=True)
+
+    @property
+    def targets(self) -> list[str]:
+        return [f"127.0.0.1:{server.port}" for server in self.servers]
+
+    def predicts(self, index: int) -> int:
+        """Predict calls replica ``index`` (its current process) has received."""
+        return len(self.servers[index].log_matches(r"Predict: model lstm version"))
+
+    def restart(self, index: int) -> None:
+        """SIGKILL, then a new process on the same port."""
+        port = self.servers[index].port
+        self.servers[index].kill()
+        self.servers[index] = self._start(self.bases[index], port)
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def replicas(model_base, tmp_path_factory):
+    pair = Replicas(model_base, tmp_path_factory)
+    yield pair
+    pair.close()
+
+
+def test_calls_are_spread_round_robin_over_the_replicas(replicas, model_base):
+    expected = load(model_base / "lstm").generate("the ", 96, temperature=1.0, seed=11)
+    with SamplingClient(replicas.targets) as client:
+        session = client.session("lstm", prime="the ", temperature=1.0, seed=11)
+        before = [replicas.predicts(0), replicas.predicts(1)]
+        text = "".join(session.stream(96, chunk=8))
+        calls = [replicas.predicts(0) - before[0], replicas.predicts(1) - before[1]]
+    assert text == expected
+    assert calls == [6, 6]  # 12 calls, one after the other on each replica
+
+
+def test_advertised_limits_split_prime_and_chars_and_keep_the_text(replicas, model_base):
+    prime = "the quick brown fox jumps "  # 26 characters; the replicas take 8 per call
+    expected = load(model_base / "lstm").generate(prime, 100, temperature=1.0, seed=12)
+    with SamplingClient(replicas.targets) as client:
+        info = client.model_info("lstm")
+        assert info.limits["max_prime_chars"] == 8 and info.max_chars_per_call == 48
+        session = client.session("lstm", prime=prime, temperature=1.0, seed=12)
+        before = replicas.predicts(0) + replicas.predicts(1)
+        assert session.generate(100) == expected  # each call within the limits: none refused
+        assert replicas.predicts(0) + replicas.predicts(1) - before == 3 + 3  # 3 prime pieces, then 48 + 48 + 4
+    with SamplingClient(replicas.targets, limits={"max_chars_per_call": 10}) as client:  # the lower limit wins
+        assert client.model_info("lstm").max_chars_per_call == 10
+
+
+def test_a_killed_replica_is_skipped_and_gets_traffic_again_once_restarted(replicas, model_base):
+    expected = load(model_base / "lstm").generate("the ", 1500, temperature=1.0, seed=13)
+    with SamplingClient(replicas.targets, down_time=0.3, timeout=20) as client:
+        session = client.session("lstm", prime="the ", temperature=1.0, seed=13)
+        text = session.generate(40)
+        replicas.servers[0].kill()  # SIGKILL: no drain, connections drop
+        for _ in range(5):
+            text += session.generate(8)  # every call answered, by the other replica
+        replicas.restart(0)
+        deadline = time.monotonic() + 30
+        while replicas.predicts(0) == 0:  # the restarted replica is tried again after its skip time
+            assert time.monotonic() < deadline, "the restarted replica never got a call"
+            text += session.generate(8)
+            time.sleep(0.2)
+        served = len(text)
+        before = [replicas.predicts(0), replicas.predicts(1)]
+        for _ in range(6):
+            text += session.generate(8)
+        assert [replicas.predicts(0) - before[0], replicas.predicts(1) - before[1]] == [3, 3]  # balanced again
+    assert text == expected[:len(text)] and served > 80
+
+
+def _wait_until_unloaded(target: str, version: int) -> None:
+    status = model_service_pb2_grpc.ModelServiceStub(grpc.insecure_channel(target))
+    request = get_model_status_pb2.GetModelStatusRequest(model_spec={"name": "lstm", "version": {"value": version}})
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if status.GetModelStatus(request).model_version_status[0].state == ModelVersionStatus.END:
+                return
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return
+        assert time.monotonic() < deadline, f"version {version} was never unloaded from {target}"
+        time.sleep(0.1)
+
+
+def test_a_version_missing_on_one_replica_is_served_by_the_other_until_gone_everywhere(replicas, model_base):
+    expected = load(model_base / "lstm").generate("the ", 200, temperature=1.0, seed=14)
+    with SamplingClient(replicas.targets) as client:
+        session = client.session("lstm", prime="the ", temperature=1.0, seed=14)
+        text = session.generate(40)
+        saved = session.to_json()
+        assert session.version == 1
+        shutil.copytree(replicas.bases[1] / "1", replicas.bases[1] / "2")  # replica b moves to version 2
+        _wait_until_unloaded(replicas.targets[1], 1)
+        for _ in range(10):
+            text += session.generate(16)  # NOT_FOUND on b: a answers, every call
+        assert text == expected and session.version == 1
+        assert client.restore(saved).generate(160) == expected[40:]
+        newest = client.session("lstm", prime="the ", seed=1)
+        newest.generate(5)
+        assert newest.version in (1, 2)
+        shutil.copytree(replicas.bases[0] / "1", replicas.bases[0] / "2")  # now a moves to version 2 too
+        _wait_until_unloaded(replicas.targets[0], 1)
+        with pytest.raises(VersionGoneError, match="version 1 .* no longer served"):
+            session.generate(16)
+        with pytest.raises(VersionGoneError):
+            client.restore(saved)
+        fresh = client.session("lstm", prime="the ", temperature=1.0, seed=14)
+        assert fresh.generate(40) == expected[:40] and fresh.version == 2
+        assert client.model_info("lstm").version == 2  # the cached facts follow the new version
+
+
+def test_a_session_against_an_unreachable_target_fails_within_its_timeout():
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        with socket.socket() as closed:
+            closed.bind(("127.0.0.1", 0))
+            refusing = closed.getsockname()[1]  # bound, never listening: connections refused
+            for target in (f"127.0.0.1:{silent.getsockname()[1]}", f"127.0.0.1:{refusing}"):
+                with SamplingClient(target, timeout=1.5, retries=1000) as client:
+                    start = time.monotonic()
+                    with pytest.raises(ServerError) as raised:
+                        client.session("lstm")
+                    assert time.monotonic() - start < 3.0
+                    assert raised.value.code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
+                    start = time.monotonic()
+                    with pytest.raises(ServerError):
+                        client.restore(_saved(model="lstm"))
+                    assert time.monotonic() - start < 3.0

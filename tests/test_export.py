@@ -288,3 +288,81 @@ def test_metadata_signature_describes_the_model(model_base):
     assert config["cell"] == "gru" and config["state_names"] == ["h_0", "h_1"] and config["state_size"] == 24
     assert out["vocabulary"].shape[0] == config["vocab_size"]
     assert config["val_bpc"] > 0 and config["corpus_chars"] > 0 and config["max_chars_per_call"] == 4096
+
+
+# ----- serving on a stock tensorflow_model_server: XLA only in the twins -----------------------
+
+DEFAULT_SIGNATURES = ("serving_default", "generate_text", "generate", "step", "inspect", "metadata")
+
+
+def _meta_graph(version_dir):
+    return saved_model_pb2.SavedModel.FromString((version_dir / "saved_model.pb").read_bytes()).meta_graphs[0]
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_nothing_the_default_signatures_reach_is_marked_must_compile(model_base, cell):
+    from keras_charrnn.xla import must_compile_functions, reachable_functions
+
+    graph = _meta_graph(model_base / cell / "1")
+    for name in DEFAULT_SIGNATURES:
+        assert reachable_functions(graph, name), name  # the walk starts from the signature's call
+        assert must_compile_functions(graph, name) == set(), name
+    for twin in ("generate_xla", "generate_text_xla"):
+        assert must_compile_functions(graph, twin), twin  # the walk does find XLA where it is
+    assert {"generate_xla", "generate_text_xla"} <= set(graph.signature_def)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_the_xla_twins_give_the_same_text_and_states_as_the_default_signatures(model_base, cell):
+    model = load(model_base / cell)
+    zero3 = {k: tf.constant(v) for k, v in model.zero_state(3).items()}
+    rows = _rows(3, num_chars=150, temperature=1.0, seed=[1, 2, 3])
+    rows["top_k"], rows["top_p"] = tf.constant([0, 5, 0]), tf.constant([1.0, 1.0, 0.9])
+    primes = tf.constant(["the ", "a lazy", "x"])
+    plain = model.signatures["generate_text"](prime=primes, **zero3, **rows)
+    xla = model.signatures["generate_text_xla"](prime=primes, **zero3, **rows)
+    assert plain["text"].numpy().tolist() == xla["text"].numpy().tolist()
+    for name in model.info.state_names:
+        np.testing.assert_allclose(plain[name].numpy(), xla[name].numpy(), atol=1e-5)
+    ids = tf.constant(model.vocab.encode("the ")[None, :].repeat(3, axis=0))
+    assert (model.signatures["generate"](ids=ids, **zero3, **rows)["ids"].numpy().tolist()
+            == model.signatures["generate_xla"](ids=ids, **zero3, **rows)["ids"].numpy().tolist())
+
+
+def test_export_without_xla_has_no_twins_and_the_same_text(trained_runs, model_base, tmp_path):
+    result = run_cli("export", trained_runs["gru"], "--name", "m", "--base-path", tmp_path, "--no-xla")
+    assert result.returncode == 0, result.stderr
+    graph = _meta_graph(tmp_path / "m" / "1")
+    assert not any(name.endswith("_xla") for name in graph.signature_def)
+    assert load(tmp_path / "m").config["xla_signatures"] == []
+    assert load(tmp_path / "m").generate("the ", 80, seed=2) == load(model_base / "gru").generate("the ", 80, seed=2)
+
+
+def test_a_client_falls_back_once_from_the_xla_twin_on_a_server_without_xla(model_base, caplog):
+    from servers import ServerProcess
+
+    from keras_charrnn.serving.client import SamplingClient, ServerError
+
+    expected = load(model_base / "lstm").generate("the ", 120, temperature=1.0, seed=5)  # in-process: the twin
+    args = ["--model_name", "lstm", "--model_base_path", model_base / "lstm", "--xla_cpu_compilation_enabled=false"]
+    with ServerProcess(args, debug=True) as server, SamplingClient(f"127.0.0.1:{server.port}") as client:
+        with pytest.raises(ServerError, match="XLA compilation disabled") as failed:
+            client.predict("lstm", "generate_text_xla", {})
+        assert failed.value.code.name == "INTERNAL"  # what tensorflow_model_server answers without XLA JIT
+        session = client.session("lstm", prime="the ", temperature=1.0, seed=5)
+        text = session.generate(60) + session.generate(60)
+        again = client.session("lstm", prime="the ", temperature=1.0, seed=5).generate(120)
+        calls = [m.group(1) for m in server.log_matches(r"Predict: model lstm version \d+ signature (\w+)")]
+        tried_xla = [r for r in caplog.records if "no XLA JIT" in r.getMessage()]
+    assert text == again == expected
+    assert len(tried_xla) == 1  # the twin was tried by the first call only
+    assert calls.count("generate_text") == 3  # every session call ran, on the plain signature
+
+
+def test_a_client_uses_the_xla_twin_where_the_server_has_xla(server, model_base):
+    from keras_charrnn.serving.client import SamplingClient
+
+    with SamplingClient(f"127.0.0.1:{server}") as client:
+        text = client.session("gru", prime="the ", temperature=1.0, seed=9).generate(80)
+        assert "gru" not in client._without_xla
+    assert text == load(model_base / "gru").generate("the ", 80, temperature=1.0, seed=9)

@@ -67,8 +67,8 @@ def test_predict_on_each_signature_equals_in_process(stub, model_base, cell):
         response = stub.Predict(_request(cell, signature, inputs))
         assert response.model_spec.version.value == 1 and response.model_spec.signature_name == signature
         assert tf.make_ndarray(response.outputs["text"])[0] == expected["text"][0]
-        for name in model.info.state_names:
-            np.testing.assert_array_equal(tf.make_ndarray(response.outputs[name]), expected[name])
+        for name in model.info.state_names:  # the server runs the XLA twin: the same text, states to float rounding
+            np.testing.assert_allclose(tf.make_ndarray(response.outputs[name]), expected[name], atol=1e-5)
     ids = np.array([model.vocab.encode("the lazy dog")], np.int32)
     step = stub.Predict(_request(cell, "step", {"ids": ids, **model.zero_state()}))
     local = model.signatures["step"](ids=tf.constant(ids), **{k: tf.constant(v) for k, v in model.zero_state().items()})

@@ -52,3 +52,12 @@ def test_batches_are_int32_ids_not_one_hot():
 def test_validation_fraction_out_of_range_names_the_parameter():
     with pytest.raises(ConfigError, match=r"^val_frac must be in \[0, 1\), got 1.0"):
         split_train_val(np.arange(100), 1.0)
+
+
+def test_small_integer_ids_are_not_copied_and_batches_come_out_int32():
+    ids = (np.arange(1000) % 200).astype(np.uint8)
+    batches = TBPTTBatches(ids, batch_size=4, seq_len=10)
+    assert np.shares_memory(batches.x_streams, ids) and np.shares_memory(batches.y_streams, ids)
+    x, y = batches[3]
+    assert x.dtype == np.int32 and y.dtype == np.int32 and x.flags.c_contiguous
+    assert np.array_equal(x, TBPTTBatches(ids.astype(np.int64), batch_size=4, seq_len=10)[3][0])

@@ -22,6 +22,7 @@ from keras_charrnn.config import TrainConfig
 from keras_charrnn.cli import build_parser
 from keras_charrnn.errors import ConfigError, InputError
 from keras_charrnn.fileio import atomic_write_dir, atomic_write_text
+from keras_charrnn.inprocess import load
 from keras_charrnn.export import CharRNNModule
 from keras_charrnn.model import build_model, get_states, make_optimizer, state_names
 from keras_charrnn.run_folder import RunFolder
@@ -271,3 +272,79 @@ def test_atomic_writes_fsync_the_data_and_then_the_folder(tmp_path, monkeypatch)
     assert {"saved_model.pb", "v.index", "variables"} <= set(names)
     assert names[-2].startswith(".1.") and synced[-1] == str(tmp_path)  # the temp folder, then after the rename its parent
     assert (tmp_path / "1" / "variables" / "v.index").read_text() == "x"
+
+
+def test_train_help_shows_every_default():
+    train_parser = build_parser()._subparsers._group_actions[0].choices["train"]
+    text = " ".join(train_parser.format_help().split())
+    for action in train_parser._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        assert action.required or "(default:" in " ".join(action.help.split()), action.dest
+        assert " ".join(action.help.split()).split("(default:")[0].strip()[:30] in text
+
+
+def test_samples_txt_grows_each_epoch_with_the_exported_models_text(tmp_path, corpus_file):
+    run = RunFolder(tmp_path / "run")
+    sizes = []
+    watch = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: sizes.append(run.samples_path.stat().st_size))
+    train(corpus_file, run.path, tiny_config("gru", sample_chars=40, sample_every=100), callbacks=[watch], verbose=0)
+    assert len(sizes) == 2 and 0 < sizes[0] < sizes[1]
+    text = run.samples_path.read_text(encoding="utf-8")
+    for title in ("=== epoch 1, batch 100 ===", "=== epoch 1 end, val_loss", "=== epoch 2, batch 100 ===",
+                  "=== epoch 2 end, val_loss"):
+        assert text.count(title) == 1, title
+    # The last sample is what the exported model of the final weights generates with the same settings.
+    final = text.split("=== epoch 2 end")[1]
+    model = load(run.path, which="latest")
+    for temperature in (0.5, 0.8, 1.0):
+        expected = model.generate("\n", 40, temperature=temperature, seed=0)
+        assert f"--- temperature {temperature} ---\n\n{expected}\n" in final
+
+
+def test_progress_line_and_keras_bar_do_not_print_the_same_facts_twice(tmp_path, corpus_file, capsys):
+    config = tiny_config("rnn", epochs=1, sample_chars=0)
+    train(corpus_file, tmp_path / "bar", config, verbose=1)
+    bar = capsys.readouterr().out
+    assert bar.count("val_bpc") == 1 and bar.count("chars_per_s") == 1 and bar.count("val_loss") == 1
+    assert "epoch 1/1:" not in bar
+    train(corpus_file, tmp_path / "quiet", config, verbose=0)
+    quiet = capsys.readouterr().out
+    assert quiet.count("epoch 1/1: loss") == 1 and quiet.count("val_bpc") == 1 and "chars/s" in quiet
+    assert "━" not in quiet
+
+
+def test_resume_applies_flags_that_may_change_and_refuses_the_rest(trained_runs, corpus_file, tmp_path):
+    run = _copy_run(trained_runs, tmp_path)
+    refused = run_cli("train", corpus_file, "--out", run.path, "--resume", "--units", "32", "--cell", "gru",
+                      "--epochs", "3", "--seq-len", "16")
+    _one_line_error(refused, "cell (lstm -> gru)", "units (24 -> 32)", "may change epochs")
+    assert "seq_len" not in refused.stderr  # given, but the same as the run's
+    assert run.config() == tiny_config("lstm")
+
+    resumed = run_cli("train", corpus_file, "--out", run.path, "--resume", "--epochs", "3", "--batch-size", "8",
+                      "--sample-chars", "0", "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "2 of 3 epochs done; changed: epochs 2 -> 3; sample_chars 200 -> 0" in resumed.stdout
+    assert run.config() == tiny_config("lstm", epochs=3, sample_chars=0)
+    assert len(list(csv.DictReader(open(run.log_path)))) == 3
+
+
+def test_folder_and_glob_corpora_train_and_resume_checks_their_files(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text(make_corpus(1200, seed=1), encoding="utf-8")
+    (src / "b.txt").write_text(make_corpus(1200, seed=2), encoding="utf-8")
+    (src / "x.bin").write_bytes(b"\x00\xff\xfe")
+    run = RunFolder(tmp_path / "run")
+    train(src, run.path, tiny_config("rnn", epochs=1, sample_chars=0), verbose=0)
+    corpus = run.record()["corpus"]
+    assert corpus["files"] == ["a.txt", "b.txt"] and corpus["skipped"] == ["x.bin"]
+
+    # The same joined text through a glob continues the run.
+    train(str(src / "*.txt"), run.path, resume=True, changes={"epochs": 2}, verbose=0)
+    assert run.record()["epochs_done"] == 2
+    (src / "c.txt").write_text("one more file", encoding="utf-8")
+    with pytest.raises(InputError, match=r"not the corpus this run was trained on \(.*\) \(new files: c\.txt\)"):
+        train(src, run.path, resume=True, verbose=0)
+    _one_line_error(run_cli("train", src, "--out", tmp_path / "strict", "--strict"), "x.bin", "not valid UTF-8")

@@ -51,3 +51,13 @@ def test_malformed_vocabulary_file_is_named(tmp_path):
     path.write_text("not json")
     with pytest.raises(InputError, match=r"vocab\.json: malformed vocabulary JSON"):
         Vocabulary.load(path)
+
+
+def test_lookup_table_encodes_like_encode_in_the_smallest_id_type():
+    text = "春眠不觉晓 — naïve café 😀"
+    vocab = Vocabulary.from_text(text)
+    points = np.array([ord(c) for c in text + "?"])
+    assert vocab.id_dtype == np.uint8
+    assert vocab.lookup_table()[points].tolist() == vocab.encode(text + "?").tolist()
+    assert Vocabulary(chr(0x4E00 + i) for i in range(255)).id_dtype == np.uint8
+    assert Vocabulary(chr(0x4E00 + i) for i in range(256)).id_dtype == np.uint16

@@ -3,16 +3,19 @@
 Each model has a base path whose numeric sub-folders are versions, and a
 version policy (``latest { num_versions: N }`` by default with N=1, ``all``,
 or ``specific { versions: ... }``). A poller rescans the base paths: versions
-the policy wants are loaded (and warmed up) before the versions they replace
-are unloaded; a version that fails to load never replaces one that serves, and
-its error is kept for GetModelStatus. Requests hold a reference to the
+the policy wants are loaded (and warmed up: a version is AVAILABLE only once
+its warm-up records have run, see ``keras_charrnn.warmup``) before the
+versions they replace are unloaded; a version that fails to load never
+replaces one that serves, and its error is kept for GetModelStatus. Requests hold a reference to the
 ``LoadedVersion`` they run on, so unloading never drops a call in flight.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -23,9 +26,11 @@ from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 from tensorflow_serving.config import model_server_config_pb2
 
-from keras_charrnn.errors import ConfigError, InputError, ServingError
+from keras_charrnn.errors import ConfigError, InputError, ServingError, graph_error_message
 from keras_charrnn.serving import monitoring
+from keras_charrnn import warmup
 from keras_charrnn.versions import list_versions
+from keras_charrnn.xla import XLA_DISABLED_MESSAGE, is_xla_unavailable, must_compile_signatures, xla_twin
 
 log = logging.getLogger("charrnn.serve")
 
@@ -41,12 +46,19 @@ class LoadedVersion:
     path: Path
     module: object
     signature_defs: dict  # name -> tensorflow.core.protobuf.meta_graph_pb2.SignatureDef
+    xla: bool = True  # XLA JIT on: a signature's XLA twin runs in its place (same outputs, faster)
+    must_compile: frozenset = frozenset()  # signatures that need XLA JIT (keras_charrnn.xla)
 
     def signature(self, name: str):
         if name not in self.signature_defs or name not in self.module.signatures:
             raise ServingError("FAILED_PRECONDITION",
                                f'Serving signature name: "{name}" not found in signature def '
                                f"(model {self.name} version {self.version} has: {', '.join(sorted(self.signature_defs))})")
+        if name in self.must_compile and not self.xla:
+            raise ServingError("INTERNAL", XLA_DISABLED_MESSAGE)  # what tensorflow_model_server answers without XLA
+        twin = xla_twin(name)
+        if self.xla and twin in self.signature_defs and twin in self.module.signatures:
+            return self.module.signatures[twin]
         return self.module.signatures[name]
 
 
@@ -60,7 +72,9 @@ class VersionStatus:
     state: int
     error: str = ""  # empty when OK
     error_code: str = ""
-    fingerprint: tuple = ()
+    fingerprint: tuple = ()  # of the folder as it was when the load failed
+    failures: int = 0  # failed loads in a row (the retry backoff grows with them)
+    retry_at: float = 0.0  # time.monotonic() before which a failed version is not retried
 
 
 @dataclass
@@ -70,6 +84,10 @@ class ManagedModel:
     config: model_server_config_pb2.ModelConfig
     loaded: dict[int, LoadedVersion] = field(default_factory=dict)
     status: dict[int, VersionStatus] = field(default_factory=dict)
+    seen: dict[int, tuple] = field(default_factory=dict)  # failed version -> its fingerprint at the last poll
+
+
+MAX_RETRY_BACKOFF_SECONDS = 60.0  # the longest a changed, failed version waits for its next try
 
 
 def _fingerprint(path: Path) -> tuple:
@@ -77,22 +95,54 @@ def _fingerprint(path: Path) -> tuple:
     items = []
     for root, _, files in os.walk(path):
         for f in files:
-            st = os.stat(os.path.join(root, f))
+            try:
+                st = os.stat(os.path.join(root, f))
+            except OSError:  # removed while we looked
+                continue
             items.append((os.path.relpath(os.path.join(root, f), path), st.st_size, st.st_mtime_ns))
     return tuple(sorted(items))
 
 
-def load_version(name: str, version: int, path: Path, warmup_batch_sizes: list[int] = (1,)) -> LoadedVersion:
-    """Loads a SavedModel version and warms it up.
+_QUOTED_PATH = re.compile(r"""(['"])(?:[A-Za-z]:)?[/\\][^'"]*\1""")  # '/any/path with spaces'
+_ABSOLUTE_PATH = re.compile(r"""(?<![\w.<>])(?:[A-Za-z]:)?[/\\][^\s'")]*""")  # /a/path at a word boundary
 
-    Each generating signature runs once per batch size, so the XLA-compiled
-    sampling loop compiles now, not on a client's call.
+
+def load_error_message(exc: BaseException, path: Path) -> str:
+    """A failed load's reason for clients: the exception's first line with every file path taken out.
+
+    Args:
+        exc: what the load raised.
+        path: the version folder (its path, and any other absolute path, becomes ``<path>``).
+
+    Returns:
+        ``"TypeName: first line"`` with no server path in it.
+
+    Example:
+
+    >>> load_error_message(OSError("cannot open /srv/m/3/variables/x.index"), Path("/srv/m/4"))
+    'OSError: cannot open <path>'
+    """
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else ""
+    for prefix in sorted({str(path), str(path.resolve())}, key=len, reverse=True):
+        line = line.replace(prefix, "<path>")
+    line = _ABSOLUTE_PATH.sub("<path>", _QUOTED_PATH.sub(r"\1<path>\1", line))
+    return f"{type(exc).__name__}: {line}"[:300]
+
+
+def load_version(name: str, version: int, path: Path, xla: bool = True) -> LoadedVersion:
+    """Loads a SavedModel version and replays its warm-up records, as TF Serving does.
+
+    A record that fails fails the load. With ``xla``, a record of a signature
+    that has an XLA twin runs the twin (so it compiles now, not on a client's
+    call); if the twin fails for want of XLA, the version falls back to the
+    plain signatures for good.
 
     Args:
         name: the model's name.
         version: the version number.
         path: the version folder.
-        warmup_batch_sizes: the batch sizes calls will be padded to.
+        xla: whether this server runs XLA-compiled functions (``--xla_cpu_compilation_enabled``).
 
     Returns:
         The loaded version.
@@ -110,30 +160,26 @@ def load_version(name: str, version: int, path: Path, warmup_batch_sizes: list[i
         raise InputError(f"version {version} has no MetaGraph tagged 'serve'")
     module = tf.saved_model.load(str(path), tags=["serve"])
     loaded = LoadedVersion(name, version, path, module,
-                           {k: v for k, v in serve[0].signature_def.items() if not k.startswith("__")})
-    for batch in warmup_batch_sizes:
-        _warm_up(loaded, batch)
+                           {k: v for k, v in serve[0].signature_def.items() if not k.startswith("__")},
+                           xla, frozenset(must_compile_signatures(serve[0])))
+    records = warmup.replay(path, lambda signature, inputs: _warm_up(loaded, signature, inputs))
+    log.info("model %s version %d: ran %d warm-up record(s)%s", name, version, records,
+             "" if loaded.xla or not xla else " (without XLA: the XLA twins failed)")
     return loaded
 
 
-def _warm_up(loaded: LoadedVersion, batch: int) -> None:
-    """Calls ``generate`` and ``generate_text`` once with ``batch`` rows."""
-    for sig in ("generate", "generate_text"):
-        if sig not in loaded.module.signatures:
-            continue
-        fn = loaded.module.signatures[sig]
-        inputs = {}
-        for key, spec in fn.structured_input_signature[1].items():
-            shape = [batch if d is None else d for d in spec.shape]
-            if key == "ids":
-                shape = [batch, 1]
-            if spec.dtype == tf.string:
-                inputs[key] = tf.constant(["\n"] * shape[0])
-            elif key in ("num_chars", "top_p"):
-                inputs[key] = tf.ones(shape, spec.dtype)
-            else:
-                inputs[key] = tf.zeros(shape, spec.dtype)
-        fn(**inputs)
+def _warm_up(loaded: LoadedVersion, signature: str, inputs: dict) -> None:
+    """Runs one warm-up record; a twin failing for want of XLA turns XLA off for the version (once)."""
+    tensors = {k: tf.constant(v) for k, v in inputs.items()}
+    try:
+        loaded.signature(signature)(**tensors)
+    except tf.errors.OpError as exc:
+        if not (loaded.xla and is_xla_unavailable(exc.message) and signature not in loaded.must_compile):
+            raise InputError(f"warm-up record of {signature} failed: {graph_error_message(exc.message)}") from None
+        log.warning("model %s version %d: XLA twin failed (%s); serving the plain signatures",
+                    loaded.name, loaded.version, exc.message.splitlines()[0])
+        loaded.xla = False
+        loaded.signature(signature)(**tensors)
 
 
 def wanted_versions(policy: model_server_config_pb2.ModelConfig, on_disk: list[int]) -> list[int]:
@@ -178,14 +224,17 @@ class ModelManager:
                                   f"(only tensorflow)")
             self.models[mc.name] = ManagedModel(mc)
         self.poll_seconds = poll_seconds
-        self.warmup_batch_sizes: list[int] = [1]
+        self.xla = True  # run XLA-compiled functions (TF Serving's --xla_cpu_compilation_enabled)
+        self.on_change = None  # called (no arguments) after every poll: the server updates its health
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._init_live_config(config)
 
     def start(self) -> None:
         """Loads what the policies want now, then keeps polling in the background."""
         self.poll()
+        self.check_labels_at_start()
         if self.poll_seconds > 0:
             self._thread = threading.Thread(target=self._poll_forever, name="version-poller", daemon=True)
             self._thread.start()
@@ -199,35 +248,68 @@ class ModelManager:
     def _poll_forever(self) -> None:
         while not self._stop.wait(self.poll_seconds):
             try:
-                self.poll()
+                with self._config_lock:  # a config reload swaps the models: never in the middle of a poll
+                    self.poll()
             except Exception:  # the poller must survive anything a file system does
                 log.exception("version poll failed")
 
     def poll(self) -> None:
-        """One rescan of every base path: load wanted versions, then unload the rest."""
+        """One rescan of every base path: load wanted versions, then unload the rest.
+
+        A version that failed to load is tried again once its files have changed
+        and then stayed the same for one poll (a copy in progress is not loaded
+        half-way), no sooner than its backoff allows.
+        """
+        unloaded = 0
         for name, model in self.models.items():
             base = Path(model.config.base_path)
             folders = list_versions(base)
             on_disk = list(folders)
             if not on_disk and not model.loaded:
                 log.warning("model %s: no versions under %s", name, base)
+            retry = self._retryable(model, folders)
             # Try the newest wanted versions first; a failed one falls back to an older one under `latest`.
-            target = self._targets(model, on_disk)
-            for version in target:
-                if version in model.loaded:
-                    continue
-                self._try_load(model, version, folders[version])
+            tried: set[int] = set()
+            while True:
+                target = [v for v in self._targets(model, on_disk, retry=retry)
+                          if v not in model.loaded and v not in tried]
+                if not target:
+                    break
+                tried.add(target[0])
+                retry.discard(target[0])
+                self._try_load(model, target[0], folders[target[0]])
             keep = set(self._targets(model, on_disk, only_loaded=True))
             for version in list(model.loaded):
                 if version not in keep:
                     with self._lock:
                         model.loaded.pop(version)
                         model.status[version] = VersionStatus(State.END)
+                    unloaded += 1
                     log.info("model %s: unloaded version %d", name, version)
+            for version in list(model.seen):
+                if version not in folders:
+                    model.seen.pop(version)
+        if unloaded:
+            gc.collect()  # a version's variables and functions are freed now, not at some later collection
+        if self.on_change is not None:
+            self.on_change()
 
-    def _targets(self, model: ManagedModel, on_disk: list[int], only_loaded: bool = False) -> list[int]:
+    def _retryable(self, model: ManagedModel, folders: dict[int, Path]) -> set[int]:
+        """Failed versions whose files changed since the failure and were stable since the last poll."""
+        now, ready = time.monotonic(), set()
+        for version, status in list(model.status.items()):
+            if not status.error or version not in folders:
+                continue
+            current = _fingerprint(folders[version])
+            previous, model.seen[version] = model.seen.get(version), current
+            if current != status.fingerprint and current == previous and now >= status.retry_at:
+                ready.add(version)
+        return ready
+
+    def _targets(self, model: ManagedModel, on_disk: list[int], only_loaded: bool = False,
+                 retry: set[int] = frozenset()) -> list[int]:
         """Wanted versions, skipping ones that failed to load (and, under `latest`, reaching past them)."""
-        usable = [v for v in on_disk if not (model.status.get(v) and model.status[v].error)]
+        usable = [v for v in on_disk if v in retry or not (model.status.get(v) and model.status[v].error)]
         if only_loaded:
             usable = [v for v in usable if v in model.loaded]
         wanted = wanted_versions(model.config, usable)
@@ -241,16 +323,21 @@ class ModelManager:
         fingerprint = _fingerprint(path)
         if status and status.error and status.fingerprint == fingerprint:
             return  # failed before and unchanged since
+        failures = status.failures if status and status.error else 0
         model.status[version] = VersionStatus(State.LOADING)
         started = time.perf_counter()
         try:
-            loaded = load_version(name, version, path, self.warmup_batch_sizes)
+            loaded = load_version(name, version, path, self.xla)
         except Exception as exc:  # a corrupt model can raise anything
             monitoring.record_load(path, False, time.perf_counter() - started)
-            error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            error = load_error_message(exc, path)  # clients see this: no server paths
             code = "NOT_FOUND" if isinstance(exc, (tf.errors.NotFoundError, FileNotFoundError)) else "INVALID_ARGUMENT"
-            model.status[version] = VersionStatus(State.END, error, code, fingerprint)
-            log.error("model %s: refused version %d (%s)", name, version, error)
+            backoff = min(max(self.poll_seconds, 0.1) * 2 ** failures, MAX_RETRY_BACKOFF_SECONDS)
+            model.status[version] = VersionStatus(State.END, error, code, fingerprint, failures + 1,
+                                                  time.monotonic() + backoff)
+            model.seen[version] = fingerprint
+            log.error("model %s: refused version %d (%s: %s); retried when its files change",
+                      name, version, type(exc).__name__, str(exc).strip().splitlines()[0] if str(exc).strip() else "")
             return
         monitoring.record_load(path, True, time.perf_counter() - started)
         with self._lock:
@@ -261,6 +348,11 @@ class ModelManager:
     def ready(self) -> bool:
         """True when every model has a version that serves."""
         return all(m.loaded for m in self.models.values())
+
+    def serving(self) -> dict[str, bool]:
+        """Each model's readiness: True while at least one of its versions is AVAILABLE."""
+        with self._lock:
+            return {name: bool(m.loaded) for name, m in self.models.items()}
 
     def resolve(self, name: str, version: int | None = None, label: str | None = None) -> LoadedVersion:
         """The version that answers a request.
@@ -274,15 +366,14 @@ class ModelManager:
             The loaded version.
 
         Raises:
-            ServingError: NOT_FOUND for an unknown model, label or version.
+            ServingError: NOT_FOUND for an unknown model or a version not loaded (also one a label
+                points to); INVALID_ARGUMENT for a label the model's config does not have.
         """
+        if label:  # as TF Serving: the label is looked up first, INVALID_ARGUMENT if the model has no such label
+            version = self.label_version(name, label)
         model = self.models.get(name)
         if model is None:
             raise ServingError("NOT_FOUND", f"Servable not found for request: model {name!r} is not served")
-        if label:
-            if label not in model.config.version_labels:
-                raise ServingError("NOT_FOUND", f"model {name}: unknown version label {label!r}")
-            version = model.config.version_labels[label]
         with self._lock:
             if version is None:
                 if not model.loaded:
@@ -318,6 +409,221 @@ class ModelManager:
         return items
 
 
+    # ----- version labels and live config (TF Serving's ReloadConfig) ---------------------------
+
+    allow_version_labels_for_unavailable_models: bool = False  # TF Serving's flag of that name
+    on_remove = None  # called with the names of models a reload removed (the server updates their health)
+
+    def _init_live_config(self, config: model_server_config_pb2.ModelServerConfig) -> None:
+        """The config in force, and the lock that keeps a reload and a version poll apart."""
+        self.config = model_server_config_pb2.ModelServerConfig()
+        self.config.CopyFrom(config)
+        self._config_lock = threading.RLock()
+        self._config_file_text: str | None = None  # the config file's text last applied (or refused for good)
+        self._config_file_error = ""  # the last reason logged for refusing it (logged once)
+
+    def label_version(self, name: str, label: str) -> int:
+        """The version a label of the model's config points to.
+
+        Args:
+            name: the model's name.
+            label: a key of its config's ``version_labels``.
+
+        Returns:
+            The version number (it may not be loaded: ``resolve`` then answers NOT_FOUND).
+
+        Raises:
+            ServingError: INVALID_ARGUMENT ("Unrecognized servable version label", as TF Serving)
+                when the model is not served or has no such label.
+        """
+        model = self.models.get(name)
+        if model is None or label not in model.config.version_labels:
+            raise ServingError("INVALID_ARGUMENT", f"Unrecognized servable version label: {label}")
+        return int(model.config.version_labels[label])
+
+    def labels(self, name: str) -> dict[str, int]:
+        """A model's version labels (label -> version); empty for an unknown model."""
+        model = self.models.get(name)
+        return dict(model.config.version_labels) if model is not None else {}
+
+    def _check_labels(self, config: model_server_config_pb2.ModelServerConfig) -> None:
+        """TF Serving's rule for ``version_labels``: a label points to an AVAILABLE version.
+
+        With ``allow_version_labels_for_unavailable_models``, a new label (or one that keeps
+        its version) may point to a version not loaded yet; moving an existing label still
+        needs its new version AVAILABLE, so requests on the label never fail while it loads.
+
+        Raises:
+            ServingError: FAILED_PRECONDITION naming the model, label and version.
+        """
+        for mc in config.model_config_list.config:
+            current = self.models.get(mc.name)
+            with self._lock:
+                available = set(current.loaded) if current is not None else set()
+            old_labels = dict(current.config.version_labels) if current is not None else {}
+            for label, version in sorted(mc.version_labels.items()):
+                if version in available:
+                    continue
+                if self.allow_version_labels_for_unavailable_models and old_labels.get(label, version) == version:
+                    continue
+                moving = label in old_labels and old_labels[label] != version
+                raise ServingError(
+                    "FAILED_PRECONDITION",
+                    f"Request to assign label to version {version} of model {mc.name}, which is not currently "
+                    f"available for inference (label {label!r}; available versions: {sorted(available) or 'none'}"
+                    + ("; moving an existing label needs its new version available even with "
+                       "allow_version_labels_for_unavailable_models" if moving and
+                       self.allow_version_labels_for_unavailable_models else "") + ")")
+
+    def check_labels_at_start(self) -> None:
+        """Checks the starting config's labels once its versions have loaded.
+
+        (A stock ``tensorflow_model_server`` checks them before loading anything, so there a
+        labelled config at start needs ``--allow_version_labels_for_unavailable_models``.)
+
+        Raises:
+            ConfigError: a label points to a version that did not load, and
+                ``allow_version_labels_for_unavailable_models`` is off.
+        """
+        if self.allow_version_labels_for_unavailable_models:
+            return
+        with self._lock:
+            loaded = {name: sorted(m.loaded) for name, m in self.models.items()}
+        for mc in self.config.model_config_list.config:
+            for label, version in sorted(mc.version_labels.items()):
+                if version not in loaded.get(mc.name, ()):
+                    raise ConfigError(f"model {mc.name}: version_labels {label!r} points to version {version}, "
+                                      f"which is not available (loaded: {loaded.get(mc.name) or 'none'}); set "
+                                      f"allow_version_labels_for_unavailable_models to label a version before "
+                                      f"it loads")
+
+    def reload_config(self, config: model_server_config_pb2.ModelServerConfig) -> None:
+        """Applies a new ``ModelServerConfig`` without a restart, as TF Serving's ReloadConfig.
+
+        Models new in ``config`` are loaded before this returns; models no longer in it are
+        removed: new calls get NOT_FOUND, while calls in flight finish on the version they
+        hold. Kept models take the new version policy and labels (versions the policy no
+        longer wants are unloaded). A config that is invalid, or whose labels break TF
+        Serving's rule (see ``_check_labels``), changes nothing.
+
+        Args:
+            config: the new config (a ``model_config_list``).
+
+        Raises:
+            ServingError: INVALID_ARGUMENT for an invalid config, FAILED_PRECONDITION for a
+                label on a version that is not available.
+
+        Example:
+
+        >>> manager.reload_config(read_text_proto("models.config", ModelServerConfig()))  # doctest: +SKIP
+        """
+        problem = model_config_problem(config)
+        if problem:
+            raise ServingError("INVALID_ARGUMENT", problem)
+        with self._config_lock:
+            self._check_labels(config)
+            for mc in config.model_config_list.config:
+                if mc.name not in self.models and not list_versions(mc.base_path):
+                    raise ServingError("INVALID_ARGUMENT", f"model {mc.name}: no version folders under its base_path")
+            models: dict[str, ManagedModel] = {}
+            for mc in config.model_config_list.config:
+                old = self.models.get(mc.name)
+                if old is not None and Path(old.config.base_path).resolve() == Path(mc.base_path).resolve():
+                    models[mc.name] = old
+                else:  # new, or moved to another folder: a fresh start
+                    models[mc.name] = ManagedModel(model_server_config_pb2.ModelConfig())
+            removed = {name: m for name, m in self.models.items() if models.get(name) is not m}
+            with self._lock:
+                for mc in config.model_config_list.config:  # kept models take their new policy and labels
+                    models[mc.name].config = model_server_config_pb2.ModelConfig()
+                    models[mc.name].config.CopyFrom(mc)
+                self.models = models  # new calls see the new config from here on
+                for model in removed.values():
+                    for version in model.loaded:
+                        model.status[version] = VersionStatus(State.END)
+                    model.loaded.clear()  # calls in flight keep their LoadedVersion until they finish
+                self.config.CopyFrom(config)
+            for name, model in removed.items():
+                log.info("model %s: %s", name, "base_path changed: starting afresh" if name in models
+                         else "removed from the config; new calls get NOT_FOUND")
+            gone = [name for name in removed if name not in models]
+            if gone and self.on_remove is not None:
+                self.on_remove(gone)
+            self.poll()  # loads the new models and versions, unloads what the new policies drop
+        log.info("model config reloaded: %s", ", ".join(
+            f"{mc.name}" + (f" (labels {dict(sorted(mc.version_labels.items()))})" if mc.version_labels else "")
+            for mc in config.model_config_list.config))
+
+    def watch_config_file(self, path: str | Path, poll_seconds: float) -> None:
+        """Rereads the config file every ``poll_seconds`` and applies it when it changed.
+
+        A file that does not parse, or is refused by ``reload_config``, leaves the config
+        in force and is logged once; one refused only because a label's version is not
+        available yet is tried again at each poll (it applies once the version loads).
+
+        Args:
+            path: the ``model_config_file``.
+            poll_seconds: seconds between reads (0 or less: no watching, as TF Serving).
+        """
+        if poll_seconds <= 0:
+            return
+        self._config_file_text = None
+
+        def watch() -> None:
+            while not self._stop.wait(poll_seconds):
+                try:
+                    self.reload_config_file(path)
+                except Exception:  # the watcher must survive anything
+                    log.exception("config file poll failed")
+
+        threading.Thread(target=watch, name="config-file-poller", daemon=True).start()
+
+    def reload_config_file(self, path: str | Path) -> bool:
+        """One read of the config file: applies it if it differs from the config in force.
+
+        Args:
+            path: the ``model_config_file``.
+
+        Returns:
+            True when a new config was applied.
+        """
+        from google.protobuf import text_format
+
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            self._refuse_config_file(path, f"cannot read it ({exc.strerror if isinstance(exc, OSError) else exc})",
+                                     None)
+            return False
+        if text == self._config_file_text:
+            return False
+        config = model_server_config_pb2.ModelServerConfig()
+        try:
+            text_format.Parse(text, config)
+        except text_format.ParseError as exc:
+            self._refuse_config_file(path, f"not a valid ModelServerConfig ({exc})", text)
+            return False
+        if config == self.config:
+            self._config_file_text = text
+            return False
+        try:
+            self.reload_config(config)
+        except ServingError as exc:
+            retry = exc.code == "FAILED_PRECONDITION"  # a label's version may become available later
+            self._refuse_config_file(path, exc.message, None if retry else text)
+            return False
+        self._config_file_text, self._config_file_error = text, ""
+        return True
+
+    def _refuse_config_file(self, path, reason: str, text: str | None) -> None:
+        """Logs (once per reason) that the config file was not applied; ``text`` is not tried again."""
+        if reason != self._config_file_error:
+            log.error("model config file %s not applied: %s; the config in force stays", path, reason)
+        self._config_file_error = reason
+        if text is not None:
+            self._config_file_text = text
+
+
 def single_model_config(name: str, base_path: str) -> model_server_config_pb2.ModelServerConfig:
     """The config that ``model_name`` and ``model_base_path`` stand for.
 
@@ -333,3 +639,37 @@ def single_model_config(name: str, base_path: str) -> model_server_config_pb2.Mo
     mc.name, mc.base_path, mc.model_platform = name, str(Path(base_path).resolve()), "tensorflow"
     return config
 
+
+def model_config_problem(config: model_server_config_pb2.ModelServerConfig) -> str:
+    """What makes a config unservable, as TF Serving checks it ("" when it is fine).
+
+    Args:
+        config: a ``ModelServerConfig``.
+
+    Returns:
+        The problem, naming the model and field, or "".
+
+    Example:
+
+    >>> model_config_problem(model_server_config_pb2.ModelServerConfig())
+    'the config has no model_config_list (only a ModelConfigList can be served)'
+    """
+    if config.WhichOneof("config") != "model_config_list":
+        return "the config has no model_config_list (only a ModelConfigList can be served)"
+    if not config.model_config_list.config:
+        return "model_config_list holds no model"
+    names: set[str] = set()
+    for mc in config.model_config_list.config:
+        if not mc.name:
+            return "a model of model_config_list has no name"
+        if mc.name in names:
+            return f"Illegal to list model {mc.name} multiple times in config list"
+        names.add(mc.name)
+        if not mc.base_path:
+            return f"model {mc.name}: base_path is empty"
+        if mc.model_platform not in ("", "tensorflow"):
+            return f"model {mc.name}: model_platform {mc.model_platform!r} is not supported (only tensorflow)"
+        for label, version in mc.version_labels.items():
+            if not label or version < 1:
+                return f"model {mc.name}: version_labels {label!r}: {version} (a label needs a name and a version of 1 or more)"
+    return ""

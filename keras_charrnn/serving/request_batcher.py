@@ -1,11 +1,18 @@
 """Request batching: concurrent calls merged along the batch axis into one model call.
 
 Calls are grouped by (model, version, signature, and every input dimension
-but the batch one, plus ``num_chars``): only such calls can be stacked. A
-batch is closed when it holds ``max_batch_size`` rows or when its oldest call
-has waited ``batch_timeout_micros``; ``num_batch_threads`` threads run the
-closed batches. The rows are split back to their callers. A queue holding
-``max_enqueued_batches`` full batches refuses more calls with UNAVAILABLE.
+but the batch one): only such calls can be stacked. ``num_chars`` and the
+prime's length are per-row values, so calls that differ only in them share
+batches. A batch is closed when it holds ``max_batch_size`` rows or when its
+oldest call has waited ``batch_timeout_micros``; ``num_batch_threads`` threads
+run the closed batches; ready groups take turns (round robin), so no group
+waits behind a busy one for more than its timeout plus one batch run. A call whose caller has gone (cancelled, or past its deadline)
+is dropped before its batch runs; the others get their rows. A group's
+queue is removed when it empties. A queue holding ``max_enqueued_batches``
+full batches refuses more calls with UNAVAILABLE.
+
+The server checks each call on its own before it is queued, so a batch holds
+only rows the model accepts, and one bad call cannot fail its neighbours.
 Batches are padded to a few sizes (``allowed_batch_sizes``, or powers of two)
 so the XLA-compiled sampling loop is compiled for those sizes only, at load.
 
@@ -21,6 +28,7 @@ import time
 from collections import Counter, deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -74,6 +82,16 @@ class _Call:
     rows: int
     future: Future = field(default_factory=Future)
     enqueued: float = field(default_factory=time.monotonic)
+    alive: Callable[[], bool] | None = None  # False once the caller has gone
+
+    def wanted(self) -> bool:
+        """Still wanted: not cancelled, and its caller (if it told how to ask) still waits."""
+        if self.future.cancelled():
+            return False
+        try:
+            return self.alive is None or bool(self.alive())
+        except Exception:  # a broken liveness check must not take the batch down
+            return True
 
 
 def padded_sizes(max_batch_size: int, allowed: list[int] | None = None) -> list[int]:
@@ -136,13 +154,16 @@ class Batcher:
         for t in self._threads:
             t.start()
 
-    def submit(self, loaded: LoadedVersion, signature: str, inputs: dict[str, np.ndarray]) -> Future:
+    def submit(self, loaded: LoadedVersion, signature: str, inputs: dict[str, np.ndarray],
+               alive: Callable[[], bool] | None = None) -> Future:
         """Queues one call.
 
         Args:
             loaded: the model version to run on.
             signature: the signature's name.
             inputs: the call's tensors; all share the first (batch) dimension.
+            alive: tells whether the caller still waits (e.g. ``grpc.ServicerContext.is_active``);
+                a call whose caller has gone, or whose future was cancelled, is dropped before its batch runs.
 
         Returns:
             A future that resolves to the call's own rows of the outputs.
@@ -157,9 +178,8 @@ class Batcher:
         if n > self.max_batch_size:
             raise ServingError("INVALID_ARGUMENT", f"batch of {n} rows exceeds max_batch_size {self.max_batch_size}")
         shape_key = tuple(sorted((k, v.shape[1:], v.dtype.str) for k, v in inputs.items()))
-        extra = tuple(np.unique(inputs["num_chars"]).tolist()) if "num_chars" in inputs else ()
-        key = (loaded.name, loaded.version, id(loaded), signature, shape_key, extra)
-        call = _Call(inputs, n)
+        key = (loaded.name, loaded.version, id(loaded), signature, shape_key)
+        call = _Call(inputs, n, alive=alive)
         with self._cond:
             if self._closed:
                 raise ServingError("UNAVAILABLE", "server is shutting down")
@@ -171,35 +191,72 @@ class Batcher:
             self._cond.notify()
         return call.future
 
-    def _take(self) -> tuple[tuple, list[_Call]] | None:
-        """Waits for a batch that is full or whose oldest call has waited long enough."""
+    def _take(self) -> tuple[tuple[LoadedVersion, str], list[_Call]] | None:
+        """Waits for a batch that is full or whose oldest call has waited long enough.
+
+        Ready groups take turns (round robin: a group that has just run goes to the
+        back), so a busy group delays another by at most one batch run per group.
+        Calls whose callers have gone are dropped here; an emptied group is removed.
+        """
         with self._cond:
             while True:
                 if self._closed and not any(self._queues.values()):
                     return None
                 now = time.monotonic()
-                wait = None
-                for key, queue in self._queues.items():
+                wait, ready = None, []
+                for key, queue in list(self._queues.items()):
+                    while queue and not queue[0].wanted():  # gone before its turn: never run it
+                        self._drop(queue.popleft())
                     if not queue:
+                        self._forget(key)
                         continue
                     ready_at = queue[0].enqueued + self.timeout
                     if sum(c.rows for c in queue) >= self.max_batch_size or now >= ready_at or self._closed:
-                        batch, rows = [], 0
-                        while queue and rows + queue[0].rows <= self.max_batch_size:
-                            call = queue.popleft()
-                            batch.append(call)
-                            rows += call.rows
-                        return key, batch
-                    wait = ready_at - now if wait is None else min(wait, ready_at - now)
+                        ready.append((queue[0].enqueued, key))
+                    else:
+                        wait = ready_at - now if wait is None else min(wait, ready_at - now)
+                if ready:
+                    _, key = ready[0]  # groups rotate: the one that ran last goes to the back
+                    queue, target = self._queues[key], self._targets[key]
+                    batch, rows = [], 0
+                    while queue and rows + queue[0].rows <= self.max_batch_size:
+                        call = queue.popleft()
+                        if not call.wanted():
+                            self._drop(call)
+                            continue
+                        batch.append(call)
+                        rows += call.rows
+                    if not queue:
+                        self._forget(key)
+                    else:
+                        self._queues[key] = self._queues.pop(key)  # to the back of the rotation
+                    if batch:
+                        return target, batch
+                    continue
                 self._cond.wait(timeout=wait)
+
+    def _forget(self, key: tuple) -> None:
+        """Removes an empty group (its queue and its reference to the model version)."""
+        self._queues.pop(key, None)
+        self._targets.pop(key, None)
+
+    @staticmethod
+    def _drop(call: _Call) -> None:
+        """Forgets a call whose caller has gone; its future ends cancelled (or with CANCELLED)."""
+        if not call.future.cancel() and not call.future.done():
+            call.future.set_exception(ServingError("CANCELLED", "the caller went away before its batch ran"))
+        log.debug("dropped a call of %d row(s) whose caller had gone", call.rows)
 
     def _work(self) -> None:
         while True:
             taken = self._take()
             if taken is None:
                 return
-            key, batch = taken
-            loaded, signature = self._targets[key]
+            (loaded, signature), batch = taken
+            # From here a call can no longer be cancelled; one cancelled just now is left out.
+            batch = [c for c in batch if c.future.set_running_or_notify_cancel()]
+            if not batch:
+                continue
             try:
                 rows = sum(c.rows for c in batch)
                 size = next(b for b in self.allowed_batch_sizes if b >= rows)
@@ -215,7 +272,8 @@ class Batcher:
                           rows, len(batch), size, loaded.name, loaded.version, signature)
                 start = 0
                 for call in batch:
-                    call.future.set_result({k: v[start:start + call.rows] for k, v in outputs.items()})
+                    if not call.future.done():
+                        call.future.set_result({k: v[start:start + call.rows] for k, v in outputs.items()})
                     start += call.rows
             except BaseException as exc:  # every caller of the batch gets the error
                 for call in batch:

@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import signal
 import threading
+import time
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,18 +22,21 @@ from pathlib import Path
 import grpc
 import numpy as np
 import tensorflow as tf
-from google.protobuf import text_format
+from google.protobuf import struct_pb2, text_format
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2, model_service_pb2,
                                      model_service_pb2_grpc, predict_pb2, prediction_service_pb2,
                                      prediction_service_pb2_grpc)
 from tensorflow.core.protobuf import error_codes_pb2
+from tensorflow_serving.apis import model_management_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
 from keras_charrnn.errors import ConfigError, ServingError, graph_error_message
 from keras_charrnn.sampling import MAX_CHARS_PER_CALL
+from keras_charrnn.serving import limits as request_limits
 from keras_charrnn.serving import monitoring, wire
+from keras_charrnn.serving.limits import ServingLimits
 from keras_charrnn.serving.manager import LoadedVersion, ModelManager, single_model_config
 from keras_charrnn.serving.protos import BatchingParameters, SSLConfig
 from keras_charrnn.serving.request_batcher import Batcher, BatchingOptions
@@ -43,6 +47,9 @@ from keras_charrnn.serving.rest import RestApi, RestServer
 log = logging.getLogger("charrnn.serve")
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+SEGMENT_CHARS = 256  # a long generate call runs in segments of this many characters, its caller checked between
+HEALTH_SERVICES = (prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"].full_name,
+                   model_service_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name)
 
 
 @dataclass
@@ -61,11 +68,19 @@ class ServerOptions:
     grpc_max_threads: int = 32
     max_message_bytes: int = MAX_MESSAGE_BYTES
     max_chars_per_call: int = MAX_CHARS_PER_CALL
+    max_prime_chars: int = ServingLimits.max_prime_chars
+    max_ids_length: int = ServingLimits.max_ids_length
+    max_rows_per_call: int = ServingLimits.max_rows_per_call
+    max_request_elements: int = ServingLimits.max_request_elements
+    max_concurrent_requests: int = 0  # 0: grpc_max_threads - 8 (at least 1), so health checks always find a thread
     shutdown_grace_seconds: float = 30.0
     rest_api_port: int = 0  # 0: no REST API (TF Serving's default)
     rest_api_num_threads: int = DEFAULT_REST_THREADS
     rest_api_timeout_in_ms: int = DEFAULT_REST_TIMEOUT_MS
     monitoring_config_file: str | None = None
+    xla_cpu_compilation_enabled: bool = True  # False: must-compile signatures fail as on a stock TF Serving
+    model_config_file_poll_wait_seconds: float = 0.0  # reread model_config_file this often (0: only at start)
+    allow_version_labels_for_unavailable_models: bool = False  # a new label may name a version not loaded yet
 
 
 def read_text_proto(path: str | Path, message):
@@ -90,6 +105,36 @@ def read_text_proto(path: str | Path, message):
         raise ConfigError(f"{path}: cannot read it ({exc.strerror if isinstance(exc, OSError) else exc})") from None
     except text_format.ParseError as exc:
         raise ConfigError(f"{path}: not a valid {message.DESCRIPTOR.name} ({exc})") from None
+
+
+def serving_limits(options: ServerOptions) -> ServingLimits:
+    """The request budget the options set (see ``keras_charrnn.serving.limits``).
+
+    Raises:
+        ConfigError: a limit is not a positive integer.
+    """
+    return ServingLimits(max_prime_chars=options.max_prime_chars, max_ids_length=options.max_ids_length,
+                         max_rows_per_call=options.max_rows_per_call, max_chars_per_call=options.max_chars_per_call,
+                         max_request_elements=options.max_request_elements)
+
+
+def concurrency_cap(options: ServerOptions) -> int:
+    """How many Predict calls may be in flight at once (beyond it: RESOURCE_EXHAUSTED at once).
+
+    It stays below ``grpc_max_threads`` so that health, status and metadata calls always find a thread.
+
+    Raises:
+        ConfigError: ``max_concurrent_requests`` is negative or leaves no thread for them.
+    """
+    cap = options.max_concurrent_requests
+    if cap < 0:
+        raise ConfigError(f"max_concurrent_requests must be 0 (automatic) or positive, got {cap}")
+    if cap == 0:
+        return max(1, options.grpc_max_threads - 8)
+    if cap >= options.grpc_max_threads:
+        raise ConfigError(f"max_concurrent_requests ({cap}) must be less than grpc_max_threads "
+                          f"({options.grpc_max_threads}), so health and status calls always find a thread")
+    return cap
 
 
 def model_server_config(options: ServerOptions) -> model_server_config_pb2.ModelServerConfig:
@@ -138,7 +183,11 @@ def batching_options(path: str | Path | None) -> BatchingOptions:
 
 # ----- tensors <-> NumPy, checked against the signature ----------------------------------------
 
-def _check_inputs(loaded: LoadedVersion, signature: str, request_inputs) -> dict[str, np.ndarray]:
+def _check_inputs(loaded: LoadedVersion, signature: str, request_inputs,
+                  limits: ServingLimits | None = None) -> dict[str, np.ndarray]:
+    """The request's tensors as arrays, checked against the limits (before expanding) and the signature."""
+    limits = limits or ServingLimits()
+    request_limits.check_request_tensors(request_inputs, limits)
     sig_def = loaded.signature_defs[signature]
     expected, given = set(sig_def.inputs), set(request_inputs)
     if given - expected:
@@ -146,23 +195,63 @@ def _check_inputs(loaded: LoadedVersion, signature: str, request_inputs) -> dict
                                                f"{signature!r}; it takes {sorted(expected)}")
     if expected - given:
         raise ServingError("INVALID_ARGUMENT", f"missing input(s) {sorted(expected - given)} for signature {signature!r}")
-    arrays = {}
-    for key in sorted(expected):
+    for key in sorted(expected):  # dtypes and claimed shapes first: nothing is expanded yet
         proto, tensor_spec = request_inputs[key], sig_def.inputs[key]
         if proto.dtype != tensor_spec.dtype:
             raise ServingError("INVALID_ARGUMENT", f"input {key!r}: expects dtype "
                                                    f"{tf.dtypes.as_dtype(tensor_spec.dtype).name}, got "
                                                    f"{_dtype_name(proto.dtype)}")
+        dims = [d.size for d in tensor_spec.tensor_shape.dim]
+        shape = [d.size for d in proto.tensor_shape.dim]
+        if len(shape) != len(dims) or any(d != -1 and d != s for d, s in zip(dims, shape)):
+            want = "[" + ", ".join("?" if d == -1 else str(d) for d in dims) + "]"
+            raise ServingError("INVALID_ARGUMENT", f"input {key!r}: expects shape {want}, got {shape}")
+    arrays = {}
+    for key in sorted(expected):
         try:
-            value = wire.from_tensor_proto(proto)
+            arrays[key] = wire.from_tensor_proto(request_inputs[key], max_elements=limits.max_request_elements)
         except Exception as exc:  # malformed tensor content
             raise ServingError("INVALID_ARGUMENT", f"input {key!r}: malformed tensor ({exc})") from None
-        dims = [d.size for d in tensor_spec.tensor_shape.dim]
-        if value.ndim != len(dims) or any(d != -1 and d != s for d, s in zip(dims, value.shape)):
-            want = "[" + ", ".join("?" if d == -1 else str(d) for d in dims) + "]"
-            raise ServingError("INVALID_ARGUMENT", f"input {key!r}: expects shape {want}, got {list(value.shape)}")
-        arrays[key] = value
     return arrays
+
+
+def vocab_size(loaded: LoadedVersion) -> int | None:
+    """The model's number of ids, from its SignatureDefs (None if they do not say)."""
+    for signature, output, axis in (("step", "logits", 2), ("metadata", "vocabulary", 0)):
+        sig_def = loaded.signature_defs.get(signature)
+        if sig_def is not None and output in sig_def.outputs:
+            dims = sig_def.outputs[output].tensor_shape.dim
+            if len(dims) > axis and dims[axis].size > 0:
+                return int(dims[axis].size)
+    return None
+
+
+_ITEM_BYTES = {tf.float32.as_datatype_enum: 4, tf.int32.as_datatype_enum: 4, tf.int64.as_datatype_enum: 8}
+
+
+def response_bytes(loaded: LoadedVersion, signature: str, inputs: dict[str, np.ndarray],
+                   output_filter=()) -> int:
+    """About how many bytes the call's response will take, from the signature's output shapes.
+
+    An unknown first dimension is the call's rows; an unknown second one is its ids per row
+    (``step``, ``inspect``) or its largest ``num_chars`` (``generate``); strings count 4 bytes
+    a character. ``output_filter``: only these outputs (empty: all).
+    """
+    if not inputs:
+        return 0
+    rows = next(iter(inputs.values())).shape[0]
+    chars = int(inputs["num_chars"].max()) if "num_chars" in inputs and inputs["num_chars"].size else 1
+    length = inputs["ids"].shape[1] if "ids" in inputs and inputs["ids"].ndim == 2 and "num_chars" not in inputs else chars
+    total = 0
+    for name, info in loaded.signature_defs[signature].outputs.items():
+        if output_filter and name not in output_filter:
+            continue
+        sizes = [d.size for d in info.tensor_shape.dim]
+        count = 1
+        for axis, size in enumerate(sizes):
+            count *= size if size >= 0 else rows if axis == 0 else length if axis == 1 else 1
+        total += count * (4 * chars if info.dtype == tf.string.as_datatype_enum else _ITEM_BYTES.get(info.dtype, 4))
+    return total
 
 
 def _dtype_name(enum_value: int) -> str:
@@ -209,10 +298,27 @@ def _guarded(method):
 
 
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
-    def __init__(self, manager: ModelManager, batcher: Batcher | None, max_chars_per_call: int):
+    """Predict and GetModelMetadata over the manager's versions.
+
+    Args:
+        manager: the loaded model versions.
+        batcher: merges concurrent calls (None: every call runs alone).
+        limits: the request budget (an int is read as ``max_chars_per_call``, the older form).
+        max_concurrent_requests: Predict calls in flight at once (0: no cap); beyond it RESOURCE_EXHAUSTED.
+        max_message_bytes: the largest response gRPC sends; a call whose answer would be larger is refused.
+    """
+
+    def __init__(self, manager: ModelManager, batcher: Batcher | None, limits: ServingLimits | int | None = None,
+                 max_concurrent_requests: int = 0, max_message_bytes: int = MAX_MESSAGE_BYTES):
         self.manager = manager
         self.batcher = batcher
-        self.max_chars_per_call = max_chars_per_call
+        if isinstance(limits, int):
+            limits = ServingLimits(max_chars_per_call=limits)
+        self.limits = limits or ServingLimits()
+        self.max_chars_per_call = self.limits.max_chars_per_call
+        self.max_message_bytes = max_message_bytes
+        self.max_concurrent_requests = max_concurrent_requests
+        self._slots = threading.BoundedSemaphore(max_concurrent_requests) if max_concurrent_requests else None
 
     def _resolve(self, spec) -> LoadedVersion:
         version = spec.version.value if spec.HasField("version") else None
@@ -220,17 +326,32 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
 
     @_guarded
     def Predict(self, request: predict_pb2.PredictRequest, context) -> predict_pb2.PredictResponse:
-        remaining = context.time_remaining()  # huge when the client set no deadline
-        with monitoring.track_request(request.model_spec.name, "Predict", "GRPC"):
-            return self.predict(request, None if remaining is None or remaining > 86400 else remaining)
+        if self._slots is not None and not self._slots.acquire(blocking=False):
+            raise ServingError("RESOURCE_EXHAUSTED", f"this server is answering {self.max_concurrent_requests} "
+                                                     f"Predict calls already (limit max_concurrent_requests, "
+                                                     f"charrnn serve --max_concurrent_requests); retry later")
+        try:
+            remaining = context.time_remaining()  # huge when the client set no deadline
+            with monitoring.track_request(request.model_spec.name, "Predict", "GRPC"):
+                return self.predict(request, None if remaining is None or remaining > 86400 else remaining,
+                                    alive=context.is_active)
+        finally:
+            if self._slots is not None:
+                self._slots.release()
 
-    def predict(self, request: predict_pb2.PredictRequest,
-                timeout: float | None = None) -> predict_pb2.PredictResponse:
+    def predict(self, request: predict_pb2.PredictRequest, timeout: float | None = None,
+                alive=None) -> predict_pb2.PredictResponse:
         """Predict, transport aside: the gRPC method and the REST API both call it.
+
+        The request is checked against the limits and the signature, and each call
+        is checked on its own (as the model's graph would) before it runs or joins
+        a batch. Long ``generate`` calls run in segments of ``SEGMENT_CHARS``
+        characters; the work stops between segments once the caller has gone.
 
         Args:
             request: the PredictRequest.
-            timeout: the most seconds to wait in the batching queue (None: no limit).
+            timeout: the most seconds the call may take (None: no limit).
+            alive: tells whether the caller still waits (e.g. ``grpc.ServicerContext.is_active``).
 
         Returns:
             The PredictResponse.
@@ -238,26 +359,26 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         Raises:
             ServingError: the request cannot be served (its code is the gRPC status).
         """
+        deadline = None if timeout is None else time.monotonic() + timeout
         loaded = self._resolve(request.model_spec)
         signature = request.model_spec.signature_name or "serving_default"
         loaded.signature(signature)
-        inputs = _check_inputs(loaded, signature, request.inputs)
+        inputs = _check_inputs(loaded, signature, request.inputs, self.limits)
+        request_limits.check_call(inputs, vocab_size(loaded), self.limits)
         log.debug("Predict: model %s version %d signature %s", loaded.name, loaded.version, signature)
-        if "num_chars" in inputs and inputs["num_chars"].size and int(inputs["num_chars"].max()) > self.max_chars_per_call:
-            raise ServingError("INVALID_ARGUMENT", f"num_chars {int(inputs['num_chars'].max())} is over this "
-                                                   f"server's cap of {self.max_chars_per_call} per call")
         unknown = set(request.output_filter) - set(loaded.signature_defs[signature].outputs)
         if unknown:
             raise ServingError("INVALID_ARGUMENT", f"output_filter names unknown output(s) {sorted(unknown)}")
-        if self.batcher is not None and inputs:
-            future = self.batcher.submit(loaded, signature, inputs)
-            try:
-                outputs = future.result(timeout=timeout)
-            except futures.TimeoutError:
-                future.cancel()
-                raise ServingError("DEADLINE_EXCEEDED", "deadline exceeded while waiting in the batching queue") from None
+        size = response_bytes(loaded, signature, inputs, set(request.output_filter))
+        if size > self.max_message_bytes:
+            raise ServingError("RESOURCE_EXHAUSTED", f"the response would take about {size} bytes, over this "
+                                                     f"server's limit max_message_bytes={self.max_message_bytes} "
+                                                     f"(charrnn serve --max_message_bytes); ask for fewer rows, "
+                                                     f"ids or characters per call")
+        if "num_chars" in inputs and int(inputs["num_chars"].max()) > SEGMENT_CHARS:
+            outputs = self._run_in_segments(loaded, signature, inputs, deadline, alive)
         else:
-            outputs = run_signature(loaded, signature, inputs)
+            outputs = self._run(loaded, signature, inputs, deadline, alive)
         response = predict_pb2.PredictResponse()
         response.model_spec.name = loaded.name
         response.model_spec.version.value = loaded.version
@@ -266,6 +387,80 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             if not request.output_filter or key in request.output_filter:
                 wire.to_tensor_proto(value, response.outputs[key])
         return response
+
+    def _run(self, loaded: LoadedVersion, signature: str, inputs: dict[str, np.ndarray], deadline: float | None,
+             alive) -> dict[str, np.ndarray]:
+        """Runs one checked call, alone or in a batch; ``ids`` out of ``generate`` keep the call's own length."""
+        def caller_waits() -> bool:
+            return (alive is None or alive()) and (deadline is None or time.monotonic() < deadline)
+
+        if self.batcher is not None and inputs:
+            future = self.batcher.submit(loaded, signature, inputs, alive=caller_waits)
+            try:
+                outputs = future.result(timeout=None if deadline is None else max(deadline - time.monotonic(), 0))
+            except futures.TimeoutError:
+                future.cancel()
+                raise ServingError("DEADLINE_EXCEEDED", "deadline exceeded while waiting in the batching queue") from None
+            except futures.CancelledError:
+                log.debug("stopped a call before its batch ran: its caller went away")
+                raise ServingError("CANCELLED", "the call was cancelled before its batch ran") from None
+        else:
+            outputs = run_signature(loaded, signature, inputs)
+        if "num_chars" in inputs and "ids" in outputs and outputs["ids"].ndim == 2:
+            outputs["ids"] = outputs["ids"][:, :int(inputs["num_chars"].max())]  # a batch pads to its longest row
+        return outputs
+
+    def _run_in_segments(self, loaded: LoadedVersion, signature: str, inputs: dict[str, np.ndarray],
+                         deadline: float | None, alive) -> dict[str, np.ndarray]:
+        """A long generate call as segments of at most ``SEGMENT_CHARS`` characters per row.
+
+        Each segment feeds the last character sampled (its states and position carried
+        over), as a session's next call would; the seeded text does not depend on how a
+        call is cut. Between segments the caller is checked: gone, the work stops.
+        """
+        remaining = inputs["num_chars"].astype(np.int64)
+        current = {k: v.copy() for k, v in inputs.items()}
+        rows = remaining.shape[0]
+        pieces: list[list] = [[] for _ in range(rows)]
+        text_out = "text" in loaded.signature_defs[signature].outputs
+        state_keys = [k for k in inputs if k not in request_limits.SAMPLING_ROWS and k not in ("prime", "ids")]
+        while remaining.max() > 0:
+            if alive is not None and not alive():
+                log.debug("stopped a generate call between segments: its caller went away")
+                raise ServingError("CANCELLED", "the caller went away")
+            if deadline is not None and time.monotonic() >= deadline:
+                raise ServingError("DEADLINE_EXCEEDED", "deadline exceeded between segments of a long call")
+            active = np.nonzero(remaining > 0)[0]
+            segment = {k: v[active] for k, v in current.items()}
+            take = np.minimum(remaining[active], SEGMENT_CHARS).astype(np.int32)
+            segment["num_chars"] = take
+            outputs = self._run(loaded, signature, segment, deadline, alive)
+            last_ids = np.zeros([len(active), 1], np.int32)
+            for j, row in enumerate(active):
+                if text_out:
+                    text = outputs["text"][j]
+                    pieces[row].append(text)
+                    chars = text.decode("utf-8", errors="replace")
+                    if chars:
+                        current["prime"][row] = chars[-1].encode("utf-8")
+                else:
+                    pieces[row].append(outputs["ids"][j, :take[j]])
+                    last_ids[j, 0] = outputs["ids"][j, take[j] - 1]
+                for key in state_keys:
+                    current[key][row] = outputs[key][j]
+            current["position"][active] += take
+            if not text_out:
+                ids = current["ids"] if current["ids"].shape[1] == 1 else np.zeros([rows, 1], np.int32)
+                ids[active] = last_ids
+                current["ids"] = ids
+            remaining[active] -= take
+        result = {key: current[key] for key in state_keys}
+        if text_out:
+            result["text"] = np.array([b"".join(p) for p in pieces], dtype=object)
+        else:
+            width = int(inputs["num_chars"].max())
+            result["ids"] = np.stack([np.pad(np.concatenate(p), (0, width - sum(map(len, p)))) for p in pieces])
+        return result
 
     @_guarded
     def GetModelMetadata(self, request, context):
@@ -284,7 +479,20 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         response.model_spec.name = loaded.name
         response.model_spec.version.value = loaded.version
         response.metadata["signature_def"].Pack(sig_map)
+        response.metadata["limits"].Pack(self.advertised_limits())
         return response
+
+    def advertised_limits(self) -> struct_pb2.Struct:
+        """This server's request limits, as GetModelMetadata advertises them (``metadata["limits"]``).
+
+        Returns:
+            A ``google.protobuf.Struct`` of numbers: the ``ServingLimits`` fields, ``max_message_bytes``,
+            ``max_concurrent_requests`` (0: no cap) and ``segment_chars``.
+        """
+        limits = struct_pb2.Struct()
+        limits.update({**self.limits.advertised(), "max_message_bytes": self.max_message_bytes,
+                       "max_concurrent_requests": self.max_concurrent_requests, "segment_chars": SEGMENT_CHARS})
+        return limits
 
     def _unimplemented(self, request, context):
         context.abort(grpc.StatusCode.UNIMPLEMENTED, "only Predict and GetModelMetadata are served for these models")
@@ -314,8 +522,30 @@ class ModelStatusServicer(model_service_pb2_grpc.ModelServiceServicer):
                 entry.status.error_message = status.error
         return response
 
+    @_guarded
     def HandleReloadConfigRequest(self, request, context):
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, "config reload is not supported; restart with the new config")
+        return self.reload_config(request)
+
+    def reload_config(self, request) -> model_management_pb2.ReloadConfigResponse:
+        """HandleReloadConfigRequest, transport aside: applies ``request.config`` (see ``ModelManager.reload_config``).
+
+        Args:
+            request: a ``ReloadConfigRequest``.
+
+        Returns:
+            A ``ReloadConfigResponse`` with an OK status (metric increases are not reported).
+
+        Raises:
+            ServingError: INVALID_ARGUMENT or FAILED_PRECONDITION; the config in force stays.
+        """
+        try:
+            self.manager.reload_config(request.config)
+        except ServingError as exc:
+            log.error("ReloadConfig failed: %s", exc.message)
+            raise
+        response = model_management_pb2.ReloadConfigResponse()
+        response.status.error_code = error_codes_pb2.OK
+        return response
 
 
 # ----- the server -----------------------------------------------------------------------------
@@ -336,18 +566,32 @@ class ModelServer:
     def __init__(self, options: ServerOptions):
         self.options = options
         self.manager = ModelManager(model_server_config(options), options.file_system_poll_wait_seconds)
+        self.manager.xla = options.xla_cpu_compilation_enabled
+        self.manager.allow_version_labels_for_unavailable_models = options.allow_version_labels_for_unavailable_models
+        self.limits = serving_limits(options)
+        self.max_concurrent_requests = concurrency_cap(options)
         self.batcher = None
         if options.enable_batching:
             batching = batching_options(options.batching_parameters_file)
             self.batcher = Batcher(run_signature, batching)
-            self.manager.warmup_batch_sizes = self.batcher.allowed_batch_sizes
             log.info("batching on: %s", ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(batching).items()))
         self.health = health.HealthServicer()
+        self.manager.on_change = self._update_health  # every poll: health follows what is loaded
         self.port: int | None = None
         self.rest_port: int | None = None
         self._rest: RestServer | None = None
         self._server: grpc.Server | None = None
         self._stopped = threading.Event()
+
+    def _update_health(self) -> None:
+        """Health: SERVING while every model has a version AVAILABLE ("" and the service names), per model too."""
+        serving = self.manager.serving()
+        status = health_pb2.HealthCheckResponse
+        overall = status.SERVING if serving and all(serving.values()) else status.NOT_SERVING
+        for name in ("", *HEALTH_SERVICES):
+            self.health.set(name, overall)
+        for name, ready in serving.items():
+            self.health.set(name, status.SERVING if ready else status.NOT_SERVING)
 
     def _credentials(self):
         if not self.options.ssl_config_file:
@@ -365,19 +609,19 @@ class ModelServer:
         """Loads the models, then listens; returns the port (useful with port 0)."""
         credentials = self._credentials()
         self.manager.start()
+        self._watch_model_config()
         limit = self.options.max_message_bytes
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.options.grpc_max_threads),
                              options=[("grpc.max_receive_message_length", limit),
                                       ("grpc.max_send_message_length", limit),
                                       ("grpc.so_reuseport", 0)])
-        prediction = PredictionServicer(self.manager, self.batcher, self.options.max_chars_per_call)
+        prediction = PredictionServicer(self.manager, self.batcher, self.limits, self.max_concurrent_requests,
+                                        self.options.max_message_bytes)
         model_status = ModelStatusServicer(self.manager)
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(prediction, server)
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(model_status, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        names = (prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"].full_name,
-                 model_service_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,
-                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+        names = (*HEALTH_SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, server)
         address = f"{self.options.host}:{self.options.port}"
         try:
@@ -392,10 +636,7 @@ class ModelServer:
             self._start_rest(prediction, model_status)
         server.start()
         self._server = server
-        status = health_pb2.HealthCheckResponse.SERVING if self.manager.ready() else health_pb2.HealthCheckResponse.NOT_SERVING
-        self.health.set("", status)
-        for name in names[:2]:
-            self.health.set(name, status)
+        self._update_health()
         log.info("listening on %s:%d (%s)", self.options.host, self.port, "TLS" if credentials else "plaintext")
         return self.port
 
@@ -449,3 +690,16 @@ class ModelServer:
         while not received.wait(0.5) and not self._stopped.is_set():
             pass
         self.stop()
+
+    def _watch_model_config(self) -> None:
+        """Rereads ``model_config_file`` every ``model_config_file_poll_wait_seconds`` (models added, removed,
+        relabelled live); a removed model's health turns NOT_SERVING."""
+        self.manager.on_remove = self._models_removed
+        if self.options.model_config_file and self.options.model_config_file_poll_wait_seconds > 0:
+            self.manager.watch_config_file(self.options.model_config_file,
+                                           self.options.model_config_file_poll_wait_seconds)
+
+    def _models_removed(self, names: list[str]) -> None:
+        """Health of models a config reload removed: NOT_SERVING."""
+        for name in names:
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)

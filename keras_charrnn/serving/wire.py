@@ -11,6 +11,8 @@ message of the same name, and back.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from google.protobuf import any_pb2, descriptor_pool, wrappers_pb2  # noqa: F401  (registers their files)
 
@@ -101,14 +103,39 @@ def to_tensor_proto(value: np.ndarray, into=None):
     return proto
 
 
-def from_tensor_proto(proto) -> np.ndarray:
-    """A TensorProto as a NumPy array (strings come back as ``bytes`` objects)."""
+def from_tensor_proto(proto, max_elements: int | None = None) -> np.ndarray:
+    """A TensorProto as a NumPy array (strings come back as ``bytes`` objects).
+
+    The claimed shape is checked before anything is allocated: TensorProto
+    repeats its last value to fill the shape, so a few bytes may claim any size.
+
+    Args:
+        proto: a TensorProto (light or real).
+        max_elements: the most elements the tensor may claim (None: no limit).
+
+    Returns:
+        The array.
+
+    Raises:
+        ValueError: a negative dimension, an unknown rank, more than ``max_elements``
+            elements, or content that does not fit the shape.
+    """
+    if proto.tensor_shape.unknown_rank:
+        raise ValueError("the tensor's shape has an unknown rank")
     shape = [d.size for d in proto.tensor_shape.dim]
-    count = int(np.prod(shape)) if shape else 1
+    if any(s < 0 for s in shape):
+        raise ValueError(f"negative dimension in shape {shape}")
+    count = math.prod(shape)
+    if max_elements is not None and count > max_elements:
+        raise ValueError(f"shape {shape} claims {count} elements, more than {max_elements}")
     if proto.dtype == DT_STRING:
         values = list(proto.string_val)
-        if len(values) == 1 and count > 1:
-            values = values * count
+        if len(values) > max(count, 1):
+            raise ValueError(f"{len(values)} values for shape {shape}")
+        if values and len(values) < count:  # TF's convention: the last value fills the rest
+            values = values + values[-1:] * (count - len(values))
+        elif not values:
+            values = [b""] * count
         return np.array(values, dtype=object).reshape(shape)
     if proto.dtype not in _NUMPY_OF:
         raise TypeError(f"unsupported tensor dtype {proto.dtype}")
@@ -116,8 +143,10 @@ def from_tensor_proto(proto) -> np.ndarray:
     if proto.tensor_content:
         return np.frombuffer(proto.tensor_content, dtype=dtype).astype(dtype.newbyteorder("=")).reshape(shape)
     values = np.array(getattr(proto, _VALUES_FIELD[proto.dtype]), dtype=_NUMPY_OF[proto.dtype])
-    if values.size == 1 and count > 1:  # TF's convention: one value fills the tensor
-        values = np.repeat(values, count)
+    if values.size > max(count, 1):
+        raise ValueError(f"{values.size} values for shape {shape}")
     if values.size == 0:
         values = np.zeros(count, _NUMPY_OF[proto.dtype])
+    elif values.size < count:  # TF's convention: the last value fills the rest
+        values = np.concatenate([values, np.repeat(values[-1:], count - values.size)])
     return values.reshape(shape)

@@ -1,0 +1,371 @@
+"""Soak: two replicas with batching, many client sessions, a fault schedule; is every honest text exact?
+
+Two ``charrnn serve --enable_batching`` replicas on loopback, each on its own
+copy of the model's base path (so their versions can differ), and
+``--sessions`` client threads sharing one ``SamplingClient`` for ``--minutes``.
+Each session has its own prime, seed and temperature and makes 4 to 12 calls of
+8 or 64 characters. Faults, at fractions of the run:
+
+- 25%: SIGKILL of replica 0, restarted at once on the same port;
+- 45%: version 2 (a copy of version 1) copied into replica 1's base path, as ``cp -r`` does;
+- 65%: a corrupt version 3 dropped into replica 0's base path;
+- all along, every ``--malformed_every`` seconds, a bad request to one replica: a
+  negative dimension, a tensor claiming far more elements than it carries, a
+  temperature of -1, a wrong dtype, or a long call whose caller gives up at once.
+
+Afterwards every finished session is replayed in this process
+(``keras_charrnn.load``: same prime, seed, temperature and chunks) and compared
+byte for byte. The report (printed, and written to BENCHMARKS.md) gives per
+window characters/s, p50/p99 call latency and errors by status code, the
+sessions identical/mismatched/failed, and each server process's RSS.
+
+    python bench/soak.py [--minutes 10] [--sessions 24] [--model saved_models/shakespeare]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from report import update_section  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+from servers import ServerProcess  # noqa: E402  (the tests' model-server process)
+
+import grpc  # noqa: E402
+import numpy as np  # noqa: E402
+
+from keras_charrnn.errors import CharRNNError  # noqa: E402
+from keras_charrnn.serving import wire  # noqa: E402
+from keras_charrnn.serving.client import SamplingClient, ServerError  # noqa: E402
+
+MODEL = "soak"
+PRIMES = ["ROMEO:\n", "JULIET:\nO ", "First Citizen:\nBefore we proceed", "\n", "KING RICHARD III:\nNow is the ",
+          "To be, or not to be", "HAMLET:\n", "What light through yonder window "]
+FAULTS = ((0.25, "SIGKILL replica 0, restart"), (0.45, "version 2 copied into replica 1"),
+          (0.65, "corrupt version 3 into replica 0"))
+MALFORMED = ("negative_dimension", "claims_too_much", "temperature_-1", "wrong_dtype", "caller_gives_up")
+
+
+@dataclass
+class Call:
+    end: float
+    latency: float
+    chars: int
+    code: str | None = None
+
+
+@dataclass
+class SessionRecord:
+    prime: str
+    seed: int
+    temperature: float
+    chunks: list[int]
+    text: str = ""
+    version: int | None = None
+    error: str | None = None  # the status code name of a failed session
+
+
+@dataclass
+class Process:
+    """One server process (a replica's incarnation) and its RSS samples (seconds since start, bytes)."""
+
+    replica: int
+    pid: int
+    ready: float
+    rss: list[tuple[float, int]] = field(default_factory=list)
+
+
+class Replica:
+    def __init__(self, index: int, base: Path, batching: Path, clock):
+        self.index, self.base, self.batching, self.clock = index, base, batching, clock
+        self.port = 0
+        self.processes: list[Process] = []
+        self.server = self._start()
+
+    def _start(self) -> ServerProcess:
+        server = ServerProcess(["--model_name", MODEL, "--model_base_path", self.base / MODEL, "--enable_batching",
+                                "--batching_parameters_file", self.batching, "--file_system_poll_wait_seconds", "1",
+                                "--port", self.port])
+        self.port = server.port
+        self.processes.append(Process(self.index, server.proc.pid, self.clock()))
+        return server
+
+    def kill_and_restart(self) -> None:
+        self.server.kill()
+        self.server = self._start()
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+def rss_bytes(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+
+
+def malformed_request(kind: str, info, rng: random.Random):
+    """A bad PredictRequest of ``kind`` and the client timeout to send it with."""
+    request = wire.PredictRequest()
+    request.model_spec.name = MODEL
+    request.model_spec.signature_name = "generate_text"
+    inputs = {"prime": np.array([b"ROMEO:"], dtype=object), "num_chars": np.array([64], np.int32),
+              "temperature": np.array([0.8], np.float32), "top_k": np.array([0], np.int32),
+              "top_p": np.array([1.0], np.float32), "seed": np.array([rng.randrange(1 << 40)], np.int64),
+              "position": np.array([0], np.int64),
+              **{n: np.zeros([1, info.state_size], np.float32) for n in info.state_names}}
+    timeout = 30.0
+    if kind == "temperature_-1":
+        inputs["temperature"][0] = -1.0
+    elif kind == "caller_gives_up":
+        inputs["num_chars"][0] = info.max_chars_per_call
+        timeout = 0.05
+    for key, value in inputs.items():
+        wire.to_tensor_proto(value, request.inputs[key])
+    if kind == "negative_dimension":
+        request.inputs["num_chars"].tensor_shape.dim[0].size = -1
+    elif kind == "claims_too_much":  # a few bytes claiming [1, 1e8] ids: TensorProto repeats the last value
+        request.model_spec.signature_name = "step"
+        for key in ("prime", "num_chars", "temperature", "top_k", "top_p", "seed", "position"):
+            del request.inputs[key]
+        ids = request.inputs["ids"]
+        ids.dtype = wire.DT_INT32
+        ids.tensor_shape.dim.add(size=1)
+        ids.tensor_shape.dim.add(size=100_000_000)
+        ids.int_val.append(1)
+    elif kind == "wrong_dtype":
+        request.inputs["temperature"].Clear()
+        wire.to_tensor_proto(np.array([1], np.int32), request.inputs["temperature"])
+    return request, timeout
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=10.0, help="how long the sessions run")
+    parser.add_argument("--sessions", type=int, default=24, help="concurrent client sessions (threads)")
+    parser.add_argument("--model", default=str(ROOT / "saved_models" / "shakespeare"), help="a model base path")
+    parser.add_argument("--window", type=float, default=30.0, help="seconds per report window")
+    parser.add_argument("--malformed_every", type=float, default=3.0, help="seconds between malformed requests")
+    parser.add_argument("--no_write", action="store_true", help="print the report only (no BENCHMARKS.md)")
+    args = parser.parse_args()
+
+    duration = args.minutes * 60
+    source = Path(args.model)
+    first = sorted((p for p in source.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))[-1]
+    tmp = Path(tempfile.mkdtemp(prefix="soak-"))
+    batching = ROOT / "serving" / "batching_parameters.txt"
+    t0 = time.monotonic()
+    clock = lambda: time.monotonic() - t0  # noqa: E731
+    replicas = []
+    for index in range(2):
+        shutil.copytree(first, tmp / f"replica{index}" / MODEL / "1")
+        replicas.append(Replica(index, tmp / f"replica{index}", batching, clock))
+    print(f"replicas ready on ports {[r.port for r in replicas]} after {clock():.1f} s", flush=True)
+
+    client = SamplingClient([r.target for r in replicas], timeout=90, retries=30)
+    info = client.model_info(MODEL)
+    calls: list[Call] = []
+    records: list[SessionRecord] = []
+    events: list[tuple[float, str]] = []
+    malformed: list[tuple[float, str, str]] = []
+    attempts: list[tuple[float, Counter]] = []
+    lock = threading.Lock()
+    start = clock()
+    stop_at = start + duration
+    done = threading.Event()
+
+    def session_worker(worker: int) -> None:
+        rng = random.Random(worker)
+        k = 0
+        while clock() < stop_at:
+            record = SessionRecord(rng.choice(PRIMES), worker * 1_000_000 + k, rng.choice([0.5, 0.8, 1.0]),
+                                   [rng.choice([8, 8, 64]) for _ in range(rng.randint(4, 12))])
+            k += 1
+            try:
+                session = client.session(MODEL, prime=record.prime, temperature=record.temperature, seed=record.seed)
+                for n in record.chunks:
+                    t = clock()
+                    try:
+                        record.text += session.generate(n)
+                    except CharRNNError as exc:
+                        with lock:
+                            calls.append(Call(clock(), clock() - t, 0, getattr(getattr(exc, "code", None), "name",
+                                                                                type(exc).__name__)))
+                        raise
+                    with lock:
+                        calls.append(Call(clock(), clock() - t, n))
+                record.version = session.version
+            except CharRNNError as exc:
+                record.error = getattr(getattr(exc, "code", None), "name", type(exc).__name__)
+                print(f"session {worker}/{k} failed: {exc}", flush=True)
+            with lock:
+                records.append(record)
+
+    def faults() -> None:
+        for fraction, label in FAULTS:
+            if done.wait(max(0.0, start + fraction * duration - clock())):
+                return
+            events.append((clock(), label))
+            print(f"[{clock():6.1f} s] {label}", flush=True)
+            if label.startswith("SIGKILL"):
+                replicas[0].kill_and_restart()
+                events.append((clock(), "replica 0 serving again"))
+                print(f"[{clock():6.1f} s] replica 0 serving again", flush=True)
+            elif label.startswith("version 2"):
+                shutil.copytree(replicas[1].base / MODEL / "1", replicas[1].base / MODEL / "2")
+            else:
+                bad = replicas[0].base / MODEL / "3"
+                (bad / "variables").mkdir(parents=True)
+                (bad / "saved_model.pb").write_bytes(os.urandom(4096))
+
+    def bad_requests() -> None:
+        rng = random.Random(7)
+        channels = {}
+        i = 0
+        while not done.wait(args.malformed_every):
+            kind, replica = MALFORMED[i % len(MALFORMED)], replicas[i % 2]
+            i += 1
+            if replica.target not in channels:
+                channels[replica.target] = grpc.insecure_channel(replica.target).unary_unary(
+                    wire.PREDICT, request_serializer=wire.PredictRequest.SerializeToString,
+                    response_deserializer=wire.PredictResponse.FromString)
+            request, timeout = malformed_request(kind, info, rng)
+            try:
+                channels[replica.target](request, timeout=timeout)
+                code = "OK"
+            except grpc.RpcError as exc:
+                code = exc.code().name
+            malformed.append((clock(), kind, code))
+
+    def monitor() -> None:
+        while not done.wait(0.5):
+            now = clock()
+            for replica in replicas:
+                process = replica.processes[-1]
+                rss = rss_bytes(process.pid)
+                if rss is not None:
+                    process.rss.append((now, rss))
+            with client._lock:
+                attempts.append((now, Counter(client.failed_attempts)))
+
+    helpers = [threading.Thread(target=f, daemon=True) for f in (faults, bad_requests, monitor)]
+    workers = [threading.Thread(target=session_worker, args=(w,)) for w in range(args.sessions)]
+    for thread in helpers + workers:
+        thread.start()
+    for thread in workers:
+        thread.join()
+    end = clock()
+    done.set()
+    for thread in helpers:
+        thread.join()
+    for replica in replicas:
+        replica.server.stop()
+    client.close()
+
+    # ----- replay every finished session in-process ------------------------------------------
+    from keras_charrnn.inprocess import load
+
+    print(f"replaying {sum(r.error is None for r in records)} sessions in-process ...", flush=True)
+    model = load(first)
+    outcome = Counter()
+    for record in records:
+        if record.error is not None:
+            outcome[f"failed ({record.error})"] += 1
+            continue
+        local = model.session(record.prime, temperature=record.temperature, seed=record.seed)
+        expected = "".join(local.generate(n) for n in record.chunks)
+        outcome["identical" if expected == record.text else "mismatched"] += 1
+    versions = Counter(r.version for r in records if r.error is None)
+
+    # ----- report ----------------------------------------------------------------------------
+    rows = ["| window (s) | chars/s | calls | p50 / p99 latency (ms) | honest calls failed | failed attempts "
+            "(retried by the client) | malformed requests: codes | events |", "|---|---|---|---|---|---|---|---|"]
+
+    def counts(counter: Counter) -> str:
+        return ", ".join(f"{k} {v}" for k, v in sorted(counter.items()) if v) or "-"
+
+    w0 = start
+    while w0 < end - 1e-9:
+        w1 = min(w0 + args.window, end)
+        inside = [c for c in calls if w0 <= c.end < w1]
+        ok = [c for c in inside if c.code is None]
+        lat = [c.latency * 1e3 for c in ok]
+        before = next((a for t, a in reversed(attempts) if t <= w0), Counter())
+        after = next((a for t, a in reversed(attempts) if t <= w1), Counter())
+        bad = Counter(f"{code}" for t, _, code in malformed if w0 <= t < w1)
+        happened = "; ".join(label for t, label in events if w0 <= t < w1) or "-"
+        rows.append(f"| {w0 - start:.0f}-{w1 - start:.0f} | {sum(c.chars for c in ok) / (w1 - w0):,.0f} | {len(ok)} | "
+                    + (f"{percentile(lat, 50):.0f} / {percentile(lat, 99):.0f}" if lat else "-")
+                    + f" | {counts(Counter(c.code for c in inside if c.code))} | {counts(after - before)} | "
+                      f"{counts(bad)} | {happened} |")
+        w0 = w1
+    by_kind = Counter(f"{kind}: {code}" for _, kind, code in malformed)
+    settle = max(20.0, 0.1 * duration)  # the baseline: this long after a process is ready (warm-up allocations)
+    rss_rows = [f"| server process | RSS at start (MB) | after {settle:.0f} s (MB) | peak (MB) | end (MB) | growth "
+                f"after {settle:.0f} s (MB) |", "|---|---|---|---|---|---|"]
+    growths = []
+    mb = lambda b: b / 2 ** 20  # noqa: E731
+    for replica in replicas:
+        for n, process in enumerate(replica.processes):
+            if not process.rss:
+                continue
+            settled = next((r for t, r in process.rss if t >= process.ready + settle), process.rss[-1][1])
+            last = process.rss[-1][1]
+            killed = n < len(replica.processes) - 1
+            if not killed:  # the goal is about processes that lived to the end
+                growths.append(mb(last - settled))
+            rss_rows.append(f"| replica {replica.index}" + (f" (restart {n})" if n else "")
+                            + (f" (killed at {process.rss[-1][0] - start:.0f} s)" if killed else "") + f" | "
+                            f"{mb(process.rss[0][1]):.0f} | {mb(settled):.0f} | {mb(max(r for _, r in process.rss)):.0f}"
+                            f" | {mb(last):.0f} | {mb(last - settled):+.0f} |")
+    lost = sum(v for k, v in outcome.items() if k != "identical")
+    body = (
+        "## Soak (issue 9)\n\n"
+        f"`python bench/soak.py --minutes {args.minutes:g} --sessions {args.sessions}`: two replicas of "
+        f"`{source.name}` (`charrnn serve --enable_batching`, `serving/batching_parameters.txt`) on loopback, "
+        f"{args.sessions} sessions (threads sharing one `SamplingClient`, timeout 90 s), each 4-12 calls of 8 or 64 "
+        "characters, for "
+        f"{end - start:.0f} s; faults at 25% (SIGKILL + restart of replica 0), 45% (version 2 copied into replica 1), "
+        f"65% (corrupt version 3 into replica 0; each fault waits for the one before, restart included), and a "
+        f"malformed request every {args.malformed_every:g} s. "
+        "Every finished session is replayed in-process with the same prime, seed and chunks.\n\n"
+        + "\n".join(rows)
+        + f"\n\nSessions: {len(records)} run, " + ", ".join(f"{v} {k}" for k, v in sorted(outcome.items()))
+        + " (byte-identical to in-process); by version: " + ", ".join(f"v{k} {v}" for k, v in sorted(versions.items()))
+        + f".\n\nMalformed requests: {counts(by_kind)}.\n\n" + "\n".join(rss_rows)
+        + "\n\nGoals: no honest session lost or mismatched: " + ("met" if lost == 0 else f"NOT met ({lost})")
+        + "; RSS growth under 50 MB: " + ("met" if growths and max(growths) < 50 else
+                                           f"NOT met (max {max(growths or [0]):+.0f} MB)") + ".")
+    print(body, flush=True)
+    if not args.no_write:
+        update_section("soak", body)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

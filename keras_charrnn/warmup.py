@@ -1,0 +1,221 @@
+"""Warm-up records: TF Serving's ``assets.extra/tf_serving_warmup_requests``.
+
+TensorFlow Serving reads this file when it loads a version and runs every
+record before the version becomes AVAILABLE; a record that fails fails the
+load. The format (tensorflow_serving/servables/tensorflow/saved_model_warmup_util.cc):
+a TFRecord file of serialized ``tensorflow.serving.PredictionLog`` messages,
+at most 1000 of them; for a ``predict_log`` only ``request`` is used, its
+``model_spec.signature_name`` picks the signature and its model name and
+version are not checked.
+
+``charrnn export`` writes one ``generate_text`` request per batch size that
+calls may come in (the sizes TF Serving's batching pads to), so the shapes
+are compiled at load, not on a client's first call. The XLA twins are not in
+the file by default: a server without XLA JIT would fail the load on them (see
+``keras_charrnn.xla``); the embedded server warms them anyway, since it runs
+the twin for every ``generate_text`` call when it has XLA.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import tensorflow as tf
+from google.protobuf import text_format
+from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
+
+from keras_charrnn.errors import ConfigError, InputError
+
+ASSETS_EXTRA = "assets.extra"
+WARMUP_FILE = "tf_serving_warmup_requests"
+MAX_RECORDS = 1000  # TF Serving's WarmupConsts::kMaxNumRecords: more fails the load
+DEFAULT_BATCH_SIZES = (1, 2, 4, 8)  # one row per session call, and small merged batches
+WARMUP_SIGNATURES = ("generate_text",)  # what SamplingClient sessions and the REST playground call
+WARMUP_NUM_CHARS = 2  # the sampling loop runs its body once
+
+
+def warmup_path(version_dir: str | os.PathLike) -> Path:
+    """Where a version's warm-up records live: ``VERSION/assets.extra/tf_serving_warmup_requests``."""
+    return Path(version_dir) / ASSETS_EXTRA / WARMUP_FILE
+
+
+def batch_sizes_from_batching_parameters(path: str | os.PathLike) -> list[int]:
+    """The batch sizes a ``--batching_parameters_file`` makes calls come in.
+
+    ``allowed_batch_sizes`` when the file gives them (TF Serving pads every batch to
+    one of them), else the sizes the embedded server pads to: the powers of two
+    below ``max_batch_size``, then ``max_batch_size``.
+
+    Args:
+        path: a ``BatchingParameters`` text file (e.g. ``serving/batching_parameters.txt``).
+
+    Returns:
+        Increasing batch sizes.
+
+    Raises:
+        ConfigError: the file cannot be read or parsed.
+
+    Example:
+
+    >>> batch_sizes_from_batching_parameters("serving/batching_parameters.txt")  # doctest: +SKIP
+    [1, 2, 4, 8, 16, 32, 64]
+    """
+    from keras_charrnn.serving.protos import BatchingParameters
+    from keras_charrnn.serving.request_batcher import BatchingOptions, padded_sizes
+
+    try:
+        parsed = text_format.Parse(Path(path).read_text(encoding="utf-8"), BatchingParameters())
+    except OSError as exc:
+        raise ConfigError(f"batching_parameters_file {path}: cannot read it ({exc.strerror or exc})") from None
+    except (text_format.ParseError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"batching_parameters_file {path}: not a valid BatchingParameters ({exc})") from None
+    max_batch = parsed.max_batch_size.value if parsed.HasField("max_batch_size") else BatchingOptions.max_batch_size
+    return padded_sizes(int(max_batch), [int(b) for b in parsed.allowed_batch_sizes] or None)
+
+
+def check_batch_sizes(batch_sizes: Iterable[int], signatures: Sequence[str]) -> list[int]:
+    """Validates warm-up batch sizes; returns them sorted without repeats.
+
+    Raises:
+        ConfigError: a size is not a positive integer, or there would be over ``MAX_RECORDS`` records.
+    """
+    sizes = sorted(set(batch_sizes))
+    if not sizes or any(not isinstance(b, (int, np.integer)) or isinstance(b, bool) or b < 1 for b in sizes):
+        raise ConfigError(f"warmup_batch_sizes must be positive integers, got {list(batch_sizes)}")
+    if len(sizes) * len(signatures) > MAX_RECORDS:
+        raise ConfigError(f"warmup_batch_sizes: {len(sizes)} sizes x {len(signatures)} signatures is over "
+                          f"TF Serving's limit of {MAX_RECORDS} warm-up records")
+    return [int(b) for b in sizes]
+
+
+def _example_input(name: str, info, batch: int) -> np.ndarray:
+    """A valid value of one input: a newline prime, zero states, greedy-safe sampling settings."""
+    dtype = tf.dtypes.as_dtype(info.dtype).as_numpy_dtype
+    if info.dtype == tf.string.as_datatype_enum:
+        return np.array([b"\n"] * batch, dtype=object)
+    dims = [d.size for d in info.tensor_shape.dim]
+    if name == "ids":
+        return np.ones([batch, 1], dtype)
+    shape = [batch if i == 0 else d for i, d in enumerate(dims)]
+    if name == "num_chars":
+        return np.full(shape, WARMUP_NUM_CHARS, dtype)
+    if name in ("temperature", "top_p"):
+        return np.ones(shape, dtype)
+    return np.zeros(shape, dtype)
+
+
+def warmup_requests(signature_defs: Mapping, batch_sizes: Iterable[int] = DEFAULT_BATCH_SIZES,
+                    signatures: Sequence[str] = WARMUP_SIGNATURES) -> list[predict_pb2.PredictRequest]:
+    """One PredictRequest per (signature, batch size), with inputs made from the SignatureDefs.
+
+    Args:
+        signature_defs: the export's SignatureDefs by name (a ``MetaGraphDef.signature_def``).
+        batch_sizes: the batch sizes to warm.
+        signatures: the signatures to warm; those the export lacks are skipped.
+
+    Returns:
+        The requests (their ``model_spec`` names only the signature).
+
+    Raises:
+        ConfigError: bad batch sizes, or too many records.
+    """
+    present = [s for s in signatures if s in signature_defs]
+    requests = []
+    for signature in present:
+        for batch in check_batch_sizes(batch_sizes, present):
+            request = predict_pb2.PredictRequest()
+            request.model_spec.signature_name = signature
+            for name, info in signature_defs[signature].inputs.items():
+                request.inputs[name].CopyFrom(tf.make_tensor_proto(_example_input(name, info, batch)))
+            requests.append(request)
+    return requests
+
+
+def write_warmup_file(version_dir: str | os.PathLike, requests: Sequence[predict_pb2.PredictRequest]) -> Path:
+    """Writes ``requests`` as TF Serving's warm-up records into a (not yet published) version folder.
+
+    Args:
+        version_dir: the SavedModel folder being built.
+        requests: at most ``MAX_RECORDS`` requests.
+
+    Returns:
+        The file written.
+
+    Raises:
+        ConfigError: more than ``MAX_RECORDS`` requests.
+    """
+    if len(requests) > MAX_RECORDS:
+        raise ConfigError(f"{len(requests)} warm-up requests: TF Serving reads at most {MAX_RECORDS}")
+    path = warmup_path(version_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for request in requests:
+            log = prediction_log_pb2.PredictionLog()
+            log.predict_log.request.CopyFrom(request)
+            writer.write(log.SerializeToString())
+    return path
+
+
+def read_warmup_file(version_dir: str | os.PathLike) -> list[prediction_log_pb2.PredictionLog]:
+    """The warm-up records of a version, as TF Serving reads them.
+
+    Args:
+        version_dir: a SavedModel version folder.
+
+    Returns:
+        The records; empty when the version has no warm-up file (warm-up is optional).
+
+    Raises:
+        InputError: the file is not a TFRecord file of PredictionLogs, or holds over ``MAX_RECORDS``.
+    """
+    path = warmup_path(version_dir)
+    if not path.is_file():
+        return []
+    records = []
+    try:
+        for raw in tf.data.TFRecordDataset(str(path)).as_numpy_iterator():
+            if len(records) == MAX_RECORDS:
+                raise InputError(f"{path}: number of warmup records exceeds the maximum ({MAX_RECORDS})")
+            log = prediction_log_pb2.PredictionLog()
+            try:
+                log.ParseFromString(raw)
+            except Exception:  # protobuf's DecodeError
+                raise InputError(f"{path}: failed to parse a warmup record") from None
+            records.append(log)
+    except tf.errors.DataLossError as exc:
+        raise InputError(f"{path}: {exc.message}. Please verify your warmup data is in TFRecord format.") from None
+    return records
+
+
+def request_arrays(request: predict_pb2.PredictRequest) -> dict[str, np.ndarray]:
+    """A PredictRequest's inputs as NumPy arrays (strings as ``bytes`` objects)."""
+    return {name: tf.make_ndarray(proto) for name, proto in request.inputs.items()}
+
+
+def replay(version_dir: str | os.PathLike, run: Callable[[str, dict[str, np.ndarray]], object]) -> int:
+    """Runs every warm-up record of a version, in order, as TF Serving does at load.
+
+    Only ``predict_log`` records are run (this model serves Predict only); other
+    kinds are skipped.
+
+    Args:
+        version_dir: the version folder.
+        run: ``run(signature_name, inputs)`` calls the loaded version; its errors propagate
+            (a failed warm-up is a failed load).
+
+    Returns:
+        The number of records read.
+
+    Raises:
+        InputError: the file is malformed or too long.
+    """
+    records = read_warmup_file(version_dir)
+    for log in records:
+        if log.WhichOneof("log_type") != "predict_log":
+            continue
+        request = log.predict_log.request
+        run(request.model_spec.signature_name or "serving_default", request_arrays(request))
+    return len(records)

@@ -1,0 +1,144 @@
+"""Distributed training under tf.distribute: each replica owns a contiguous share of the streams and their
+hidden state, and the result is the single-device run's.
+
+Every run is a ``charrnn train`` subprocess: logical CPU devices (``CHARRNN_LOGICAL_CPUS``) and
+``MultiWorkerMirroredStrategy`` must be set up before TensorFlow starts, which the pytest process
+has done already. The multi-worker test runs two workers on 127.0.0.1 with ``TF_CONFIG``; killing
+one mid-run, resuming both and comparing with one process is a single test, to keep the slow
+part (two processes talking gRPC on a loaded machine) to one run.
+"""
+
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import make_corpus, run_cli
+
+TINY = ["--units", "16", "--embedding-dim", "8", "--batch-size", "8", "--seq-len", "10", "--epochs", "2",
+        "--dropout", "0", "--lr", "0.01", "--clip-norm", "0.05", "--sample-chars", "0", "--quiet"]
+# clip_norm 0.05 clips every step, so a per-replica clip (stock Keras under a strategy) would show.
+
+
+def _cli(*args, env=None, timeout=600):
+    return subprocess.run([sys.executable, "-m", "keras_charrnn.cli", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def _checkpoint(run):
+    with np.load(run / "state.npz") as data:
+        return {k: data[k] for k in data.files if k != "progress"}, json.loads(str(data["progress"]))
+
+
+def _assert_same_run(got, want, state_atol=1e-3):
+    """Per-epoch losses to 1e-5 relative; weights and optimizer variables 1e-4; states (c grows) 1e-3."""
+    (arrays, progress), (ref_arrays, ref_progress) = _checkpoint(got), _checkpoint(want)
+    assert len(progress["history"]) == len(ref_progress["history"])
+    for h, r in zip(progress["history"], ref_progress["history"]):
+        for key in ("loss", "val_loss"):
+            assert h[key] == pytest.approx(r[key], rel=1e-5), (key, progress["history"], ref_progress["history"])
+    assert arrays.keys() == ref_arrays.keys()
+    for key, value in arrays.items():
+        np.testing.assert_allclose(value, ref_arrays[key], atol=state_atol if key.startswith("state_") else 1e-4,
+                                   err_msg=key)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("dist") / "c.txt"
+    path.write_text(make_corpus(1500, seed=1))
+    return path
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_mirrored_on_two_devices_matches_one_device_with_the_same_global_batch(corpus, tmp_path, cell):
+    one = _cli("train", corpus, "--out", tmp_path / "one", "--cell", cell, "--checkpoint-every", "0", *TINY)
+    assert one.returncode == 0, one.stderr
+    two = _cli("train", corpus, "--out", tmp_path / "two", "--cell", cell, "--checkpoint-every", "0", *TINY,
+               "--distribute", "mirrored", env={"CHARRNN_LOGICAL_CPUS": "2"})
+    assert two.returncode == 0, two.stderr
+    assert "distributed: 2 replicas, batch_size 8 = 2 x 4" in two.stdout
+    _assert_same_run(tmp_path / "two", tmp_path / "one")
+    # The run folder is a single-device run's: it exports as one.
+    exported = run_cli("export", tmp_path / "two", "--name", "m", "--base-path", tmp_path / "models")
+    assert exported.returncode == 0, exported.stderr
+
+
+def test_distributed_training_errors_name_the_parameter(corpus, tmp_path):
+    odd = _cli("train", corpus, "--out", tmp_path / "odd", *TINY, "--batch-size", "7", "--distribute", "mirrored",
+               env={"CHARRNN_LOGICAL_CPUS": "2"}, timeout=300)
+    assert odd.returncode == 2 and "batch_size 7 must be a multiple of the 2 replicas" in odd.stderr, odd.stderr
+    no_config = _cli("train", corpus, "--out", tmp_path / "mw", *TINY, "--distribute", "multi-worker",
+                     env={"TF_CONFIG": ""}, timeout=300)
+    assert no_config.returncode == 2 and "needs TF_CONFIG" in no_config.stderr, no_config.stderr
+    if importlib.util.find_spec("jax") is not None:
+        jax = _cli("train", corpus, "--out", tmp_path / "jax", *TINY, "--distribute", "mirrored", "--backend", "jax",
+                   timeout=300)
+        assert jax.returncode == 2 and "distributed training needs the TensorFlow backend" in jax.stderr, jax.stderr
+
+
+def _free_ports(n):
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _start_workers(corpus, out, logs, *extra):
+    workers = [f"127.0.0.1:{p}" for p in _free_ports(2)]
+    procs = []
+    for i in range(2):
+        tf_config = json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}})
+        log = open(logs / f"worker{i}_{int(time.time() * 1000)}.log", "w")
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "keras_charrnn.cli", "train", str(corpus), "--out", str(out), *extra],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TF_CONFIG": tf_config}))
+    return procs
+
+
+def _logs(logs):
+    return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(logs.iterdir()))
+
+
+def test_two_workers_killed_mid_run_resume_from_the_checkpoint_and_match_one_process(corpus, tmp_path):
+    flags = [*TINY, "--checkpoint-every", "10"]
+    one = _cli("train", corpus, "--out", tmp_path / "one", *flags)
+    assert one.returncode == 0, one.stderr
+
+    out, logs = tmp_path / "shared" / "run", tmp_path / "logs"
+    logs.mkdir()
+    procs = _start_workers(corpus, out, logs, *flags, "--distribute", "multi-worker")
+    state = out / "state.npz"
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline and all(p.poll() is None for p in procs):
+        if state.is_file() and _checkpoint(out)[1]["epoch"] >= 1 and _checkpoint(out)[1]["step"] >= 10:
+            break  # part-way through the second epoch
+        time.sleep(0.05)
+    assert all(p.poll() is None for p in procs), _logs(logs)
+    procs[1].send_signal(signal.SIGKILL)  # a worker dies; the chief is stuck in the next collective
+    procs[1].wait()
+    time.sleep(1)
+    procs[0].send_signal(signal.SIGKILL)
+    procs[0].wait()
+    killed_at = _checkpoint(out)[1]
+    assert killed_at["epoch"] == 1 and killed_at["step"] > 0, killed_at
+
+    procs = _start_workers(corpus, out, logs, "--resume", "--distribute", "multi-worker", "--quiet")
+    for p in procs:
+        p.wait(timeout=400)
+    assert [p.returncode for p in procs] == [0, 0], _logs(logs)
+    assert "resuming" in _logs(logs)
+    _assert_same_run(out, tmp_path / "one")
+    assert not list(out.parent.glob("charrnn-worker-*"))  # the other worker wrote elsewhere
+    exported = run_cli("export", out, "--name", "m", "--base-path", tmp_path / "models")
+    assert exported.returncode == 0, exported.stderr
