@@ -1,74 +1,211 @@
-"""Validation loss reached under a wall-clock budget with the project's default settings.
+"""Held-out loss under a wall-clock budget: ``--time-budget`` against a plain Keras 2x256 LSTM, same time, same run.
 
-Trains ``charrnn train``'s defaults (TrainConfig) on CORPUS (last 10% held
-out) for about ``--minutes``: a short probe measures the speed, the number of
-epochs is set so the learning-rate schedule spans the budget, and a time
-budget stops training at the limit (Keras still validates the stopped epoch). Reports the best validation
-loss in nats/char and bits/char.
+For each corpus, tinyshakespeare and Python source (the ``.py`` files of the installed packages, every
+k-th in sorted order so that every package contributes, joined until ``--code-mb`` MB; made by this
+bench), with the last 10% held out:
 
-    python bench/quality.py ../shared/data/tinyshakespeare.txt --minutes 10
+1. ``--time-budget``: ``train(corpus, run, TrainConfig(time_budget=MINUTES))``, the package's probe,
+   rule and stop (``keras_charrnn/budget.py``); its wall time T counts the corpus reading, the probe,
+   building and the final validation.
+2. The baseline, what a Keras user writes: Embedding(64) -> LSTM(256) -> LSTM(256) -> Dense, stateless,
+   ``compile(optimizer="adam")`` (1e-3, no schedule, no clipping), ``fit`` on shuffled 100-character
+   windows of the training part in batches of 64, validated on the held-out 100-character windows
+   after each epoch, and stopped after the batch that passes T (from the moment it starts building;
+   Keras then validates the stopped epoch, so the baseline gets T plus one validation).
+
+Both are scored on the same held-out text the same way: 100-character windows (the budget run's
+seq_len, if it differs), each from a zero state, mean nats per character; the baseline's number is its
+best validation loss, the budget run's is its ``best.keras`` scored on those windows. The budget run's
+own validation loss (its held-out streams with the state carried, as ``charrnn train`` reports it) is
+shown too.
+
+    python bench/quality.py --minutes 10              # writes BENCHMARKS.md's "quality" section
+    python bench/quality.py --minutes 0.3 --no-write  # a smoke test
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
+import sys
+import sysconfig
 import tempfile
 import time
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from report import update_section  # noqa: E402
 
+ROOT = Path(__file__).resolve().parent.parent
+SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+WINDOW = 100
+VAL_FRAC = 0.1
+
+
+def make_code_corpus(path: Path, megabytes: float) -> Path:
+    """Writes Python source of the installed packages to ``path``: every k-th ``.py`` file in sorted order,
+    k chosen so the whole spans every package, joined with blank lines until ``megabytes`` MB."""
+    root = Path(sysconfig.get_paths()["purelib"])
+    files = sorted(p for p in root.rglob("*.py") if p.is_file())
+    total = sum(p.stat().st_size for p in files)
+    target = int(megabytes * 1e6)
+    stride = max(1, int(total / target))
+    parts, size = [], 0
+    for p in files[::stride]:
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        parts.append(text)
+        size += len(text.encode("utf-8"))
+        if size >= target:
+            break
+    path.write_text("\n\n".join(parts), encoding="utf-8")
+    return path
+
+
+def windows(ids, length: int):
+    """Non-overlapping ``(x, y)`` windows of ``length`` characters (targets one character on)."""
+    import numpy as np
+
+    n = (len(ids) - 1) // length
+    x = np.asarray(ids[: n * length], dtype=np.int32).reshape(n, length)
+    y = np.asarray(ids[1: n * length + 1], dtype=np.int32).reshape(n, length)
+    return x, y
+
+
+def score_stateful(model, x, y) -> float:
+    """Mean nats/char of a stateful fixed-batch model on windows, each from a zero state."""
+    import numpy as np
+
+    from keras_charrnn.model import reset_states
+
+    batch = model.input_shape[0]
+    total, count = 0.0, 0
+    for i in range(0, len(x) - batch + 1, batch):
+        reset_states(model)
+        logits = np.asarray(model.predict_on_batch(x[i:i + batch]), dtype=np.float64)
+        logits -= logits.max(-1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        total -= np.take_along_axis(logp, y[i:i + batch][..., None], -1).sum()
+        count += y[i:i + batch].size
+    return total / count
+
+
+def budget_run(corpus: Path, seconds: float, out: Path) -> dict:
+    """The package's ``--time-budget`` run on ``corpus``: its wall time, choice and held-out losses."""
+    from keras_charrnn.config import TrainConfig
+    from keras_charrnn.corpus import load_corpus
+    from keras_charrnn.run_folder import RunFolder
+    from keras_charrnn.tbptt import split_train_val
+    from keras_charrnn.train import train
+
+    start = time.perf_counter()
+    train(corpus, out, TrainConfig(time_budget=seconds, val_frac=VAL_FRAC), verbose=0)
+    elapsed = time.perf_counter() - start
+    run = RunFolder(out)
+    record = run.record()
+    data = load_corpus(corpus)
+    _, val_ids = split_train_val(data.ids, VAL_FRAC)
+    model = run.load_model("best")
+    x, y = windows(val_ids, model.input_shape[1])
+    return {"seconds": elapsed, "own_val_loss": record["best_val_loss"], "window_val_loss": score_stateful(model, x, y),
+            "budget": record["budget"], "config": record["config"], "epochs_done": record["epochs_done"],
+            "window": model.input_shape[1]}
+
+
+def baseline_run(corpus: Path, seconds: float, window: int) -> dict:
+    """A plain Keras 2x256 LSTM trained for ``seconds`` of wall time: its best held-out window loss."""
+    import keras
+
+    from keras_charrnn.corpus import load_corpus
+    from keras_charrnn.tbptt import split_train_val
+
+    start = time.perf_counter()
+    data = load_corpus(corpus)
+    train_ids, val_ids = split_train_val(data.ids, VAL_FRAC)
+    x, y = windows(train_ids, window)
+    xv, yv = windows(val_ids, window)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((None,), dtype="int32"), keras.layers.Embedding(data.vocab.size, 64),
+                              keras.layers.LSTM(256, return_sequences=True),
+                              keras.layers.LSTM(256, return_sequences=True), keras.layers.Dense(data.vocab.size)])
+    model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+
+    class Deadline(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if time.perf_counter() - start >= seconds:
+                self.model.stop_training = True
+
+    history = model.fit(x, y, batch_size=64, epochs=10_000, shuffle=True, validation_data=(xv, yv),
+                        callbacks=[Deadline()], verbose=0)
+    return {"seconds": time.perf_counter() - start, "window_val_loss": min(history.history["val_loss"]),
+            "epochs": len(history.history["val_loss"]), "params": model.count_params()}
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("corpus")
-    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--minutes", type=float, default=10.0, help="the time budget of each run (default: 10)")
+    parser.add_argument("--shakespeare", type=Path, default=SHAKESPEARE, help="tinyshakespeare.txt")
+    parser.add_argument("--code-mb", type=float, default=3.0, help="size of the Python source corpus (default: 3)")
+    parser.add_argument("--no-write", action="store_true", help="print the table only, not into BENCHMARKS.md")
     args = parser.parse_args()
+    seconds = args.minutes * 60
 
-    from keras_charrnn.callbacks import TimeBudget
-    from keras_charrnn.config import TrainConfig
+    from keras_charrnn.errors import ConfigError
     from keras_charrnn.metrics import bits_per_char
-    from keras_charrnn.train import prepare_data, train
-    from keras_charrnn.vocab import read_corpus
 
-    import csv
-
-    import keras
-
-    config = TrainConfig()
-    _, batches, _ = prepare_data(read_corpus(args.corpus), config)
-    budget = args.minutes * 60
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        # Probe: time batches 5..k of a short run, so the schedule can span the budget.
-        stamps = []
-        clock = keras.callbacks.LambdaCallback(on_train_batch_end=lambda b, logs: stamps.append(time.perf_counter()))
-        probe = TrainConfig(**{**config.__dict__, "epochs": 1, "checkpoint_every": 0})
-        train(args.corpus, f"{tmp}/probe", probe, callbacks=[clock, TimeBudget(30)], verbose=0)
-        per_batch = (stamps[-1] - stamps[4]) / (len(stamps) - 5)
-        # Round up: the schedule spans the budget or a little more, and the time budget ends the
-        # last epoch early (Keras still validates a stopped epoch).
-        config.epochs = max(1, math.ceil(budget / (per_batch * len(batches))))
-        print(f"{per_batch:.3f}s per batch: {config.epochs} epochs of {len(batches)} batches span the budget")
-        start = time.perf_counter()
-        train(args.corpus, f"{tmp}/run", config, callbacks=[TimeBudget(budget)], verbose=0)
-        minutes = (time.perf_counter() - start) / 60
-        rows = list(csv.DictReader(open(f"{tmp}/run/log.csv")))
-    best = min(float(r["val_loss"]) for r in rows)
-    c = config
+        code = make_code_corpus(Path(tmp) / "python_source.txt", args.code_mb)
+        for name, corpus in (("tinyshakespeare", args.shakespeare), (f"Python source ({args.code_mb:g} MB)", code)):
+            print(f"== {name}: --time-budget {seconds:g}s", flush=True)
+            try:
+                ours = budget_run(corpus, seconds, Path(tmp) / f"run_{len(rows)}")
+            except ConfigError as exc:  # a budget too short for this corpus
+                print(f"== {name}: refused: {exc}", flush=True)
+                rows.append((name, {"refused": str(exc)}, None))
+                continue
+            print(f"== {name}: plain Keras 2x256 LSTM for {ours['seconds']:.1f}s", flush=True)
+            base = baseline_run(corpus, ours["seconds"], ours["window"])
+            rows.append((name, ours, base))
+
+    lines = []
+    for name, ours, base in rows:
+        if base is None:
+            lines.append(f"| {name} | | refused: {ours['refused']} | | | | | | no |")
+            continue
+        c, b = ours["config"], ours["budget"]
+        better = ours["window_val_loss"] < base["window_val_loss"]
+        lines.append(
+            f"| {name} | {b['train_chars'] + b['val_chars']:,} | {c['cell']} {c['layers']}x{c['units']}, batch "
+            f"{c['batch_size']}, seq {c['seq_len']}, dropout {c['dropout']:g}, {ours['epochs_done']} epochs "
+            f"({b['picked']['chars_per_s']:,.0f} chars/s, {b['picked']['chars_per_param']:.1f} chars/param) | "
+            f"{ours['seconds']:.0f} s (probe {b['probe_seconds']:.0f} s) | {ours['own_val_loss']:.3f} | "
+            f"**{ours['window_val_loss']:.3f}** ({bits_per_char(ours['window_val_loss']):.3f} bpc) | "
+            f"{base['seconds']:.0f} s, {base['epochs']} epochs | **{base['window_val_loss']:.3f}** | "
+            f"{'yes' if better else 'no'} |")
+    shakespeare = rows[0][1].get("own_val_loss", float("inf"))
+    beaten = all(b is not None and o["window_val_loss"] < b["window_val_loss"] for _, o, b in rows)
     body = ("## Quality under a time budget\n\n"
-            f"`python bench/quality.py {os.path.basename(args.corpus)} --minutes {args.minutes:g}`: the defaults "
-            f"({c.cell} {c.layers}x{c.units}, embedding {c.embedding_dim}, dropout {c.dropout}, batch {c.batch_size}, "
-            f"seq_len {c.seq_len}, Adam {c.lr:g} with a {c.lr_schedule} schedule over {c.epochs} epochs, clip-norm "
-            f"{c.clip_norm}), last 10% held out.\n\n"
-            "| trained (min) | epochs done | best val loss (nats/char) | best val bpc |\n|---|---|---|---|\n"
-            f"| {minutes:.1f} | {len(rows)} | {best:.3f} | {bits_per_char(best):.3f} |\n\n"
-            "Goal: <= 1.47 nats/char (2.12 bpc) within 10 minutes on this CPU.")
+            f"`python bench/quality.py --minutes {args.minutes:g}`: `charrnn train --time-budget {args.minutes:g}m` "
+            "(the probe and rule of `keras_charrnn/budget.py`) against a plain Keras 2x256 LSTM (Adam 1e-3, "
+            "shuffled 100-char windows, batch 64) trained for the same wall time in the same run; last 10% "
+            "of each corpus held out. *Windows*: mean nats/char on the held-out 100-char windows from a zero "
+            "state, the same scoring for both; *own*: the budget run's validation loss on its held-out streams "
+            "with the state carried (what `charrnn train` reports).\n\n"
+            "| corpus | chars | --time-budget chose | wall time | own val loss | windows val loss | "
+            "Keras 2x256 time | Keras 2x256 windows val loss | budget better |\n"
+            "|---|---|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n\n"
+            f"Goals: tinyshakespeare <= 1.47 nats/char in 10 minutes (here {shakespeare:.3f}, "
+            f"{'met' if shakespeare <= 1.47 and args.minutes <= 10 else 'not met'}); better than the Keras "
+            f"2x256 LSTM on every corpus ({'met' if beaten else 'not met'}).")
     print(body)
-    update_section("quality", body)
+    if not args.no_write:
+        update_section("quality", body)
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
     main()

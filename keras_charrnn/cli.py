@@ -38,8 +38,25 @@ def _optional_float(text: str) -> float | None:
     return None if text.lower() == "none" else float(text)
 
 
-# How a TrainConfig field's annotation reads its flag's text.
-_FLAG_TYPES = {"int": int, "float": float, "str": str, "float | None": _optional_float}
+def _optional_int(text: str) -> int | None:
+    return None if text.lower() == "none" else int(text)
+
+
+def _duration(text: str) -> float | None:
+    from keras_charrnn.config import parse_duration
+    from keras_charrnn.errors import ConfigError
+
+    if text.lower() == "none":
+        return None
+    try:
+        return parse_duration(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+# How a TrainConfig field's annotation reads its flag's text (a field named in _FLAG_PARSERS: that parser).
+_FLAG_TYPES = {"int": int, "float": float, "str": str, "float | None": _optional_float, "int | None": _optional_int}
+_FLAG_PARSERS = {"time_budget": _duration}
 
 
 class _StoreGiven(argparse.Action):
@@ -64,7 +81,8 @@ def _add_config_flags(p, config_class) -> None:
             p.add_argument(flag, dest=f.name, action=_StoreGiven, nargs=0, const=True, default=f.default,
                            help=f"{help_text} (default: off)")
             continue
-        p.add_argument(flag, dest=f.name, action=_StoreGiven, type=_FLAG_TYPES[f.type], default=f.default,
+        p.add_argument(flag, dest=f.name, action=_StoreGiven, type=_FLAG_PARSERS.get(f.name, _FLAG_TYPES[f.type]),
+                       default=f.default,
                        choices=f.metadata.get("choices"), help=f"{help_text} (default: %(default)s)")
 
 
@@ -117,6 +135,15 @@ def _run_train(args) -> None:
             given["clip_norm"] = values["clip_norm"]
         train(args.corpus, args.out, resume=True, changes=given, verbose=verbose, strict=args.strict,
               strategy=args.distribute)
+    elif values["time_budget"] is not None:
+        if args.distribute:
+            from keras_charrnn.errors import ConfigError
+
+            raise ConfigError("time_budget works on one device: leave out distribute, or time_budget")
+        from keras_charrnn.budget import train_within_budget
+
+        train_within_budget(args.corpus, args.out, TrainConfig(**values), fixed=args.given, verbose=verbose,
+                            strict=args.strict)
     else:
         train(args.corpus, args.out, TrainConfig(**values), verbose=verbose, strict=args.strict,
               strategy=args.distribute)

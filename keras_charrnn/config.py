@@ -16,6 +16,8 @@ Pure Python, no TensorFlow import, so the CLI can show the defaults instantly.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -27,6 +29,39 @@ LR_SCHEDULES = ("cosine", "constant")
 
 
 SAMPLE_TEMPERATURES = (0.5, 0.8, 1.0)  # the samples printed during training, one per temperature
+MIN_TIME_BUDGET = 10.0  # seconds: the least time_budget (TensorFlow's tracing, a probe, a validation)
+MAX_TIME_BUDGET = 30 * 86400.0
+_DURATION_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str | float | int) -> float:
+    """Seconds in a duration such as ``90s``, ``10m``, ``1.5h``, ``2d`` or ``600`` (plain seconds).
+
+    Args:
+        text: a positive number with an optional unit s, m, h or d (a number is taken as seconds).
+
+    Returns:
+        The duration in seconds.
+
+    Raises:
+        ConfigError: not a duration; the message names ``time_budget``.
+
+    Example:
+
+    >>> parse_duration("1.5h"), parse_duration("90s"), parse_duration("10m")
+    (5400.0, 90.0, 600.0)
+    """
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value, unit = float(text), ""
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([smhd]?)\s*", str(text).lower())
+        if not match:
+            raise ConfigError(f"time_budget must be a duration such as 90s, 10m or 1.5h, got {text!r}")
+        value, unit = float(match.group(1)), match.group(2)
+    seconds = value * _DURATION_UNITS[unit]
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ConfigError(f"time_budget must be a positive duration such as 90s, 10m or 1.5h, got {text!r}")
+    return seconds
 
 
 def _field(default, help: str, choices: tuple[str, ...] | None = None, on_resume: bool = False):
@@ -66,6 +101,12 @@ class TrainConfig:
     sample_chars: int = _field(200, "characters per sample (one per temperature 0.5, 0.8, 1.0); 0 = no samples",
                                on_resume=True)
     tensorboard: bool = _field(False, "also write TensorBoard logs", on_resume=True)
+    time_budget: float | None = _field(None, "train for this long (90s, 10m, 1.5h; seconds in config.json): a short "
+                                             "probe of this machine picks layers, units, batch_size, seq_len, epochs, "
+                                             "dropout and the schedule (flags given are kept), and training stops in "
+                                             "time with the best model saved; see budget.py")
+    schedule_steps: int | None = _field(None, "batches the cosine schedule spans (default: every epoch's); "
+                                              "time_budget sets it to the batches predicted to fit")
 
     def validate(self) -> None:
         """Checks every field.
@@ -95,6 +136,11 @@ class TrainConfig:
         for name in ("checkpoint_every", "sample_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if self.time_budget is not None and not MIN_TIME_BUDGET <= self.time_budget <= MAX_TIME_BUDGET:
+            raise ConfigError(f"time_budget must be between {MIN_TIME_BUDGET:g} seconds and {MAX_TIME_BUDGET / 86400:g} "
+                              f"days (a probe and a final validation must fit), got {self.time_budget:g} seconds")
+        if self.schedule_steps is not None and self.schedule_steps < 1:
+            raise ConfigError(f"schedule_steps must be at least 1, got {self.schedule_steps}")
         if not 0 <= self.sample_chars <= MAX_CHARS_PER_CALL:
             raise ConfigError(f"sample_chars must be in 0..{MAX_CHARS_PER_CALL}, got {self.sample_chars}")
 

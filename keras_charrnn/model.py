@@ -286,7 +286,8 @@ def make_optimizer(config: TrainConfig, total_steps: int,
 
     Args:
         config: supplies ``lr``, ``lr_schedule``, ``clip_norm`` and ``clip_value``.
-        total_steps: batches in the whole run (the cosine schedule's length).
+        total_steps: batches in the whole run (the cosine schedule's length, unless
+            ``config.schedule_steps`` sets it).
         optimizer_class: Adam or a subclass (``distribute.GlobalClipAdam`` under ``tf.distribute``).
 
     Returns:
@@ -295,6 +296,7 @@ def make_optimizer(config: TrainConfig, total_steps: int,
     """
     lr = config.lr
     if config.lr_schedule == "cosine":
+        total_steps = config.schedule_steps or total_steps  # a time budget's predicted batches
         lr = keras.optimizers.schedules.CosineDecay(config.lr, decay_steps=max(total_steps, 1), alpha=0.1)
     return optimizer_class(learning_rate=lr, global_clipnorm=config.clip_norm, clipvalue=config.clip_value)
 

@@ -146,6 +146,23 @@ class RunFolder:
         except OSError as exc:
             raise InputError(f"{self.config_path}: cannot write ({exc.strerror or exc})") from None
 
+    def update_record(self, **sections) -> None:
+        """Adds or replaces top-level sections of ``config.json`` (e.g. ``budget=...``, what a time budget chose),
+        keeping the rest.
+
+        Args:
+            **sections: JSON-serialisable values by section name (not ``config``, ``corpus`` or ``vocab_size``).
+
+        Raises:
+            InputError: not a run folder, or it cannot be written.
+        """
+        record = self._read_config_file()
+        record.update(sections)
+        try:
+            atomic_write_text(self.config_path, json.dumps(record, indent=2))
+        except OSError as exc:
+            raise InputError(f"{self.config_path}: cannot write ({exc.strerror or exc})") from None
+
     def vocab(self) -> Vocabulary:
         """The run's vocabulary (raises InputError if missing or malformed)."""
         return Vocabulary.load(self.vocab_path)

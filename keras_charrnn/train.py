@@ -196,6 +196,9 @@ def train(corpus: str | os.PathLike, run_dir: str | os.PathLike, config: TrainCo
             joined in sorted order with a blank line between them).
         run_dir: the run folder (created if missing).
         config: hyper-parameters; with ``resume`` the run's saved config is used (see ``changes``).
+            With ``time_budget`` set (a new run), ``budget.train_within_budget`` probes this machine,
+            picks the model size and schedule for the time (keeping the fields that differ from the
+            defaults) and stops on time.
         resume: continue the run in ``run_dir`` from its last checkpoint.
         callbacks: extra Keras callbacks, run after the package's own.
         verbose: Keras' progress display (1 bar, 2 one line per epoch, 0 silent: the
@@ -223,6 +226,12 @@ def train(corpus: str | os.PathLike, run_dir: str | os.PathLike, config: TrainCo
 
     >>> model = train("input.txt", "runs/tiny", TrainConfig(units=64, epochs=2))  # doctest: +SKIP
     """
+    if config is not None and config.time_budget is not None and not resume and config.schedule_steps is None:
+        if strategy is not None:
+            raise ConfigError("time_budget works on one device: leave out strategy, or time_budget")
+        from keras_charrnn.budget import train_within_budget  # probes, picks the model, then comes back here
+
+        return train_within_budget(corpus, run_dir, config, callbacks=callbacks, verbose=verbose, strict=strict)
     dist = _distribution(strategy)  # first: a multi-worker strategy must be made before TensorFlow starts
     run = RunFolder(run_dir)
     writes = run if dist is None else RunFolder(dist.write_dir(run.path))  # non-chief workers: a temporary folder

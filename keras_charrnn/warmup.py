@@ -107,6 +107,13 @@ def _example_input(name: str, info, batch: int) -> np.ndarray:
     return np.zeros(shape, dtype)
 
 
+def _tensor_proto(value: np.ndarray):
+    """A TensorProto of ``value``; a numeric one of equal elements as one value and a shape (TF fills the rest)."""
+    if value.dtype != object and value.size > 1 and (value == value.flat[0]).all():
+        return tf.make_tensor_proto(value.flat[0], shape=value.shape)
+    return tf.make_tensor_proto(value)
+
+
 def warmup_requests(signature_defs: Mapping, batch_sizes: Iterable[int] = DEFAULT_BATCH_SIZES,
                     signatures: Sequence[str] = WARMUP_SIGNATURES) -> list[predict_pb2.PredictRequest]:
     """One PredictRequest per (signature, batch size), with inputs made from the SignatureDefs.
@@ -129,7 +136,7 @@ def warmup_requests(signature_defs: Mapping, batch_sizes: Iterable[int] = DEFAUL
             request = predict_pb2.PredictRequest()
             request.model_spec.signature_name = signature
             for name, info in signature_defs[signature].inputs.items():
-                request.inputs[name].CopyFrom(tf.make_tensor_proto(_example_input(name, info, batch)))
+                request.inputs[name].CopyFrom(_tensor_proto(_example_input(name, info, batch)))
             requests.append(request)
     return requests
 

@@ -140,6 +140,14 @@ def test_a_negative_dimension_is_invalid_argument(hostile, model):
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "negative" in details, details
 
 
+def test_a_call_whose_answer_would_be_over_the_message_limit_is_refused_before_it_runs(hostile, model):
+    ids = np.ones([1, 16000], np.int32)  # within max_ids_length, but inspect answers ~16000 x (V + 2 x 24) floats x 3
+    request = _request({"ids": ids, **model.zero_state(1)}, "inspect")
+    code, details, seconds, grown_mb = _refused(hostile, request)
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max_message_bytes" in details, details
+    assert seconds < 1.0 and grown_mb < 20
+
+
 def _alone_and_together(server, honest, hostile_calls):
     """Each honest request's text alone, then all together with the hostile calls (futures)."""
     alone = [_text(server.stub.Predict(r, timeout=30)) for r in honest]

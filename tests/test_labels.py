@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 
 import grpc
+import numpy as np
 import pytest
 from google.protobuf import text_format
 from tensorflow_serving.apis import (get_model_status_pb2, model_management_pb2, model_service_pb2_grpc,
@@ -151,19 +152,30 @@ def test_models_added_and_removed_by_the_config_file(deployment):
     assert deployment.version_of("chars", label="stable") == 1
 
     # A call in flight on a model being removed finishes on the version it holds; new calls get NOT_FOUND.
+    rows, chars = 16, 4000
     with SamplingClient(f"127.0.0.1:{deployment.server.port}", timeout=300) as client:
-        session = client.session("extra", prime="A", seed=1, version=1)
+        info = client.model_info("extra", 1)
+        inputs = {"prime": np.array([b"A"] * rows, dtype=object), "num_chars": np.full([rows], chars, np.int32),
+                  **{name: np.zeros([rows, info.state_size], np.float32) for name in info.state_names},
+                  "temperature": np.full([rows], 0.8, np.float32), "top_k": np.zeros([rows], np.int32),
+                  "top_p": np.ones([rows], np.float32), "seed": np.arange(rows, dtype=np.int64),
+                  "position": np.zeros([rows], np.int64)}
         result: dict = {}
-        call = threading.Thread(target=lambda: result.update(text=session.generate(4000)))
-        received = len(deployment.server.log_matches(r"Predict: model extra version 1 signature generate_text"))
+        call = threading.Thread(target=lambda: result.update(
+            answer=client.predict("extra", "generate_text", inputs, version=1)))
+        pattern = r"Predict: model extra version 1 signature generate_text"
+        received = len(deployment.server.log_matches(pattern))
         call.start()
         end = time.monotonic() + 60
-        while len(deployment.server.log_matches(r"Predict: model extra version 1 signature generate_text")) <= received:
+        while len(deployment.server.log_matches(pattern)) <= received:
             assert time.monotonic() < end
             time.sleep(0.01)
         deployment.apply({"chars": {"stable": 1, "canary": 2}})
+        removed_while_running = call.is_alive()
         call.join(timeout=300)
-        assert len(result["text"]) == 4000
+        outputs, version = result["answer"]
+        assert version == 1 and [len(t.decode()) for t in outputs["text"]] == [chars] * rows
+        assert removed_while_running  # the removal was applied while the call ran, and the call still finished
     with pytest.raises(grpc.RpcError) as caught:
         deployment.version_of("extra")
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND

@@ -1,11 +1,13 @@
 """Warm-up records: TF Serving's assets.extra/tf_serving_warmup_requests, written by export, replayed at load."""
 
 import shutil
+from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
+from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc, predict_pb2, prediction_log_pb2
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
@@ -14,6 +16,8 @@ from servers import ServerProcess
 from keras_charrnn import warmup
 from keras_charrnn.errors import ConfigError
 from keras_charrnn.export import export_run
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _records(version_dir):
@@ -118,6 +122,20 @@ def test_a_version_whose_warmup_fails_is_not_loaded(model_base, tmp_path):
 
 
 def _signature_defs(version_dir):
-    from tensorflow.core.protobuf import saved_model_pb2
+    return _signature_defs_graph(version_dir).signature_def
 
-    return saved_model_pb2.SavedModel.FromString((version_dir / "saved_model.pb").read_bytes()).meta_graphs[0].signature_def
+
+def test_the_bundled_model_serves_without_xla_and_carries_warmup_records():
+    import json
+
+    from keras_charrnn.xla import must_compile_signatures
+
+    version = ROOT / "saved_models" / "shakespeare" / "1"
+    assert must_compile_signatures(_signature_defs_graph(version)) == {"generate_xla", "generate_text_xla"}
+    assert [_batch(log.predict_log.request) for log in _records(version)] == [1, 2, 4, 8]
+    config = json.loads(tf.saved_model.load(str(version)).signatures["metadata"]()["config"].numpy())
+    assert "run_dir" not in config and config["xla_signatures"] == ["generate_xla", "generate_text_xla"]
+
+
+def _signature_defs_graph(version_dir):
+    return saved_model_pb2.SavedModel.FromString((version_dir / "saved_model.pb").read_bytes()).meta_graphs[0]

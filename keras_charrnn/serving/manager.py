@@ -8,6 +8,11 @@ its warm-up records have run, see ``keras_charrnn.warmup``) before the
 versions they replace are unloaded; a version that fails to load never
 replaces one that serves, and its error is kept for GetModelStatus. Requests hold a reference to the
 ``LoadedVersion`` they run on, so unloading never drops a call in flight.
+
+Version labels (``version_labels`` of a model's config) and live config
+(``reload_config``, ``watch_config_file``) follow TF Serving's rules: a label
+names an AVAILABLE version (unless ``allow_version_labels_for_unavailable_models``
+lets a new label wait for its version), and a config that breaks a rule changes nothing.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Services: ``tensorflow.serving.PredictionService`` (Predict, GetModelMetadata;
 Classify, Regress and MultiInference answer UNIMPLEMENTED),
-``tensorflow.serving.ModelService`` (GetModelStatus), the standard gRPC health
+``tensorflow.serving.ModelService`` (GetModelStatus, HandleReloadConfigRequest), the standard gRPC health
 service and server reflection. Messages and stubs are the tensorflow-serving-api
 package's own. Start it with ``charrnn serve`` (the flags of
 ``tensorflow_model_server``) or ``ModelServer(...).start()``.

@@ -1,0 +1,437 @@
+"""Training under a time budget: measure this machine, pick the model that fits the time, stop on time.
+
+``charrnn train CORPUS --out RUN --time-budget 10m`` (or ``train(..., TrainConfig(time_budget=600))``,
+or ``train_within_budget``) does, with the clock started when it is called:
+
+1. **Probe** (counted in the budget, a few seconds): on the real corpus, a few timed training steps
+   of the candidate sizes ``CANDIDATES`` (1x128, 2x128, 2x256, 2x384, 2x512 of the run's cell), smallest
+   first, at the run's batch shape: the first step (tracing) and then at least ``PROBE_STEPS`` steps
+   are timed. Probing stops at the first size that fails the rule below (a larger one is slower and
+   bigger, so it fails too) or once ``PROBE_FRACTION`` of the budget is spent; sizes left unprobed are
+   predicted from the largest probed one, its time per character scaled by the parameter ratio (a step
+   costs about 6 FLOP per parameter per character, so this is pessimistic for the larger ones).
+2. **Rule** (the size): the characters a size can train on in the time left are
+   ``chars = chars_per_s x (budget - time spent - the first step - the final validation and save)``.
+   The model picked is the largest candidate with
+
+   - ``chars >= CHARS_PER_PARAM x params`` (10 characters per parameter), and
+   - ``params <= MAX_PARAMS_PER_TRAIN_CHAR x training characters`` (2 parameters per character of text),
+
+   else the smallest. Why these numbers: compute-optimal language models see about 20 tokens per
+   parameter (Hoffmann et al. 2022, "Chinchilla"), and a run that sees much fewer than that is
+   undertrained: more steps on a smaller model win. A character LSTM reuses each weight matrix at every
+   time step, and char-rnn practice (Karpathy 2015) is that a model of about as many parameters as
+   the corpus has characters, trained for some tens of passes with dropout, is near the best held-out
+   loss; past that it only overfits. 10 characters per parameter is the midpoint in log scale of
+   what these give for tinyshakespeare in 10 minutes on this project's 2-core CPU (issue 13: a 2x512
+   LSTM trains at 7,500 chars/s and a 2x256 at about three times that): it picks 2x256 there
+   (870 k parameters, ~14 M characters: 16 per parameter, 13 passes) and not 2x384 (1.9 M
+   parameters, ~8 M characters: 4 per parameter) nor 2x512 (3.3 M, 4.5 M: 1.4 per parameter).
+3. **The rest**: ``seq_len`` 100 (``SEQ_LEN``); ``batch_size`` 32, or 64 when the run will still take
+   ``MIN_STEPS_FOR_BATCH_64`` optimizer steps at 64 (the larger batch trains faster per character on a
+   CPU; the chosen size is then measured again at 64), halved for a corpus too short for it;
+   ``dropout`` 0 when the run sees its training text fewer than ``MIN_PASSES_FOR_DROPOUT`` times
+   (dropout fights overfitting, which needs repeated passes, and slows learning), else the default;
+   the cosine learning-rate schedule spans the predicted number of batches (``schedule_steps``), so
+   the rate reaches its floor (lr/10) when time is up; ``epochs`` covers ``EPOCHS_HEADROOM`` (1.5) times
+   those batches, rounded up, so a machine faster than predicted goes on training, at the floor rate,
+   until the deadline rather than ending early.
+4. **Stop on time**: ``BudgetStop`` ends training after the batch past which the next batch plus the
+   end-of-epoch work (validation, saving ``best.keras`` and ``state.npz``, the curves, the samples)
+   would overrun the deadline. Keras then validates the stopped epoch and the checkpoint callback saves
+   the best model, all before the deadline. The end-of-epoch time is estimated from the probe until the
+   first epoch end is measured, then the latest measured one (x1.25, + 0.5 s) is used.
+
+A budget that leaves less than ``MIN_TRAIN_FRACTION`` (a quarter) of itself for training batches once
+the corpus is read, the probe done and the final validation reserved is refused after the probe, with
+a one-line ``ConfigError`` saying how long it should be.
+
+Flags given by the user are kept: only the unspecified ones among ``CHOSEN`` are chosen (with ``units``
+given, the candidates are the layer counts of that width; with both ``layers`` and ``units`` given,
+only that size is probed, to set the schedule). ``epochs`` given caps the passes. The choice and its
+reasons (probe speeds, every candidate's figures, the rule and its numbers) are written to ``config.json``
+as its ``budget`` section, and what happened (``outcome``: elapsed seconds, batches, why it stopped)
+is added when training ends.
+
+Resuming a budget run continues its chosen settings up to its planned epochs, with no clock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from typing import Any, Iterable
+
+import keras
+import numpy as np
+
+from keras_charrnn.config import TrainConfig
+from keras_charrnn.errors import ConfigError
+from keras_charrnn.run_folder import RunFolder
+
+__all__ = ["CANDIDATES", "CHARS_PER_PARAM", "BudgetStop", "count_params", "plan", "probe", "train_within_budget"]
+
+CANDIDATES: tuple[tuple[int, int], ...] = ((1, 128), (2, 128), (2, 256), (2, 384), (2, 512))  # (layers, units)
+CHARS_PER_PARAM = 10.0  # the least characters trained on per parameter (see the module doc)
+MAX_PARAMS_PER_TRAIN_CHAR = 2.0  # the most parameters per character of training text
+SEQ_LEN = 100
+MIN_STEPS_FOR_BATCH_64 = 2000
+MIN_PASSES_FOR_DROPOUT = 2.0
+MIN_TRAIN_FRACTION = 0.25  # a budget leaving less than this for training batches is refused
+EPOCHS_HEADROOM = 1.5  # epochs cover 1.5x the predicted batches: a machine faster than predicted still trains to the end
+PROBE_FRACTION = 0.05  # of the budget, at most, for probing beyond the first (smallest) candidate
+PROBE_STEPS = 3  # timed steps per candidate after the first (tracing) step
+PROBE_MIN_SECONDS = 0.3  # and at least this long (up to 20 steps)
+SAVE_SECONDS = 1.0  # estimate of writing best.keras, state.npz and the curves at an epoch end
+CHOSEN = ("layers", "units", "batch_size", "seq_len", "epochs", "dropout", "schedule_steps")
+GATES = {"lstm": 4, "gru": 3, "rnn": 1}
+
+
+def count_params(cell: str, layers: int, units: int, embedding_dim: int, vocab_size: int) -> int:
+    """Trainable parameters of a ``model.build_model`` model (embedding, recurrent layers, output layer).
+
+    Args:
+        cell: ``lstm``, ``gru`` or ``rnn``.
+        layers: recurrent layers.
+        units: units per layer.
+        embedding_dim: the embedding's size.
+        vocab_size: ids in the vocabulary.
+
+    Returns:
+        The parameter count (Keras' GRU keeps two bias vectors per gate).
+
+    Example:
+
+    >>> count_params("lstm", 2, 256, 64, 66)
+    873282
+    """
+    gates = GATES[cell]
+    biases = 2 if cell == "gru" else 1
+    total = vocab_size * embedding_dim + units * vocab_size + vocab_size
+    inputs = embedding_dim
+    for _ in range(layers):
+        total += gates * (units * (inputs + units) + biases * units)
+        inputs = units
+    return total
+
+
+def _now() -> float:
+    return time.perf_counter()
+
+
+def _batch_shape(train_chars: int, val_chars: int, batch_size: int, seq_len: int) -> tuple[int, int]:
+    """The batch shape, halved (batch first, down to 4; then seq_len, down to 25) until the training part gives
+    4 batches and the validation part one."""
+    def fits(b: int, s: int) -> bool:
+        return train_chars > 4 * b * s and (val_chars == 0 or val_chars > b * s)
+
+    while not fits(batch_size, seq_len) and batch_size > 4:
+        batch_size //= 2
+    while not fits(batch_size, seq_len) and seq_len > 25:
+        seq_len //= 2
+    return batch_size, seq_len
+
+
+def _measure(config: TrainConfig, vocab_size: int, train_ids: np.ndarray, step_seconds: float) -> dict:
+    """Times training steps of ``config``'s model on the corpus: the first (tracing) step, then the steady ones."""
+    from keras_charrnn.model import compile_model, make_optimizer, model_from_config
+    from keras_charrnn.tbptt import TBPTTBatches
+
+    keras.utils.set_random_seed(config.seed)
+    model = compile_model(model_from_config(config, vocab_size), make_optimizer(config, 1000))
+    batches = TBPTTBatches(train_ids, config.batch_size, config.seq_len, name="corpus (probe)")
+    start = _now()
+    model.train_on_batch(*batches[0])
+    first = _now() - start
+    steps, start = 0, _now()
+    while steps < PROBE_STEPS or (_now() - start < step_seconds and steps < 20):
+        model.train_on_batch(*batches[(steps + 1) % len(batches)])
+        steps += 1
+    per_step = (_now() - start) / steps
+    params = int(model.count_params())
+    del model
+    keras.backend.clear_session()
+    return {"layers": config.layers, "units": config.units, "params": params, "batch_size": config.batch_size,
+            "seq_len": config.seq_len, "first_step_s": round(first, 3), "step_s": round(per_step, 4),
+            "steps_timed": steps, "chars_per_s": round(config.batch_size * config.seq_len / per_step, 1),
+            "measured": True}
+
+
+def _candidates(config: TrainConfig, fixed: set[str]) -> list[tuple[int, int]]:
+    """The (layers, units) to consider, smallest first, keeping a given layers and/or units."""
+    if {"layers", "units"} <= fixed:
+        return [(config.layers, config.units)]
+    if "units" in fixed:
+        return [(layers, config.units) for layers in sorted({lay for lay, _ in CANDIDATES})]
+    if "layers" in fixed:
+        return [(config.layers, units) for units in sorted({u for _, u in CANDIDATES})]
+    return list(CANDIDATES)
+
+
+def _train_seconds(budget: float, spent: float, first_step: float, end_cost: float) -> float:
+    """Seconds left for training batches: the budget less what is spent, one tracing step and the final epoch end."""
+    return max(budget - spent - first_step - end_cost, 0.0)
+
+
+def _end_cost(first_step: float, chars_per_s: float, val_chars: int, sample_chars: int) -> float:
+    """Estimated seconds of the first epoch end: tracing and running validation (forward only, about 3x
+    the training speed), saving, and sampling (tracing the sampling module: about one tracing step).
+
+    Measured on the test corpus (2 loaded cores): first step 2.5 s, estimate 5.8 s, first epoch end 4.5 s."""
+    cost = 0.7 * first_step + val_chars / (3.0 * chars_per_s) + SAVE_SECONDS
+    if sample_chars:
+        cost += first_step + 0.5
+    return cost
+
+
+def _judge(size: dict, budget: float, spent: float, train_chars: int, val_chars: int, config: TrainConfig) -> dict:
+    """A candidate's figures under the rule: characters it can train on, per parameter, passes, and whether it fits."""
+    end = _end_cost(size["first_step_s"], size["chars_per_s"], val_chars, config.sample_chars)
+    seconds = _train_seconds(budget, spent, size["first_step_s"], end)
+    chars = size["chars_per_s"] * seconds
+    per_param = chars / size["params"]
+    fits_time = per_param >= CHARS_PER_PARAM
+    fits_data = size["params"] <= MAX_PARAMS_PER_TRAIN_CHAR * train_chars
+    why = ("fits" if fits_time and fits_data else
+           f"too few characters per parameter ({per_param:.1f} < {CHARS_PER_PARAM:g})" if not fits_time else
+           f"too many parameters for the text ({size['params'] / train_chars:.2f} > "
+           f"{MAX_PARAMS_PER_TRAIN_CHAR:g} per training character)")
+    return {**size, "train_seconds": round(seconds, 1), "end_seconds": round(end, 2), "chars": int(chars),
+            "chars_per_param": round(per_param, 2), "passes": round(chars / train_chars, 2),
+            "fits": fits_time and fits_data, "why": why}
+
+
+def probe(config: TrainConfig, vocab_size: int, train_ids: np.ndarray, val_chars: int, budget: float,
+          started: float, fixed: set[str]) -> list[dict]:
+    """Measures the candidate sizes (smallest first) and judges each by the rule.
+
+    Args:
+        config: the run's config (its cell, embedding, batch shape, seed, ``sample_chars``).
+        vocab_size: the vocabulary's size.
+        train_ids: the training part of the encoded corpus.
+        val_chars: characters held out for validation.
+        budget: the time budget in seconds.
+        started: ``time.perf_counter()`` when the budget's clock started.
+        fixed: fields the user gave (their values are kept).
+
+    Returns:
+        One dict per candidate: its probe figures (``chars_per_s``, ``first_step_s``, ``measured``) and
+        its judgement (``chars``, ``chars_per_param``, ``passes``, ``fits``, ``why``).
+    """
+    results: list[dict] = []
+    probe_until = _now() + PROBE_FRACTION * budget
+    for layers, units in _candidates(config, fixed):
+        params = count_params(config.cell, layers, units, config.embedding_dim, vocab_size)
+        if results and (not results[-1]["fits"] or _now() > probe_until):
+            last = next(r for r in reversed(results) if r["measured"])  # predicted from the largest one measured
+            scale = params / last["params"]
+            size = {"layers": layers, "units": units, "params": params, "batch_size": last["batch_size"],
+                    "seq_len": last["seq_len"], "first_step_s": last["first_step_s"],
+                    "step_s": round(last["step_s"] * scale, 4), "steps_timed": 0,
+                    "chars_per_s": round(last["chars_per_s"] / scale, 1), "measured": False}
+        else:
+            size = _measure(dataclasses.replace(config, layers=layers, units=units), vocab_size, train_ids,
+                            PROBE_MIN_SECONDS)
+        results.append(_judge(size, budget, _now() - started, len(train_ids), val_chars, config))
+    return results
+
+
+def plan(config: TrainConfig, results: list[dict], train_chars: int, fixed: set[str]) -> tuple[dict, dict]:
+    """The fields the rule chooses, from the judged candidates.
+
+    Args:
+        config: the run's config.
+        results: ``probe``'s figures.
+        train_chars: characters of the training part.
+        fixed: fields the user gave (kept).
+
+    Returns:
+        ``(choice, pick)``: the chosen field values (only fields not in ``fixed``, plus ``schedule_steps``)
+        and the candidate picked.
+    """
+    fitting = [r for r in results if r["fits"]]
+    pick = fitting[-1] if fitting else results[0]
+    batch, seq_len = pick["batch_size"], pick["seq_len"]
+    steps = pick["chars"] / (batch * seq_len)
+    steps_per_epoch = max((train_chars - 1) // (batch * seq_len), 1)
+    epochs = max(1, math.ceil(EPOCHS_HEADROOM * steps / steps_per_epoch))
+    if "epochs" in fixed:
+        epochs = config.epochs
+        steps = min(steps, epochs * steps_per_epoch)
+    choice: dict[str, Any] = {"layers": pick["layers"], "units": pick["units"], "batch_size": batch,
+                              "seq_len": seq_len, "epochs": epochs,
+                              "dropout": 0.0 if pick["passes"] < MIN_PASSES_FOR_DROPOUT else config.dropout,
+                              "schedule_steps": max(1, int(steps))}
+    return {k: v for k, v in choice.items() if k not in fixed or k == "schedule_steps"}, pick
+
+
+class BudgetStop(keras.callbacks.Callback):
+    """Stops training in time for the last epoch end (validation, best model, checkpoint) to finish by a deadline.
+
+    After each batch it stops training if another batch plus the end-of-epoch work would pass the
+    deadline. The end-of-epoch work is ``end_seconds`` until an epoch end has been measured (the time
+    from an epoch's last batch to the next epoch's start), then the latest measured one x1.25 + 0.5 s.
+    It writes ``record`` as config.json's ``budget`` section when training starts, with an ``outcome``
+    added when it ends.
+
+    Args:
+        deadline: ``time.perf_counter()`` value by which training must be over.
+        end_seconds: estimate of the first epoch end's seconds.
+        run: the run folder (None: no record written).
+        record: the ``budget`` section.
+        started: ``time.perf_counter()`` when the budget's clock started.
+    """
+
+    def __init__(self, deadline: float, end_seconds: float, run: RunFolder | None = None,
+                 record: dict | None = None, started: float | None = None):
+        super().__init__()
+        self.deadline, self.end_seconds = deadline, end_seconds
+        self.run, self.record = run, dict(record or {})
+        self.started = _now() if started is None else started
+        self.stopped_early = False
+        self.batches = 0
+        self.end_measured: list[float] = []  # seconds of each epoch end measured (validation, saves, samples)
+        self._batch_s: float | None = None
+        self._last: float | None = None
+        self._epoch_ended = False
+
+    def _write(self) -> None:
+        if self.run is not None and self.run.config_path.is_file():
+            self.run.update_record(budget=self.record)
+
+    def on_train_begin(self, logs=None):
+        self._write()
+        self._last = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        now = _now()
+        if self._epoch_ended and self._last is not None:
+            self.end_measured.append(round(now - self._last, 2))
+            self.end_seconds = 1.25 * (now - self._last) + 0.5
+        self._epoch_ended = False
+        self._last = now
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._epoch_ended = True
+
+    def on_train_batch_end(self, batch, logs=None):
+        now = _now()
+        if self._last is not None and self.batches:  # the first batch traces: not a step time
+            step = now - self._last
+            self._batch_s = step if self._batch_s is None else 0.8 * self._batch_s + 0.2 * step
+        self._last = now
+        self.batches += 1
+        if now + (self._batch_s or 0.0) + self.end_seconds >= self.deadline:
+            self.stopped_early = True
+            self.model.stop_training = True
+
+    def on_train_end(self, logs=None):
+        self.record["outcome"] = {
+            "stopped_by": "time budget" if self.stopped_early else "epochs done",
+            "batches": self.batches, "seconds_at_train_end": round(_now() - self.started, 1),
+            "first_epoch_end_estimate_s": round(self.record.get("picked", {}).get("end_seconds", 0.0), 2),
+            "epoch_ends_measured_s": self.end_measured[:20],
+            "last_epoch_end_estimate_s": round(self.end_seconds, 2)}
+        self._write()
+        print(f"time budget: {self.record['outcome']['stopped_by']} after {self.batches} batches, "
+              f"{_now() - self.started:.1f}s of {self.deadline - self.started:g}s", flush=True)
+
+
+RULE = (f"largest candidate with chars >= {CHARS_PER_PARAM:g} x params and params <= "
+        f"{MAX_PARAMS_PER_TRAIN_CHAR:g} x training chars (else the smallest); chars = probe chars/s x seconds "
+        f"left for batches; batch 64 if >= {MIN_STEPS_FOR_BATCH_64} steps at 64, else 32; dropout 0 below "
+        f"{MIN_PASSES_FOR_DROPOUT:g} passes; cosine over the predicted batches; epochs = "
+        f"{EPOCHS_HEADROOM:g} x predicted passes, rounded up; stopped by the clock")
+
+
+def _fixed_from_defaults(config: TrainConfig) -> set[str]:
+    default = TrainConfig()
+    return {f.name for f in dataclasses.fields(TrainConfig) if getattr(config, f.name) != getattr(default, f.name)}
+
+
+def train_within_budget(corpus: str | os.PathLike, run_dir: str | os.PathLike, config: TrainConfig,
+                        fixed: Iterable[str] | None = None, callbacks: list[keras.callbacks.Callback] | None = None,
+                        verbose: int | str = "auto", strict: bool = False) -> keras.Model:
+    """Trains for ``config.time_budget`` seconds, with the model size and schedule the probe and rule pick.
+
+    Args:
+        corpus: a file, a folder or a glob pattern (see ``train.train``).
+        run_dir: the new run's folder.
+        config: the run's config; ``time_budget`` (seconds) is required.
+        fixed: fields the user gave, whose values are kept (default: the fields that differ from
+            ``TrainConfig()``'s defaults).
+        callbacks: extra Keras callbacks.
+        verbose: Keras' progress display (see ``train.train``).
+        strict: refuse a corpus file that is not UTF-8.
+
+    Returns:
+        The trained model (``best.keras`` in the run folder holds the best by validation loss).
+
+    Raises:
+        ConfigError: no or a bad ``time_budget``, a budget too short for the corpus (the message says how
+            long it should be), or ``run_dir`` already holds a run.
+        InputError: the corpus is missing, unreadable or too short.
+
+    Example:
+
+    >>> train_within_budget("input.txt", "runs/quick", TrainConfig(time_budget=600))  # doctest: +SKIP
+    """
+    from keras_charrnn.corpus import load_corpus
+    from keras_charrnn.tbptt import split_train_val
+    from keras_charrnn.train import train
+
+    started = _now()
+    if config.time_budget is None:
+        raise ConfigError("time_budget is required to train within a budget")
+    config.validate()
+    fixed = set(_fixed_from_defaults(config) if fixed is None else fixed) - {"time_budget"}
+    run = RunFolder(run_dir)
+    if run.has_checkpoint():
+        raise ConfigError(f"{run.path} already holds a run; resume it or choose another run_dir")
+    budget = float(config.time_budget)
+    data = load_corpus(corpus, strict=strict)
+    train_ids, val_ids = split_train_val(data.ids, config.val_frac)
+    batch, seq_len = _batch_shape(len(train_ids), len(val_ids),
+                                  config.batch_size if "batch_size" in fixed else 32,
+                                  config.seq_len if "seq_len" in fixed else SEQ_LEN)
+    batch = config.batch_size if "batch_size" in fixed else batch  # a given shape is kept (TBPTT says if too long)
+    seq_len = config.seq_len if "seq_len" in fixed else seq_len
+    shaped = dataclasses.replace(config, batch_size=batch, seq_len=seq_len, schedule_steps=None)
+    results = probe(shaped, data.vocab.size, train_ids, len(val_ids), budget, started, fixed)
+    choice, pick = plan(shaped, results, len(train_ids), fixed)
+    if ("batch_size" not in fixed and pick["chars"] / (64 * seq_len) >= MIN_STEPS_FOR_BATCH_64
+            and _batch_shape(len(train_ids), len(val_ids), 64, seq_len)[0] == 64):
+        again = _measure(dataclasses.replace(shaped, layers=pick["layers"], units=pick["units"], batch_size=64),
+                         data.vocab.size, train_ids, PROBE_MIN_SECONDS)
+        remeasured = _judge(again, budget, _now() - started, len(train_ids), len(val_ids), shaped)
+        remeasured["why"] = f"the pick measured again at batch 64: {remeasured['why']}"
+        results.append(remeasured)
+        choice, pick = plan(shaped, [remeasured], len(train_ids), fixed)
+    if pick["train_seconds"] < MIN_TRAIN_FRACTION * budget:
+        need = (_now() - started + pick["first_step_s"] + pick["end_seconds"]) / (1 - MIN_TRAIN_FRACTION)
+        raise ConfigError(f"time_budget {budget:g}s is too short for this corpus on this machine: reading it, the "
+                          f"probe, building and validating {len(val_ids):,} held-out characters take about "
+                          f"{budget - pick['train_seconds']:.0f}s; give at least {math.ceil(need / 10) * 10:g}s "
+                          f"(or a smaller val_frac)")
+    chosen = dataclasses.replace(shaped, **choice)
+    chosen.validate()
+    probe_seconds = _now() - started
+    record = {"seconds": budget, "rule": RULE,
+              "numbers": {"chars_per_param": CHARS_PER_PARAM, "max_params_per_train_char": MAX_PARAMS_PER_TRAIN_CHAR,
+                          "min_steps_for_batch_64": MIN_STEPS_FOR_BATCH_64,
+                          "min_passes_for_dropout": MIN_PASSES_FOR_DROPOUT},
+              "given": sorted(fixed & set(CHOSEN) | fixed & {"cell", "lr", "lr_schedule"}),
+              "chosen": {k: getattr(chosen, k) for k in CHOSEN},
+              "train_chars": int(len(train_ids)), "val_chars": int(len(val_ids)),
+              "probe_seconds": round(probe_seconds, 2), "candidates": results,
+              "picked": {k: pick[k] for k in ("layers", "units", "params", "chars_per_s", "chars", "chars_per_param",
+                                              "passes", "end_seconds", "why")},
+              "predicted_batches": chosen.schedule_steps}
+    print(f"time budget {budget:g}s: probed in {probe_seconds:.1f}s; chose {chosen.cell} {chosen.layers}x"
+          f"{chosen.units} ({pick['params']:,} parameters), batch {chosen.batch_size} x seq_len {chosen.seq_len}, "
+          f"{chosen.epochs} epochs, dropout {chosen.dropout:g}, cosine over {chosen.schedule_steps} batches "
+          f"(~{pick['chars_per_s']:,.0f} chars/s, {pick['chars_per_param']:.1f} chars per parameter)", flush=True)
+    stop = BudgetStop(started + budget, pick["end_seconds"], run, record, started)
+    return train(corpus, run_dir, chosen, callbacks=[stop] + list(callbacks or []), verbose=verbose, strict=strict)

@@ -1,0 +1,100 @@
+"""Training under a time budget: the duration parser, the rule, a run that stops on time and says why, CLI errors."""
+
+import json
+import time
+
+import pytest
+
+from conftest import make_corpus, run_cli
+from keras_charrnn.budget import CHARS_PER_PARAM, _judge, count_params, plan
+from keras_charrnn.config import TrainConfig, parse_duration
+from keras_charrnn.errors import ConfigError
+
+
+@pytest.mark.parametrize("text, seconds", [("90s", 90.0), ("10m", 600.0), ("1.5h", 5400.0), ("600", 600.0),
+                                           (" 2M ", 120.0), ("1d", 86400.0), (45, 45.0)])
+def test_durations_read_in_seconds(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "ten minutes", "-5m", "0", "5x", "1.5.2h", "m"])
+def test_bad_durations_are_refused_naming_time_budget(text):
+    with pytest.raises(ConfigError, match="time_budget"):
+        parse_duration(text)
+
+
+def test_a_budget_too_short_for_a_probe_is_refused():
+    with pytest.raises(ConfigError, match="time_budget must be between 10 seconds"):
+        TrainConfig(time_budget=5).validate()
+
+
+def _size(layers, units, chars_per_s):
+    return {"layers": layers, "units": units, "params": count_params("lstm", layers, units, 64, 66),
+            "batch_size": 32, "seq_len": 100, "first_step_s": 1.0, "step_s": 3200 / chars_per_s,
+            "chars_per_s": chars_per_s, "measured": True}
+
+
+def test_the_rule_picks_the_largest_model_that_sees_enough_characters_per_parameter():
+    # tinyshakespeare-like: 1M training characters, 10 minutes, the issue's speeds on a 2-core CPU.
+    config, train_chars = TrainConfig(), 1_000_000
+    sizes = [_size(1, 128, 60_000), _size(2, 128, 40_000), _size(2, 256, 22_000), _size(2, 384, 13_000),
+             _size(2, 512, 7_500)]
+    judged = [_judge(s, 600.0, 10.0, train_chars, 100_000, config) for s in sizes]
+    assert [j["fits"] for j in judged] == [True, True, True, False, False]
+    choice, pick = plan(config, judged, train_chars, fixed=set())
+    assert (choice["layers"], choice["units"]) == (2, 256)
+    assert pick["chars_per_param"] >= CHARS_PER_PARAM
+    assert choice["schedule_steps"] == int(pick["chars"] / 3200)
+    assert choice["epochs"] >= pick["passes"]  # the clock, not the epochs, ends the run
+    # A short budget picks the smallest, and a given width is kept.
+    short = [_judge(s, 30.0, 5.0, train_chars, 100_000, config) for s in sizes]
+    assert plan(config, short, train_chars, set())[0]["units"] == 128
+    assert "units" not in plan(config, short, train_chars, {"units"})[0]
+
+
+def test_a_budget_run_stops_on_time_records_its_choice_and_keeps_the_best_model(tmp_path):
+    from keras_charrnn.run_folder import RunFolder
+    from keras_charrnn.train import train
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(make_corpus(8000), encoding="utf-8")
+    budget = 25.0
+    start = time.perf_counter()
+    train(corpus, tmp_path / "run", TrainConfig(time_budget=budget, sample_chars=40), verbose=0)
+    elapsed = time.perf_counter() - start
+    assert 0.75 * budget <= elapsed <= 1.1 * budget, elapsed
+
+    run = RunFolder(tmp_path / "run")
+    record = run.record()
+    chosen, saved = record["budget"]["chosen"], record["config"]
+    assert record["budget"]["seconds"] == budget and saved["time_budget"] == budget
+    assert {k: saved[k] for k in chosen} == chosen  # what it chose is what it trained
+    probed = [c for c in record["budget"]["candidates"] if c["measured"]]
+    assert probed and all(c["chars_per_s"] > 0 and c["params"] > 0 for c in probed)
+    assert "chars" in record["budget"]["rule"] and record["budget"]["probe_seconds"] < budget
+    assert record["budget"]["outcome"]["batches"] > 0
+    assert record["best_val_loss"] is not None
+    model = run.load_model("best")
+    assert model.count_params() == record["budget"]["picked"]["params"]
+
+
+def test_cli_budget_keeps_the_model_flags_given(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(make_corpus(3000), encoding="utf-8")
+    result = run_cli("train", corpus, "--out", tmp_path / "run", "--time-budget", "20s", "--layers", "1",
+                     "--units", "48", "--quiet")
+    assert result.returncode == 0, result.stderr
+    record = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (record["config"]["layers"], record["config"]["units"]) == (1, 48)
+    assert {"layers", "units"} <= set(record["budget"]["given"])
+    assert "time budget" in result.stdout
+
+
+@pytest.mark.parametrize("flags, message", [(["--time-budget", "5 minutes"], "time_budget must be a duration"),
+                                            (["--time-budget", "3s"], "time_budget must be between")])
+def test_cli_refuses_a_bad_budget_in_one_line(tmp_path, flags, message):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(make_corpus(200), encoding="utf-8")
+    result = run_cli("train", corpus, "--out", tmp_path / "run", *flags)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
