@@ -18,15 +18,17 @@ or ``train_within_budget``) does, with the clock started when it is called:
    - ``params <= MAX_PARAMS_PER_TRAIN_CHAR x training characters`` (2 parameters per character of text),
 
    else the smallest. Why these numbers: compute-optimal language models see about 20 tokens per
-   parameter (Hoffmann et al. 2022, "Chinchilla"), and a run that sees much fewer than that is
-   undertrained: more steps on a smaller model win. A character LSTM reuses each weight matrix at every
-   time step, and char-rnn practice (Karpathy 2015) is that a model of about as many parameters as
-   the corpus has characters, trained for some tens of passes with dropout, is near the best held-out
-   loss; past that it only overfits. 10 characters per parameter is the midpoint in log scale of
-   what these give for tinyshakespeare in 10 minutes on this project's 2-core CPU (issue 13: a 2x512
-   LSTM trains at 7,500 chars/s and a 2x256 at about three times that): it picks 2x256 there
-   (870 k parameters, ~14 M characters: 16 per parameter, 13 passes) and not 2x384 (1.9 M
-   parameters, ~8 M characters: 4 per parameter) nor 2x512 (3.3 M, 4.5 M: 1.4 per parameter).
+   parameter (Hoffmann et al. 2022, "Chinchilla"); a run that sees far fewer is undertrained, and
+   more steps on a smaller model win. Char-rnn practice (Karpathy 2015) is that a model of about as
+   many parameters as the corpus has characters, trained for tens of passes with dropout, is near its
+   best held-out loss, and a larger one only overfits (hence the 2 parameters per character cap). Both
+   point at tens of characters per parameter for a well-trained model; a time-limited run trades some
+   of that for size, and 10 is the threshold taken. With the speeds of issue 13 on this project's
+   2-core CPU (a 2x512 LSTM trains at 7,500 chars/s; a 2x256 at about three times that, an estimate
+   from the FLOP ratio) it picks 2x256 for tinyshakespeare in 10 minutes (870 k parameters, ~13 M
+   characters: ~15 per parameter, 13 passes), not 2x384 (1.9 M parameters, ~8 M characters: 4 per
+   parameter) nor 2x512 (3.3 M, 4.5 M: 1.4 per parameter). It is a judgement from those figures, not
+   a fit of a sweep on this machine; ``bench/quality.py`` checks it against a plain Keras 2x256 LSTM.
 3. **The rest**: ``seq_len`` 100 (``SEQ_LEN``); ``batch_size`` 32, or 64 when the run will still take
    ``MIN_STEPS_FOR_BATCH_64`` optimizer steps at 64 (the larger batch trains faster per character on a
    CPU; the chosen size is then measured again at 64), halved for a corpus too short for it;
@@ -105,7 +107,7 @@ def count_params(cell: str, layers: int, units: int, embedding_dim: int, vocab_s
     Example:
 
     >>> count_params("lstm", 2, 256, 64, 66)
-    873282
+    875202
     """
     gates = GATES[cell]
     biases = 2 if cell == "gru" else 1
@@ -152,7 +154,6 @@ def _measure(config: TrainConfig, vocab_size: int, train_ids: np.ndarray, step_s
     per_step = (_now() - start) / steps
     params = int(model.count_params())
     del model
-    keras.backend.clear_session()
     return {"layers": config.layers, "units": config.units, "params": params, "batch_size": config.batch_size,
             "seq_len": config.seq_len, "first_step_s": round(first, 3), "step_s": round(per_step, 4),
             "steps_timed": steps, "chars_per_s": round(config.batch_size * config.seq_len / per_step, 1),

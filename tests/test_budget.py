@@ -98,3 +98,16 @@ def test_cli_refuses_a_bad_budget_in_one_line(tmp_path, flags, message):
     result = run_cli("train", corpus, "--out", tmp_path / "run", *flags)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+
+
+def test_a_budget_too_short_for_the_corpus_is_refused_saying_how_long_it_should_be(tmp_path, monkeypatch):
+    from keras_charrnn import budget
+    from keras_charrnn.train import train
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(make_corpus(2000), encoding="utf-8")
+    monkeypatch.setattr(budget, "MIN_TRAIN_FRACTION", 0.99)  # no budget leaves 99% of itself for batches
+    with pytest.raises(ConfigError, match=r"^time_budget 20s is too short .* give at least \d+s") as info:
+        train(corpus, tmp_path / "run", TrainConfig(time_budget=20), verbose=0)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "run" / "state.npz").exists()
