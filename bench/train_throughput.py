@@ -1,138 +1,407 @@
-"""Training speed (characters/second) of each cell at 2x128 and 2x512, Keras fit vs PyTorch, side by side.
+"""Training speed (characters/second) of every cell at 2x128 and 2x512: Keras fit on the TensorFlow and JAX
+backends vs PyTorch, and the fraction of this machine's FLOP limit each reaches, in one run.
 
-Both train the same model (embedding 64, two recurrent layers, dense logits) on
-truncated-BPTT batches of tinyshakespeare (batch 64, seq_len 100), Adam 2e-3
-with global-norm clipping at 5, the hidden state carried across batches.
-Keras runs the package's own path: ``build_model`` + ``model.fit`` over
-``TBPTTBatches``. PyTorch (``pip install 'keras-charrnn[bench]'``) is the
-reference a user would otherwise pick; it is skipped when not installed.
+All three train the same model (embedding 64, two recurrent layers of ``units``, dense logits, no dropout)
+on truncated-BPTT batches of tinyshakespeare (batch 64 x seq_len 100), Adam 2e-3 with global-norm clipping
+at 5, the hidden state carried from batch to batch and reset at each epoch's start:
 
-    python bench/train_throughput.py [--corpus ../shared/data/tinyshakespeare.txt] [--batches 8] [--repeats 3]
+- Keras: the package's own path, the one ``charrnn train`` takes: a ``TrainConfig``, ``train._build``
+  (``model_from_config`` + ``make_optimizer`` + ``compile_model``), then ``model.fit`` over
+  ``TBPTTBatches`` with the ``ResetStates`` callback. Each backend runs in its own subprocess, since
+  ``KERAS_BACKEND`` is fixed when Keras is imported.
+- PyTorch (``pip install 'keras-charrnn[bench]'``, torch 2.13 CPU): ``Embedding -> nn.LSTM/GRU/RNN(tanh)``
+  (2 layers) ``-> Linear``, cross-entropy, ``clip_grad_norm_(5)``, Adam; skipped when not installed.
+
+The three worker processes stay alive for the whole run and are driven in turn, one timed repetition of
+each backend after the other, so a change in the machine's load hits every backend alike. Each model is
+first warmed up (trace/compile, then a short timed fit that sizes the repetitions to about
+``--rep-seconds``); the figure is the median of ``--repeats`` repetitions.
+
+FLOP limit: the median rate of a large float32 ``tf.matmul`` (2048^3, 2*n^3 FLOP), measured in the
+TensorFlow worker before and after the models; the higher of the two is the limit.
+Training FLOP per character = 3 x forward matmul FLOP (the backward pass costs two matmuls per forward one):
+
+    forward = 2 * (sum over layers of  g * units * (d_in + units)  +  units * vocab)
+
+with g = 4 (LSTM), 3 (GRU), 1 (SimpleRNN) gate matmuls, d_in = 64 for the first layer and ``units`` above it;
+the embedding lookup and element-wise ops are not counted. About 20 MFLOP for a 2x512 LSTM.
+
+    python bench/train_throughput.py [--quick] [--no-write] [--backends tensorflow,jax,torch]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 
-from report import update_section  # noqa: E402
-
-BATCH, SEQ, EMB = 64, 100, 64
-
-
-def keras_speed(ids: np.ndarray, vocab: int, cell: str, units: int, batches: int, repeats: int) -> float:
-    import keras
-
-    from keras_charrnn.callbacks import ResetStates
-    from keras_charrnn.config import TrainConfig
-    from keras_charrnn.model import build_model, compile_model, make_optimizer
-    from keras_charrnn.tbptt import TBPTTBatches
-
-    data = TBPTTBatches(ids[: BATCH * SEQ * (batches + 2) + 1], BATCH, SEQ)
-    model = build_model(vocab, cell=cell, units=units, layers=2, embedding_dim=EMB, batch_size=BATCH, seq_len=SEQ)
-    compile_model(model, make_optimizer(TrainConfig(lr_schedule="constant"), 1))
-
-    class Head(keras.utils.PyDataset):
-        def __init__(self, n):
-            super().__init__()
-            self.n = n
-
-        def __len__(self):
-            return self.n
-
-        def __getitem__(self, i):
-            return data[i]
-
-    model.fit(Head(2), shuffle=False, verbose=0, callbacks=[ResetStates()])  # build and trace
-
-    def run():
-        t = time.perf_counter()
-        model.fit(Head(batches), shuffle=False, verbose=0, callbacks=[ResetStates()])
-        return batches * BATCH * SEQ / (time.perf_counter() - t)
-
-    return statistics.median(run() for _ in range(repeats))
+BATCH, SEQ, EMB, LAYERS, LR, CLIP = 64, 100, 64, 2, 2e-3, 5.0
+CELLS = ("lstm", "gru", "rnn")
+GATES = {"lstm": 4, "gru": 3, "rnn": 1}
+GOALS = {"lstm": 1.0, "gru": 1.3, "rnn": 1.3}  # issue 13: fastest backend vs PyTorch
+BACKENDS = ("tensorflow", "jax", "torch")
+LABELS = {"tensorflow": "Keras TF", "jax": "Keras JAX", "torch": "PyTorch"}
+PEAK_N = 2048
+MARK = "@@bench "  # prefixes a worker's replies on its stdout; anything else there is passed through
 
 
-def torch_speed(ids: np.ndarray, vocab: int, cell: str, units: int, batches: int, repeats: int) -> float | None:
-    try:
+def train_flop_per_char(cell: str, units: int, vocab: int, layers: int = LAYERS, emb: int = EMB) -> float:
+    """Training FLOP per character: 3 x the forward matmul FLOP (see the module docstring).
+
+    Args:
+        cell: ``"lstm"``, ``"gru"`` or ``"rnn"``.
+        units: units per recurrent layer.
+        vocab: vocabulary size (the logits' width).
+        layers: stacked recurrent layers.
+        emb: embedding size (the first layer's input).
+
+    Returns:
+        FLOP per trained character.
+
+    Example:
+
+    >>> round(train_flop_per_char("lstm", 512, 65) / 1e6, 1)
+    19.9
+    """
+    macs = sum(GATES[cell] * units * ((emb if i == 0 else units) + units) for i in range(layers)) + units * vocab
+    return 3 * 2 * macs
+
+
+# ------------------------------------------------------------------------------------------------- workers
+
+class KerasRunner:
+    """One Keras model trained the way ``charrnn train`` does, on this process' backend."""
+
+    def __init__(self, ids: np.ndarray, vocab: int, cell: str, units: int):
+        import keras
+
+        from keras_charrnn import train as train_module
+        from keras_charrnn.callbacks import ResetStates
+        from keras_charrnn.config import TrainConfig
+        from keras_charrnn.tbptt import TBPTTBatches
+
+        self.keras, self.reset = keras, ResetStates
+        config = TrainConfig(cell=cell, units=units, layers=LAYERS, embedding_dim=EMB, dropout=0.0,
+                             batch_size=BATCH, seq_len=SEQ, lr=LR, lr_schedule="constant", clip_norm=CLIP, epochs=1)
+        config.validate()
+        self.data = TBPTTBatches(ids, BATCH, SEQ)
+
+        class Vocab:  # _build reads only .size
+            size = vocab
+
+        self.model = train_module._build(config, Vocab(), len(self.data))
+        self.info = {"backend": keras.backend.backend(), "jit_compile": getattr(self.model, "jit_compile", None)}
+
+    def fit(self, batches: int) -> None:
+        """One ``fit`` epoch over the first ``batches`` batches (states reset at its start)."""
+        data = self.data
+
+        class Head(self.keras.utils.PyDataset):
+            def __init__(self):
+                super().__init__(workers=1, use_multiprocessing=False)
+
+            def __len__(self):
+                return batches
+
+            def __getitem__(self, i):
+                return data[i]
+
+        self.model.fit(Head(), shuffle=False, verbose=0, callbacks=[self.reset()])
+
+
+class TorchRunner:
+    """The same model in PyTorch, trained with the same batches, loss, clipping and optimizer."""
+
+    def __init__(self, ids: np.ndarray, vocab: int, cell: str, units: int):
         import torch
-    except ImportError:
-        return None
-    torch.set_num_threads(os.cpu_count() or 1)
-    rnn_cls = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}[cell]
 
-    class Net(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = torch.nn.Embedding(vocab, EMB)
-            self.rnn = rnn_cls(EMB, units, 2, batch_first=True)
-            self.out = torch.nn.Linear(units, vocab)
+        torch.manual_seed(0)
+        torch.set_num_threads(os.cpu_count() or 1)
+        rnn_cls = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}[cell]
 
-        def forward(self, x, h):
-            y, h = self.rnn(self.emb(x), h)
-            return self.out(y), h
+        class Net(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.emb = torch.nn.Embedding(vocab, EMB)
+                self.rnn = rnn_cls(EMB, units, LAYERS, batch_first=True)  # nn.RNN: tanh
+                self.out = torch.nn.Linear(units, vocab)
 
-    net = Net()
-    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
-    n = BATCH * SEQ * (batches + 2)
-    x_all = torch.from_numpy(ids[:n].reshape(BATCH, -1).astype(np.int64))
-    y_all = torch.from_numpy(ids[1:n + 1].reshape(BATCH, -1).astype(np.int64))
+            def forward(self, x, h):
+                y, h = self.rnn(self.emb(x), h)
+                return self.out(y), h
 
-    def epoch(k):
-        h = None
-        for b in range(k):
-            x, y = x_all[:, b * SEQ:(b + 1) * SEQ], y_all[:, b * SEQ:(b + 1) * SEQ]
-            logits, h = net(x, h)
+        self.torch, self.vocab, self.net = torch, vocab, Net()
+        self.opt = torch.optim.Adam(self.net.parameters(), lr=LR)
+        n = (len(ids) - 1) // (BATCH * SEQ) * BATCH * SEQ
+        self.x = torch.from_numpy(ids[:n].reshape(BATCH, -1).astype(np.int64))
+        self.y = torch.from_numpy(ids[1:n + 1].reshape(BATCH, -1).astype(np.int64))
+        self.info = {"backend": "torch", "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+    def fit(self, batches: int) -> None:
+        """One epoch over the first ``batches`` batches, the hidden state carried (detached) between them."""
+        torch, h = self.torch, None
+        for b in range(batches):
+            window = slice(b * SEQ, (b + 1) * SEQ)
+            logits, h = self.net(self.x[:, window], h)
             h = tuple(t.detach() for t in h) if isinstance(h, tuple) else h.detach()
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), y.reshape(-1))
-            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, self.vocab), self.y[:, window].reshape(-1))
+            self.opt.zero_grad()
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
-            opt.step()
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), CLIP)
+            self.opt.step()
 
-    epoch(2)
 
-    def run():
+def peak_matmul(n: int = PEAK_N, repeats: int = 15) -> float:
+    """This machine's float32 matmul rate in GFLOP/s: the median of ``repeats`` timed ``tf.matmul``s of n x n."""
+    import tensorflow as tf
+
+    a = tf.random.uniform((n, n), dtype=tf.float32)
+    b = tf.random.uniform((n, n), dtype=tf.float32)
+    for _ in range(3):
+        tf.matmul(a, b).numpy()
+    times = []
+    for _ in range(repeats):
         t = time.perf_counter()
-        epoch(batches)
-        return batches * BATCH * SEQ / (time.perf_counter() - t)
+        tf.matmul(a, b).numpy()
+        times.append(time.perf_counter() - t)
+    return 2 * n ** 3 / statistics.median(times) / 1e9
 
-    return statistics.median(run() for _ in range(repeats))
+
+def worker(backend: str, ids_path: str, vocab: int) -> None:
+    """Serves commands (JSON lines on stdin), one reply each (a ``MARK``ed JSON line on stdout).
+
+    Commands: ``{"op": "setup", "cell", "units", "rep_seconds"}`` builds and warms up a model and picks the
+    batches per repetition; ``{"op": "rep"}`` times one repetition (chars/s); ``{"op": "peak"}`` measures
+    the matmul rate (TensorFlow worker); ``{"op": "quit"}``.
+    """
+    ids = np.load(ids_path)
+    runner, batches = None, 0
+    if backend != "torch":
+        import keras  # noqa: F401  (import before replying "ready", so imports are not timed)
+    else:
+        import torch  # noqa: F401
+    print(MARK + json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        try:
+            if cmd["op"] == "quit":
+                break
+            if cmd["op"] == "peak":
+                reply = {"gflops": peak_matmul()}
+            elif cmd["op"] == "setup":
+                runner = None
+                cls = TorchRunner if backend == "torch" else KerasRunner
+                t = time.perf_counter()
+                runner = cls(ids, vocab, cmd["cell"], cmd["units"])
+                runner.fit(2)  # trace / compile
+                compile_s = time.perf_counter() - t
+                t = time.perf_counter()
+                runner.fit(3)
+                rate = 3 / (time.perf_counter() - t)  # batches/s, warm
+                limit = len(runner.data) if backend != "torch" else runner.x.shape[1] // SEQ
+                batches = max(3, min(limit, math.ceil(rate * cmd["rep_seconds"])))
+                reply = dict(runner.info, compile_s=compile_s, batches=batches)
+            elif cmd["op"] == "rep":
+                t = time.perf_counter()
+                runner.fit(batches)
+                reply = {"chars_per_s": batches * BATCH * SEQ / (time.perf_counter() - t)}
+            else:
+                reply = {"error": f"unknown op {cmd['op']!r}"}
+        except Exception as e:  # reported in the table, the run goes on
+            reply = {"error": f"{type(e).__name__}: {e}".splitlines()[0][:200]}
+        print(MARK + json.dumps(reply), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+class Worker:
+    """A worker subprocess for one backend."""
+
+    def __init__(self, backend: str, ids_path: str, vocab: int):
+        env = dict(os.environ, KERAS_BACKEND="jax" if backend == "jax" else "tensorflow")
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        self.backend, self.error = backend, None
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", backend,
+                                      "--ids", ids_path, "--vocab", str(vocab)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.error = self._read().get("error")
+
+    def _read(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith(MARK):
+                return json.loads(line[len(MARK):])
+            sys.stderr.write(line)
+        return {"error": f"worker exited with {self.proc.wait()}"}
+
+    def ask(self, **cmd) -> dict:
+        """Sends one command, returns the reply (``{"error": ...}`` when the worker failed or died)."""
+        if self.error:
+            return {"error": self.error}
+        try:
+            self.proc.stdin.write(json.dumps(cmd) + "\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            return {"error": f"worker exited with {self.proc.wait()}"}
+        return self._read()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.ask(op="quit")
+        self.proc.wait()
+
+
+def fmt(x: float | None, spec: str = ",.0f") -> str:
+    return "n/a" if x is None else format(x, spec)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--corpus", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
-                                                         "tinyshakespeare.txt"))
-    parser.add_argument("--batches", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--corpus", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
+                                                         "shared", "data", "tinyshakespeare.txt"))
+    parser.add_argument("--repeats", type=int, default=5, help="timed repetitions per model and backend (median)")
+    parser.add_argument("--rep-seconds", type=float, default=3.0, help="about how long one repetition trains")
+    parser.add_argument("--backends", default=",".join(BACKENDS),
+                        help="comma-separated subset of " + ",".join(BACKENDS))
+    parser.add_argument("--quick", action="store_true", help="2x128 only, 2 repetitions of about 1 s")
+    parser.add_argument("--no-write", action="store_true", help="print the section, don't write BENCHMARKS.md")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--ids", help=argparse.SUPPRESS)
+    parser.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker:
+        return worker(args.worker, args.ids, args.vocab)
 
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from keras_charrnn.vocab import Vocabulary, read_corpus
 
+    sizes = (128,) if args.quick else (128, 512)
+    repeats, rep_seconds = (2, 1.0) if args.quick else (args.repeats, args.rep_seconds)
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    if not backends or set(backends) - set(BACKENDS):
+        parser.error(f"--backends: choose from {', '.join(BACKENDS)}, got {args.backends!r}")
+    load_start = os.getloadavg()
     text = read_corpus(args.corpus)
     vocab = Vocabulary.from_text(text)
-    ids = vocab.encode(text)
-    rows = ["| cell | size | Keras fit (chars/s) | PyTorch (chars/s) | Keras / PyTorch |", "|---|---|---|---|---|"]
-    for units in (128, 512):
-        for cell in ("lstm", "gru", "rnn"):
-            k = keras_speed(ids, vocab.size, cell, units, args.batches, args.repeats)
-            t = torch_speed(ids, vocab.size, cell, units, args.batches, args.repeats)
-            ratio = f"{k / t:.2f}x" if t else "n/a"
-            rows.append(f"| {cell} | 2x{units} | {k:,.0f} | {t:,.0f} | {ratio} |" if t else
-                        f"| {cell} | 2x{units} | {k:,.0f} | not installed | n/a |")
-            print(rows[-1], flush=True)
-    body = ("## Training throughput\n\n"
-            f"Batch {BATCH}, seq_len {SEQ}, embedding {EMB}, Adam 2e-3, clip-norm 5; median of {args.repeats} runs of "
-            f"{args.batches} batches each, Keras then PyTorch for each model, in one process.\n\n" + "\n".join(rows) +
-            "\n\nGoal: >= 1.0x PyTorch for every cell and both sizes.")
-    update_section("train_throughput", body)
+    ids = np.asarray(vocab.encode(text), dtype=np.int32)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ids_path = os.path.join(tmp, "ids.npy")
+        np.save(ids_path, ids)
+        started = time.perf_counter()
+        workers = {b: Worker(b, ids_path, vocab.size) for b in backends}
+        peak_worker = workers.get("tensorflow") or Worker("tensorflow", ids_path, vocab.size)
+        peaks = [peak_worker.ask(op="peak").get("gflops")]
+        results: dict[tuple[str, int, str], dict] = {}
+        try:
+            for units in sizes:
+                for cell in CELLS:
+                    for b, w in workers.items():
+                        results[cell, units, b] = info = w.ask(op="setup", cell=cell, units=units,
+                                                               rep_seconds=rep_seconds)
+                        info["reps"] = []
+                    for _ in range(repeats):  # interleaved: one repetition of each backend in turn
+                        for b, w in workers.items():
+                            info = results[cell, units, b]
+                            if "error" not in info:
+                                reply = w.ask(op="rep")
+                                if "error" in reply:
+                                    info["error"] = reply["error"]
+                                else:
+                                    info["reps"].append(reply["chars_per_s"])
+                    line = [f"{cell} 2x{units}:"]
+                    for b in backends:
+                        info = results[cell, units, b]
+                        info["median"] = None if "error" in info else statistics.median(info["reps"])
+                        line.append(f"{LABELS[b]} {fmt(info['median'])}" + (f" ({info['error']})" if "error" in info
+                                                                             else ""))
+                    print("  ".join(line), flush=True)
+            peaks.append(peak_worker.ask(op="peak").get("gflops"))
+        finally:
+            for w in {id(w): w for w in [*workers.values(), peak_worker]}.values():
+                w.close()
+        elapsed = time.perf_counter() - started
+    load_end = os.getloadavg()
+
+    measured = [p for p in peaks if p]
+    peak = max(measured) if measured else None
+    body = section(results, backends, sizes, vocab.size, repeats, rep_seconds, peaks, peak, load_start, load_end,
+                   elapsed)
+    print(body)
+    if args.no_write:
+        print("(--no-write: BENCHMARKS.md not changed)")
+    else:
+        from report import update_section
+
+        update_section("train_throughput", body)
+
+
+def section(results: dict, backends: list[str], sizes: tuple[int, ...], vocab: int, repeats: int, rep_seconds: float,
+            peaks: list[float | None], peak: float | None, load_start, load_end, elapsed: float) -> str:
+    """The BENCHMARKS.md section: chars/s, fraction of the FLOP limit and ratio vs PyTorch, then the goals."""
+    keras_backends = [b for b in backends if b != "torch"]
+    has_torch = "torch" in backends
+    head = ["cell", "size", "MFLOP/char"] + [f"{LABELS[b]} chars/s (% of limit)" for b in backends]
+    head += [f"{LABELS[b]} / PyTorch" for b in keras_backends] if has_torch else []
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    goals = ["| cell | size | fastest Keras backend | vs PyTorch | goal | met |", "|---|---|---|---|---|---|"]
+    for units in sizes:
+        for cell in CELLS:
+            flop = train_flop_per_char(cell, units, vocab)
+            cells = [cell, f"2x{units}", f"{flop / 1e6:.1f}"]
+            for b in backends:
+                info = results[cell, units, b]
+                if info.get("median") is None:
+                    cells.append("error: " + info.get("error", "?").replace("|", "/"))
+                else:
+                    share = f" ({100 * info['median'] * flop / (peak * 1e9):.0f}%)" if peak else ""
+                    cells.append(f"{info['median']:,.0f}{share}")
+            torch_speed = results[cell, units, "torch"].get("median") if has_torch else None
+            ratios = {}
+            for b in keras_backends if has_torch else []:
+                speed = results[cell, units, b].get("median")
+                ratios[b] = speed / torch_speed if speed and torch_speed else None
+                cells.append(fmt(ratios[b], ".2f") + ("x" if ratios[b] else ""))
+            rows.append("| " + " | ".join(cells) + " |")
+            speeds = {b: results[cell, units, b].get("median") for b in keras_backends}
+            speeds = {b: s for b, s in speeds.items() if s}
+            if speeds:
+                best = max(speeds, key=speeds.get)
+                r = ratios.get(best)
+                met = "n/a" if r is None else ("yes" if r >= GOALS[cell] else "no")
+                goals.append(f"| {cell} | 2x{units} | {LABELS[best]} | {fmt(r, '.2f')}{'x' if r else ''} | "
+                             f">= {GOALS[cell]:.1f}x | {met} |")
+    torch_version = next((results[k]["torch"] for k in results if "torch" in results[k]), "2.13")
+    jit = {b: results[c, u, b]["jit_compile"] for (c, u, b) in results if "jit_compile" in results[c, u, b]}
+    peak_text = (f"{peak:,.0f} GFLOP/s (float32 `tf.matmul` {PEAK_N}^3, median of 15; "
+                 f"{' / '.join(fmt(p) for p in peaks)} before / after the models)") if peak else "not measured"
+    return (
+        "## Training throughput\n\n"
+        f"Batch {BATCH} x seq_len {SEQ}, embedding {EMB}, {LAYERS} layers, no dropout, Adam {LR:g}, "
+        f"clip-norm {CLIP:g}; "
+        f"vocabulary {vocab}. Keras: the package's `charrnn train` path (`train._build`, `fit` over `TBPTTBatches`), "
+        f"one subprocess per backend (jit_compile: {', '.join(f'{b} {v}' for b, v in sorted(jit.items())) or 'n/a'}); "
+        f"PyTorch {torch_version}, `nn.LSTM`/`nn.GRU`/`nn.RNN`, `clip_grad_norm_`. "
+        f"Median of {repeats} timed repetitions (each about "
+        f"{rep_seconds:g} s of training) after warm-up, the backends interleaved repetition by "
+        f"repetition. Run took {elapsed:.0f} s; load average {load_start[0]:.2f} at the start, "
+        f"{load_end[0]:.2f} at the end.\n\n"
+        f"FLOP limit: {peak_text}. % of limit = chars/s x training FLOP/char / limit, with training FLOP/char = "
+        "3 x 2 x (sum over layers of g x units x (d_in + units) + units x vocab), g = 4 LSTM, 3 GRU, 1 SimpleRNN "
+        f"(d_in = {EMB} for the first layer, units above); the embedding lookup and element-wise ops are not "
+        "counted.\n\n" + "\n".join(rows) +
+        "\n\nGoals (issue 13), the fastest Keras backend per model vs PyTorch:\n\n" + "\n".join(goals)
+    )
 
 
 if __name__ == "__main__":

@@ -130,7 +130,7 @@ class CharRNNModule(tf.Module):
     # ----- the model, batched over rows and time ---------------------------------------------
 
     def _logits(self, h):
-        return tf.tensordot(h, self.logits_kernel, axes=1) + self.logits_bias
+        return cells.matmul_rows(h, self.logits_kernel) + self.logits_bias  # batch-invariant (cells.matmul)
 
     def _split_states(self, flat):
         per = len(flat) // self.num_layers

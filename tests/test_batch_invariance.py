@@ -1,0 +1,202 @@
+"""Batch invariance, bit for bit: a row's text, states and logits do not depend on the rows beside it.
+
+A model server merges concurrent calls into one batch, so a seeded session must
+come out the same whichever sessions share its batch and at whichever row. Each
+test runs a pool of sessions (own prime length, seed, position and length) alone,
+then, for every batch size, a random choice of them together at random rows, and
+compares sampled ids, every state after every call and the final logits with
+``np.array_equal``. ``bench/invariance.py`` runs the same check for thousands of
+steps.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_charrnn.export import CharRNNModule
+from keras_charrnn.model import build_model, recurrent_layers
+from keras_charrnn.vocab import Vocabulary
+
+BUNDLED = Path(__file__).resolve().parent.parent / "saved_models" / "shakespeare" / "1"
+FLAVOURS = {"plain": ("generate_text", "generate"), "xla": ("generate_text_xla", "generate_xla")}
+
+
+def bundled_module() -> CharRNNModule:
+    """The bundled 2x512 LSTM's weights in a module built from this checkout's code.
+
+    The SavedModel's own graph may predate the code under test, so only its
+    variables and vocabulary are taken.
+
+    Returns:
+        A ``CharRNNModule`` with the XLA twins.
+    """
+    checkpoint = tf.train.load_checkpoint(str(BUNDLED / "variables" / "variables"))
+
+    def weight(name):
+        return checkpoint.get_tensor(f"{name}/.ATTRIBUTES/VARIABLE_VALUE")
+
+    vocabulary = tf.saved_model.load(str(BUNDLED)).signatures["metadata"]()["vocabulary"].numpy()
+    chars = [c.decode("utf-8") for c in vocabulary[1:]]
+    units, layers = weight("rnn/0/1").shape[0], 1 + max(int(n.split("/")[1]) for n in
+                                                          checkpoint.get_variable_to_shape_map() if n.startswith("rnn/"))
+    model = build_model(len(chars) + 1, "lstm", units=units, layers=layers, embedding_dim=weight("embedding").shape[1],
+                        batch_size=None, seq_len=None, stateful=False)
+    model.get_layer("embedding").set_weights([weight("embedding")])
+    for i, layer in enumerate(recurrent_layers(model)):
+        layer.set_weights([weight(f"rnn/{i}/{j}") for j in range(3)])
+    model.get_layer("logits").set_weights([weight("logits_kernel"), weight("logits_bias")])
+    return CharRNNModule(model, Vocabulary(chars))
+
+
+def random_module(cell: str, units: int = 48, seed: int = 0) -> CharRNNModule:
+    """A small 2-layer model of ``cell`` with random weights (scaled up so the states move).
+
+    Args:
+        cell: ``"lstm"``, ``"gru"`` or ``"rnn"``.
+        units: units per layer.
+        seed: the weights' seed.
+
+    Returns:
+        A ``CharRNNModule`` with the XLA twins.
+    """
+    chars = list("abcdefghijklmnopqrstuvwxyz .,;!?\n")
+    keras.utils.set_random_seed(seed)
+    model = build_model(len(chars) + 1, cell, units=units, layers=2, embedding_dim=16, batch_size=None, seq_len=None,
+                        stateful=False)
+    model.set_weights([w * 2.0 for w in model.get_weights()])
+    return CharRNNModule(model, Vocabulary(chars))
+
+
+_SIGNATURES: dict[int, dict] = {}
+
+
+def _signatures(module: CharRNNModule) -> dict:
+    if id(module) not in _SIGNATURES:
+        _SIGNATURES.clear()
+        _SIGNATURES[id(module)] = module.named_signatures()
+    return _SIGNATURES[id(module)]
+
+
+def _vocabulary(module: CharRNNModule) -> list[str]:
+    return [c.decode("utf-8") for c in _signatures(module)["metadata"]()["vocabulary"].numpy()]
+
+
+def make_sessions(module: CharRNNModule, count: int, chars: int, seed: int = 12) -> dict:
+    """``count`` sessions: random primes of 1-12 characters, seeds, start positions and call lengths.
+
+    Args:
+        module: the model (its vocabulary makes the primes).
+        count: how many sessions.
+        chars: about how many characters each session samples (two calls).
+        seed: the choice's seed.
+
+    Returns:
+        ``{"primes", "first", "second", "seeds", "positions"}``, one entry per session.
+    """
+    rng = np.random.default_rng(seed)
+    alphabet = _vocabulary(module)[1:]
+    first = chars // 2
+    return {"primes": ["".join(rng.choice(alphabet, rng.integers(1, 13))) for _ in range(count)],
+            "first": rng.integers(max(1, first - 8), first + 1, count).astype(np.int32),
+            "second": rng.integers(max(1, chars - first - 8), chars - first + 1, count).astype(np.int32),
+            "seeds": rng.integers(0, 2**62, count), "positions": rng.integers(0, 10**6, count)}
+
+
+def run_together(module: CharRNNModule, flavour: str, sessions: dict, rows: list[int]) -> list[dict]:
+    """Runs the sessions ``rows`` in one batch, in that row order: three calls of the ``flavour`` signatures.
+
+    A ``generate_text`` call from the prime, a ``generate`` call continuing from its
+    states, then a ``step`` call with the last sampled id.
+
+    Args:
+        module: the model.
+        flavour: ``"plain"`` (the default signatures) or ``"xla"`` (the twins).
+        sessions: from ``make_sessions``.
+        rows: the sessions in the batch, by index (the batch row order).
+
+    Returns:
+        Per row: ``{"text", "ids", "logits", "states"}`` (numpy values, states after each call).
+    """
+    signatures = _signatures(module)
+    text_name, ids_name = FLAVOURS[flavour]
+    index = {c: i for i, c in enumerate(_vocabulary(module))}
+    names, b = module.state_names, len(rows)
+    pick = lambda key: tf.constant(sessions[key][rows])  # noqa: E731
+    sampling = {"temperature": tf.ones([b]), "top_k": tf.zeros([b], tf.int32), "top_p": tf.ones([b]),
+                "seed": pick("seeds")}
+    zero = {n: tf.zeros([b, module.units]) for n in names}
+    first = signatures[text_name](prime=tf.constant([sessions["primes"][r] for r in rows]), **zero, **sampling,
+                                  num_chars=pick("first"), position=pick("positions"))
+    texts = [t.decode("utf-8") for t in first["text"].numpy()]
+    last = tf.constant([[index[t[-1]]] for t in texts], tf.int32)
+    second = signatures[ids_name](ids=last, **{n: first[n] for n in names}, **sampling, num_chars=pick("second"),
+                                  position=pick("positions") + tf.cast(pick("first"), tf.int64))
+    ids = second["ids"].numpy()
+    lengths = sessions["second"][rows]
+    last = tf.constant([[ids[i, n - 1]] for i, n in enumerate(lengths)], tf.int32)
+    third = signatures["step"](ids=last, **{n: second[n] for n in names})
+    return [{"text": texts[i], "ids": ids[i], "logits": third["logits"].numpy()[i],
+             "states": [out[n].numpy()[i] for out in (first, second, third) for n in names]}
+            for i in range(b)]
+
+
+def same_bits(got: dict, alone: dict) -> bool:
+    """Whether a row's results equal the session's results alone, bit for bit (padding ids past its end are 0)."""
+    n = len(alone["ids"])
+    return (got["text"] == alone["text"] and np.array_equal(got["ids"][:n], alone["ids"])
+            and not got["ids"][n:].any() and np.array_equal(got["logits"], alone["logits"])
+            and all(np.array_equal(g, a) for g, a in zip(got["states"], alone["states"])))
+
+
+def invariance_failures(module: CharRNNModule, flavour: str, batch_sizes, chars: int, pool: int = 64,
+                        seed: int = 12, log=None) -> list[int]:
+    """The batch sizes at which some row differs from its session run alone.
+
+    Args:
+        module: the model.
+        flavour: ``"plain"`` or ``"xla"``.
+        batch_sizes: the batch sizes to try; each takes that many of the ``pool`` sessions at random rows.
+        chars: characters each session samples.
+        pool: how many sessions (each is first run alone).
+        seed: the choice of sessions and rows.
+        log: called with a line per batch size, if given.
+
+    Returns:
+        The failing batch sizes (empty: bitwise invariant).
+    """
+    sessions = make_sessions(module, pool, chars, seed)
+    alone = [run_together(module, flavour, sessions, [r])[0] for r in range(pool)]
+    rng = np.random.default_rng(seed + 1)
+    failures = []
+    for b in batch_sizes:
+        rows = list(rng.choice(pool, b, replace=b > pool))
+        together = run_together(module, flavour, sessions, rows)
+        ok = all(same_bits(got, alone[r]) for got, r in zip(together, rows))
+        if not ok:
+            failures.append(b)
+        if log:
+            log(f"{flavour} B={b}: {'bitwise equal' if ok else 'DIFFERS'}")
+    return failures
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    return bundled_module()
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_bundled_model_rows_are_bitwise_the_same_at_every_batch_size(bundled, flavour):
+    assert invariance_failures(bundled, flavour, range(1, 65), chars=40) == []
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_every_cell_is_bitwise_batch_invariant_in_both_flavours(cell):
+    module = random_module(cell)
+    sizes = [1, 2, 3, 4, 5, 7, 8, 25, 31, 32, 33, 40, 49, 63, 64]
+    for flavour in FLAVOURS:
+        assert invariance_failures(module, flavour, sizes, chars=30, pool=40) == [], flavour
