@@ -22,14 +22,15 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' server helpers
 from report import update_section  # noqa: E402
+from servers import free_ports  # noqa: E402
 
 SPEED = re.compile(r"epoch (\d+)/(\d+):.*?([\d,]+) chars/s")
 
@@ -65,16 +66,6 @@ def _last_speed(output: str) -> float:
     return speeds[-1]
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def one_worker(corpus: Path, folder: Path, args, env: dict | None = None, pin: bool = True) -> float:
     cmd = (["taskset", "-c", "0"] if pin else []) + _train_cmd(corpus, folder / "one", args)
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
@@ -84,7 +75,7 @@ def one_worker(corpus: Path, folder: Path, args, env: dict | None = None, pin: b
 
 
 def two_workers(corpus: Path, folder: Path, args) -> float:
-    workers = [f"127.0.0.1:{p}" for p in _free_ports(2)]
+    workers = [f"127.0.0.1:{p}" for p in free_ports(2)]
     procs = []
     for i in range(2):
         tf_config = json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}})

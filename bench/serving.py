@@ -4,7 +4,12 @@ For a 2x128 and a 2x512 LSTM (random weights; speed does not depend on them),
 in one run: p50/p99 latency and characters/second of sessions making 1- and
 64-character calls in-process and through ``charrnn serve`` over loopback gRPC;
 then aggregate characters/second of 1, 8 and 64 concurrent sessions (64
-characters per call) with batching off and on.
+characters per call) with batching off and on. Issue 12's figures come from the
+same run: the per-call overhead (gRPC p50 minus in-process p50, 1-character
+calls), the 64-character ratio, the 64-session throughput against this CPU's
+FLOP limit (a large ``tf.matmul``'s rate times characters per FLOP of the
+model), single-stream in-process generation against the batch-1 matrix-vector
+limit, and the resident memory of the 2x512 replica after the batched load.
 
     python bench/serving.py [--calls 200]
 """
@@ -55,9 +60,48 @@ def aggregate(client, model: str, sessions: int, calls: int, chars: int = 64) ->
     return sessions * calls * chars / (time.perf_counter() - t)
 
 
+def rss_mb(pid: int) -> tuple[int, int]:
+    """A process's resident memory now and at its peak (VmRSS, VmHWM), in MB."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return tuple(int(status.split(f"{key}:")[1].split()[0]) // 1024 for key in ("VmRSS", "VmHWM"))
+
+
+def matmul_rate(rows: int, inner: int, cols: int, repeats: int) -> float:
+    """Single-precision FLOP/s of ``tf.matmul`` [rows, inner] x [inner, cols], best of 5 timed loops.
+
+    The loop runs inside one ``tf.function`` so the rate is the kernel's, not Python's dispatch.
+    """
+    import tensorflow as tf
+
+    a = tf.random.normal([rows, inner])
+    b = tf.random.normal([inner, cols])
+
+    @tf.function
+    def loop(a, b):
+        acc = tf.zeros([rows, cols])
+        for _ in tf.range(repeats):
+            acc += tf.matmul(a, b)
+        return acc
+
+    loop(a, b).numpy()
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        loop(a, b).numpy()
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * rows * inner * cols * repeats / best
+
+
+def flops_per_char(model) -> int:
+    """Multiply-adds x 2 of one generated character: every 2-D weight but the embedding table."""
+    return 2 * sum(int(w.shape[0]) * int(w.shape[1]) for w in model.weights
+                   if len(w.shape) == 2 and "embedding" not in w.path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=200, help="calls per latency measurement")
+    parser.add_argument("--print-only", action="store_true", help="print the section, leave BENCHMARKS.md alone")
     args = parser.parse_args()
 
     from keras_charrnn.export import save_savedmodel
@@ -71,6 +115,7 @@ def main() -> None:
                     "gRPC chars/s | gRPC / in-process |", "|---|---|---|---|---|---|---|"]
     batch_rows = ["| model | sessions | batching off (chars/s) | batching on (chars/s) | on: x one session |",
                   "|---|---|---|---|---|"]
+    fig: dict[int, dict] = {}  # units -> issue 12's figures
     with tempfile.TemporaryDirectory() as tmp:
         params = Path(tmp) / "batching.txt"
         params.write_text("max_batch_size { value: 64 }\nbatch_timeout_micros { value: 2000 }\n"
@@ -80,6 +125,7 @@ def main() -> None:
             model = build_model(vocab.size, cell="lstm", units=units, batch_size=1, seq_len=1)
             save_savedmodel(model, vocab, f"{tmp}/{name}/1")
             local = load(f"{tmp}/{name}")
+            fig[units] = {"flops_per_char": flops_per_char(model)}
             for flags, label in (([], "off"), (["--enable_batching", "--batching_parameters_file", str(params)], "on")):
                 with ServerProcess(["--model_name", name, "--model_base_path", f"{tmp}/{name}", *flags]) as server:
                     client = SamplingClient(f"127.0.0.1:{server.port}", timeout=120)
@@ -89,6 +135,7 @@ def main() -> None:
                             mine = session_latencies(local.session("a", seed=1), chars, calls)
                             grpc_ = session_latencies(client.session(name, prime="a", seed=1), chars, calls)
                             cps = lambda lat: chars * len(lat) / sum(lat)  # noqa: E731
+                            fig[units][chars] = (percentile(mine, 50), percentile(grpc_, 50), cps(mine), cps(grpc_))
                             latency_rows.append(
                                 f"| LSTM 2x{units} | {chars} | {percentile(mine, 50) * 1e3:.2f} / "
                                 f"{percentile(mine, 99) * 1e3:.2f} | {percentile(grpc_, 50) * 1e3:.2f} / "
@@ -98,6 +145,8 @@ def main() -> None:
                     for sessions in (1, 8, 64):
                         calls = 8 if sessions < 64 else 4
                         speed = aggregate(client, name, sessions, calls)
+                        if label == "on":
+                            fig[units][f"on{sessions}"] = speed
                         if label == "off":
                             batch_rows.append([f"LSTM 2x{units}", sessions, speed])
                         else:
@@ -105,19 +154,48 @@ def main() -> None:
                                        and r[1] == sessions)
                             row.append(speed)
                         print(name, label, sessions, f"{speed:,.0f}", flush=True)
+                    if label == "on":
+                        fig[units]["rss"] = rss_mb(server.proc.pid)
                     client.close()
+    matmul = matmul_rate(2048, 2048, 2048, 8)  # the CPU's single-precision peak, near enough
+    matvec = {u: matmul_rate(1, 2 * u, 4 * u, 200) for u in fig}  # batch 1, the shape of an LSTM layer's matmul
+    issue_rows = ["| figure | 2x128 | 2x512 | goal |", "|---|---|---|---|"]
+
+    def figure(label, fmt, goal):
+        issue_rows.append(f"| {label} | {fmt(fig[128], 128)} | {fmt(fig[512], 512)} | {goal} |")
+
+    figure("1-char p50, in-process / gRPC (ms)", lambda f, u: f"{f[1][0] * 1e3:.2f} / {f[1][1] * 1e3:.2f}", "")
+    figure("per-call overhead: gRPC p50 - in-process p50 (ms)", lambda f, u: f"{(f[1][1] - f[1][0]) * 1e3:.2f}",
+        "<= 0.3")
+    figure("64-char calls, gRPC / in-process chars/s", lambda f, u: f"{f[64][3] / f[64][2]:.2f}x", ">= 0.95x")
+    figure("FLOP per character (MFLOP)", lambda f, u: f"{f['flops_per_char'] / 1e6:.2f}", "")
+    figure("FLOP limit: matmul rate x chars/FLOP (chars/s)", lambda f, u: f"{matmul / f['flops_per_char']:,.0f}", "")
+    figure("64 sessions with batching (chars/s, % of limit)",
+        lambda f, u: f"{f['on64']:,.0f} ({100 * f['on64'] * f['flops_per_char'] / matmul:.0f}%)", ">= 60% (2x512)")
+    figure("one session with batching / in-process (64-char calls)", lambda f, u: f"{f['on1'] / f[64][2]:.2f}x", "")
+    figure("single-stream in-process (chars/s, % of batch-1 matvec limit)",
+        lambda f, u: f"{f[64][2]:,.0f} ({100 * f[64][2] * f['flops_per_char'] / matvec[u]:.0f}%)", ">= 75% (2x512)")
+    figure("replica RSS after the batched load, now / peak (MB)", lambda f, u: f"{f['rss'][0]} / {f['rss'][1]}",
+        "<= 700 (2x512)")
     table = batch_rows[:2]
     for row in batch_rows[2:]:
         one = next(r for r in batch_rows[2:] if r[0] == row[0] and r[1] == 1)[3]
         table.append(f"| {row[0]} | {row[1]} | {row[2]:,.0f} | {row[3]:,.0f} | {row[3] / one:.1f}x |")
     body = ("## Serving\n\n"
+            f"Issue 12's figures (one run; matmul peak {matmul / 1e9:.1f} GFLOP/s, batch-1 matvec "
+            + ", ".join(f"2x{u}: {matvec[u] / 1e9:.1f}" for u in sorted(matvec)) + " GFLOP/s). The machine is shared "
+            "and was not idle, so single numbers are noisy; compare figures within this run.\n\n"
+            + "\n".join(issue_rows) + "\n\n"
             "Sessions through `charrnn serve` over loopback gRPC (the `generate_text` signature, state carried by the "
             "client) next to the same sessions in-process; latency percentiles over "
             f"{args.calls} calls (1 char) and {max(20, args.calls // 4)} calls (64 chars).\n\n" + "\n".join(latency_rows) +
             "\n\nAggregate throughput of concurrent sessions, 64 characters per call "
             "(batching: max_batch_size 64, batch_timeout_micros 2000, 2 batch threads):\n\n" + "\n".join(table) +
             "\n\nGoals: 64-character calls >= 0.9x in-process; 64 sessions on 2x512 with batching >= 15x one session.")
-    update_section("serving", body)
+    if args.print_only:
+        print(body)
+    else:
+        update_section("serving", body)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ import numpy as np  # noqa: E402
 from keras_charrnn.errors import CharRNNError  # noqa: E402
 from keras_charrnn.serving import wire  # noqa: E402
 from keras_charrnn.serving.client import SamplingClient, ServerError  # noqa: E402
+from keras_charrnn.versions import latest_version_dir  # noqa: E402
 
 MODEL = "soak"
 PRIMES = ["ROMEO:\n", "JULIET:\nO ", "First Citizen:\nBefore we proceed", "\n", "KING RICHARD III:\nNow is the ",
@@ -176,7 +177,7 @@ def main() -> None:
 
     duration = args.minutes * 60
     source = Path(args.model)
-    first = sorted((p for p in source.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))[-1]
+    first = latest_version_dir(source)
     tmp = Path(tempfile.mkdtemp(prefix="soak-"))
     batching = ROOT / "serving" / "batching_parameters.txt"
     t0 = time.monotonic()
@@ -214,14 +215,13 @@ def main() -> None:
                         record.text += session.generate(n)
                     except CharRNNError as exc:
                         with lock:
-                            calls.append(Call(clock(), clock() - t, 0, getattr(getattr(exc, "code", None), "name",
-                                                                                type(exc).__name__)))
+                            calls.append(Call(clock(), clock() - t, 0, getattr(exc, "code", type(exc).__name__)))
                         raise
                     with lock:
                         calls.append(Call(clock(), clock() - t, n))
                 record.version = session.version
             except CharRNNError as exc:
-                record.error = getattr(getattr(exc, "code", None), "name", type(exc).__name__)
+                record.error = getattr(exc, "code", type(exc).__name__)
                 print(f"session {worker}/{k} failed: {exc}", flush=True)
             with lock:
                 records.append(record)

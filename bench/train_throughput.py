@@ -283,7 +283,8 @@ def main() -> None:
         return worker(args.worker, args.ids, args.vocab)
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from keras_charrnn.vocab import Vocabulary, read_corpus
+    from keras_charrnn.corpus import read_text
+    from keras_charrnn.vocab import Vocabulary
 
     sizes = (128,) if args.quick else (128, 512)
     repeats, rep_seconds = (2, 1.0) if args.quick else (args.repeats, args.rep_seconds)
@@ -291,7 +292,7 @@ def main() -> None:
     if not backends or set(backends) - set(BACKENDS):
         parser.error(f"--backends: choose from {', '.join(BACKENDS)}, got {args.backends!r}")
     load_start = os.getloadavg()
-    text = read_corpus(args.corpus)
+    text = read_text(args.corpus)
     vocab = Vocabulary.from_text(text)
     ids = np.asarray(vocab.encode(text), dtype=np.int32)
 

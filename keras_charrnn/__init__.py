@@ -33,6 +33,7 @@ _EXPORTS = {
     "CharRNNError": "keras_charrnn.errors",
     "ConfigError": "keras_charrnn.errors",
     "InputError": "keras_charrnn.errors",
+    "ServingError": "keras_charrnn.errors",
 }
 
 __all__ = sorted(_EXPORTS)

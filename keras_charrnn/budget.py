@@ -1,7 +1,7 @@
 """Training under a time budget: measure this machine, pick the model that fits the time, stop on time.
 
 ``charrnn train CORPUS --out RUN --time-budget 10m`` (or ``train(..., TrainConfig(time_budget=600))``,
-or ``train_within_budget``) does, with the clock started when it is called:
+or ``plan_budget`` then ``train``) does, with the clock started when it is called:
 
 1. **Probe** (counted in the budget, a few seconds): on the real corpus, a few timed training steps
    of the candidate sizes ``CANDIDATES`` (1x128, 2x128, 2x256, 2x384, 2x512 of the run's cell), smallest
@@ -70,15 +70,20 @@ import keras
 import numpy as np
 
 from keras_charrnn.config import TrainConfig
+from keras_charrnn.corpus import load_corpus
 from keras_charrnn.errors import ConfigError
+from keras_charrnn.model import compile_model, make_optimizer, model_from_config
 from keras_charrnn.run_folder import RunFolder
+from keras_charrnn.tbptt import TBPTTBatches, split_train_val
 
-__all__ = ["CANDIDATES", "CHARS_PER_PARAM", "BudgetStop", "count_params", "plan", "probe", "train_within_budget"]
+__all__ = ["CANDIDATES", "CHARS_PER_PARAM", "BudgetStop", "count_params", "plan", "plan_budget", "probe"]
 
 CANDIDATES: tuple[tuple[int, int], ...] = ((1, 128), (2, 128), (2, 256), (2, 384), (2, 512))  # (layers, units)
 CHARS_PER_PARAM = 10.0  # the least characters trained on per parameter (see the module doc)
 MAX_PARAMS_PER_TRAIN_CHAR = 2.0  # the most parameters per character of training text
-SEQ_LEN = 100
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+SEQ_LEN: int = _DEFAULTS["seq_len"]  # the shape a budget starts from: TrainConfig's defaults
+BATCH_SIZE: int = _DEFAULTS["batch_size"]
 MIN_STEPS_FOR_BATCH_64 = 2000
 MIN_PASSES_FOR_DROPOUT = 2.0
 MIN_TRAIN_FRACTION = 0.25  # a budget leaving less than this for training batches is refused
@@ -138,8 +143,6 @@ def _batch_shape(train_chars: int, val_chars: int, batch_size: int, seq_len: int
 
 def _measure(config: TrainConfig, vocab_size: int, train_ids: np.ndarray, step_seconds: float) -> dict:
     """Times training steps of ``config``'s model on the corpus: the first (tracing) step, then the steady ones."""
-    from keras_charrnn.model import compile_model, make_optimizer, model_from_config
-    from keras_charrnn.tbptt import TBPTTBatches
 
     keras.utils.set_random_seed(config.seed)
     model = compile_model(model_from_config(config, vocab_size), make_optimizer(config, 1000))
@@ -352,10 +355,11 @@ def _fixed_from_defaults(config: TrainConfig) -> set[str]:
     return {f.name for f in dataclasses.fields(TrainConfig) if getattr(config, f.name) != getattr(default, f.name)}
 
 
-def train_within_budget(corpus: str | os.PathLike, run_dir: str | os.PathLike, config: TrainConfig,
-                        fixed: Iterable[str] | None = None, callbacks: list[keras.callbacks.Callback] | None = None,
-                        verbose: int | str = "auto", strict: bool = False) -> keras.Model:
-    """Trains for ``config.time_budget`` seconds, with the model size and schedule the probe and rule pick.
+def plan_budget(corpus: str | os.PathLike, run_dir: str | os.PathLike, config: TrainConfig,
+                fixed: Iterable[str] | None = None, strict: bool = False) -> tuple[TrainConfig, BudgetStop]:
+    """Plans a run of ``config.time_budget`` seconds: probes this machine, picks the model size and schedule.
+
+    The clock starts here; ``train.train`` runs the plan (it calls this when given a ``time_budget``).
 
     Args:
         corpus: a file, a folder or a glob pattern (see ``train.train``).
@@ -363,12 +367,11 @@ def train_within_budget(corpus: str | os.PathLike, run_dir: str | os.PathLike, c
         config: the run's config; ``time_budget`` (seconds) is required.
         fixed: fields the user gave, whose values are kept (default: the fields that differ from
             ``TrainConfig()``'s defaults).
-        callbacks: extra Keras callbacks.
-        verbose: Keras' progress display (see ``train.train``).
         strict: refuse a corpus file that is not UTF-8.
 
     Returns:
-        The trained model (``best.keras`` in the run folder holds the best by validation loss).
+        The config to train with (``schedule_steps`` set) and the callback that stops training on
+        time and writes the ``budget`` section of ``config.json``.
 
     Raises:
         ConfigError: no or a bad ``time_budget``, a budget too short for the corpus (the message says how
@@ -377,12 +380,9 @@ def train_within_budget(corpus: str | os.PathLike, run_dir: str | os.PathLike, c
 
     Example:
 
-    >>> train_within_budget("input.txt", "runs/quick", TrainConfig(time_budget=600))  # doctest: +SKIP
+    >>> config, stop = plan_budget("input.txt", "runs/quick", TrainConfig(time_budget=600))  # doctest: +SKIP
+    >>> train("input.txt", "runs/quick", config, callbacks=[stop])  # doctest: +SKIP
     """
-    from keras_charrnn.corpus import load_corpus
-    from keras_charrnn.tbptt import split_train_val
-    from keras_charrnn.train import train
-
     started = _now()
     if config.time_budget is None:
         raise ConfigError("time_budget is required to train within a budget")
@@ -395,7 +395,7 @@ def train_within_budget(corpus: str | os.PathLike, run_dir: str | os.PathLike, c
     data = load_corpus(corpus, strict=strict)
     train_ids, val_ids = split_train_val(data.ids, config.val_frac)
     batch, seq_len = _batch_shape(len(train_ids), len(val_ids),
-                                  config.batch_size if "batch_size" in fixed else 32,
+                                  config.batch_size if "batch_size" in fixed else BATCH_SIZE,
                                   config.seq_len if "seq_len" in fixed else SEQ_LEN)
     batch = config.batch_size if "batch_size" in fixed else batch  # a given shape is kept (TBPTT says if too long)
     seq_len = config.seq_len if "seq_len" in fixed else seq_len
@@ -434,5 +434,4 @@ def train_within_budget(corpus: str | os.PathLike, run_dir: str | os.PathLike, c
           f"{chosen.units} ({pick['params']:,} parameters), batch {chosen.batch_size} x seq_len {chosen.seq_len}, "
           f"{chosen.epochs} epochs, dropout {chosen.dropout:g}, cosine over {chosen.schedule_steps} batches "
           f"(~{pick['chars_per_s']:,.0f} chars/s, {pick['chars_per_param']:.1f} chars per parameter)", flush=True)
-    stop = BudgetStop(started + budget, pick["end_seconds"], run, record, started)
-    return train(corpus, run_dir, chosen, callbacks=[stop] + list(callbacks or []), verbose=verbose, strict=strict)
+    return chosen, BudgetStop(started + budget, pick["end_seconds"], run, record, started)

@@ -20,12 +20,16 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from keras_charrnn.checkpoint import Progress, save_checkpoint, snapshot, write_checkpoint
+from keras_charrnn.config import SAMPLE_TEMPERATURES
+from keras_charrnn.export import CharRNNModule
 from keras_charrnn.fileio import atomic_write
 from keras_charrnn.metrics import bits_per_char, perplexity
 from keras_charrnn.model import get_states, reset_states, set_states
 from keras_charrnn.run_folder import RunFolder
+from keras_charrnn.sampling import DEFAULT_PRIME
 
 
 class ResetStates(keras.callbacks.Callback):
@@ -270,7 +274,7 @@ class SampleText(keras.callbacks.Callback):
     """
 
     def __init__(self, path: str | Path, vocab, progress: Progress, chars: int = 200, every: int = 0,
-                 prime: str = "\n", temperatures: tuple[float, ...] = (0.5, 0.8, 1.0), seed: int = 0):
+                 prime: str = DEFAULT_PRIME, temperatures: tuple[float, ...] = SAMPLE_TEMPERATURES, seed: int = 0):
         super().__init__()
         self.path = Path(path)
         self.vocab = vocab
@@ -282,10 +286,6 @@ class SampleText(keras.callbacks.Callback):
 
     def sample(self) -> list[str]:
         """The texts sampled from the model's current weights, one per temperature (the prime not included)."""
-        import tensorflow as tf
-
-        from keras_charrnn.export import CharRNNModule
-
         if self._module is None:
             self._module = CharRNNModule(self.model, self.vocab, jit_compile=False)
         module = self._module

@@ -49,9 +49,13 @@ def matmul(x, w):
 
     * in graph mode, in any matmul whose row count is a multiple of ``ROW_MULTIPLE``
       (checked up to 6400 rows): one padded matmul;
-    * under XLA, in any matmul of 4, 8, ..., ``ROW_TILE`` rows: the padded rows are
-      multiplied one fixed ``ROW_TILE``-row tile at a time, in a loop XLA cannot merge
-      back into one large product.
+    * under XLA, in any matmul of 4, 8, ..., ``ROW_TILE`` rows that XLA compiles the
+      same way: fewer than ``ROW_TILE`` rows are padded by at least one row (a product
+      that needs no padding was seen compiled into other code inside the sampling
+      loop), ``ROW_TILE`` rows are two 16-row tiles, and more are ``ROW_TILE``-row tiles;
+      tiles are multiplied one at a time in a loop that XLA cannot merge back into one
+      large product (it does merge a batched matmul) nor drop (it does drop a loop of
+      one iteration).
 
     A row's bits in graph mode and under XLA differ (other kernels), so the default
     signatures and their ``*_xla`` twins are each batch-invariant, not equal to each
@@ -78,21 +82,22 @@ def matmul(x, w):
     def padded(rows):
         return tf.pad(x, [[0, rows - m], [0, 0]])
 
-    def one_product():
-        return tf.matmul(padded((m + ROW_MULTIPLE - 1) // ROW_MULTIPLE * ROW_MULTIPLE), w)[:m]
+    if not _compiled_by_xla():
+        y = tf.matmul(padded((m + ROW_MULTIPLE - 1) // ROW_MULTIPLE * ROW_MULTIPLE), w)[:m]
+        return tf.ensure_shape(y, [x.shape[0], n])
 
-    def tiles():
-        count = (m + ROW_TILE - 1) // ROW_TILE
-        y = tf.map_fn(lambda tile: tf.matmul(tile, w), tf.reshape(padded(count * ROW_TILE), [count, ROW_TILE, k]),
+    def one_product():  # at least one row of padding, at most ROW_TILE rows
+        return tf.matmul(padded((m // ROW_MULTIPLE + 1) * ROW_MULTIPLE), w)[:m]
+
+    def tiles(rows):  # a loop over at least two tiles, so XLA keeps the loop
+        count = (m + rows - 1) // rows
+        y = tf.map_fn(lambda tile: tf.matmul(tile, w), tf.reshape(padded(count * rows), [count, rows, k]),
                       parallel_iterations=1)
         return tf.reshape(y, [-1, n])[:m]
 
-    if not _compiled_by_xla():
-        y = one_product()
-    elif x.shape[0] is not None:  # XLA knows every shape: choose while tracing
-        y = tiles() if x.shape[0] > ROW_TILE else one_product()
-    else:
-        y = tf.cond(m > ROW_TILE, tiles, one_product)
+    # XLA compiles for the actual row count, so only one branch is ever compiled.
+    y = tf.cond(m < ROW_TILE, one_product,
+                lambda: tf.cond(m > ROW_TILE, lambda: tiles(ROW_TILE), lambda: tiles(ROW_TILE // 2)))
     return tf.ensure_shape(y, [x.shape[0], n])
 
 

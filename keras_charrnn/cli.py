@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import os
 import sys
 
-from keras_charrnn.config import TrainConfig
+from keras_charrnn.config import TrainConfig, parse_duration
+from keras_charrnn.errors import CharRNNError, ConfigError
 from keras_charrnn.sampling import (DEFAULT_CHUNK, DEFAULT_PRIME, DEFAULT_TEMPERATURE, DEFAULT_TOP_K,
-                                  DEFAULT_TOP_P, MAX_CHARS_PER_CALL)
+                                  DEFAULT_TOP_P)
+from keras_charrnn.serving.options import ServerOptions
 
 DESCRIPTION = "Character-level RNN language models on Keras, served with TensorFlow Serving's gRPC API."
 
@@ -43,9 +46,6 @@ def _optional_int(text: str) -> int | None:
 
 
 def _duration(text: str) -> float | None:
-    from keras_charrnn.config import parse_duration
-    from keras_charrnn.errors import ConfigError
-
     if text.lower() == "none":
         return None
     try:
@@ -108,15 +108,22 @@ def _add_train(sub) -> None:
 
 
 def _choose_backend(name: str | None) -> None:
-    """Sets KERAS_BACKEND for this process; Keras reads it once, when it is first imported."""
+    """Sets KERAS_BACKEND for this process; Keras reads it once, when it is first imported.
+
+    Args:
+        name: "tensorflow" or "jax"; None leaves the environment's choice.
+
+    Raises:
+        ConfigError: the backend's package is not installed, or Keras already runs on another backend.
+    """
     if not name:
         return
+    if name == "jax" and importlib.util.find_spec("jax") is None:  # else Keras fails inside its own import
+        raise ConfigError("backend 'jax' needs the jax package: pip install 'keras-charrnn[jax]'")
     if "keras" in sys.modules:
         import keras
 
         if keras.backend.backend() != name:
-            from keras_charrnn.errors import ConfigError
-
             raise ConfigError(f"backend {name!r}: Keras is already running on {keras.backend.backend()!r} in this "
                               f"process; set KERAS_BACKEND={name} before it starts")
     os.environ["KERAS_BACKEND"] = name
@@ -124,26 +131,20 @@ def _choose_backend(name: str | None) -> None:
 
 def _run_train(args) -> None:
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
-    if values["clip_value"] is not None:
-        values["clip_norm"] = None  # clipping by value replaces the default clipping by norm
     from keras_charrnn.train import train
 
     verbose = 0 if args.quiet else "auto"
     if args.resume:
         given = {name: values[name] for name in args.given}
-        if "clip_value" in given:
-            given["clip_norm"] = values["clip_norm"]
         train(args.corpus, args.out, resume=True, changes=given, verbose=verbose, strict=args.strict,
               strategy=args.distribute)
     elif values["time_budget"] is not None:
         if args.distribute:
-            from keras_charrnn.errors import ConfigError
-
             raise ConfigError("time_budget works on one device: leave out distribute, or time_budget")
-        from keras_charrnn.budget import train_within_budget
+        from keras_charrnn.budget import plan_budget
 
-        train_within_budget(args.corpus, args.out, TrainConfig(**values), fixed=args.given, verbose=verbose,
-                            strict=args.strict)
+        config, stop = plan_budget(args.corpus, args.out, TrainConfig(**values), fixed=args.given, strict=args.strict)
+        train(args.corpus, args.out, config, callbacks=[stop], verbose=verbose, strict=args.strict)
     else:
         train(args.corpus, args.out, TrainConfig(**values), verbose=verbose, strict=args.strict,
               strategy=args.distribute)
@@ -182,10 +183,11 @@ def _batch_sizes(text: str) -> list[int]:
 def _run_export(args) -> None:
     from keras_charrnn import warmup
     from keras_charrnn.export import export_run
+    from keras_charrnn.serving.request_batcher import batch_sizes_from_batching_parameters
 
     sizes = args.warmup_batch_sizes or warmup.DEFAULT_BATCH_SIZES
     if args.batching_parameters_file:
-        sizes = warmup.batch_sizes_from_batching_parameters(args.batching_parameters_file)
+        sizes = batch_sizes_from_batching_parameters(args.batching_parameters_file)
     path = export_run(args.run_dir, args.name, args.base_path, args.version, args.which, xla=args.xla,
                       warmup_batch_sizes=sizes, warmup_xla=args.warmup_xla)
     print(f"exported {path}")
@@ -217,7 +219,6 @@ def _add_sample(sub) -> None:
 
 
 def _run_sample(args) -> None:
-    from keras_charrnn.errors import ConfigError
     from keras_charrnn.sampling import SamplingParams
 
     params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
@@ -273,62 +274,40 @@ def _add_eval(sub) -> None:
 
 def _run_eval(args) -> None:
     from keras_charrnn.inprocess import load
-    from keras_charrnn.vocab import read_corpus
+    from keras_charrnn.corpus import read_text
 
-    text = read_corpus(args.file)
+    text = read_text(args.file)
     result = load(args.model).score(text)
     print(f"{args.file}: {result['chars']} characters  loss {result['loss']:.4f} nats/char  "
           f"bpc {result['bits_per_char']:.4f}  perplexity {result['perplexity']:.3f}")
 
 
+def _add_option_flags(p, options_class) -> None:
+    """One flag per field of ``ServerOptions`` (names keep their underscores, as TF Serving's flags do).
+
+    Args:
+        p: the subcommand's parser.
+        options_class: the options dataclass; each field's metadata holds its help, whether it takes
+            a positive integer, and whether a boolean takes ``true``/``false`` (else it is a switch).
+    """
+    for f in dataclasses.fields(options_class):
+        flag, help_text = "--" + f.name, f.metadata.get("help", "")
+        if f.type == "bool" and f.metadata.get("true_false"):
+            p.add_argument(flag, type=_true_false, nargs="?", const=True, default=f.default,
+                           help=f"{help_text} (default: {str(f.default).lower()})")
+        elif f.type == "bool":
+            p.add_argument(flag, action="store_true", help=f"{help_text} (default: off)")
+        else:
+            kind = _positive_int if f.metadata.get("positive") else _FLAG_TYPES[f.type.replace(" | None", "")]
+            p.add_argument(flag, type=kind, default=f.default,
+                           help=help_text + ("" if f.default is None else " (default: %(default)s)"))
+
+
 def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="TF Serving-compatible gRPC model server (tensorflow_model_server's flags)")
-    p.add_argument("--port", type=int, default=8500, help="gRPC port (0 picks a free one)")
-    p.add_argument("--host", default="0.0.0.0", help="address to listen on")
-    p.add_argument("--model_name", default=None, help="name of the single model to serve")
-    p.add_argument("--model_base_path", default=None, help="folder of its numbered versions")
-    p.add_argument("--model_config_file", default=None, help="ModelServerConfig text file (serving/models.config)")
-    p.add_argument("--enable_batching", action="store_true", help="merge concurrent calls into batches")
-    p.add_argument("--batching_parameters_file", default=None, help="BatchingParameters text file")
-    p.add_argument("--file_system_poll_wait_seconds", type=float, default=1.0,
-                   help="how often to look for new versions (0: only at start)")
-    p.add_argument("--model_config_file_poll_wait_seconds", type=float, default=0.0,
-                   help="reread --model_config_file this often: models added, removed or relabelled live "
-                        "(0: read only at start)")
-    p.add_argument("--allow_version_labels_for_unavailable_models", type=_true_false, nargs="?", const=True,
-                   default=False, help="let a new version label name a version that is not loaded yet")
-    p.add_argument("--ssl_config_file", default=None, help="SSLConfig text file (TLS, mutual TLS)")
-    p.add_argument("--grpc_max_threads", type=_positive_int, default=32)
-    p.add_argument("--max_message_bytes", type=_positive_int, default=4 * 1024 * 1024,
-                   help="largest request accepted (larger: RESOURCE_EXHAUSTED)")
-    p.add_argument("--max_chars_per_call", type=_positive_int, default=MAX_CHARS_PER_CALL,
-                   help="cap on num_chars of one row of a call")
-    from keras_charrnn.serving.limits import ServingLimits  # pure Python: no TensorFlow
-
-    p.add_argument("--max_prime_chars", type=_positive_int, default=ServingLimits.max_prime_chars,
-                   help="cap on the characters of one row's prime (its UTF-8 bytes are checked first)")
-    p.add_argument("--max_ids_length", type=_positive_int, default=ServingLimits.max_ids_length,
-                   help="cap on ids per row (T) of step, inspect and generate calls")
-    p.add_argument("--max_rows_per_call", type=_positive_int, default=ServingLimits.max_rows_per_call,
-                   help="cap on the rows (batch dimension) of one call")
-    p.add_argument("--max_request_elements", type=_positive_int, default=ServingLimits.max_request_elements,
-                   help="cap on the elements all of a request's tensors claim together")
-    p.add_argument("--max_concurrent_requests", type=int, default=0,
-                   help="Predict calls answered at once; more get RESOURCE_EXHAUSTED at once "
-                        "(default 0: grpc_max_threads - 8, leaving threads for health and status)")
-    p.add_argument("--rest_api_port", type=int, default=0,
-                   help="port of TF Serving's REST API, /playground and the metrics (0: no REST API)")
-    p.add_argument("--rest_api_num_threads", type=_positive_int, default=argparse.SUPPRESS,
-                   help="REST requests answered at once (default 16)")
-    p.add_argument("--rest_api_timeout_in_ms", type=int, default=argparse.SUPPRESS,
-                   help="longest a REST predict waits for the batching queue (default 30000; 0: no limit)")
-    p.add_argument("--monitoring_config_file", default=None,
-                   help="MonitoringConfig text file (prometheus_config { enable: true }: metrics on the REST port)")
+    _add_option_flags(p, ServerOptions)
     p.add_argument("--log_level", choices=["debug", "info", "warning", "error"], default="info",
                    help="debug also logs every call received and every batch run")
-    p.add_argument("--xla_cpu_compilation_enabled", type=_true_false, nargs="?", const=True, default=True,
-                   help="run the XLA twins of the generating signatures (default true; =false answers them "
-                        "'XLA compilation disabled', as a stock tensorflow_model_server does)")
 
 
 def _true_false(text: str) -> bool:
@@ -343,7 +322,7 @@ def _true_false(text: str) -> bool:
 def _run_serve(args) -> None:
     import logging
 
-    from keras_charrnn.serving.server import ModelServer, ServerOptions
+    from keras_charrnn.serving.server import ModelServer
 
     level = getattr(logging, args.log_level.upper())
     logging.basicConfig(level=max(level, logging.INFO), format="charrnn serve: %(message)s")
@@ -355,6 +334,26 @@ def _run_serve(args) -> None:
         print(f"REST API on port {server.rest_port}", flush=True)
     print(f"serving on port {port}", flush=True)
     server.serve_until_signal()
+
+
+def _lean_server_process() -> None:
+    """Memory settings for a ``charrnn serve`` process, made before TensorFlow is imported.
+
+    The server runs TensorFlow only: TensorFlow's lite module imports JAX when it is
+    installed (about 110 MB resident), so JAX is marked unavailable unless Keras is
+    set to run on it; and glibc's malloc keeps at most 2 arenas (``MALLOC_ARENA_MAX``,
+    unless the environment sets it), not 8 per core for the gRPC and batching threads.
+    See BENCHMARKS.md, "serving overhead profile".
+    """
+    if os.environ.get("KERAS_BACKEND", "tensorflow") != "jax" and "jax" not in sys.modules:
+        sys.modules["jax"] = None  # `import jax` raises ImportError, which TensorFlow handles
+    if "MALLOC_ARENA_MAX" not in os.environ:
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").mallopt(-8, 2)  # M_ARENA_MAX
+        except (OSError, AttributeError):  # not glibc
+            pass
 
 
 def _add_demo(sub) -> None:
@@ -403,9 +402,9 @@ def _run_visualize(args) -> None:
     from keras_charrnn.inprocess import load
     from keras_charrnn.report import write_report
     from keras_charrnn.run_folder import RunFolder
-    from keras_charrnn.vocab import read_corpus
+    from keras_charrnn.corpus import read_text
 
-    text = read_corpus(args.text_file)[: args.max_chars]
+    text = read_text(args.text_file)[: args.max_chars]
     model = load(args.model)
     result = inspect(model, text, top=args.top)
     curves = RunFolder(args.model).curves_path if RunFolder.is_run(args.model) else None
@@ -451,16 +450,21 @@ def import_tensorflow_quietly() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from keras_charrnn.errors import CharRNNError
-
     try:
         _choose_backend(getattr(args, "backend", None))
+        if args.command == "serve":
+            _lean_server_process()
         if args.command in NEEDS_TENSORFLOW:
             import_tensorflow_quietly()
         COMMANDS[args.command](args)
     except CharRNNError as exc:
         print(f"charrnn: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader of stdout left (``charrnn sample | head``): nothing more is wanted. Python's recipe
+        # (docs: signal, "Note on SIGPIPE"): point stdout at devnull so the flush at exit cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("charrnn: interrupted", file=sys.stderr)
         return 130

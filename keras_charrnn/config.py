@@ -28,6 +28,7 @@ CELLS = ("lstm", "gru", "rnn")
 LR_SCHEDULES = ("cosine", "constant")
 
 
+DEFAULT_CLIP_NORM = 5.0  # clip_norm's default, which clip_value turns off
 SAMPLE_TEMPERATURES = (0.5, 0.8, 1.0)  # the samples printed during training, one per temperature
 MIN_TIME_BUDGET = 10.0  # seconds: the least time_budget (TensorFlow's tracing, a probe, a validation)
 MAX_TIME_BUDGET = 30 * 86400.0
@@ -90,15 +91,18 @@ class TrainConfig:
     lr: float = _field(2e-3, "Adam's learning rate (the start of the cosine schedule)", on_resume=True)
     lr_schedule: str = _field("cosine", "cosine (down to lr/10 over the run) or constant", LR_SCHEDULES,
                               on_resume=True)
-    clip_norm: float | None = _field(5.0, "clip gradients by global norm (turned off by clip_value)", on_resume=True)
-    clip_value: float | None = _field(None, "clip each gradient element (turns off clip_norm)", on_resume=True)
+    clip_norm: float | None = _field(DEFAULT_CLIP_NORM, "clip gradients by global norm (turned off by clip_value)",
+                                     on_resume=True)
+    clip_value: float | None = _field(None, "clip each gradient element (turns off clip_norm; giving both is an "
+                                            "error)", on_resume=True)
     val_frac: float = _field(0.1, "fraction of the corpus, from its end, held out for validation, in [0, 1)")
     seed: int = _field(0, "random seed (weights, dropout)")
     checkpoint_every: int = _field(100, "batches between mid-epoch checkpoints; 0 = epoch ends only",
                                    on_resume=True)
     sample_every: int = _field(0, "batches between samples within an epoch (a sample is printed and added to "
                                   "samples.txt at each epoch end too); 0 = epoch ends only", on_resume=True)
-    sample_chars: int = _field(200, "characters per sample (one per temperature 0.5, 0.8, 1.0); 0 = no samples",
+    sample_chars: int = _field(200, f"characters per sample (one per temperature "
+                                    f"{', '.join(f'{t:g}' for t in SAMPLE_TEMPERATURES)}); 0 = no samples",
                                on_resume=True)
     tensorboard: bool = _field(False, "also write TensorBoard logs", on_resume=True)
     time_budget: float | None = _field(None, "train for this long (90s, 10m, 1.5h; seconds in config.json): a short "
@@ -107,6 +111,11 @@ class TrainConfig:
                                              "time with the best model saved; see budget.py")
     schedule_steps: int | None = _field(None, "batches the cosine schedule spans (default: every epoch's); "
                                               "time_budget sets it to the batches predicted to fit")
+
+    def __post_init__(self) -> None:
+        # The clip rule: clip_value turns off clip_norm's default (clip_norm given too is refused by validate).
+        if self.clip_value is not None and self.clip_norm == DEFAULT_CLIP_NORM:
+            self.clip_norm = None
 
     def validate(self) -> None:
         """Checks every field.
@@ -172,6 +181,8 @@ def resume_changes(saved: TrainConfig, changes: Mapping[str, Any]) -> tuple[Trai
     unknown = sorted(set(changes) - names)
     if unknown:
         raise ConfigError(f"unknown config fields: {', '.join(unknown)}")
+    if changes.get("clip_value") is not None and "clip_norm" not in changes:
+        changes = {**changes, "clip_norm": None}  # the clip rule: a new clip_value turns off clip_norm
     changed = {f.name: (getattr(saved, f.name), changes[f.name]) for f in dataclasses.fields(TrainConfig)
                if f.name in changes and getattr(saved, f.name) != changes[f.name]}
     fixed = [k for k in changed if k not in RESUMABLE]

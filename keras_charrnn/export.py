@@ -436,7 +436,7 @@ def export_run(run_dir: str | os.PathLike, name: str, base_path: str | os.PathLi
         which: ``"best"`` model by validation loss or ``"latest"`` weights.
         xla: add the XLA-compiled twins (see ``save_savedmodel``).
         warmup_batch_sizes: the batch sizes of the warm-up records, e.g.
-            ``warmup.batch_sizes_from_batching_parameters("serving/batching_parameters.txt")``.
+            ``request_batcher.batch_sizes_from_batching_parameters("serving/batching_parameters.txt")``.
         warmup_xla: warm the XLA twins too (see ``save_savedmodel``).
 
     Returns:

@@ -31,6 +31,7 @@ from keras_charrnn.config import TrainConfig
 from keras_charrnn.errors import ConfigError, InputError
 from keras_charrnn.fileio import atomic_write_text
 from keras_charrnn.model import compile_model, make_optimizer, model_from_config
+from keras_charrnn.versions import is_version_dir
 from keras_charrnn.vocab import Vocabulary
 
 # Outputs of a previous run in the same folder that a new run must not append to or mistake for its own.
@@ -73,7 +74,7 @@ class RunFolder:
             True when it holds ``config.json`` and is not a SavedModel folder.
         """
         run = RunFolder(path)
-        return run.config_path.is_file() and not (run.path / "saved_model.pb").is_file()
+        return run.config_path.is_file() and not is_version_dir(run.path)
 
     def has_checkpoint(self) -> bool:
         """Whether a training state has been saved (the folder holds a run, started or done)."""

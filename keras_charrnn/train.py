@@ -12,6 +12,7 @@ from typing import Any, Mapping
 import keras
 import numpy as np
 
+from keras_charrnn.budget import plan_budget
 from keras_charrnn.callbacks import (CharMetrics, EpochSummary, PlotCurves, ResetStates, SampleText,
                                      TrainingCheckpoint)
 from keras_charrnn.checkpoint import Progress, load_checkpoint
@@ -196,7 +197,7 @@ def train(corpus: str | os.PathLike, run_dir: str | os.PathLike, config: TrainCo
             joined in sorted order with a blank line between them).
         run_dir: the run folder (created if missing).
         config: hyper-parameters; with ``resume`` the run's saved config is used (see ``changes``).
-            With ``time_budget`` set (a new run), ``budget.train_within_budget`` probes this machine,
+            With ``time_budget`` set (a new run), ``budget.plan_budget`` probes this machine,
             picks the model size and schedule for the time (keeping the fields that differ from the
             defaults) and stops on time.
         resume: continue the run in ``run_dir`` from its last checkpoint.
@@ -229,9 +230,8 @@ def train(corpus: str | os.PathLike, run_dir: str | os.PathLike, config: TrainCo
     if config is not None and config.time_budget is not None and not resume and config.schedule_steps is None:
         if strategy is not None:
             raise ConfigError("time_budget works on one device: leave out strategy, or time_budget")
-        from keras_charrnn.budget import train_within_budget  # probes, picks the model, then comes back here
-
-        return train_within_budget(corpus, run_dir, config, callbacks=callbacks, verbose=verbose, strict=strict)
+        config, stop = plan_budget(corpus, run_dir, config, strict=strict)  # probes; sets schedule_steps
+        callbacks = [stop, *(callbacks or [])]
     dist = _distribution(strategy)  # first: a multi-worker strategy must be made before TensorFlow starts
     run = RunFolder(run_dir)
     writes = run if dist is None else RunFolder(dist.write_dir(run.path))  # non-chief workers: a temporary folder

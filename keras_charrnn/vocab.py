@@ -23,25 +23,6 @@ UNKNOWN_CHAR = "\ufffd"  # what decode() prints for the reserved id
 MAX_CODE_POINT = 0x10FFFF
 
 
-def read_corpus(path: str | os.PathLike, strict: bool = False) -> str:
-    """Reads a corpus whole: a UTF-8 text file, or a folder or glob of them (see ``corpus.py``).
-
-    Args:
-        path: the file, folder or glob pattern.
-        strict: refuse a file of a folder or glob that is not UTF-8 (a single file always is refused).
-
-    Returns:
-        The text (files joined with ``corpus.SEPARATOR``).
-
-    Raises:
-        InputError: the file is missing, empty, or not valid UTF-8 (the
-            message names the file and the byte offset of the first bad byte).
-    """
-    from keras_charrnn.corpus import read_text  # corpus.py builds on this module
-
-    return read_text(path, strict)
-
-
 def _code_points(text: str) -> np.ndarray:
     return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
 

@@ -24,7 +24,6 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import tensorflow as tf
-from google.protobuf import text_format
 from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 
 from keras_charrnn.errors import ConfigError, InputError
@@ -40,40 +39,6 @@ WARMUP_NUM_CHARS = 2  # the sampling loop runs its body once
 def warmup_path(version_dir: str | os.PathLike) -> Path:
     """Where a version's warm-up records live: ``VERSION/assets.extra/tf_serving_warmup_requests``."""
     return Path(version_dir) / ASSETS_EXTRA / WARMUP_FILE
-
-
-def batch_sizes_from_batching_parameters(path: str | os.PathLike) -> list[int]:
-    """The batch sizes a ``--batching_parameters_file`` makes calls come in.
-
-    ``allowed_batch_sizes`` when the file gives them (TF Serving pads every batch to
-    one of them), else the sizes the embedded server pads to: the powers of two
-    below ``max_batch_size``, then ``max_batch_size``.
-
-    Args:
-        path: a ``BatchingParameters`` text file (e.g. ``serving/batching_parameters.txt``).
-
-    Returns:
-        Increasing batch sizes.
-
-    Raises:
-        ConfigError: the file cannot be read or parsed.
-
-    Example:
-
-    >>> batch_sizes_from_batching_parameters("serving/batching_parameters.txt")  # doctest: +SKIP
-    [1, 2, 4, 8, 16, 32, 64]
-    """
-    from keras_charrnn.serving.protos import BatchingParameters
-    from keras_charrnn.serving.request_batcher import BatchingOptions, padded_sizes
-
-    try:
-        parsed = text_format.Parse(Path(path).read_text(encoding="utf-8"), BatchingParameters())
-    except OSError as exc:
-        raise ConfigError(f"batching_parameters_file {path}: cannot read it ({exc.strerror or exc})") from None
-    except (text_format.ParseError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"batching_parameters_file {path}: not a valid BatchingParameters ({exc})") from None
-    max_batch = parsed.max_batch_size.value if parsed.HasField("max_batch_size") else BatchingOptions.max_batch_size
-    return padded_sizes(int(max_batch), [int(b) for b in parsed.allowed_batch_sizes] or None)
 
 
 def check_batch_sizes(batch_sizes: Iterable[int], signatures: Sequence[str]) -> list[int]:

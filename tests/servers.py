@@ -11,12 +11,36 @@ import os
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 
 SERVER_START_TIMEOUT = 180.0
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct loopback ports that nobody listens on now (all bound at once, then released).
+
+    Args:
+        n: how many ports.
+
+    Returns:
+        The port numbers.
+
+    Example:
+
+    >>> rest_port, = free_ports(1)
+    """
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 class ServerProcess:

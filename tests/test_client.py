@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+import re
 import shutil
 import socket
 import subprocess
@@ -17,9 +18,10 @@ from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
 from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
 from conftest import run_cli
-from keras_charrnn.errors import CharRNNError, ConfigError, InputError
+import keras_charrnn
+from keras_charrnn.errors import CharRNNError, ConfigError, InputError, ServingError
 from keras_charrnn.inprocess import load
-from keras_charrnn.sampling import SamplingParams
+from keras_charrnn.sampling import DEFAULT_TEMPERATURE, SamplingParams
 from keras_charrnn.serving.client import SamplingClient, ServerError, VersionGoneError
 from keras_charrnn.session import ModelInfo, Session
 from servers import ServerProcess
@@ -79,10 +81,12 @@ def test_sixteen_concurrent_sessions_each_produce_what_they_produce_alone(client
         assert list(pool.map(run, range(16))) == expected
 
 
-def test_server_errors_surface_with_code_and_message(client):
-    with pytest.raises(ServerError) as raised:
+def test_server_errors_surface_as_serving_errors_with_code_and_message(client):
+    with pytest.raises(ServingError) as raised:  # one exception type for a refused request, local or remote
         client.session("no_such_model")
-    assert raised.value.code == grpc.StatusCode.NOT_FOUND and "no_such_model" in str(raised.value)
+    assert isinstance(raised.value, ServerError) and raised.value.status == grpc.StatusCode.NOT_FOUND
+    assert raised.value.code == "NOT_FOUND" and "no_such_model" in str(raised.value)
+    assert keras_charrnn.ServingError is ServingError
     with pytest.raises(ConfigError, match="top_p"):  # checked before any call
         client.session("lstm", top_p=0)
     info = client.model_info("lstm")
@@ -93,7 +97,7 @@ def test_server_errors_surface_with_code_and_message(client):
               **{name: np.zeros([1, info.state_size], np.float32) for name in info.state_names}}
     with pytest.raises(ServerError) as raised:  # the server's own check, for clients that skip the local one
         client.predict("lstm", "generate_text", inputs)
-    assert raised.value.code == grpc.StatusCode.INVALID_ARGUMENT and "top_p must be in (0, 1]" in raised.value.details
+    assert raised.value.status == grpc.StatusCode.INVALID_ARGUMENT and "top_p must be in (0, 1]" in raised.value.details
 
 
 def test_client_configuration_problems_raise_config_error(tmp_path):
@@ -143,10 +147,13 @@ def test_interactive_sampling_over_grpc_continues_each_line_as_an_in_process_ses
     assert result.stdout.split("> ")[1:] == [first + "\n", second + "\n", "\n"]  # a prompt per line, then Ctrl-D
 
 
-def test_demo_runs_to_completion(model_base):
+def test_demo_streams_the_in_process_sessions_text_and_stops_the_server_cleanly(model_base):
     result = run_cli("demo", "--base-path", model_base, "--name", "lstm", "--prime", "the ", "--calls", "3",
-                     "--chunk", "32")
+                     "--chunk", "32", "--seed", "1")
     assert result.returncode == 0, result.stderr
+    streamed = re.search(r"state carried by the client ---\n(.*)\n--- served by version", result.stdout, re.S)
+    expected = load(model_base / "lstm").session("the ", temperature=DEFAULT_TEMPERATURE, seed=1).generate(32 * 3)
+    assert streamed and streamed.group(1) == "the " + expected, result.stdout
     assert "server stopped with exit status 0" in result.stdout and "latency" in result.stdout
 
 
@@ -374,7 +381,7 @@ def test_a_session_against_an_unreachable_target_fails_within_its_timeout():
                     with pytest.raises(ServerError) as raised:
                         client.session("lstm")
                     assert time.monotonic() - start < 3.0
-                    assert raised.value.code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
+                    assert raised.value.status in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
                     start = time.monotonic()
                     with pytest.raises(ServerError):
                         client.restore(_saved(model="lstm"))

@@ -108,13 +108,17 @@ def _readme_commands() -> list[list[str]]:
     return commands
 
 
-def test_readme_cli_examples_parse():
+def test_readme_cli_examples_parse_and_each_commands_help_lists_the_flags_the_readme_uses():
     from keras_charrnn.cli import build_parser
 
     commands = _readme_commands()
-    assert {c[0] for c in commands} >= {"train", "export", "serve", "sample", "demo", "eval"}
+    assert {c[0] for c in commands} >= {"train", "export", "serve", "sample", "demo", "eval", "visualize"}
     parser = build_parser()
     for words in commands:
         parser.parse_args(words)  # exits with status 2 and one line if a flag is wrong
     for sub in sorted({c[0] for c in commands}):
-        assert run_cli(sub, "--help").returncode == 0
+        shown = run_cli(sub, "--help")
+        assert shown.returncode == 0, shown.stderr
+        flags = {w.split("=", 1)[0] for c in commands if c[0] == sub for w in c[1:] if w.startswith("--")}
+        listed = set(re.findall(r"(?<![\w-])--[\w-]+", shown.stdout))
+        assert flags <= listed, f"charrnn {sub} --help does not list {sorted(flags - listed)}"

@@ -155,8 +155,20 @@ def _alone_and_together(server, honest, hostile_calls):
     futures = [server.stub.Predict.future(r, timeout=30) for r in honest]
     bad = [make() for make in hostile_calls]
     together = [_text(f.result()) for f in futures]
-    time.sleep(0.5)  # the server's log arrives through a pipe
+    _read_log_so_far(server)
     return alone, together, bad, _batches(server)[before:]
+
+
+def _read_log_so_far(server) -> None:
+    """Waits until the test has read every line the server logged before this call.
+
+    A batch is logged before its callers get their answers, and the log is one pipe:
+    once a later call's own log line has arrived, every earlier line has too.
+    """
+    marker = r"Predict: model m version \d+ signature metadata"
+    seen = len(server.log_matches(marker))
+    server.stub.Predict(_request({}, "metadata"), timeout=30)
+    _poll(lambda: len(server.log_matches(marker)) > seen, every=0.02)
 
 
 def test_a_bad_call_batched_with_honest_ones_leaves_their_text_exactly_as_alone(hostile, model):
@@ -263,7 +275,7 @@ def test_health_follows_versions_as_they_arrive_and_a_corrupt_version_never_repl
     base = tmp_path / "m"
     base.mkdir()
     with ServerProcess(["--model_name", "m", "--model_base_path", base,
-                        "--file_system_poll_wait_seconds", "0.2"]) as server:
+                        "--file_system_poll_wait_seconds", "0.2"], debug=True) as server:
         channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
         health = health_pb2_grpc.HealthStub(channel)
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
@@ -292,8 +304,9 @@ def test_health_follows_versions_as_they_arrive_and_a_corrupt_version_never_repl
         assert statuses[2].state == ModelVersionStatus.END and statuses[2].status.error_message
         assert str(tmp_path) not in statuses[2].status.error_message  # no server path reaches clients
         assert statuses[1].state == ModelVersionStatus.AVAILABLE
-        time.sleep(1.0)  # polls go on; the corrupt version, unchanged, is not tried again
-        assert len(server.log_matches(r"refused version 2")) == 1
+        polls = len(server.log_matches(r"version poll done"))
+        _poll(lambda: len(server.log_matches(r"version poll done")) >= polls + 5)  # polls go on ...
+        assert len(server.log_matches(r"refused version 2")) == 1  # ... and never try the unchanged corrupt version
         assert served_version() == 1 and health_of("") == SERVING
 
         (base / "2" / "saved_model.pb").unlink()
@@ -313,8 +326,10 @@ def test_health_follows_versions_as_they_arrive_and_a_corrupt_version_never_repl
 
 def test_a_busy_group_never_holds_another_group_past_its_timeout_plus_one_batch_run():
     run_seconds = 0.15
+    runs: list[tuple[str, float]] = []  # (group, start), in the order the one batch thread ran them
 
     def slow_run(loaded, signature, inputs):
+        runs.append((signature, time.monotonic()))
         time.sleep(run_seconds)
         return {"y": inputs["x"]}
 
@@ -326,7 +341,10 @@ def test_a_busy_group_never_holds_another_group_past_its_timeout_plus_one_batch_
     started = time.monotonic()
     other = batcher.submit(target, "other", {"x": np.ones([1, 1])})
     other.result(10)
-    assert time.monotonic() - started < 0.02 + 2 * run_seconds + 0.1
+    # Ordering, not wall time (the machine may be loaded): once "other" was queued, at most one busy
+    # batch began (while its 20 ms timeout ran), besides the one already running; then "other" ran.
+    other_start = next(start for group, start in runs if group == "other")
+    assert sum(1 for group, start in runs if group == "busy" and started < start < other_start) <= 1, runs
     assert not all(f.done() for f in busy)  # the busy group was still busy
     for f in busy:
         f.result(10)

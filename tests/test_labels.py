@@ -19,11 +19,10 @@ from tensorflow_serving.apis import (get_model_status_pb2, model_management_pb2,
                                      predict_pb2, prediction_service_pb2_grpc)
 from tensorflow_serving.config import model_server_config_pb2
 
-from keras_charrnn.errors import ConfigError, ServingError
+from keras_charrnn.errors import ConfigError, InputError, ServingError
 from keras_charrnn.serving.client import SamplingClient
 from keras_charrnn.serving.manager import ModelManager
-from servers import ServerProcess
-from test_rest import free_port
+from servers import ServerProcess, free_ports
 
 POLL = 0.3  # --model_config_file_poll_wait_seconds
 
@@ -95,7 +94,7 @@ def deployment(model_base, tmp_path_factory):
     shutil.copytree(model_base / "rnn" / "1", base / "extra" / "1")  # on disk, not in the config at start
     config = base / "models.config"
     config.write_text(config_text(base, {"chars": {"stable": 1, "canary": 2}}))
-    rest_port = free_port()
+    rest_port, = free_ports(1)
     with ServerProcess(["--model_config_file", config, "--model_config_file_poll_wait_seconds", POLL,
                         "--rest_api_port", rest_port, "--log_level", "debug"]) as server:
         deployment = Deployment(base, config, server, rest_port)
@@ -138,7 +137,7 @@ def test_canary_rollout_moves_new_sessions_only(deployment):
         assert first + second == reference.generate(40) + reference.generate(40)
         assert on_stable.version == 1
         assert client.session("chars", prime="ROMEO:", seed=3, version_label="stable").version == 2
-        with pytest.raises(Exception, match="version or version_label"):
+        with pytest.raises(InputError, match="version or version_label"):
             client.session("chars", version=1, version_label="stable")
     deployment.apply({"chars": {"stable": 1, "canary": 2}})
 

@@ -15,8 +15,8 @@ from conftest import write_models_config
 from keras_charrnn import load
 from keras_charrnn.errors import ConfigError
 from keras_charrnn.serving.monitoring import DEFAULT_PATH, ServerMetrics, read_monitoring_config
-from servers import ServerProcess
-from test_rest import as_json, free_port, generate_inputs, http_call
+from servers import ServerProcess, free_ports
+from test_rest import as_json, generate_inputs, http_call
 
 REST_CALLS, GRPC_CALLS = 3, 2
 
@@ -40,7 +40,7 @@ def monitored(model_base, tmp_path_factory):
     folder = tmp_path_factory.mktemp("monitoring")
     config = write_models_config(folder / "models.config", model_base, ["lstm"])
     (folder / "monitoring.config").write_text('prometheus_config {\n  enable: true\n  path: "/metrics"\n}\n')
-    port = free_port()
+    port, = free_ports(1)
     with ServerProcess(["--model_config_file", config, "--rest_api_port", port, "--enable_batching",
                         "--monitoring_config_file", folder / "monitoring.config"]) as server:
         url = f"http://127.0.0.1:{port}"

@@ -24,17 +24,10 @@ from conftest import write_models_config
 from keras_charrnn import load
 from keras_charrnn.errors import ServingError
 from keras_charrnn.serving.rest import error_reply
-from servers import ServerProcess
+from servers import ServerProcess, free_ports
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 SAMPLING = {"temperature": 0.8, "top_k": 0, "top_p": 1.0}
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on now (for ``--rest_api_port``)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http_call(url: str, body=None, method: str | None = None) -> tuple[int, dict]:
@@ -53,7 +46,7 @@ def http_call(url: str, body=None, method: str | None = None) -> tuple[int, dict
 def rest(model_base, tmp_path_factory):
     """A server for the lstm and gru models with the REST API on; yields its base URL and gRPC port."""
     config = write_models_config(tmp_path_factory.mktemp("rest") / "models.config", model_base, ["lstm", "gru"])
-    port = free_port()
+    port, = free_ports(1)
     with ServerProcess(["--model_config_file", config, "--rest_api_port", port, "--max_chars_per_call", 500]) as server:
         yield f"http://127.0.0.1:{port}", server.port
 
@@ -257,6 +250,34 @@ def test_oversized_deeply_nested_and_chunked_bodies_are_refused_before_reading(r
     deep = b'{"inputs": ' + b"[" * 100000 + b"]" * 100000 + b"}"
     status, answer = http_call(f"{url}/v1/models/lstm:predict", deep)
     assert status == 400 and "JSON" in answer["error"]
+
+
+def raw_http(url: str, request: bytes) -> tuple[int, dict]:
+    """Sends ``request`` byte for byte on a fresh socket; returns the status and the JSON answer."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(request)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 "), reply  # an answer, not a dropped connection
+    return int(head.split()[1]), json.loads(body)
+
+
+def test_a_content_length_of_unicode_digits_is_refused_with_400(rest):
+    url, _ = rest
+    status, answer = raw_http(url, b"POST /v1/models/lstm:predict HTTP/1.1\r\nHost: x\r\n"
+                                   b"Content-Length: \xb2\r\nConnection: close\r\n\r\n{}")  # latin-1 "²"
+    assert status == 400 and "Content-Length" in answer["error"], answer
+
+
+@pytest.mark.parametrize("version", [b"\xb2", b"\xb9", b"9" * 20])  # latin-1 "²" and "¹"; over int64
+def test_a_version_that_is_not_an_int64_of_ascii_digits_is_a_malformed_request(rest, version):
+    url, _ = rest
+    status, answer = raw_http(url, b"GET /v1/models/lstm/versions/" + version + b" HTTP/1.1\r\nHost: x\r\n"
+                                   b"Connection: close\r\n\r\n")
+    assert status == 400 and "Malformed request" in answer["error"], answer
 
 
 def test_unknown_pages_answer_404_and_metrics_are_off_without_a_monitoring_config(rest):

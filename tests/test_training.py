@@ -244,7 +244,19 @@ def test_bad_config_names_the_parameter_not_the_flag():
     with pytest.raises(ConfigError, match="^val_frac must be"):
         TrainConfig(val_frac=2).validate()
     with pytest.raises(ConfigError, match="^use clip_norm or clip_value"):
-        TrainConfig(clip_value=1.0).validate()
+        TrainConfig(clip_norm=1.0, clip_value=1.0).validate()
+
+
+def test_clip_value_turns_off_clip_norm_alike_in_python_on_the_command_line_and_on_resume():
+    from keras_charrnn.config import resume_changes
+
+    args = build_parser().parse_args(["train", "c.txt", "--out", "r", "--clip-value", "0.5"])
+    from_flags = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    assert from_flags == TrainConfig(clip_value=0.5)
+    assert (from_flags.clip_norm, from_flags.clip_value) == (None, 0.5)
+    from_flags.validate()
+    resumed, changed = resume_changes(TrainConfig(clip_norm=1.0), {"clip_value": 0.5})
+    assert (resumed.clip_norm, resumed.clip_value) == (None, 0.5) and changed["clip_norm"] == (1.0, None)
 
 
 def test_atomic_writes_fsync_the_data_and_then_the_folder(tmp_path, monkeypatch):

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from keras_charrnn.errors import InputError
-from keras_charrnn.vocab import UNKNOWN_ID, Vocabulary, read_corpus
+from keras_charrnn.corpus import read_text
+from keras_charrnn.vocab import UNKNOWN_ID, Vocabulary
 
 
 def test_round_trip_keeps_chinese_and_emoji(tmp_path):
@@ -32,15 +33,15 @@ def test_invalid_utf8_names_file_and_byte_offset(tmp_path):
     path = tmp_path / "bad.txt"
     path.write_bytes(b"good text\n\xff\xfe more")
     with pytest.raises(InputError, match=r"bad\.txt.*byte offset 10"):
-        read_corpus(path)
+        read_text(path)
 
 
 def test_missing_and_empty_files_are_named(tmp_path):
     with pytest.raises(InputError, match="no such file"):
-        read_corpus(tmp_path / "nope.txt")
+        read_text(tmp_path / "nope.txt")
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(InputError, match="empty"):
-        read_corpus(tmp_path / "empty.txt")
+        read_text(tmp_path / "empty.txt")
 
 
 def test_malformed_vocabulary_file_is_named(tmp_path):

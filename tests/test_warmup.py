@@ -16,6 +16,7 @@ from servers import ServerProcess
 from keras_charrnn import warmup
 from keras_charrnn.errors import ConfigError
 from keras_charrnn.export import export_run
+from keras_charrnn.serving.request_batcher import batch_sizes_from_batching_parameters
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,7 +54,7 @@ def test_export_writes_a_generate_text_record_per_batch_size_the_batching_parame
 def test_warmup_batch_sizes_default_and_from_the_repos_batching_parameters(model_base):
     logs = _records(model_base / "gru" / "1")
     assert [_batch(log.predict_log.request) for log in logs] == list(warmup.DEFAULT_BATCH_SIZES) == [1, 2, 4, 8]
-    assert warmup.batch_sizes_from_batching_parameters("serving/batching_parameters.txt") == [1, 2, 4, 8, 16, 32, 64]
+    assert batch_sizes_from_batching_parameters("serving/batching_parameters.txt") == [1, 2, 4, 8, 16, 32, 64]
     with pytest.raises(ConfigError, match="warmup_batch_sizes"):
         warmup.check_batch_sizes([0, 2], ["generate_text"])
     with pytest.raises(ConfigError, match="1000"):

@@ -2,13 +2,18 @@
 
 import numpy as np
 import tensorflow as tf
-from tensorflow.core.framework import tensor_pb2
+from tensorflow.core.framework import tensor_pb2, types_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2
 
 from keras_charrnn.serving import wire
 
 ARRAYS = [np.array([[1.5, -2.0]], np.float32), np.array([3, -4], np.int32), np.array([2**40, -1], np.int64),
           np.array([b"ROMEO:", "ünïcode 😀".encode()], dtype=object), np.array([True, False])]
+
+
+def test_the_light_dtype_numbers_are_tensorflows():
+    for name in ("DT_FLOAT", "DT_INT32", "DT_STRING", "DT_INT64", "DT_BOOL"):
+        assert getattr(wire, name) == getattr(types_pb2, name), name
 
 
 def test_tensors_built_from_numpy_parse_as_real_tensor_protos_and_back():

@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -29,32 +30,46 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
-from keras_charrnn.errors import CharRNNError, ConfigError, InputError
+from keras_charrnn.errors import ConfigError, InputError, ServingError
 from keras_charrnn.sampling import DEFAULT_PRIME, SamplingParams
 from keras_charrnn.serving import wire
+from keras_charrnn.serving.limits import SAMPLING_ROWS, ServingLimits
 from keras_charrnn.session import ModelInfo, Session, _is_int
 from keras_charrnn.xla import is_xla_unavailable, xla_twin
 
 log = logging.getLogger("charrnn.client")
 
-SAMPLING_INPUTS = ("prime", "num_chars", "temperature", "top_k", "top_p", "seed", "position")
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED)
 # Request limits a server may advertise in GetModelMetadata (``metadata["limits"]``), positive integers.
-LIMIT_NAMES = ("max_prime_chars", "max_chars_per_call", "max_ids_length", "max_rows_per_call",
-               "max_request_elements", "max_message_bytes")
+LIMIT_NAMES = tuple(f.name for f in dataclasses.fields(ServingLimits)) + ("max_message_bytes",)
 NOT_FOUND_MEMORY = 5.0  # seconds a replica that lacked a pinned version is asked last for it
 LATEST_TTL = 10.0  # seconds the newest version of a model is taken as known before it is asked again
 MAX_CACHED_INFOS = 32
 
 
-class ServerError(CharRNNError):
-    """An error status from the model server; ``code`` is the ``grpc.StatusCode``."""
+class ServerError(ServingError):
+    """An error status from a model server, as a ``ServingError`` whose ``code`` is the status's name.
 
-    def __init__(self, code: grpc.StatusCode, message: str, target: str):
-        super().__init__(f"{target}: {code.name}: {message}")
-        self.code = code
+    Args:
+        status: the ``grpc.StatusCode`` the server answered (kept as ``status``).
+        message: the server's details (kept as ``message`` and ``details``).
+        target: the server (or servers) asked.
+
+    Example:
+
+    >>> error = ServerError(grpc.StatusCode.NOT_FOUND, "no model 'x'", "localhost:8500")
+    >>> error.code, error.status == grpc.StatusCode.NOT_FOUND, str(error)
+    ('NOT_FOUND', True, "localhost:8500: NOT_FOUND: no model 'x'")
+    """
+
+    def __init__(self, status: grpc.StatusCode, message: str, target: str):
+        super().__init__(status.name, message)
+        self.status = status
         self.details = message
         self.target = target
+
+    def __str__(self) -> str:
+        return f"{self.target}: {self.code}: {self.message}"
 
 
 class VersionGoneError(ServerError):
@@ -217,7 +232,7 @@ class SamplingClient:
             if left <= 0:
                 raise ServerError(grpc.StatusCode.DEADLINE_EXCEEDED,
                                   f"no answer within the call's timeout of {self.timeout:g} s ({attempts} attempt(s)"
-                                  + (f"; last: {last.code.name}: {last.details}" if last else "") + ")",
+                                  + (f"; last: {last.code}: {last.details}" if last else "") + ")",
                                   ", ".join(self.targets))
             try:
                 response = stubs[index](request, timeout=min(left, self.attempt_timeout or left))
@@ -376,7 +391,7 @@ class SamplingClient:
         if "generate_text" not in sigs or "metadata" not in sigs:
             raise InputError(f"model {model!r} is not a keras-charrnn model (no generate_text/metadata signature)")
         states = {k: v.tensor_shape.dim[1].size for k, v in sigs["generate_text"].inputs.items()
-                  if k not in SAMPLING_INPUTS}
+                  if k != "prime" and k not in SAMPLING_ROWS}
         outputs, _ = self.predict(model, "metadata", {}, version)
         config = json.loads(outputs["config"].reshape(-1)[0].decode("utf-8"))
         limits = {**advertised, **_limits_dict(config.get("limits"))}
@@ -486,9 +501,9 @@ class _GrpcRunner:
 
 def _version_gone(error: ServerError, model: str, version: int | None) -> ServerError:
     """NOT_FOUND (from every replica) for a pinned version becomes ``VersionGoneError``."""
-    if version is None or error.code != grpc.StatusCode.NOT_FOUND:
+    if version is None or error.status != grpc.StatusCode.NOT_FOUND:
         return error
-    return VersionGoneError(error.code, f"version {version} of model {model!r}, which this session is pinned to, "
+    return VersionGoneError(error.status, f"version {version} of model {model!r}, which this session is pinned to, "
                             f"is no longer served by any replica (its state belongs to those weights; start a new "
                             f"session): {error.details}", error.target)
 

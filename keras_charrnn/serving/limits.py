@@ -23,10 +23,12 @@ import numpy as np
 
 from keras_charrnn.errors import ConfigError, ServingError
 from keras_charrnn.sampling import MAX_CHARS_PER_CALL
+from keras_charrnn.serving import wire
 
 MAX_RANK = 8  # no signature takes more than 3 dimensions
 UTF8_MAX_BYTES = 4  # the most bytes one character takes in UTF-8
-_ITEM_BYTES = {1: 4, 3: 4, 9: 8, 10: 1}  # DT_FLOAT, DT_INT32, DT_INT64, DT_BOOL
+# Bytes per item of the fixed-size dtypes, as in a TensorProto's tensor_content.
+ITEM_BYTES = {wire.DT_FLOAT: 4, wire.DT_INT32: 4, wire.DT_INT64: 8, wire.DT_BOOL: 1}
 _VALUE_FIELDS = ("float_val", "int_val", "int64_val", "bool_val", "double_val", "half_val")
 SAMPLING_ROWS = ("num_chars", "temperature", "top_k", "top_p", "seed", "position")
 
@@ -141,12 +143,14 @@ def check_request_tensors(request_inputs, limits: ServingLimits) -> None:
             if longest > UTF8_MAX_BYTES * limits.max_prime_chars:
                 raise refuse("max_prime_chars", limits.max_prime_chars,
                              f"prime holds {longest} bytes (more than {UTF8_MAX_BYTES} per character allowed)")
-        if proto.dtype in _ITEM_BYTES:
-            if proto.tensor_content:
-                if len(proto.tensor_content) != count * _ITEM_BYTES[proto.dtype]:
+        dtype = proto.dtype
+        if dtype in ITEM_BYTES:
+            content_bytes = len(proto.tensor_content)  # read once: each read of a bytes field copies it
+            if content_bytes:
+                if content_bytes != count * ITEM_BYTES[dtype]:
                     raise ServingError("INVALID_ARGUMENT", f"input {key!r}: tensor_content holds "
-                                                           f"{len(proto.tensor_content)} bytes, but shape {shape} "
-                                                           f"needs {count * _ITEM_BYTES[proto.dtype]}")
+                                                           f"{content_bytes} bytes, but shape {shape} "
+                                                           f"needs {count * ITEM_BYTES[dtype]}")
             elif _carried_values(proto) > max(count, 1):
                 raise ServingError("INVALID_ARGUMENT", f"input {key!r}: {_carried_values(proto)} values for "
                                                        f"shape {shape}")

@@ -33,8 +33,9 @@ from tensorflow_serving.config import model_server_config_pb2
 
 from keras_charrnn.errors import ConfigError, InputError, ServingError, graph_error_message
 from keras_charrnn.serving import monitoring
+from keras_charrnn.serving.protos import parse_text_proto
 from keras_charrnn import warmup
-from keras_charrnn.versions import list_versions
+from keras_charrnn.versions import is_version_dir, list_versions
 from keras_charrnn.xla import XLA_DISABLED_MESSAGE, is_xla_unavailable, must_compile_signatures, xla_twin
 
 log = logging.getLogger("charrnn.serve")
@@ -156,10 +157,9 @@ def load_version(name: str, version: int, path: Path, xla: bool = True) -> Loade
         InputError: the folder holds no SavedModel with a ``serve`` MetaGraph
             (TensorFlow's own errors pass through for a corrupt one).
     """
-    pb = path / "saved_model.pb"
-    if not pb.is_file():
+    if not is_version_dir(path):
         raise InputError(f"no saved_model.pb in version {version}")
-    meta = saved_model_pb2.SavedModel.FromString(pb.read_bytes())
+    meta = saved_model_pb2.SavedModel.FromString((path / "saved_model.pb").read_bytes())
     serve = [m for m in meta.meta_graphs if "serve" in m.meta_info_def.tags]
     if not serve:
         raise InputError(f"version {version} has no MetaGraph tagged 'serve'")
@@ -219,15 +219,17 @@ class ModelManager:
     Args:
         config: TF Serving's ``ModelServerConfig`` (``model_config_list``).
         poll_seconds: how often base paths are rescanned (0: never after start).
+
+    Raises:
+        ConfigError: the config cannot be served (``model_config_problem``: no models, a model
+            without a name or base_path, a platform other than tensorflow, a bad version label).
     """
 
     def __init__(self, config: model_server_config_pb2.ModelServerConfig, poll_seconds: float = 1.0):
-        self.models: dict[str, ManagedModel] = {}
-        for mc in config.model_config_list.config:
-            if mc.model_platform not in ("", "tensorflow"):
-                raise ConfigError(f"model {mc.name}: model_platform {mc.model_platform!r} is not supported "
-                                  f"(only tensorflow)")
-            self.models[mc.name] = ManagedModel(mc)
+        problem = model_config_problem(config)
+        if problem:
+            raise ConfigError(problem)
+        self.models: dict[str, ManagedModel] = {mc.name: ManagedModel(mc) for mc in config.model_config_list.config}
         self.poll_seconds = poll_seconds
         self.xla = True  # run XLA-compiled functions (TF Serving's --xla_cpu_compilation_enabled)
         self.on_change = None  # called (no arguments) after every poll: the server updates its health
@@ -296,6 +298,7 @@ class ModelManager:
                     model.seen.pop(version)
         if unloaded:
             gc.collect()  # a version's variables and functions are freed now, not at some later collection
+        log.debug("version poll done")  # tests count polls by it
         if self.on_change is not None:
             self.on_change()
 
@@ -592,8 +595,6 @@ class ModelManager:
         Returns:
             True when a new config was applied.
         """
-        from google.protobuf import text_format
-
         try:
             text = Path(path).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
@@ -602,11 +603,10 @@ class ModelManager:
             return False
         if text == self._config_file_text:
             return False
-        config = model_server_config_pb2.ModelServerConfig()
         try:
-            text_format.Parse(text, config)
-        except text_format.ParseError as exc:
-            self._refuse_config_file(path, f"not a valid ModelServerConfig ({exc})", text)
+            config = parse_text_proto(text, model_server_config_pb2.ModelServerConfig())
+        except ConfigError as exc:
+            self._refuse_config_file(path, str(exc), text)
             return False
         if config == self.config:
             self._config_file_text = text

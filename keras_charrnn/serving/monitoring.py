@@ -42,6 +42,7 @@ from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector,
 from prometheus_client.utils import floatToGoString
 
 from keras_charrnn.errors import ConfigError, ServingError
+from keras_charrnn.serving.protos import MonitoringConfig, read_text_proto
 
 DEFAULT_PATH = "/monitoring/prometheus/metrics"  # TF Serving's PrometheusExporter::kPrometheusPath
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -315,9 +316,6 @@ def read_monitoring_config(path: str | Path | None) -> PrometheusSettings:
     """
     if not path:
         return PrometheusSettings()
-    from keras_charrnn.serving.protos import MonitoringConfig
-    from keras_charrnn.serving.server import read_text_proto
-
     config = read_text_proto(path, MonitoringConfig()).prometheus_config
     metrics_path = config.path or DEFAULT_PATH
     if not metrics_path.startswith("/"):

@@ -5,12 +5,19 @@
 (tensorflow_serving/config/monitoring_config.proto), with TF Serving's
 field names and numbers, so ``--batching_parameters_file`` and
 ``--ssl_config_file`` take the same text files as ``tensorflow_model_server``.
+
+``read_text_proto`` and ``parse_text_proto`` read any of TF Serving's text-format config files.
 """
 
 from __future__ import annotations
 
-from google.protobuf import descriptor_pool, wrappers_pb2  # noqa: F401  (registers wrappers.proto)
+import os
+from pathlib import Path
 
+from google.protobuf import descriptor_pool, text_format, wrappers_pb2  # noqa: F401  (registers wrappers.proto)
+from google.protobuf.message import Message
+
+from keras_charrnn.errors import ConfigError
 from keras_charrnn.serving.schema import make_messages
 
 _messages = make_messages(
@@ -40,3 +47,54 @@ _messages = make_messages(
 BatchingParameters = _messages["BatchingParameters"]
 SSLConfig = _messages["SSLConfig"]
 MonitoringConfig = _messages["MonitoringConfig"]  # tensorflow_serving/config/monitoring_config.proto
+
+
+def parse_text_proto(text: str, message: Message) -> Message:
+    """Parses protobuf text format into ``message``.
+
+    Args:
+        text: the file's text.
+        message: an empty message of the text's type; it is filled in.
+
+    Returns:
+        ``message``.
+
+    Raises:
+        ConfigError: the text does not parse as that message ("not a valid ModelServerConfig (...)").
+    """
+    try:
+        return text_format.Parse(text, message)
+    except text_format.ParseError as exc:
+        raise ConfigError(f"not a valid {message.DESCRIPTOR.name} ({exc})") from None
+
+
+def read_text_proto(path: str | os.PathLike, message: Message) -> Message:
+    """Reads a protobuf text-format file (TF Serving's config files) into ``message``.
+
+    Args:
+        path: the text file.
+        message: an empty message of the file's type; it is filled in.
+
+    Returns:
+        ``message``.
+
+    Raises:
+        ConfigError: the file cannot be read or does not parse as that message; the message starts
+            with the path.
+
+    Example:
+
+    >>> read_text_proto("serving/batching_parameters.txt", BatchingParameters()).max_batch_size.value  # doctest: +SKIP
+    64
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read it ({exc.strerror if isinstance(exc, OSError) else exc})") from None
+    try:
+        return parse_text_proto(text, message)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None

@@ -22,7 +22,9 @@ row's result does not depend on which other calls share its batch.
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
 import threading
 import time
 from collections import Counter, deque
@@ -35,6 +37,7 @@ import numpy as np
 from keras_charrnn.errors import ConfigError, ServingError
 from keras_charrnn.serving import monitoring
 from keras_charrnn.serving.manager import LoadedVersion
+from keras_charrnn.serving.protos import BatchingParameters, read_text_proto
 
 log = logging.getLogger("charrnn.serve")
 
@@ -124,6 +127,47 @@ def padded_sizes(max_batch_size: int, allowed: list[int] | None = None) -> list[
     return sizes + [max_batch_size]
 
 
+def batch_sizes_from_batching_parameters(path: str | os.PathLike) -> list[int]:
+    """The batch sizes a ``batching_parameters_file`` makes calls come in (what ``charrnn export`` warms up).
+
+    ``allowed_batch_sizes`` when the file gives them (TF Serving pads every batch to
+    one of them), else the sizes the embedded server pads to: the powers of two
+    below ``max_batch_size``, then ``max_batch_size``.
+
+    Args:
+        path: a ``BatchingParameters`` text file (e.g. ``serving/batching_parameters.txt``).
+
+    Returns:
+        Increasing batch sizes.
+
+    Raises:
+        ConfigError: the file cannot be read or parsed; the message names ``batching_parameters_file``.
+
+    Example:
+
+    >>> batch_sizes_from_batching_parameters("serving/batching_parameters.txt")  # doctest: +SKIP
+    [1, 2, 4, 8, 16, 32, 64]
+    """
+    try:
+        parsed = read_text_proto(path, BatchingParameters())
+    except ConfigError as exc:
+        raise ConfigError(f"batching_parameters_file {exc}") from None
+    max_batch = parsed.max_batch_size.value if parsed.HasField("max_batch_size") else BatchingOptions.max_batch_size
+    return padded_sizes(int(max_batch), [int(b) for b in parsed.allowed_batch_sizes] or None)
+
+
+def release_freed_memory() -> None:
+    """Gives the heap that glibc's malloc holds free back to the system (``malloc_trim``); elsewhere nothing.
+
+    Loading a model and XLA-compiling it for a batch size leave tens of MB of
+    freed heap that malloc would otherwise keep (see BENCHMARKS.md, "serving overhead profile").
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class Batcher:
     """Merges concurrent calls of one signature into batched model calls.
 
@@ -145,6 +189,7 @@ class Batcher:
         self.timeout = options.batch_timeout_micros / 1e6
         self.max_rows_queued = options.max_enqueued_batches * options.max_batch_size
         self.batch_rows_run: Counter[int] = Counter()  # rows of each batch run (before padding) -> how many
+        self._shapes_run: set[tuple] = set()  # (version, signature, padded size) run at least once
         self._queues: dict[tuple, deque[_Call]] = {}
         self._targets: dict[tuple, tuple[LoadedVersion, str]] = {}
         self._cond = threading.Condition()
@@ -268,6 +313,10 @@ class Batcher:
                 outputs = self._run(loaded, signature, merged)
                 with self._cond:
                     self.batch_rows_run[rows] += 1
+                    first = (id(loaded), signature, size) not in self._shapes_run
+                    self._shapes_run.add((id(loaded), signature, size))
+                if first:  # a new batch size was compiled (XLA): the compiler's freed heap goes back to the system
+                    release_freed_memory()
                 log.debug("ran a batch of %d rows from %d calls (padded to %d) on %s version %d %s",
                           rows, len(batch), size, loaded.name, loaded.version, signature)
                 start = 0

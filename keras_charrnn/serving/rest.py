@@ -69,9 +69,11 @@ HTTP_STATUS = {
 }
 
 # The URL patterns of TF Serving's REST API (tensorflow_serving/model_servers/http_rest_api_util.cc).
-_VERSION_OR_LABEL = r"(?:(?:/versions/(\d+))|(?:/labels/([^/:]+)))?"
+# ASCII digits only (``\d`` also takes "²" and other Unicode digits), at most 18 so the number fits an int64.
+_VERSION_OR_LABEL = r"(?:(?:/versions/([0-9]{1,18}))|(?:/labels/([^/:]+)))?"
 PREDICT_PATH = re.compile(r"/v1/models/([^/:]+)" + _VERSION_OR_LABEL + r":(classify|regress|predict)", re.I)
 STATUS_PATH = re.compile(r"/v1/models(?:/([^/:]+))?" + _VERSION_OR_LABEL + r"(?:/(metadata))?", re.I)
+_CONTENT_LENGTH = re.compile(r"[0-9]{1,19}")
 
 _NUMPY = {DT_FLOAT: np.float32, DT_INT32: np.int32, DT_INT64: np.int64, DT_BOOL: np.bool_, DT_STRING: object}
 _DTYPE_NAME = {DT_FLOAT: "float", DT_INT32: "int32", DT_STRING: "string", DT_INT64: "int64", DT_BOOL: "bool"}
@@ -486,7 +488,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self._refuse(HTTPStatus.LENGTH_REQUIRED, "a POST needs a Content-Length header")
                 return None
             return b""
-        if not length.isdigit():
+        if not _CONTENT_LENGTH.fullmatch(length):  # not str.isdigit: it takes "²", which int() refuses
             self._refuse(HTTPStatus.BAD_REQUEST, f"invalid Content-Length {length!r}")
             return None
         if int(length) > self.server.max_body_bytes:

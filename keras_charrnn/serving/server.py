@@ -15,96 +15,40 @@ import logging
 import signal
 import threading
 import time
+import weakref
 from concurrent import futures
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import numpy as np
 import tensorflow as tf
-from google.protobuf import struct_pb2, text_format
+from google.protobuf import struct_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2, model_service_pb2,
                                      model_service_pb2_grpc, predict_pb2, prediction_service_pb2,
                                      prediction_service_pb2_grpc)
 from tensorflow.core.protobuf import error_codes_pb2
+from tensorflow.python.eager import context as tf_context
+from tensorflow.python.framework import ops as tf_ops
 from tensorflow_serving.apis import model_management_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
 from keras_charrnn.errors import ConfigError, ServingError, graph_error_message
-from keras_charrnn.sampling import MAX_CHARS_PER_CALL
 from keras_charrnn.serving import limits as request_limits
 from keras_charrnn.serving import monitoring, wire
 from keras_charrnn.serving.limits import ServingLimits
 from keras_charrnn.serving.manager import LoadedVersion, ModelManager, single_model_config
-from keras_charrnn.serving.protos import BatchingParameters, SSLConfig
-from keras_charrnn.serving.request_batcher import Batcher, BatchingOptions
-from keras_charrnn.serving.rest import DEFAULT_NUM_THREADS as DEFAULT_REST_THREADS
-from keras_charrnn.serving.rest import DEFAULT_TIMEOUT_MS as DEFAULT_REST_TIMEOUT_MS
+from keras_charrnn.serving.options import MAX_MESSAGE_BYTES, ServerOptions  # re-exported: the server's settings
+from keras_charrnn.serving.protos import BatchingParameters, SSLConfig, read_text_proto
+from keras_charrnn.serving.request_batcher import Batcher, BatchingOptions, release_freed_memory
 from keras_charrnn.serving.rest import RestApi, RestServer
 
 log = logging.getLogger("charrnn.serve")
 
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 SEGMENT_CHARS = 256  # a long generate call runs in segments of this many characters, its caller checked between
 HEALTH_SERVICES = (prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"].full_name,
                    model_service_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name)
-
-
-@dataclass
-class ServerOptions:
-    """The server's settings; the names are ``tensorflow_model_server``'s flags."""
-
-    port: int = 8500
-    host: str = "0.0.0.0"
-    model_name: str | None = None
-    model_base_path: str | None = None
-    model_config_file: str | None = None
-    enable_batching: bool = False
-    batching_parameters_file: str | None = None
-    file_system_poll_wait_seconds: float = 1.0
-    ssl_config_file: str | None = None
-    grpc_max_threads: int = 32
-    max_message_bytes: int = MAX_MESSAGE_BYTES
-    max_chars_per_call: int = MAX_CHARS_PER_CALL
-    max_prime_chars: int = ServingLimits.max_prime_chars
-    max_ids_length: int = ServingLimits.max_ids_length
-    max_rows_per_call: int = ServingLimits.max_rows_per_call
-    max_request_elements: int = ServingLimits.max_request_elements
-    max_concurrent_requests: int = 0  # 0: grpc_max_threads - 8 (at least 1), so health checks always find a thread
-    shutdown_grace_seconds: float = 30.0
-    rest_api_port: int = 0  # 0: no REST API (TF Serving's default)
-    rest_api_num_threads: int = DEFAULT_REST_THREADS
-    rest_api_timeout_in_ms: int = DEFAULT_REST_TIMEOUT_MS
-    monitoring_config_file: str | None = None
-    xla_cpu_compilation_enabled: bool = True  # False: must-compile signatures fail as on a stock TF Serving
-    model_config_file_poll_wait_seconds: float = 0.0  # reread model_config_file this often (0: only at start)
-    allow_version_labels_for_unavailable_models: bool = False  # a new label may name a version not loaded yet
-
-
-def read_text_proto(path: str | Path, message):
-    """Parses a protobuf text-format file (TF Serving's config files).
-
-    Args:
-        path: the text file.
-        message: an empty message of the file's type; it is filled in.
-
-    Returns:
-        ``message``.
-
-    Raises:
-        ConfigError: the file cannot be read or does not parse as that message.
-    """
-    path = Path(path)
-    try:
-        return text_format.Parse(path.read_text(encoding="utf-8"), message)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read it ({exc.strerror if isinstance(exc, OSError) else exc})") from None
-    except text_format.ParseError as exc:
-        raise ConfigError(f"{path}: not a valid {message.DESCRIPTOR.name} ({exc})") from None
 
 
 def serving_limits(options: ServerOptions) -> ServingLimits:
@@ -152,10 +96,7 @@ def model_server_config(options: ServerOptions) -> model_server_config_pb2.Model
     if options.model_config_file:
         if options.model_base_path:
             raise ConfigError("give model_config_file or model_base_path, not both")
-        config = read_text_proto(options.model_config_file, model_server_config_pb2.ModelServerConfig())
-        if not config.model_config_list.config:
-            raise ConfigError(f"{options.model_config_file}: model_config_list holds no model")
-        return config
+        return read_text_proto(options.model_config_file, model_server_config_pb2.ModelServerConfig())
     if not options.model_base_path:
         raise ConfigError("give model_base_path (with model_name) or model_config_file")
     return single_model_config(options.model_name or "default", options.model_base_path)
@@ -183,34 +124,95 @@ def batching_options(path: str | Path | None) -> BatchingOptions:
 
 # ----- tensors <-> NumPy, checked against the signature ----------------------------------------
 
+class _SignatureFacts:
+    """What every Predict call reads from one signature of one loaded version, worked out once.
+
+    Reading a SignatureDef (its input names, dtypes and dims, its outputs) and
+    binding keyword arguments to the function's structured signature cost more,
+    per call, than the checks themselves; these facts are kept per loaded
+    function (weakly: an unloaded version's facts go with it).
+
+    Args:
+        loaded: the version.
+        signature: the requested signature name.
+        fn: the function that answers it (``loaded.signature(signature)``: the XLA twin when XLA is on).
+    """
+
+    __slots__ = ("inputs", "expected", "outputs", "output_names", "vocab_size", "flat_order")
+
+    def __init__(self, loaded: LoadedVersion, signature: str, fn):
+        sig_def = loaded.signature_defs[signature]
+        self.inputs = tuple((key, sig_def.inputs[key].dtype, tuple(d.size for d in sig_def.inputs[key].tensor_shape.dim))
+                            for key in sorted(sig_def.inputs))
+        self.expected = frozenset(sig_def.inputs)
+        self.outputs = tuple((name, tuple(d.size for d in info.tensor_shape.dim), info.dtype)
+                             for name, info in sig_def.outputs.items())
+        self.output_names = frozenset(sig_def.outputs)
+        self.vocab_size = vocab_size(loaded)
+        self.flat_order = _flat_order(fn, self.expected)
+
+
+def _flat_order(fn, expected: frozenset) -> tuple[str, ...] | None:
+    """The order in which ``fn`` takes its inputs as flat tensors, or None to call it by keywords.
+
+    The flat call skips TensorFlow's per-call binding of keyword arguments to the
+    structured signature (the inputs were already checked against the SignatureDef);
+    any function whose parameters are not exactly the signature's inputs is called by keywords.
+    """
+    try:
+        order = tuple(fn.function_type.parameters)
+        callable(fn._call_flat) and fn.captured_inputs  # noqa: B018  (both exist on this TensorFlow)
+    except Exception:  # another TensorFlow: the public structured call
+        return None
+    return order if set(order) == expected and len(order) == len(expected) else None
+
+
+_FACTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # loaded function -> {signature: facts}
+_FACTS_LOCK = threading.Lock()
+
+
+def _signature_facts(loaded: LoadedVersion, signature: str, fn=None) -> _SignatureFacts:
+    """The cached ``_SignatureFacts`` of ``signature`` (``fn``: ``loaded.signature(signature)``, if known)."""
+    fn = loaded.signature(signature) if fn is None else fn
+    per_fn = _FACTS.get(fn)
+    facts = None if per_fn is None else per_fn.get(signature)
+    if facts is None:
+        facts = _SignatureFacts(loaded, signature, fn)
+        with _FACTS_LOCK:
+            _FACTS.setdefault(fn, {})[signature] = facts
+    return facts
+
+
 def _check_inputs(loaded: LoadedVersion, signature: str, request_inputs,
-                  limits: ServingLimits | None = None) -> dict[str, np.ndarray]:
+                  limits: ServingLimits | None = None, facts: _SignatureFacts | None = None) -> dict[str, np.ndarray]:
     """The request's tensors as arrays, checked against the limits (before expanding) and the signature."""
     limits = limits or ServingLimits()
     request_limits.check_request_tensors(request_inputs, limits)
-    sig_def = loaded.signature_defs[signature]
-    expected, given = set(sig_def.inputs), set(request_inputs)
-    if given - expected:
-        raise ServingError("INVALID_ARGUMENT", f"unexpected input(s) {sorted(given - expected)} for signature "
-                                               f"{signature!r}; it takes {sorted(expected)}")
-    if expected - given:
+    facts = facts or _signature_facts(loaded, signature)
+    expected = facts.expected
+    given = set(request_inputs)
+    if given != expected:
+        if given - expected:
+            raise ServingError("INVALID_ARGUMENT", f"unexpected input(s) {sorted(given - expected)} for signature "
+                                                   f"{signature!r}; it takes {sorted(expected)}")
         raise ServingError("INVALID_ARGUMENT", f"missing input(s) {sorted(expected - given)} for signature {signature!r}")
-    for key in sorted(expected):  # dtypes and claimed shapes first: nothing is expanded yet
-        proto, tensor_spec = request_inputs[key], sig_def.inputs[key]
-        if proto.dtype != tensor_spec.dtype:
+    protos = []
+    for key, dtype, dims in facts.inputs:  # dtypes and claimed shapes first: nothing is expanded yet
+        proto = request_inputs[key]
+        if proto.dtype != dtype:
             raise ServingError("INVALID_ARGUMENT", f"input {key!r}: expects dtype "
-                                                   f"{tf.dtypes.as_dtype(tensor_spec.dtype).name}, got "
+                                                   f"{tf.dtypes.as_dtype(dtype).name}, got "
                                                    f"{_dtype_name(proto.dtype)}")
-        dims = [d.size for d in tensor_spec.tensor_shape.dim]
         shape = [d.size for d in proto.tensor_shape.dim]
         if len(shape) != len(dims) or any(d != -1 and d != s for d, s in zip(dims, shape)):
             want = "[" + ", ".join("?" if d == -1 else str(d) for d in dims) + "]"
             raise ServingError("INVALID_ARGUMENT", f"input {key!r}: expects shape {want}, got {shape}")
+        protos.append((key, proto))
     arrays = {}
-    for key in sorted(expected):
+    for key, proto in protos:
         try:
-            arrays[key] = wire.from_tensor_proto(request_inputs[key], max_elements=limits.max_request_elements)
-        except Exception as exc:  # malformed tensor content
+            arrays[key] = wire.from_tensor_proto(proto, max_elements=limits.max_request_elements)
+        except (ValueError, TypeError) as exc:  # malformed tensor content (a bug elsewhere stays INTERNAL)
             raise ServingError("INVALID_ARGUMENT", f"input {key!r}: malformed tensor ({exc})") from None
     return arrays
 
@@ -226,9 +228,6 @@ def vocab_size(loaded: LoadedVersion) -> int | None:
     return None
 
 
-_ITEM_BYTES = {tf.float32.as_datatype_enum: 4, tf.int32.as_datatype_enum: 4, tf.int64.as_datatype_enum: 8}
-
-
 def response_bytes(loaded: LoadedVersion, signature: str, inputs: dict[str, np.ndarray],
                    output_filter=()) -> int:
     """About how many bytes the call's response will take, from the signature's output shapes.
@@ -237,20 +236,24 @@ def response_bytes(loaded: LoadedVersion, signature: str, inputs: dict[str, np.n
     (``step``, ``inspect``) or its largest ``num_chars`` (``generate``); strings count 4 bytes
     a character. ``output_filter``: only these outputs (empty: all).
     """
+    return _response_bytes(_signature_facts(loaded, signature), inputs, output_filter)
+
+
+def _response_bytes(facts: _SignatureFacts, inputs: dict[str, np.ndarray], output_filter=()) -> int:
+    """``response_bytes`` from a signature's cached facts."""
     if not inputs:
         return 0
     rows = next(iter(inputs.values())).shape[0]
     chars = int(inputs["num_chars"].max()) if "num_chars" in inputs and inputs["num_chars"].size else 1
     length = inputs["ids"].shape[1] if "ids" in inputs and inputs["ids"].ndim == 2 and "num_chars" not in inputs else chars
     total = 0
-    for name, info in loaded.signature_defs[signature].outputs.items():
+    for name, sizes, dtype in facts.outputs:
         if output_filter and name not in output_filter:
             continue
-        sizes = [d.size for d in info.tensor_shape.dim]
         count = 1
         for axis, size in enumerate(sizes):
             count *= size if size >= 0 else rows if axis == 0 else length if axis == 1 else 1
-        total += count * (4 * chars if info.dtype == tf.string.as_datatype_enum else _ITEM_BYTES.get(info.dtype, 4))
+        total += count * (4 * chars if dtype == wire.DT_STRING else request_limits.ITEM_BYTES.get(dtype, 4))
     return total
 
 
@@ -261,11 +264,29 @@ def _dtype_name(enum_value: int) -> str:
         return f"invalid dtype {enum_value}"
 
 
-def run_signature(loaded: LoadedVersion, signature: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Calls one signature on NumPy inputs; a model-side check failing becomes INVALID_ARGUMENT."""
-    fn = loaded.signature(signature)
+def _eager(value: np.ndarray):
+    """A NumPy array as an eager tensor on this thread's device (what ``tf.constant`` makes, without its checks)."""
     try:
-        outputs = fn(**{k: tf.constant(v) for k, v in inputs.items()})
+        return tf_ops.EagerTensor(value, tf_context.context().device_name, None)
+    except (TypeError, ValueError):
+        return tf.constant(value)
+
+
+def run_signature(loaded: LoadedVersion, signature: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Calls one signature on NumPy inputs; a model-side check failing becomes INVALID_ARGUMENT.
+
+    Inputs that are exactly the signature's (the server's checked calls and batches) go to
+    the function as flat tensors; anything else takes TensorFlow's structured call, which checks them.
+    """
+    fn = loaded.signature(signature)
+    order = _signature_facts(loaded, signature, fn).flat_order
+    try:
+        if order is not None and len(inputs) == len(order):
+            outputs = fn._call_flat([_eager(inputs[key]) for key in order], fn.captured_inputs)
+        else:
+            outputs = fn(**{k: tf.constant(v) for k, v in inputs.items()})
+    except KeyError as exc:  # an input the signature takes is missing
+        raise ServingError("INVALID_ARGUMENT", f"missing input {exc} for signature {signature!r}") from None
     except tf.errors.InvalidArgumentError as exc:
         raise ServingError("INVALID_ARGUMENT", graph_error_message(exc.message)) from None
     except (ValueError, TypeError) as exc:
@@ -362,14 +383,16 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         deadline = None if timeout is None else time.monotonic() + timeout
         loaded = self._resolve(request.model_spec)
         signature = request.model_spec.signature_name or "serving_default"
-        loaded.signature(signature)
-        inputs = _check_inputs(loaded, signature, request.inputs, self.limits)
-        request_limits.check_call(inputs, vocab_size(loaded), self.limits)
-        log.debug("Predict: model %s version %d signature %s", loaded.name, loaded.version, signature)
-        unknown = set(request.output_filter) - set(loaded.signature_defs[signature].outputs)
+        facts = _signature_facts(loaded, signature)  # raises FAILED_PRECONDITION for an unknown signature
+        inputs = _check_inputs(loaded, signature, request.inputs, self.limits, facts)
+        request_limits.check_call(inputs, facts.vocab_size, self.limits)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("Predict: model %s version %d signature %s", loaded.name, loaded.version, signature)
+        output_filter = set(request.output_filter)
+        unknown = output_filter - facts.output_names
         if unknown:
             raise ServingError("INVALID_ARGUMENT", f"output_filter names unknown output(s) {sorted(unknown)}")
-        size = response_bytes(loaded, signature, inputs, set(request.output_filter))
+        size = _response_bytes(facts, inputs, output_filter)
         if size > self.max_message_bytes:
             raise ServingError("RESOURCE_EXHAUSTED", f"the response would take about {size} bytes, over this "
                                                      f"server's limit max_message_bytes={self.max_message_bytes} "
@@ -383,9 +406,10 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         response.model_spec.name = loaded.name
         response.model_spec.version.value = loaded.version
         response.model_spec.signature_name = signature
+        response_outputs = response.outputs
         for key, value in outputs.items():
-            if not request.output_filter or key in request.output_filter:
-                wire.to_tensor_proto(value, response.outputs[key])
+            if not output_filter or key in output_filter:
+                wire.to_tensor_proto(value, response_outputs[key])
         return response
 
     def _run(self, loaded: LoadedVersion, signature: str, inputs: dict[str, np.ndarray], deadline: float | None,
@@ -609,6 +633,7 @@ class ModelServer:
         """Loads the models, then listens; returns the port (useful with port 0)."""
         credentials = self._credentials()
         self.manager.start()
+        release_freed_memory()  # loading and XLA compiling at warm-up leave much freed heap behind
         self._watch_model_config()
         limit = self.options.max_message_bytes
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.options.grpc_max_threads),

@@ -81,6 +81,8 @@ GET_MODEL_METADATA = "/tensorflow.serving.PredictionService/GetModelMetadata"
 _NUMPY_OF = {DT_FLOAT: np.float32, DT_INT32: np.int32, DT_INT64: np.int64, DT_BOOL: np.bool_}
 _DTYPE_OF = {np.dtype(v): k for k, v in _NUMPY_OF.items()}
 _VALUES_FIELD = {DT_FLOAT: "float_val", DT_INT32: "int_val", DT_INT64: "int64_val", DT_BOOL: "bool_val"}
+_LITTLE_ENDIAN = {k: np.dtype(v).newbyteorder("<") for k, v in _NUMPY_OF.items()}  # the wire's byte order
+_NATIVE = {k: np.dtype(v) for k, v in _NUMPY_OF.items()}
 
 
 def to_tensor_proto(value: np.ndarray, into=None):
@@ -120,15 +122,17 @@ def from_tensor_proto(proto, max_elements: int | None = None) -> np.ndarray:
         ValueError: a negative dimension, an unknown rank, more than ``max_elements``
             elements, or content that does not fit the shape.
     """
-    if proto.tensor_shape.unknown_rank:
+    tensor_shape = proto.tensor_shape
+    if tensor_shape.unknown_rank:
         raise ValueError("the tensor's shape has an unknown rank")
-    shape = [d.size for d in proto.tensor_shape.dim]
+    shape = [d.size for d in tensor_shape.dim]
     if any(s < 0 for s in shape):
         raise ValueError(f"negative dimension in shape {shape}")
     count = math.prod(shape)
     if max_elements is not None and count > max_elements:
         raise ValueError(f"shape {shape} claims {count} elements, more than {max_elements}")
-    if proto.dtype == DT_STRING:
+    dtype_enum = proto.dtype
+    if dtype_enum == DT_STRING:
         values = list(proto.string_val)
         if len(values) > max(count, 1):
             raise ValueError(f"{len(values)} values for shape {shape}")
@@ -137,16 +141,16 @@ def from_tensor_proto(proto, max_elements: int | None = None) -> np.ndarray:
         elif not values:
             values = [b""] * count
         return np.array(values, dtype=object).reshape(shape)
-    if proto.dtype not in _NUMPY_OF:
-        raise TypeError(f"unsupported tensor dtype {proto.dtype}")
-    dtype = np.dtype(_NUMPY_OF[proto.dtype]).newbyteorder("<")
-    if proto.tensor_content:
-        return np.frombuffer(proto.tensor_content, dtype=dtype).astype(dtype.newbyteorder("=")).reshape(shape)
-    values = np.array(getattr(proto, _VALUES_FIELD[proto.dtype]), dtype=_NUMPY_OF[proto.dtype])
+    if dtype_enum not in _NUMPY_OF:
+        raise TypeError(f"unsupported tensor dtype {dtype_enum}")
+    content = proto.tensor_content  # read once: each read of a bytes field copies it
+    if content:
+        return np.frombuffer(content, dtype=_LITTLE_ENDIAN[dtype_enum]).astype(_NATIVE[dtype_enum]).reshape(shape)
+    values = np.array(getattr(proto, _VALUES_FIELD[dtype_enum]), dtype=_NUMPY_OF[dtype_enum])
     if values.size > max(count, 1):
         raise ValueError(f"{values.size} values for shape {shape}")
     if values.size == 0:
-        values = np.zeros(count, _NUMPY_OF[proto.dtype])
+        values = np.zeros(count, _NUMPY_OF[dtype_enum])
     elif values.size < count:  # TF's convention: the last value fills the rest
         values = np.concatenate([values, np.repeat(values[-1:], count - values.size)])
     return values.reshape(shape)
