@@ -13,11 +13,13 @@ import importlib.util
 import os
 import sys
 
+from keras_charrnn import demo
 from keras_charrnn.config import TrainConfig, parse_duration
 from keras_charrnn.errors import CharRNNError, ConfigError
 from keras_charrnn.sampling import (DEFAULT_CHUNK, DEFAULT_PRIME, DEFAULT_TEMPERATURE, DEFAULT_TOP_K,
                                   DEFAULT_TOP_P)
 from keras_charrnn.serving.options import ServerOptions
+from keras_charrnn.versions import DEFAULT_BASE_PATH
 
 DESCRIPTION = "Character-level RNN language models on Keras, served with TensorFlow Serving's gRPC API."
 
@@ -155,7 +157,7 @@ def _add_export(sub) -> None:
     p = sub.add_parser("export", help="export a run as a TF Serving SavedModel (saved_models/NAME/VERSION)")
     p.add_argument("run_dir", help="run folder written by 'charrnn train'")
     p.add_argument("--name", required=True, help="model name (folder under --base-path)")
-    p.add_argument("--base-path", default="saved_models", help="folder of all models (default saved_models)")
+    p.add_argument("--base-path", default=DEFAULT_BASE_PATH, help="folder of all models (default: %(default)s)")
     p.add_argument("--version", type=_positive_int, default=None, help="version number (default: next integer)")
     p.add_argument("--which", choices=["best", "latest"], default="best",
                    help="best model by validation loss (default) or the latest weights")
@@ -359,22 +361,21 @@ def _lean_server_process() -> None:
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="serve saved_models/ and stream generated text over gRPC")
     p.add_argument("--train", metavar="CORPUS", default=None, help="first train a small model on this text file")
-    p.add_argument("--minutes", type=float, default=3.0, help="training time with --train (default 3)")
-    p.add_argument("--base-path", default="saved_models", help="folder of the models to serve")
+    p.add_argument("--minutes", type=float, default=demo.DEMO_MINUTES,
+                   help="training time with --train (default: %(default)s)")
+    p.add_argument("--base-path", default=DEFAULT_BASE_PATH, help="folder of the models to serve (default: %(default)s)")
     p.add_argument("--name", default=None, help="model to sample (default: shakespeare, or the first found)")
-    p.add_argument("--prime", default="ROMEO:", help="text to start from")
-    p.add_argument("--calls", type=_positive_int, default=6, help="number of gRPC calls")
+    p.add_argument("--prime", default=demo.DEMO_PRIME, help="text to start from (default: %(default)s)")
+    p.add_argument("--calls", type=_positive_int, default=demo.DEMO_CALLS, help="number of gRPC calls")
     p.add_argument("--chunk", type=_positive_int, default=DEFAULT_CHUNK, help="characters per call")
     p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE)
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--seed", type=int, default=demo.DEMO_SEED)
 
 
 def _run_demo(args) -> None:
-    from keras_charrnn.demo import run_demo
-
     if args.train:
         import_tensorflow_quietly()
-    run_demo(args.base_path, args.name, args.train, args.minutes, args.prime, args.calls, args.chunk,
+    demo.run_demo(args.base_path, args.name, args.train, args.minutes, args.prime, args.calls, args.chunk,
              args.temperature, args.seed)
 
 
@@ -414,6 +415,16 @@ def _run_visualize(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``charrnn`` argument parser, one subcommand per job (train, export, sample, eval, serve, demo, visualize).
+
+    Returns:
+        The parser; a bad flag makes it print one line and exit with status 2.
+
+    Example:
+
+    >>> build_parser().parse_args(["export", "runs/tiny", "--name", "tiny"]).base_path
+    'saved_models'
+    """
     parser = OneLineParser(prog="charrnn", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     for add in (_add_train, _add_export, _add_sample, _add_eval, _add_serve, _add_demo, _add_visualize):
@@ -449,6 +460,14 @@ def import_tensorflow_quietly() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs ``charrnn``: parses the arguments and runs the subcommand.
+
+    Args:
+        argv: the arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit status: 0, or 2 after a one-line ``charrnn: error: ...`` on stderr for a ``CharRNNError``.
+    """
     args = build_parser().parse_args(argv)
     try:
         _choose_backend(getattr(args, "backend", None))

@@ -23,8 +23,13 @@ from typing import Iterator
 
 from keras_charrnn.errors import ConfigError, ServingError
 from keras_charrnn.sampling import DEFAULT_CHUNK, DEFAULT_TEMPERATURE
-from keras_charrnn.versions import list_versions
+from keras_charrnn.serving.client import SamplingClient
+from keras_charrnn.versions import DEFAULT_BASE_PATH, list_versions
 
+DEMO_MINUTES = 3.0  # training time with train_corpus
+DEMO_PRIME = "ROMEO:"  # the demo's prime (the bundled model is Shakespeare)
+DEMO_CALLS = 6
+DEMO_SEED = 1
 SERVER_START_TIMEOUT = 180.0
 
 
@@ -107,9 +112,9 @@ def train_small(corpus: str, minutes: float, base_path: Path) -> str:
     return name
 
 
-def run_demo(base_path: str = "saved_models", name: str | None = None, train_corpus: str | None = None,
-             minutes: float = 3.0, prime: str = "ROMEO:", calls: int = 6, chunk: int = DEFAULT_CHUNK,
-             temperature: float = DEFAULT_TEMPERATURE, seed: int = 1) -> None:
+def run_demo(base_path: str = DEFAULT_BASE_PATH, name: str | None = None, train_corpus: str | None = None,
+             minutes: float = DEMO_MINUTES, prime: str = DEMO_PRIME, calls: int = DEMO_CALLS,
+             chunk: int = DEFAULT_CHUNK, temperature: float = DEFAULT_TEMPERATURE, seed: int = DEMO_SEED) -> None:
     """Serves the models under ``base_path`` and samples one of them over gRPC; see the module doc.
 
     Args:
@@ -137,8 +142,6 @@ def run_demo(base_path: str = "saved_models", name: str | None = None, train_cor
     name = name or ("shakespeare" if "shakespeare" in models else models[0])
     if name not in models:
         raise ConfigError(f"name: no model {name!r} under {base} (have: {', '.join(models)})")
-
-    from keras_charrnn.serving.client import SamplingClient
 
     started = time.perf_counter()
     timings = []

@@ -59,7 +59,7 @@ from keras_charrnn.metrics import bits_per_char
 from keras_charrnn.model import describe, recurrent_layers, state_names
 from keras_charrnn.run_folder import RunFolder
 from keras_charrnn.sampling import MAX_CHARS_PER_CALL
-from keras_charrnn.versions import next_version
+from keras_charrnn.versions import DEFAULT_BASE_PATH, next_version
 from keras_charrnn.vocab import UNKNOWN_CHAR, Vocabulary
 from keras_charrnn.xla import TWINNED, xla_twin
 
@@ -423,7 +423,7 @@ def module_from_run(run_dir: str | os.PathLike, which: str = "best", xla: bool =
     return CharRNNModule(run.load_model(which), run.vocab(), run_facts(run.record()), jit_compile=xla)
 
 
-def export_run(run_dir: str | os.PathLike, name: str, base_path: str | os.PathLike = "saved_models",
+def export_run(run_dir: str | os.PathLike, name: str, base_path: str | os.PathLike = DEFAULT_BASE_PATH,
                version: int | None = None, which: str = "best", xla: bool = True,
                warmup_batch_sizes: Iterable[int] = warmup.DEFAULT_BATCH_SIZES, warmup_xla: bool = False) -> Path:
     """Exports a training run as ``base_path/name/version``, the layout TF Serving polls.

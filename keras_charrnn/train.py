@@ -186,6 +186,35 @@ def _fit(model: keras.Model, train_batches: TBPTTBatches, val_batches: TBPTTBatc
                   callbacks=[ResetStates()] + callbacks, **common)
 
 
+def _resume(run: RunFolder, model: keras.Model, config: TrainConfig, dist, changed: dict[str, tuple],
+            write_config: bool) -> Progress:
+    """Restores a run's last checkpoint into ``model``, records the config changes and says where it resumes.
+
+    Args:
+        run: the run folder.
+        model: the built model (under ``dist``'s scope when distributed).
+        config: the resumed config (changes applied).
+        dist: the distribution (``_distribution``), or None on one device.
+        changed: ``{field: (old, new)}`` from ``config.resume_changes``.
+        write_config: this process writes the run folder (not a non-chief worker).
+
+    Returns:
+        The progress the checkpoint records.
+    """
+    if dist is None:
+        progress = load_checkpoint(run.state_path, model)
+    else:
+        with dist.scope():  # every worker restores (its own rows of the states)
+            progress = load_checkpoint(run.state_path, model)
+    if changed and write_config:
+        run.update_config(config)
+    what = "; ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
+    where = f", {progress.step} batches into epoch {progress.epoch + 1}" if progress.step else ""
+    print(f"resuming {run.path}: {progress.epoch} of {config.epochs} epochs done{where}"
+          + (f"; changed: {what}" if what else ""), flush=True)
+    return progress
+
+
 def train(corpus: str | os.PathLike, run_dir: str | os.PathLike, config: TrainConfig | None = None,
           resume: bool = False, callbacks: list[keras.callbacks.Callback] | None = None,
           verbose: int | str = "auto", strict: bool = False,
@@ -250,17 +279,7 @@ def train(corpus: str | os.PathLike, run_dir: str | os.PathLike, config: TrainCo
                                                          "folder, the chief to the run folder"), flush=True)
 
     if resume:
-        if dist is None:
-            progress = load_checkpoint(run.state_path, model)
-        else:
-            with dist.scope():  # every worker restores (its own rows of the states)
-                progress = load_checkpoint(run.state_path, model)
-        if changed and writes is run:
-            run.update_config(config)
-        what = "; ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
-        where = f", {progress.step} batches into epoch {progress.epoch + 1}" if progress.step else ""
-        print(f"resuming {run.path}: {progress.epoch} of {config.epochs} epochs done{where}"
-              + (f"; changed: {what}" if what else ""), flush=True)
+        progress = _resume(run, model, config, dist, changed, write_config=writes is run)
     else:
         writes.start(config, data.record, vocab)
         progress = Progress()

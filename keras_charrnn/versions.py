@@ -14,6 +14,7 @@ from pathlib import Path
 
 from keras_charrnn.errors import InputError
 
+DEFAULT_BASE_PATH = "saved_models"  # the folder of all models (saved_models/NAME/VERSION), when none is given
 _CANONICAL = re.compile(r"0|[1-9][0-9]{0,17}")
 
 

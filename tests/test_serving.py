@@ -458,3 +458,29 @@ def test_graph_error_message_keeps_the_models_own_sentence():
         == "indices[0] = 99 is not in [0, 65)"
     assert graph_error_message("Graph execution error:\n") == "Graph execution error:"
     assert graph_error_message("") == "model error"
+
+
+def test_serve_flags_come_from_server_options_with_their_defaults_and_help():
+    import dataclasses
+    import inspect
+    import sys
+
+    from keras_charrnn.cli import build_parser
+    from keras_charrnn.serving.rest import RestServer
+
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]
+    flags = {a.dest: a for a in serve._actions}
+    for f in dataclasses.fields(ServerOptions):
+        assert flags[f.name].option_strings == ["--" + f.name] and flags[f.name].default == f.default, f.name
+        assert flags[f.name].help.startswith(f.metadata["help"]), f.name
+    args = serve.parse_args(["--model_name", "m", "--model_base_path", "b", "--rest_api_num_threads", "3",
+                             "--xla_cpu_compilation_enabled=false", "--enable_batching"])
+    given = ServerOptions(**{k: v for k, v in vars(args).items() if k in ServerOptions.__dataclass_fields__})
+    assert given == ServerOptions(model_name="m", model_base_path="b", rest_api_num_threads=3,
+                                  xla_cpu_compilation_enabled=False, enable_batching=True)
+    rest_defaults = {k: p.default for k, p in inspect.signature(RestServer).parameters.items()}
+    assert (rest_defaults["host"], rest_defaults["max_body_bytes"], rest_defaults["num_threads"]) == (
+        ServerOptions.host, ServerOptions.max_message_bytes, ServerOptions.rest_api_num_threads)
+    tf_free = subprocess.run([sys.executable, "-c", "import sys, keras_charrnn.serving.options; "
+                              "sys.exit('tensorflow' in sys.modules)"], capture_output=True, text=True)
+    assert tf_free.returncode == 0, tf_free.stderr  # charrnn serve --help stays instant

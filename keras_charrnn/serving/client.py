@@ -28,6 +28,7 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
 import grpc
+from google.protobuf import struct_pb2, wrappers_pb2
 import numpy as np
 
 from keras_charrnn.errors import ConfigError, InputError, ServingError
@@ -478,6 +479,7 @@ class SamplingClient:
         return int(self._call(self._metadata, request).model_spec.version.value)
 
     def close(self) -> None:
+        """Closes the client's gRPC channels; sessions of this client cannot call the server after it."""
         for channel in self._channels:
             channel.close()
 
@@ -530,8 +532,6 @@ def _advertised_limits(response) -> dict[str, int]:
     if "limits" not in response.metadata:
         return {}
     packed = response.metadata["limits"]
-    from google.protobuf import struct_pb2, wrappers_pb2
-
     for message in (wrappers_pb2.StringValue(), wrappers_pb2.BytesValue(), struct_pb2.Struct()):
         if packed.Is(message.DESCRIPTOR):
             packed.Unpack(message)

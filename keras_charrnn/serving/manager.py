@@ -25,6 +25,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
@@ -55,7 +56,19 @@ class LoadedVersion:
     xla: bool = True  # XLA JIT on: a signature's XLA twin runs in its place (same outputs, faster)
     must_compile: frozenset = frozenset()  # signatures that need XLA JIT (keras_charrnn.xla)
 
-    def signature(self, name: str):
+    def signature(self, name: str) -> Callable:
+        """The concrete function that answers signature ``name``: its XLA twin when this server runs XLA.
+
+        Args:
+            name: the signature name a request gives.
+
+        Returns:
+            The loaded concrete function (called with the signature's inputs as keyword arguments).
+
+        Raises:
+            ServingError: FAILED_PRECONDITION when the version has no such signature; INTERNAL when it
+                must be compiled and XLA is off (as ``tensorflow_model_server`` answers).
+        """
         if name not in self.signature_defs or name not in self.module.signatures:
             raise ServingError("FAILED_PRECONDITION",
                                f'Serving signature name: "{name}" not found in signature def '

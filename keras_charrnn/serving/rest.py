@@ -51,13 +51,15 @@ from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2
 from keras_charrnn import sampling
 from keras_charrnn.errors import ConfigError, ServingError
 from keras_charrnn.serving import monitoring, wire
+from keras_charrnn.serving.options import (DEFAULT_HOST, DEFAULT_REST_NUM_THREADS, DEFAULT_REST_PORT,
+                                           DEFAULT_REST_TIMEOUT_MS, MAX_MESSAGE_BYTES)
 from keras_charrnn.serving.wire import DT_BOOL, DT_FLOAT, DT_INT32, DT_INT64, DT_STRING
 
 log = logging.getLogger("charrnn.serve")
 
 MAX_JSON_DEPTH = 32  # deeper JSON is refused before it is walked
-DEFAULT_TIMEOUT_MS = 30000  # tensorflow_model_server's --rest_api_timeout_in_ms
-DEFAULT_NUM_THREADS = 16
+DEFAULT_TIMEOUT_MS = DEFAULT_REST_TIMEOUT_MS  # tensorflow_model_server's --rest_api_timeout_in_ms
+DEFAULT_NUM_THREADS = DEFAULT_REST_NUM_THREADS
 PLAYGROUND_PATH = "/playground"
 
 # TF Serving's status code -> HTTP status (tensorflow_serving/model_servers/http_server.cc).
@@ -574,7 +576,8 @@ class RestServer:
     >>> rest.start(); rest.stop(grace=5)                                 # doctest: +SKIP
     """
 
-    def __init__(self, api: RestApi, host: str = "0.0.0.0", port: int = 8501, max_body_bytes: int = 4 << 20,
+    def __init__(self, api: RestApi, host: str = DEFAULT_HOST, port: int = DEFAULT_REST_PORT,
+                 max_body_bytes: int = MAX_MESSAGE_BYTES,
                  metrics_path: str | None = None, model_names: list[str] = (),
                  max_chars_per_call: int = sampling.MAX_CHARS_PER_CALL, num_threads: int = DEFAULT_NUM_THREADS):
         if num_threads < 1:
