@@ -15,7 +15,10 @@ import socket
 import subprocess
 import sys
 import threading
+import json
 import time
+import urllib.error
+import urllib.request
 
 SERVER_START_TIMEOUT = 180.0
 
@@ -138,3 +141,26 @@ class ServerProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def poll(condition, timeout: float = 60.0, every: float = 0.1):
+    """Calls ``condition`` until it returns something true; returns that (fails the test after ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value or time.monotonic() > deadline:
+            assert value, f"condition not met after {timeout}s"
+            return value
+        time.sleep(every)
+
+
+def http_call(url: str, body=None, method: str | None = None, timeout: float = 120) -> tuple[int, dict]:
+    """Sends JSON (if ``body``) with urllib; returns the status and the JSON answer, errors included."""
+    data = json.dumps(body).encode() if body is not None and not isinstance(body, bytes) else body
+    request = urllib.request.Request(url, data=data, method=method or ("POST" if data is not None else "GET"),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())

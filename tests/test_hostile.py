@@ -26,7 +26,7 @@ from keras_charrnn.serving import wire
 from keras_charrnn.serving.limits import ServingLimits
 from keras_charrnn.serving.manager import LoadedVersion
 from keras_charrnn.serving.request_batcher import Batcher, BatchingOptions
-from servers import ServerProcess
+from servers import ServerProcess, poll
 
 BATCH_TIMEOUT_S = 0.3
 MAX_CONCURRENT = 5
@@ -168,7 +168,7 @@ def _read_log_so_far(server) -> None:
     marker = r"Predict: model m version \d+ signature metadata"
     seen = len(server.log_matches(marker))
     server.stub.Predict(_request({}, "metadata"), timeout=30)
-    _poll(lambda: len(server.log_matches(marker)) > seen, every=0.02)
+    poll(lambda: len(server.log_matches(marker)) > seen, every=0.02)
 
 
 def test_a_bad_call_batched_with_honest_ones_leaves_their_text_exactly_as_alone(hostile, model):
@@ -212,7 +212,7 @@ def test_calls_over_the_concurrency_cap_are_refused_at_once_while_health_and_met
     long_calls = [hostile.stub.Predict.future(_request(_gen(model, n=4000, seed=s)), timeout=120)
                   for s in range(MAX_CONCURRENT)]
     try:  # all of them are in flight: checked, and generating segment after segment for seconds
-        _poll(lambda: len(hostile.log_matches(r"Predict: model m version 1 signature generate_text"))
+        poll(lambda: len(hostile.log_matches(r"Predict: model m version 1 signature generate_text"))
               == received + MAX_CONCURRENT)
         code, details, seconds, _ = _refused(hostile, _request(_gen(model)))
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_concurrent_requests" in details, details
@@ -233,8 +233,8 @@ def test_calls_over_the_concurrency_cap_are_refused_at_once_while_health_and_met
         for future in long_calls:
             future.cancel()
     # Their work stops at the next segment, and the cap frees up.
-    _poll(lambda: len(hostile.log_matches(r"stopped a .*caller went away")) >= MAX_CONCURRENT, timeout=10)
-    _poll(lambda: _try_predict(hostile, model))
+    poll(lambda: len(hostile.log_matches(r"stopped a .*caller went away")) >= MAX_CONCURRENT, timeout=10)
+    poll(lambda: _try_predict(hostile, model))
 
 
 def _try_predict(server, model) -> bool:
@@ -245,14 +245,6 @@ def _try_predict(server, model) -> bool:
         return False
 
 
-def _poll(condition, timeout=60.0, every=0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value or time.monotonic() > deadline:
-            assert value, f"condition not met after {timeout}s"
-            return value
-        time.sleep(every)
 
 
 # ----- lifecycle ------------------------------------------------------------------------------
@@ -290,7 +282,7 @@ def test_health_follows_versions_as_they_arrive_and_a_corrupt_version_never_repl
         SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
         assert health_of("") == NOT_SERVING and health_of("m") == NOT_SERVING
         _copy_slowly(model_dir, base / "1")  # not atomic: an empty folder first, then file by file
-        _poll(lambda: health_of("") == SERVING and health_of("m") == SERVING
+        poll(lambda: health_of("") == SERVING and health_of("m") == SERVING
               and health_of("tensorflow.serving.PredictionService") == SERVING)
         assert served_version() == 1
 
@@ -299,13 +291,13 @@ def test_health_follows_versions_as_they_arrive_and_a_corrupt_version_never_repl
         (tmp_path / "staging").rename(base / "2")  # this one arrives whole
         request = get_model_status_pb2.GetModelStatusRequest()
         request.model_spec.name = "m"
-        statuses = _poll(lambda: {s.version: s for s in status_stub.GetModelStatus(request).model_version_status}
+        statuses = poll(lambda: {s.version: s for s in status_stub.GetModelStatus(request).model_version_status}
                          if server.log_matches(r"refused version 2") else None)
         assert statuses[2].state == ModelVersionStatus.END and statuses[2].status.error_message
         assert str(tmp_path) not in statuses[2].status.error_message  # no server path reaches clients
         assert statuses[1].state == ModelVersionStatus.AVAILABLE
         polls = len(server.log_matches(r"version poll done"))
-        _poll(lambda: len(server.log_matches(r"version poll done")) >= polls + 5)  # polls go on ...
+        poll(lambda: len(server.log_matches(r"version poll done")) >= polls + 5)  # polls go on ...
         assert len(server.log_matches(r"refused version 2")) == 1  # ... and never try the unchanged corrupt version
         assert served_version() == 1 and health_of("") == SERVING
 
@@ -316,9 +308,9 @@ def test_health_follows_versions_as_they_arrive_and_a_corrupt_version_never_repl
                 destination.mkdir(exist_ok=True)
             else:
                 shutil.copyfile(path, destination)
-        _poll(lambda: served_version() == 2, timeout=60, every=0.3)
+        poll(lambda: served_version() == 2, timeout=60, every=0.3)
         assert health_of("m") == SERVING
-        _poll(lambda: server.log_matches(r"unloaded version 1"))
+        poll(lambda: server.log_matches(r"unloaded version 1"))
     assert server.proc.returncode == 0
 
 

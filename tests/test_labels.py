@@ -3,13 +3,10 @@ rewritten while it serves, and the canary roll-out of the README."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import threading
 import time
-import urllib.error
-import urllib.request
 
 import grpc
 import numpy as np
@@ -22,7 +19,7 @@ from tensorflow_serving.config import model_server_config_pb2
 from keras_charrnn.errors import ConfigError, InputError, ServingError
 from keras_charrnn.serving.client import SamplingClient
 from keras_charrnn.serving.manager import ModelManager
-from servers import ServerProcess, free_ports
+from servers import ServerProcess, free_ports, http_call
 
 POLL = 0.3  # --model_config_file_poll_wait_seconds
 
@@ -78,12 +75,6 @@ class Deployment:
         return self.predict_stub.Predict(request, timeout=60).model_spec.version.value
 
 
-def http_get(url: str) -> tuple[int, dict]:
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
 
 
 @pytest.fixture(scope="module")
@@ -106,9 +97,9 @@ def deployment(model_base, tmp_path_factory):
 def test_version_labels_resolve_over_grpc_and_rest(deployment):
     assert deployment.version_of("chars", label="stable") == 1
     assert deployment.version_of("chars", label="canary") == 2
-    status, body = http_get(f"{deployment.rest}/v1/models/chars/labels/canary")
+    status, body = http_call(f"{deployment.rest}/v1/models/chars/labels/canary")
     assert status == 200 and [v["version"] for v in body["model_version_status"]] == ["2"]
-    status, body = http_get(f"{deployment.rest}/v1/models/chars/labels/stable/metadata")
+    status, body = http_call(f"{deployment.rest}/v1/models/chars/labels/stable/metadata")
     assert status == 200 and body["model_spec"]["version"] == "1"
 
 
@@ -117,7 +108,7 @@ def test_unknown_label_is_invalid_argument_as_in_tf_serving(deployment):
         deployment.version_of("chars", label="nightly")
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert caught.value.details() == "Unrecognized servable version label: nightly"
-    status, body = http_get(f"{deployment.rest}/v1/models/chars/labels/nightly/metadata")
+    status, body = http_call(f"{deployment.rest}/v1/models/chars/labels/nightly/metadata")
     assert status == 400 and "Unrecognized servable version label" in body["error"]
 
 

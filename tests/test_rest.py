@@ -10,8 +10,6 @@ import re
 import shutil
 import socket
 import subprocess
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import grpc
@@ -24,22 +22,12 @@ from conftest import write_models_config
 from keras_charrnn import load
 from keras_charrnn.errors import ServingError
 from keras_charrnn.serving.rest import error_reply
-from servers import ServerProcess, free_ports
+from servers import ServerProcess, free_ports, http_call
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 SAMPLING = {"temperature": 0.8, "top_k": 0, "top_p": 1.0}
 
 
-def http_call(url: str, body=None, method: str | None = None) -> tuple[int, dict]:
-    """Sends JSON (if ``body``) with urllib; returns the status and the JSON answer, errors included."""
-    data = json.dumps(body).encode() if body is not None and not isinstance(body, bytes) else body
-    request = urllib.request.Request(url, data=data, method=method or ("POST" if data is not None else "GET"),
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=120) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ import shutil
 import subprocess
 import textwrap
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -28,7 +27,7 @@ from keras_charrnn.serving.manager import LoadedVersion, ModelManager, single_mo
 from keras_charrnn.serving.protos import BatchingParameters, SSLConfig
 from keras_charrnn.serving.request_batcher import Batcher, BatchingOptions, padded_sizes
 from keras_charrnn.serving.server import ModelServer, ServerOptions, batching_options
-from servers import ServerProcess
+from servers import ServerProcess, poll
 
 
 def _request(model, signature, inputs, version=None):
@@ -162,15 +161,6 @@ def _version_states(status_stub, name):
     return {s.version: s for s in response.model_version_status}
 
 
-def _poll(condition, timeout=60.0, every=0.1):
-    """Calls ``condition`` until it returns something true; returns that."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value or time.monotonic() > deadline:
-            assert value, f"condition not met after {timeout}s"
-            return value
-        time.sleep(every)
 
 
 def test_new_version_is_served_and_a_corrupt_one_is_refused(tmp_path, model_base):
@@ -187,14 +177,14 @@ def test_new_version_is_served_and_a_corrupt_one_is_refused(tmp_path, model_base
 
         (base / "3").mkdir()
         (base / "3" / "saved_model.pb").write_bytes(b"this is not a SavedModel")
-        statuses = _poll(lambda: (found := _version_states(status_stub, "m")).get(3) and
+        statuses = poll(lambda: (found := _version_states(status_stub, "m")).get(3) and
                          found[3].state == ModelVersionStatus.END and found)
         assert statuses[3].status.error_code == error_codes_pb2.INVALID_ARGUMENT and statuses[3].status.error_message
         assert statuses[1].state == ModelVersionStatus.AVAILABLE
         assert stub.Predict(_request("m", "generate_text", inputs)).model_spec.version.value == 1
 
         shutil.copytree(model_base / "gru" / "1", base / "4")
-        _poll(lambda: stub.Predict(_request("m", "metadata", {})).model_spec.version.value == 4, every=0.3)
+        poll(lambda: stub.Predict(_request("m", "metadata", {})).model_spec.version.value == 4, every=0.3)
         assert _code(lambda: stub.Predict(_request("m", "metadata", {}, version=1)))[0] == grpc.StatusCode.NOT_FOUND
     assert server.proc.returncode == 0
 
