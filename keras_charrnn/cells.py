@@ -27,7 +27,7 @@ try:  # how Keras and TF's own layers tell an XLA-compiled trace from a plain on
 except ImportError:  # pragma: no cover - a TF without it: take the path that is invariant in both modes
     _in_xla_context = None
 
-ROW_MULTIPLE = 4  # a matmul's rows are padded to a multiple of this ...
+ROW_MULTIPLE = 4  # a matmul's rows are padded to a multiple of this (graph mode) ...
 ROW_TILE = 32  # ... and, under XLA, cut into tiles of this many rows (see ``matmul``)
 
 
@@ -49,13 +49,15 @@ def matmul(x, w):
 
     * in graph mode, in any matmul whose row count is a multiple of ``ROW_MULTIPLE``
       (checked up to 6400 rows): one padded matmul;
-    * under XLA, in any matmul of 4, 8, ..., ``ROW_TILE`` rows that XLA compiles the
-      same way: fewer than ``ROW_TILE`` rows are padded by at least one row (a product
-      that needs no padding was seen compiled into other code inside the sampling
-      loop), ``ROW_TILE`` rows are two 16-row tiles, and more are ``ROW_TILE``-row tiles;
-      tiles are multiplied one at a time in a loop that XLA cannot merge back into one
-      large product (it does merge a batched matmul) nor drop (it does drop a loop of
-      one iteration).
+    * under XLA, in any matmul of 2 to ``ROW_TILE`` rows that XLA compiles the same
+      way (one row takes a matrix-vector path, more than about ``ROW_TILE`` another
+      kernel): fewer than ``ROW_TILE`` rows are padded by one row (a product whose
+      result is not sliced was seen fused into its consumer, e.g. a GRU's bias add,
+      and compiled into other code inside the sampling loop; one row, not a multiple
+      of ``ROW_MULTIPLE``, keeps single rows cheap), ``ROW_TILE`` rows are two 16-row
+      tiles, and more are ``ROW_TILE``-row tiles; tiles are multiplied one at a time
+      in a loop that XLA cannot merge back into one large product (it does merge a
+      batched matmul) nor drop (it does drop a loop of one iteration).
 
     A row's bits in graph mode and under XLA differ (other kernels), so the default
     signatures and their ``*_xla`` twins are each batch-invariant, not equal to each
@@ -86,8 +88,8 @@ def matmul(x, w):
         y = tf.matmul(padded((m + ROW_MULTIPLE - 1) // ROW_MULTIPLE * ROW_MULTIPLE), w)[:m]
         return tf.ensure_shape(y, [x.shape[0], n])
 
-    def one_product():  # at least one row of padding, at most ROW_TILE rows
-        return tf.matmul(padded((m // ROW_MULTIPLE + 1) * ROW_MULTIPLE), w)[:m]
+    def one_product():  # one row of padding, at most ROW_TILE rows
+        return tf.matmul(padded(m + 1), w)[:m]
 
     def tiles(rows):  # a loop over at least two tiles, so XLA keeps the loop
         count = (m + rows - 1) // rows

@@ -338,17 +338,25 @@ def _run_serve(args) -> None:
     server.serve_until_signal()
 
 
+SERVE_UNUSED_MODULES = ("jax", "keras", "h5py", "scipy")  # imported by `import tensorflow`, unused by `serve`
+
+
 def _lean_server_process() -> None:
     """Memory settings for a ``charrnn serve`` process, made before TensorFlow is imported.
 
-    The server runs TensorFlow only: TensorFlow's lite module imports JAX when it is
-    installed (about 110 MB resident), so JAX is marked unavailable unless Keras is
-    set to run on it; and glibc's malloc keeps at most 2 arenas (``MALLOC_ARENA_MAX``,
-    unless the environment sets it), not 8 per core for the gRPC and batching threads.
-    See BENCHMARKS.md, "serving overhead profile".
+    The server runs SavedModels on TensorFlow alone, and ``import tensorflow`` brings in
+    much it never uses, each import guarded by TensorFlow so that a missing package is
+    skipped: JAX (TensorFlow's lite module imports it when installed: about 110 MB
+    resident), Keras (imported eagerly for its optimizers, and with it matplotlib and
+    IPython: 66 MB), and h5py and SciPy (for TensorFlow's legacy Keras: 20 MB). They are
+    marked unavailable here (``import keras`` raises ImportError, which TensorFlow handles);
+    the serve path imports none of them itself. And glibc's malloc keeps at most 2 arenas
+    (``MALLOC_ARENA_MAX``, unless the environment sets it), not 8 per core for the gRPC and
+    batching threads. See BENCHMARKS.md, "serving overhead profile".
     """
-    if os.environ.get("KERAS_BACKEND", "tensorflow") != "jax" and "jax" not in sys.modules:
-        sys.modules["jax"] = None  # `import jax` raises ImportError, which TensorFlow handles
+    for unused in SERVE_UNUSED_MODULES:
+        if unused not in sys.modules:
+            sys.modules[unused] = None  # `import keras` raises ImportError, which TensorFlow handles
     if "MALLOC_ARENA_MAX" not in os.environ:
         try:
             import ctypes

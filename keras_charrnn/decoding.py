@@ -86,7 +86,10 @@ def choose(logits: tf.Tensor, temperature: tf.Tensor, top_k: tf.Tensor, top_p: t
     greedy = tf.argmax(logits, axis=-1, output_type=tf.int32)
     warm = temperature > 0
     scaled = logits / tf.where(warm, temperature, 1.0)[:, None]
-    scaled = filter_logits(scaled, top_k, top_p)
+    # The filter sorts each row twice; a row with top_k 0 and top_p 1 comes out of it bit for bit
+    # unchanged, so a batch where no row filters skips it (a row's result is the same either way).
+    filtering = tf.reduce_any((top_k > 0) | (top_p < 1.0))
+    scaled = tf.cond(filtering, lambda: filter_logits(scaled, top_k, top_p), lambda: scaled)
     gumbel = -tf.math.log(-tf.math.log(keyed_uniform(seed, position, vocab)))
     sampled = tf.argmax(scaled + gumbel, axis=-1, output_type=tf.int32)
     return tf.where(warm, sampled, greedy)

@@ -28,13 +28,14 @@ from pathlib import Path
 from typing import Callable
 
 import tensorflow as tf
-from tensorflow.core.protobuf import saved_model_pb2
+from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 from tensorflow_serving.config import model_server_config_pb2
 
 from keras_charrnn.errors import ConfigError, InputError, ServingError, graph_error_message
 from keras_charrnn.serving import monitoring
 from keras_charrnn.serving.protos import parse_text_proto
+from keras_charrnn.serving.signature_loader import load_signatures
 from keras_charrnn import warmup
 from keras_charrnn.versions import is_version_dir, list_versions
 from keras_charrnn.xla import XLA_DISABLED_MESSAGE, is_xla_unavailable, must_compile_signatures, xla_twin
@@ -176,10 +177,18 @@ def load_version(name: str, version: int, path: Path, xla: bool = True) -> Loade
     serve = [m for m in meta.meta_graphs if "serve" in m.meta_info_def.tags]
     if not serve:
         raise InputError(f"version {version} has no MetaGraph tagged 'serve'")
-    module = tf.saved_model.load(str(path), tags=["serve"])
-    loaded = LoadedVersion(name, version, path, module,
-                           {k: v for k, v in serve[0].signature_def.items() if not k.startswith("__")},
-                           xla, frozenset(must_compile_signatures(serve[0])))
+    if len(meta.meta_graphs) == 1 and set(serve[0].meta_info_def.tags) == {"serve"}:
+        module = load_signatures(path, serve[0])
+    else:  # TensorFlow's loader and its rules (several MetaGraphs, other tags)
+        module = tf.saved_model.load(str(path), tags=["serve"])
+    signature_defs = {}
+    for key, sig_def in serve[0].signature_def.items():
+        if not key.startswith("__"):  # copies: a part of the parsed SavedModel would keep all of it alive
+            signature_defs[key] = meta_graph_pb2.SignatureDef()
+            signature_defs[key].CopyFrom(sig_def)
+    loaded = LoadedVersion(name, version, path, module, signature_defs, xla,
+                           frozenset(must_compile_signatures(serve[0])))
+    del meta, serve
     records = warmup.replay(path, lambda signature, inputs: _warm_up(loaded, signature, inputs))
     log.info("model %s version %d: ran %d warm-up record(s)%s", name, version, records,
              "" if loaded.xla or not xla else " (without XLA: the XLA twins failed)")

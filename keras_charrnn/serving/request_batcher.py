@@ -3,18 +3,23 @@
 Calls are grouped by (model, version, signature, and every input dimension
 but the batch one): only such calls can be stacked. ``num_chars`` and the
 prime's length are per-row values, so calls that differ only in them share
-batches. A batch is closed when it holds ``max_batch_size`` rows or when its
-oldest call has waited ``batch_timeout_micros``; ``num_batch_threads`` threads
-run the closed batches; ready groups take turns (round robin), so no group
-waits behind a busy one for more than its timeout plus one batch run. A call whose caller has gone (cancelled, or past its deadline)
-is dropped before its batch runs; the others get their rows. A group's
+batches. A batch is closed when it holds ``max_batch_size`` rows, or when its
+oldest call has waited ``batch_timeout_micros`` and no other batch is running
+(batches share the CPU: one started beside another only takes cores from it,
+and a loaded server would split its callers into many small batches);
+``num_batch_threads`` threads run the closed batches, the next one starting
+as soon as a model run ends, while the last batch's callers get their rows.
+Ready groups take turns (round robin), so no group waits behind a busy one
+for more than its timeout plus one batch run. A call whose caller has gone
+(cancelled, or past its deadline) is dropped before its batch runs; the others get their rows. A group's
 queue is removed when it empties. A queue holding ``max_enqueued_batches``
 full batches refuses more calls with UNAVAILABLE.
 
 The server checks each call on its own before it is queued, so a batch holds
 only rows the model accepts, and one bad call cannot fail its neighbours.
 Batches are padded to a few sizes (``allowed_batch_sizes``, or powers of two)
-so the XLA-compiled sampling loop is compiled for those sizes only, at load.
+so the XLA-compiled sampling loop is compiled for those sizes only, at load
+(the server runs each size once when a version loads).
 
 The exported model keys its randomness by each row's (seed, position), so a
 row's result does not depend on which other calls share its batch.
@@ -193,6 +198,7 @@ class Batcher:
         self._queues: dict[tuple, deque[_Call]] = {}
         self._targets: dict[tuple, tuple[LoadedVersion, str]] = {}
         self._cond = threading.Condition()
+        self._running = 0  # batches taken whose model run has not ended
         self._closed = False
         self._threads = [threading.Thread(target=self._work, name=f"batch-{i}", daemon=True)
                          for i in range(options.num_batch_threads)]
@@ -237,10 +243,15 @@ class Batcher:
         return call.future
 
     def _take(self) -> tuple[tuple[LoadedVersion, str], list[_Call]] | None:
-        """Waits for a batch that is full or whose oldest call has waited long enough.
+        """Waits for a batch that is full, or whose oldest call has waited long enough while no batch runs.
 
-        Ready groups take turns (round robin: a group that has just run goes to the
-        back), so a busy group delays another by at most one batch run per group.
+        The batch threads share the CPU with each other: a batch started beside a running
+        one takes cores from it rather than adding any, and on a loaded server such batches
+        split the callers into many small batches. So a batch that is not full waits, past
+        its timeout, until the batches running now have run (or it fills up); full batches
+        start on any free thread. Ready groups take turns (round robin: a group that has
+        just run goes to the back), and a group held back holds back the groups behind it,
+        so a busy group delays another by at most one batch run per group.
         Calls whose callers have gone are dropped here; an emptied group is removed.
         """
         with self._cond:
@@ -248,21 +259,27 @@ class Batcher:
                 if self._closed and not any(self._queues.values()):
                     return None
                 now = time.monotonic()
-                wait, ready = None, []
+                wait, chosen = None, None
                 for key, queue in list(self._queues.items()):
                     while queue and not queue[0].wanted():  # gone before its turn: never run it
                         self._drop(queue.popleft())
                     if not queue:
                         self._forget(key)
                         continue
+                    if chosen is not None:
+                        continue
                     ready_at = queue[0].enqueued + self.timeout
-                    if sum(c.rows for c in queue) >= self.max_batch_size or now >= ready_at or self._closed:
-                        ready.append((queue[0].enqueued, key))
+                    if self._rows_queued(queue) >= self.max_batch_size or self._closed:
+                        chosen = key
+                    elif now >= ready_at:
+                        if self._running:  # the first ready group in turn waits for the CPU; so do those behind it
+                            chosen = False
+                        else:
+                            chosen = key
                     else:
                         wait = ready_at - now if wait is None else min(wait, ready_at - now)
-                if ready:
-                    _, key = ready[0]  # groups rotate: the one that ran last goes to the back
-                    queue, target = self._queues[key], self._targets[key]
+                if chosen:
+                    queue, target = self._queues[chosen], self._targets[chosen]
                     batch, rows = [], 0
                     while queue and rows + queue[0].rows <= self.max_batch_size:
                         call = queue.popleft()
@@ -272,13 +289,19 @@ class Batcher:
                         batch.append(call)
                         rows += call.rows
                     if not queue:
-                        self._forget(key)
+                        self._forget(chosen)
                     else:
-                        self._queues[key] = self._queues.pop(key)  # to the back of the rotation
+                        self._queues[chosen] = self._queues.pop(chosen)  # to the back of the rotation
                     if batch:
+                        self._running += 1
                         return target, batch
                     continue
-                self._cond.wait(timeout=wait)
+                # Woken by a new call, a batch ending, or the next timeout (held back: a batch ending).
+                self._cond.wait(timeout=None if chosen is False else wait)
+
+    @staticmethod
+    def _rows_queued(queue: deque[_Call]) -> int:
+        return sum(c.rows for c in queue)
 
     def _forget(self, key: tuple) -> None:
         """Removes an empty group (its queue and its reference to the model version)."""
@@ -298,36 +321,59 @@ class Batcher:
             if taken is None:
                 return
             (loaded, signature), batch = taken
-            # From here a call can no longer be cancelled; one cancelled just now is left out.
-            batch = [c for c in batch if c.future.set_running_or_notify_cancel()]
-            if not batch:
-                continue
+            ended = threading.Event()
+
+            def run_ended() -> None:  # once per batch: batches held back for the CPU may start
+                if not ended.is_set():
+                    ended.set()
+                    with self._cond:
+                        self._running -= 1
+                        self._cond.notify_all()
+
             try:
-                rows = sum(c.rows for c in batch)
-                size = next(b for b in self.allowed_batch_sizes if b >= rows)
-                # Pad with copies of the last row up to an allowed size: the model is compiled
-                # (XLA) once per batch size, so a few sizes keep compilation off the hot path.
-                merged = {k: np.concatenate([c.inputs[k] for c in batch] + [batch[-1].inputs[k][-1:]] * (size - rows))
-                          for k in batch[0].inputs}
-                monitoring.record_batch([c.rows for c in batch], [time.monotonic() - c.enqueued for c in batch], size)
+                self._run_batch(loaded, signature, batch, run_ended)
+            finally:
+                run_ended()
+
+    def _run_batch(self, loaded: LoadedVersion, signature: str, batch: list[_Call], run_ended) -> None:
+        """Runs one taken batch; every caller gets its rows, or the batch's error.
+
+        ``run_ended`` is called once the model has run, before the callers get their rows,
+        so the next batch runs while this one's answers go out.
+        """
+        # From here a call can no longer be cancelled; one cancelled just now is left out.
+        batch = [c for c in batch if c.future.set_running_or_notify_cancel()]
+        if not batch:
+            return
+        try:
+            rows = sum(c.rows for c in batch)
+            size = next(b for b in self.allowed_batch_sizes if b >= rows)
+            # Pad with copies of the last row up to an allowed size: the model is compiled
+            # (XLA) once per batch size, so a few sizes keep compilation off the hot path.
+            merged = {k: np.concatenate([c.inputs[k] for c in batch] + [batch[-1].inputs[k][-1:]] * (size - rows))
+                      for k in batch[0].inputs}
+            monitoring.record_batch([c.rows for c in batch], [time.monotonic() - c.enqueued for c in batch], size)
+            try:
                 outputs = self._run(loaded, signature, merged)
-                with self._cond:
-                    self.batch_rows_run[rows] += 1
-                    first = (id(loaded), signature, size) not in self._shapes_run
-                    self._shapes_run.add((id(loaded), signature, size))
-                if first:  # a new batch size was compiled (XLA): the compiler's freed heap goes back to the system
-                    release_freed_memory()
-                log.debug("ran a batch of %d rows from %d calls (padded to %d) on %s version %d %s",
-                          rows, len(batch), size, loaded.name, loaded.version, signature)
-                start = 0
-                for call in batch:
-                    if not call.future.done():
-                        call.future.set_result({k: v[start:start + call.rows] for k, v in outputs.items()})
-                    start += call.rows
-            except BaseException as exc:  # every caller of the batch gets the error
-                for call in batch:
-                    if not call.future.done():
-                        call.future.set_exception(exc)
+            finally:
+                run_ended()
+            with self._cond:
+                self.batch_rows_run[rows] += 1
+                first = (id(loaded), signature, size) not in self._shapes_run
+                self._shapes_run.add((id(loaded), signature, size))
+            if first:  # a new batch size was compiled (XLA): the compiler's freed heap goes back to the system
+                release_freed_memory()
+            log.debug("ran a batch of %d rows from %d calls (padded to %d) on %s version %d %s",
+                      rows, len(batch), size, loaded.name, loaded.version, signature)
+            start = 0
+            for call in batch:
+                if not call.future.done():
+                    call.future.set_result({k: v[start:start + call.rows] for k, v in outputs.items()})
+                start += call.rows
+        except BaseException as exc:  # every caller of the batch gets the error
+            for call in batch:
+                if not call.future.done():
+                    call.future.set_exception(exc)
 
     def close(self) -> None:
         """Runs what is queued, then stops the threads."""

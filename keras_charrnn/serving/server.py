@@ -34,6 +34,7 @@ from tensorflow.python.framework import ops as tf_ops
 from tensorflow_serving.apis import model_management_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
+from keras_charrnn import warmup
 from keras_charrnn.errors import ConfigError, ServingError, graph_error_message
 from keras_charrnn.serving import limits as request_limits
 from keras_charrnn.serving import monitoring, wire
@@ -62,10 +63,23 @@ def serving_limits(options: ServerOptions) -> ServingLimits:
                          max_request_elements=options.max_request_elements)
 
 
-def concurrency_cap(options: ServerOptions) -> int:
+HEALTH_THREADS = 8  # gRPC threads that Predict calls never take: health, status and metadata always find one
+
+
+def concurrency_cap(options: ServerOptions, batching: BatchingOptions | None = None) -> int:
     """How many Predict calls may be in flight at once (beyond it: RESOURCE_EXHAUSTED at once).
 
-    It stays below ``grpc_max_threads`` so that health, status and metadata calls always find a thread.
+    Automatic (``max_concurrent_requests`` 0): ``grpc_max_threads - 8``, so that health,
+    status and metadata calls always find a thread; with batching, at least enough calls
+    to fill a batch on every batch thread and one more batch forming
+    (``max_batch_size x (num_batch_threads + 1)``): a call waiting in the batching queue
+    holds its gRPC thread, so a lower cap would keep every batch below ``max_batch_size``
+    (``grpc_threads`` then adds the threads). A cap given is kept, and must stay below
+    ``grpc_max_threads``.
+
+    Args:
+        options: the server's options.
+        batching: the batching parameters when batching is on.
 
     Raises:
         ConfigError: ``max_concurrent_requests`` is negative or leaves no thread for them.
@@ -74,11 +88,17 @@ def concurrency_cap(options: ServerOptions) -> int:
     if cap < 0:
         raise ConfigError(f"max_concurrent_requests must be 0 (automatic) or positive, got {cap}")
     if cap == 0:
-        return max(1, options.grpc_max_threads - 8)
+        fill = batching.max_batch_size * (batching.num_batch_threads + 1) if batching is not None else 0
+        return max(1, options.grpc_max_threads - HEALTH_THREADS, fill)
     if cap >= options.grpc_max_threads:
         raise ConfigError(f"max_concurrent_requests ({cap}) must be less than grpc_max_threads "
                           f"({options.grpc_max_threads}), so health and status calls always find a thread")
     return cap
+
+
+def grpc_threads(options: ServerOptions, cap: int) -> int:
+    """The gRPC server's threads: ``grpc_max_threads``, or more where the Predict cap needs them (see ``concurrency_cap``)."""
+    return max(options.grpc_max_threads, cap + HEALTH_THREADS)
 
 
 def model_server_config(options: ServerOptions) -> model_server_config_pb2.ModelServerConfig:
@@ -593,19 +613,61 @@ class ModelServer:
         self.manager.xla = options.xla_cpu_compilation_enabled
         self.manager.allow_version_labels_for_unavailable_models = options.allow_version_labels_for_unavailable_models
         self.limits = serving_limits(options)
-        self.max_concurrent_requests = concurrency_cap(options)
+        batching = batching_options(options.batching_parameters_file) if options.enable_batching else None
+        self.max_concurrent_requests = concurrency_cap(options, batching)
+        self.grpc_threads = grpc_threads(options, self.max_concurrent_requests)
         self.batcher = None
-        if options.enable_batching:
-            batching = batching_options(options.batching_parameters_file)
+        if batching is not None:
             self.batcher = Batcher(run_signature, batching)
             log.info("batching on: %s", ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(batching).items()))
+            if self.grpc_threads > options.grpc_max_threads:
+                log.info("gRPC threads raised to %d (max_concurrent_requests %d + %d): batches of max_batch_size "
+                         "need that many calls waiting", self.grpc_threads, self.max_concurrent_requests,
+                         HEALTH_THREADS)
         self.health = health.HealthServicer()
-        self.manager.on_change = self._update_health  # every poll: health follows what is loaded
+        self._warmed: dict[tuple[str, int], weakref.ref] = {}  # versions whose batch sizes are compiled
+        self.manager.on_change = self._after_poll  # every poll: new versions warmed, health follows what is loaded
         self.port: int | None = None
         self.rest_port: int | None = None
         self._rest: RestServer | None = None
         self._server: grpc.Server | None = None
         self._stopped = threading.Event()
+
+    def _after_poll(self) -> None:
+        if self.batcher is not None:
+            self._warm_batch_sizes()
+        self._update_health()
+
+    def _warm_batch_sizes(self) -> None:
+        """Compiles each newly loaded version's XLA twins for every batch size the batcher pads to.
+
+        A version's warm-up records cover the sizes given at export (1, 2, 4 and 8 by
+        default); a batched call of another size would otherwise XLA-compile (about a
+        second for a 2x512 LSTM) while its batch, and every call behind it, waits.
+        """
+        current = {(name, version): loaded for name, model in self.manager.models.items()
+                   for version, loaded in list(model.loaded.items())}
+        self._warmed = {key: ref for key, ref in self._warmed.items() if current.get(key) is ref()}
+        compiled = False
+        for key, loaded in current.items():
+            if key in self._warmed:
+                continue
+            self._warmed[key] = weakref.ref(loaded)  # weakly: an unloaded version's memory is not held
+            requests = warmup.warmup_requests(loaded.signature_defs, self.batcher.allowed_batch_sizes)
+            if not loaded.xla or not requests:  # the plain signatures run any batch size without compiling
+                continue
+            started = time.monotonic()
+            try:
+                for request in requests:
+                    run_signature(loaded, request.model_spec.signature_name, warmup.request_arrays(request))
+            except Exception as exc:  # a call of that size will compile (or fail) then, as before
+                log.warning("model %s version %d: warming the batch sizes failed: %s", *key, exc)
+                continue
+            compiled = True
+            log.info("model %s version %d: ran %d call(s) to compile batch sizes %s (%.1f s)", *key, len(requests),
+                     self.batcher.allowed_batch_sizes, time.monotonic() - started)
+        if compiled:
+            release_freed_memory()  # the compiler's freed heap goes back to the system
 
     def _update_health(self) -> None:
         """Health: SERVING while every model has a version AVAILABLE ("" and the service names), per model too."""
@@ -636,7 +698,7 @@ class ModelServer:
         release_freed_memory()  # loading and XLA compiling at warm-up leave much freed heap behind
         self._watch_model_config()
         limit = self.options.max_message_bytes
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.options.grpc_max_threads),
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.grpc_threads),
                              options=[("grpc.max_receive_message_length", limit),
                                       ("grpc.max_send_message_length", limit),
                                       ("grpc.so_reuseport", 0)])

@@ -1,0 +1,132 @@
+"""The lean SavedModel loader (keras_charrnn.serving.signature_loader): tf.saved_model.load's outputs, or its fallback."""
+
+import gc
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow.core.protobuf import saved_model_pb2
+from tensorflow.python.eager import context as tf_context
+
+from keras_charrnn.serving import signature_loader
+from keras_charrnn.serving.signature_loader import SignatureModel, load_signatures
+
+BUNDLED = Path(__file__).resolve().parent.parent / "saved_models" / "shakespeare" / "1"
+
+
+def _serve_meta_graph(path: Path):
+    meta = saved_model_pb2.SavedModel.FromString((path / "saved_model.pb").read_bytes())
+    return next(m for m in meta.meta_graphs if "serve" in m.meta_info_def.tags)
+
+
+def _inputs(specs: dict, seed: int) -> dict:
+    """Two rows of valid inputs for a signature of the bundled model, by input name."""
+    rng = np.random.default_rng(seed)
+    values = {"prime": [b"ROMEO:", b"To be, or"], "ids": [[5, 12, 30], [40, 2, 9]], "num_chars": [6, 3],
+              "temperature": [1.0, 0.7], "top_k": [0, 5], "top_p": [1.0, 0.9],
+              "seed": [seed, seed + 101], "position": [0, 4]}
+    inputs = {}
+    for name, spec in specs.items():
+        if name in values:
+            inputs[name] = tf.constant(values[name], dtype=spec.dtype)
+        else:  # a recurrent state: h_0, c_1, ...
+            inputs[name] = tf.constant(rng.normal(0, 0.5, (2, spec.shape[-1])), dtype=spec.dtype)
+    return inputs
+
+
+@pytest.fixture(scope="module")
+def both_loads():
+    """The bundled model loaded by TensorFlow's loader and by the lean one."""
+    reference = tf.saved_model.load(str(BUNDLED), tags=["serve"])
+    lean = load_signatures(BUNDLED, _serve_meta_graph(BUNDLED))
+    assert isinstance(lean, SignatureModel)  # not the fallback
+    return reference, lean
+
+
+def test_every_signature_of_the_bundled_model_gives_tf_saved_model_loads_outputs_bit_for_bit(both_loads):
+    reference, lean = both_loads
+    assert set(lean.signatures) == set(reference.signatures)
+    assert {"generate_text", "generate_text_xla", "serving_default", "step", "metadata"} <= set(lean.signatures)
+    for name in sorted(lean.signatures):
+        specs = reference.signatures[name].structured_input_signature[1]
+        for seed in (3, 2024):
+            inputs = _inputs(specs, seed)
+            expected, got = reference.signatures[name](**inputs), lean.signatures[name](**inputs)
+            assert set(got) == set(expected), name
+            for key in expected:
+                assert got[key].dtype == expected[key].dtype and got[key].shape == expected[key].shape, (name, key)
+                assert np.array_equal(got[key].numpy(), expected[key].numpy()), (name, key, seed)
+
+
+def test_lean_signatures_bind_inputs_as_tensorflows_do(both_loads):
+    _, lean = both_loads
+    step = lean.signatures["step"]
+    inputs = _inputs(step.structured_input_signature[1], 0)
+    with pytest.raises(TypeError, match="missing a required argument"):
+        step(**{k: v for k, v in inputs.items() if k != "ids"})
+    with pytest.raises(TypeError, match="unexpected keyword argument"):
+        step(**inputs, extra=tf.constant(1))
+    as_lists = {k: v.numpy().tolist() for k, v in inputs.items()}  # plain values are converted to the specs
+    assert np.array_equal(step(**as_lists)["logits"].numpy(), step(**inputs)["logits"].numpy())
+
+
+class _WithTable(tf.Module):
+    """Captures a lookup table (a resource the lean loader does not restore) and a vocabulary asset."""
+
+    def __init__(self, vocab_file: str):
+        super().__init__()
+        self.table = tf.lookup.StaticHashTable(
+            tf.lookup.TextFileInitializer(vocab_file, tf.string, tf.lookup.TextFileIndex.WHOLE_LINE,
+                                          tf.int64, tf.lookup.TextFileIndex.LINE_NUMBER), -1)
+        self.scale = tf.Variable(10, dtype=tf.int64)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="words")])
+    def lookup(self, words):
+        return {"ids": self.table.lookup(words) * self.scale}
+
+
+def test_a_savedmodel_the_lean_loader_does_not_handle_is_loaded_by_tensorflows_loader(tmp_path):
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("the\nquick\nfox\n")
+    module = _WithTable(str(vocab))
+    path = tmp_path / "with_table" / "1"
+    tf.saved_model.save(module, str(path), signatures={"serving_default": module.lookup})
+    loaded = load_signatures(path, _serve_meta_graph(path))
+    assert not isinstance(loaded, SignatureModel)  # tf.saved_model.load's module
+    out = loaded.signatures["serving_default"](words=tf.constant(["fox", "the", "cat"]))
+    assert out["ids"].numpy().tolist() == [20, 0, -10]
+
+
+def test_a_change_of_tensorflows_private_apis_falls_back_instead_of_failing(both_loads, monkeypatch):
+    reference, _ = both_loads
+    inputs = _inputs(reference.signatures["step"].structured_input_signature[1], 1)
+    expected = reference.signatures["step"](**inputs)["logits"].numpy()
+
+    class NoDecoder:  # nested_structure_coder without decode_proto, as a TensorFlow upgrade might leave it
+        pass
+
+    monkeypatch.setattr(signature_loader, "nested_structure_coder", NoDecoder())
+    loaded = load_signatures(BUNDLED, _serve_meta_graph(BUNDLED))
+    assert not isinstance(loaded, SignatureModel)
+    assert np.array_equal(loaded.signatures["step"](**inputs)["logits"].numpy(), expected)
+
+    monkeypatch.setattr(signature_loader, "_eager_functions_unusable", lambda: "call_function is gone")
+    loaded = load_signatures(BUNDLED, _serve_meta_graph(BUNDLED))
+    assert not isinstance(loaded, SignatureModel)
+    assert np.array_equal(loaded.signatures["step"](**inputs)["logits"].numpy(), expected)
+
+
+def test_the_probe_finds_this_tensorflows_private_apis_usable():
+    assert signature_loader._eager_functions_unusable() == ""
+
+
+def test_unloading_a_version_unregisters_its_functions():
+    lean = load_signatures(BUNDLED, _serve_meta_graph(BUNDLED))
+    assert isinstance(lean, SignatureModel)
+    names = [f.name for f in lean.signatures.values()]
+    context = tf_context.context()
+    assert all(context.has_function(name) for name in names)
+    del lean
+    gc.collect()
+    assert not any(context.has_function(name) for name in names)
