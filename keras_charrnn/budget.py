@@ -29,9 +29,12 @@ or ``plan_budget`` then ``train``) does, with the clock started when it is calle
    characters: ~15 per parameter, 13 passes), not 2x384 (1.9 M parameters, ~8 M characters: 4 per
    parameter) nor 2x512 (3.3 M, 4.5 M: 1.4 per parameter). It is a judgement from those figures, not
    a fit of a sweep on this machine; ``bench/quality.py`` checks it against a plain Keras 2x256 LSTM.
-3. **The rest**: ``seq_len`` 100 (``SEQ_LEN``); ``batch_size`` 32, or 64 when the run will still take
-   ``MIN_STEPS_FOR_BATCH_64`` optimizer steps at 64 (the larger batch trains faster per character on a
-   CPU; the chosen size is then measured again at 64), halved for a corpus too short for it;
+3. **The rest**: ``seq_len`` 100 (``SEQ_LEN``); ``batch_size`` 64 (``PROBE_BATCH_SIZE``, the batch the
+   candidates are probed at: it trains about 1.5x faster per character than 32 on a CPU, so probing
+   at 32 judged sizes by a speed the run would not have), or 32 (``BATCH_SIZE``) when the pick would
+   take fewer than ``MIN_STEPS_FOR_BATCH_64`` (1,000) optimizer steps at 64 (the pick is then measured
+   again at 32: a run that short gains more from steps than from characters), halved for a corpus too
+   short for it;
    ``dropout`` 0 when the run sees its training text fewer than ``MIN_PASSES_FOR_DROPOUT`` times
    (dropout fights overfitting, which needs repeated passes, and slows learning), else the default;
    the cosine learning-rate schedule spans the predicted number of batches (``schedule_steps``), so
@@ -84,7 +87,8 @@ MAX_PARAMS_PER_TRAIN_CHAR = 2.0  # the most parameters per character of training
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 SEQ_LEN: int = _DEFAULTS["seq_len"]  # the shape a budget starts from: TrainConfig's defaults
 BATCH_SIZE: int = _DEFAULTS["batch_size"]
-MIN_STEPS_FOR_BATCH_64 = 2000
+MIN_STEPS_FOR_BATCH_64 = 1000  # fewer optimizer steps than this at 64: batch 32 (see the module doc)
+PROBE_BATCH_SIZE = 64  # candidates are probed at this batch (see the module doc)
 MIN_PASSES_FOR_DROPOUT = 2.0
 MIN_TRAIN_FRACTION = 0.25  # a budget leaving less than this for training batches is refused
 EPOCHS_HEADROOM = 1.5  # epochs cover 1.5x the predicted batches: a machine faster than predicted still trains to the end
@@ -345,7 +349,8 @@ class BudgetStop(keras.callbacks.Callback):
 
 RULE = (f"largest candidate with chars >= {CHARS_PER_PARAM:g} x params and params <= "
         f"{MAX_PARAMS_PER_TRAIN_CHAR:g} x training chars (else the smallest); chars = probe chars/s x seconds "
-        f"left for batches; batch 64 if >= {MIN_STEPS_FOR_BATCH_64} steps at 64, else 32; dropout 0 below "
+        f"left for batches; probed at batch {PROBE_BATCH_SIZE}, kept if >= {MIN_STEPS_FOR_BATCH_64} steps, "
+        f"else {BATCH_SIZE}; dropout 0 below "
         f"{MIN_PASSES_FOR_DROPOUT:g} passes; cosine over the predicted batches; epochs = "
         f"{EPOCHS_HEADROOM:g} x predicted passes, rounded up; stopped by the clock")
 
@@ -395,19 +400,21 @@ def plan_budget(corpus: str | os.PathLike, run_dir: str | os.PathLike, config: T
     data = load_corpus(corpus, strict=strict)
     train_ids, val_ids = split_train_val(data.ids, config.val_frac)
     batch, seq_len = _batch_shape(len(train_ids), len(val_ids),
-                                  config.batch_size if "batch_size" in fixed else BATCH_SIZE,
+                                  config.batch_size if "batch_size" in fixed else PROBE_BATCH_SIZE,
                                   config.seq_len if "seq_len" in fixed else SEQ_LEN)
     batch = config.batch_size if "batch_size" in fixed else batch  # a given shape is kept (TBPTT says if too long)
     seq_len = config.seq_len if "seq_len" in fixed else seq_len
     shaped = dataclasses.replace(config, batch_size=batch, seq_len=seq_len, schedule_steps=None)
     results = probe(shaped, data.vocab.size, train_ids, len(val_ids), budget, started, fixed)
     choice, pick = plan(shaped, results, len(train_ids), fixed)
-    if ("batch_size" not in fixed and pick["chars"] / (64 * seq_len) >= MIN_STEPS_FOR_BATCH_64
-            and _batch_shape(len(train_ids), len(val_ids), 64, seq_len)[0] == 64):
-        again = _measure(dataclasses.replace(shaped, layers=pick["layers"], units=pick["units"], batch_size=64),
+    if ("batch_size" not in fixed and batch > BATCH_SIZE
+            and pick["chars"] / (batch * seq_len) < MIN_STEPS_FOR_BATCH_64):
+        small = _batch_shape(len(train_ids), len(val_ids), BATCH_SIZE, seq_len)[0]
+        again = _measure(dataclasses.replace(shaped, layers=pick["layers"], units=pick["units"], batch_size=small),
                          data.vocab.size, train_ids, PROBE_MIN_SECONDS)
         remeasured = _judge(again, budget, _now() - started, len(train_ids), len(val_ids), shaped)
-        remeasured["why"] = f"the pick measured again at batch 64: {remeasured['why']}"
+        remeasured["why"] = (f"under {MIN_STEPS_FOR_BATCH_64} steps at batch {batch}: the pick measured again at "
+                             f"batch {small}: {remeasured['why']}")
         results.append(remeasured)
         choice, pick = plan(shaped, [remeasured], len(train_ids), fixed)
     if pick["train_seconds"] < MIN_TRAIN_FRACTION * budget:
@@ -421,7 +428,7 @@ def plan_budget(corpus: str | os.PathLike, run_dir: str | os.PathLike, config: T
     probe_seconds = _now() - started
     record = {"seconds": budget, "rule": RULE,
               "numbers": {"chars_per_param": CHARS_PER_PARAM, "max_params_per_train_char": MAX_PARAMS_PER_TRAIN_CHAR,
-                          "min_steps_for_batch_64": MIN_STEPS_FOR_BATCH_64,
+                          "min_steps_for_batch_64": MIN_STEPS_FOR_BATCH_64, "probe_batch_size": PROBE_BATCH_SIZE,
                           "min_passes_for_dropout": MIN_PASSES_FOR_DROPOUT},
               "given": sorted(fixed & set(CHOSEN) | fixed & {"cell", "lr", "lr_schedule"}),
               "chosen": {k: getattr(chosen, k) for k in CHOSEN},

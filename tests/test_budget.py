@@ -52,6 +52,31 @@ def test_the_rule_picks_the_largest_model_that_sees_enough_characters_per_parame
     assert "units" not in plan(config, short, train_chars, {"units"})[0]
 
 
+@pytest.mark.parametrize("budget_s, batch", [(600.0, 64), (60.0, 32)])
+def test_sizes_are_probed_at_batch_64_and_a_run_of_few_steps_falls_back_to_32(tmp_path, monkeypatch, budget_s, batch):
+    from keras_charrnn import budget
+
+    measured = []
+
+    def fake_measure(config, vocab_size, train_ids, step_seconds):  # 64 rows train 1.5x faster per char than 32
+        measured.append((config.units, config.batch_size))
+        chars_per_s = 4e9 / count_params("lstm", config.layers, config.units, 64, vocab_size)
+        chars_per_s *= 1.0 if config.batch_size == 64 else 1 / 1.5
+        return {"layers": config.layers, "units": config.units, "batch_size": config.batch_size,
+                "params": count_params("lstm", config.layers, config.units, 64, vocab_size), "seq_len": config.seq_len,
+                "first_step_s": 0.5, "step_s": config.batch_size * config.seq_len / chars_per_s, "steps_timed": 3,
+                "chars_per_s": chars_per_s, "measured": True}
+
+    monkeypatch.setattr(budget, "_measure", fake_measure)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(make_corpus(400_000), encoding="utf-8")
+    config, _ = budget.plan_budget(corpus, tmp_path / "run", TrainConfig(time_budget=budget_s))
+    assert {b for _, b in measured[:-1]} == {64}  # every candidate judged at the batch the run would use
+    assert config.batch_size == batch
+    if batch == 32:  # under MIN_STEPS_FOR_BATCH_64 steps at 64: the pick is measured again at 32 and planned with it
+        assert measured[-1] == (config.units, 32)
+
+
 def test_a_budget_run_stops_on_time_records_its_choice_and_keeps_the_best_model(tmp_path):
     from keras_charrnn.run_folder import RunFolder
     from keras_charrnn.train import train
