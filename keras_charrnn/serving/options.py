@@ -57,7 +57,8 @@ class ServerOptions:
     batching_parameters_file: str | None = _option(None, "BatchingParameters text file")
     file_system_poll_wait_seconds: float = _option(1.0, "how often to look for new versions (0: only at start)")
     ssl_config_file: str | None = _option(None, "SSLConfig text file (TLS, mutual TLS)")
-    grpc_max_threads: int = _option(32, "gRPC threads answering calls", positive=True)
+    grpc_max_threads: int = _option(32, "gRPC threads answering calls (with batching on, raised to the automatic "
+                                        "max_concurrent_requests + 8 when that is more)", positive=True)
     max_message_bytes: int = _option(MAX_MESSAGE_BYTES, "largest request accepted (larger: RESOURCE_EXHAUSTED)",
                                      positive=True)
     max_chars_per_call: int = _option(ServingLimits.max_chars_per_call, "cap on num_chars of one row of a call",
@@ -72,7 +73,8 @@ class ServerOptions:
                                         "cap on the elements all of a request's tensors claim together", positive=True)
     max_concurrent_requests: int = _option(0, "Predict calls answered at once; more get RESOURCE_EXHAUSTED at once "
                                               "(0: grpc_max_threads - 8, at least 1, leaving threads for health "
-                                              "and status)")
+                                              "and status; with batching on, at least max_batch_size x "
+                                              "(num_batch_threads + 1), since a queued call holds its thread)")
     shutdown_grace_seconds: float = _option(30.0, "on SIGTERM, how long calls in flight may take to finish")
     rest_api_port: int = _option(0, "port of TF Serving's REST API, /playground and the metrics (0: no REST API)")
     rest_api_num_threads: int = _option(DEFAULT_REST_NUM_THREADS, "REST requests answered at once", positive=True)
