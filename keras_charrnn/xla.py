@@ -71,7 +71,7 @@ def reachable_functions(meta_graph, signature: str) -> set[str]:
     for info in meta_graph.signature_def[signature].outputs.values():
         node = nodes.get(info.name.split(":")[0].lstrip("^"))
         if node is not None:
-            pending.extend(list(_func_names_of_node(node, library)))
+            pending.extend(function_callees(node, library))
     seen: set[str] = set()
     while pending:
         name = pending.pop()
@@ -79,11 +79,21 @@ def reachable_functions(meta_graph, signature: str) -> set[str]:
             continue
         seen.add(name)
         for node in library[name].node_def:
-            pending.extend(_func_names_of_node(node, library))
+            pending.extend(function_callees(node, library))
     return seen
 
 
-def _func_names_of_node(node, library) -> list[str]:
+def function_callees(node, library) -> list[str]:
+    """The library functions a graph node calls: those its attributes name (loop bodies, ``f`` of a
+    ``PartitionedCall``) and its op when that is a library function.
+
+    Args:
+        node: a ``NodeDef``.
+        library: function name -> ``FunctionDef`` of the graph's library.
+
+    Returns:
+        The names (an attribute may name a function missing from ``library``; callers check).
+    """
     names = [n for attr in node.attr.values() for n in _func_names(attr)]
     if node.op in library:  # a direct call of a library function
         names.append(node.op)

@@ -36,6 +36,8 @@ import tensorflow as tf
 from tensorflow.core.framework import function_pb2, types_pb2
 from tensorflow.core.protobuf import trackable_object_graph_pb2
 
+from keras_charrnn.xla import function_callees
+
 try:  # private APIs: without them, every load goes through tf.saved_model.load
     from tensorflow.python.eager import context as tf_context
     from tensorflow.python.framework import ops as tf_ops
@@ -201,7 +203,7 @@ def _load_signatures(path: Path, meta_graph) -> SignatureModel:
             return
         seen.add(name)
         for node in library[name].node_def:
-            for callee in _callees(node, library):
+            for callee in function_callees(node, library):
                 if callee not in library:
                     raise _NotLoadable(f"function {name} calls {callee}, which is not in the library")
                 visit(callee)
@@ -284,17 +286,6 @@ def _captured_values(path: Path, meta_graph, node_ids: set[int]) -> dict:
             raise _NotLoadable(f"variable {saved.name}: the checkpoint holds another shape")
         values[i] = tf.Variable(value, trainable=saved.trainable, name=saved.name or None)
     return values
-
-
-def _callees(node, library) -> list[str]:
-    """The functions a node calls: its op when that is a library function, and those its attributes name."""
-    names = [node.op] if node.op in library else []
-    for attr in node.attr.values():
-        if attr.WhichOneof("value") == "func":
-            names.append(attr.func.name)
-        elif attr.WhichOneof("value") == "list":
-            names.extend(f.name for f in attr.list.func)
-    return names
 
 
 def _remove_functions(names: list[str]) -> None:
