@@ -27,6 +27,7 @@ with g = 4 (LSTM), 3 (GRU), 1 (SimpleRNN) gate matmuls, d_in = 64 for the first 
 the embedding lookup and element-wise ops are not counted. About 20 MFLOP for a 2x512 LSTM.
 
     python bench/train_throughput.py [--quick] [--no-write] [--backends tensorflow,jax,torch]
+    python bench/train_throughput.py --device gpu   # on a CUDA machine: Keras JAX, Keras torch (cuDNN), PyTorch
 """
 
 from __future__ import annotations
@@ -49,8 +50,11 @@ BATCH, SEQ, EMB, LAYERS, LR, CLIP = 64, 100, 64, 2, 2e-3, 5.0
 CELLS = ("lstm", "gru", "rnn")
 GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 GOALS = {"lstm": 1.0, "gru": 1.3, "rnn": 1.3}  # issue 13: fastest backend vs PyTorch
-BACKENDS = ("tensorflow", "jax", "torch")
-LABELS = {"tensorflow": "Keras TF", "jax": "Keras JAX", "torch": "PyTorch"}
+BACKENDS = ("tensorflow", "jax", "keras-torch", "torch")  # "torch" is PyTorch itself, the reference
+CPU_BACKENDS = ("tensorflow", "jax", "torch")
+GPU_BACKENDS = ("jax", "keras-torch", "torch")  # the GPU machine has no TensorFlow (see main)
+LABELS = {"tensorflow": "Keras TF", "jax": "Keras JAX", "keras-torch": "Keras torch", "torch": "PyTorch"}
+KERAS_BACKEND = {"tensorflow": "tensorflow", "jax": "jax", "keras-torch": "torch", "torch": "tensorflow"}
 PEAK_N = 2048
 MARK = "@@bench "  # prefixes a worker's replies on its stdout; anything else there is passed through
 
@@ -117,6 +121,7 @@ class KerasRunner:
                 return data[i]
 
         self.model.fit(Head(), shuffle=False, verbose=0, callbacks=[self.reset()])
+        self.keras.ops.convert_to_numpy(self.model.trainable_variables[0])  # waits for an accelerator's queue
 
 
 class TorchRunner:
@@ -125,6 +130,7 @@ class TorchRunner:
     def __init__(self, ids: np.ndarray, vocab: int, cell: str, units: int):
         import torch
 
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         torch.manual_seed(0)
         torch.set_num_threads(os.cpu_count() or 1)
         rnn_cls = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}[cell]
@@ -140,12 +146,13 @@ class TorchRunner:
                 y, h = self.rnn(self.emb(x), h)
                 return self.out(y), h
 
-        self.torch, self.vocab, self.net = torch, vocab, Net()
+        self.torch, self.vocab, self.net = torch, vocab, Net().to(self.device)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=LR)
         n = (len(ids) - 1) // (BATCH * SEQ) * BATCH * SEQ
-        self.x = torch.from_numpy(ids[:n].reshape(BATCH, -1).astype(np.int64))
-        self.y = torch.from_numpy(ids[1:n + 1].reshape(BATCH, -1).astype(np.int64))
-        self.info = {"backend": "torch", "torch": torch.__version__, "threads": torch.get_num_threads()}
+        self.x = torch.from_numpy(ids[:n].reshape(BATCH, -1).astype(np.int64)).to(self.device)
+        self.y = torch.from_numpy(ids[1:n + 1].reshape(BATCH, -1).astype(np.int64)).to(self.device)
+        self.info = {"backend": "torch", "torch": torch.__version__, "threads": torch.get_num_threads(),
+                     "device": torch.cuda.get_device_name() if self.device.type == "cuda" else "cpu"}
 
     def fit(self, batches: int) -> None:
         """One epoch over the first ``batches`` batches, the hidden state carried (detached) between them."""
@@ -159,6 +166,8 @@ class TorchRunner:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.net.parameters(), CLIP)
             self.opt.step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
 
 
 def peak_matmul(n: int = PEAK_N, repeats: int = 15) -> float:
@@ -175,6 +184,29 @@ def peak_matmul(n: int = PEAK_N, repeats: int = 15) -> float:
         tf.matmul(a, b).numpy()
         times.append(time.perf_counter() - t)
     return 2 * n ** 3 / statistics.median(times) / 1e9
+
+
+def peak_matmul_torch(n: int = 8192, repeats: int = 15) -> dict:
+    """The GPU's float32 matmul rates in GFLOP/s through PyTorch (median of ``repeats`` n x n products):
+    ``{"gflops": float32 proper, "gflops_tf32": with TF32 tensor cores}`` (on the CPU if there is no GPU)."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    n = n if device == "cuda" else PEAK_N
+    a, b = (torch.rand((n, n), device=device) for _ in range(2))
+    rates = {}
+    for key, tf32 in (("gflops", False), ("gflops_tf32", True)):
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        times = []
+        for i in range(3 + repeats):
+            t = time.perf_counter()
+            torch.matmul(a, b)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        rates[key] = 2 * n ** 3 / statistics.median(times[3:]) / 1e9
+    torch.backends.cuda.matmul.allow_tf32 = False  # PyTorch's default
+    return rates
 
 
 def worker(backend: str, ids_path: str, vocab: int) -> None:
@@ -197,7 +229,7 @@ def worker(backend: str, ids_path: str, vocab: int) -> None:
             if cmd["op"] == "quit":
                 break
             if cmd["op"] == "peak":
-                reply = {"gflops": peak_matmul()}
+                reply = peak_matmul_torch() if backend == "torch" else {"gflops": peak_matmul()}
             elif cmd["op"] == "setup":
                 runner = None
                 cls = TorchRunner if backend == "torch" else KerasRunner
@@ -228,12 +260,13 @@ class Worker:
     """A worker subprocess for one backend."""
 
     def __init__(self, backend: str, ids_path: str, vocab: int):
-        env = dict(os.environ, KERAS_BACKEND="jax" if backend == "jax" else "tensorflow")
+        env = dict(os.environ, KERAS_BACKEND=KERAS_BACKEND[backend])
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         self.backend, self.error = backend, None
         self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", backend,
-                                      "--ids", ids_path, "--vocab", str(vocab)],
+                                      "--ids", ids_path, "--vocab", str(vocab),
+                                      "--batch", str(BATCH)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self.error = self._read().get("error")
 
@@ -271,14 +304,21 @@ def main() -> None:
                                                          "shared", "data", "tinyshakespeare.txt"))
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions per model and backend (median)")
     parser.add_argument("--rep-seconds", type=float, default=3.0, help="about how long one repetition trains")
-    parser.add_argument("--backends", default=",".join(BACKENDS),
-                        help="comma-separated subset of " + ",".join(BACKENDS))
+    parser.add_argument("--backends", default=None,
+                        help="comma-separated subset of " + ",".join(BACKENDS) + " (default: "
+                        + ",".join(CPU_BACKENDS) + "; with --device gpu " + ",".join(GPU_BACKENDS) + ")")
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                        help="gpu: train on the machine's CUDA GPU (cuDNN where the backend has it), the limit is "
+                             "PyTorch's float32 matmul there, and the section is 'Training throughput, GPU'")
     parser.add_argument("--quick", action="store_true", help="2x128 only, 2 repetitions of about 1 s")
     parser.add_argument("--no-write", action="store_true", help="print the section, don't write BENCHMARKS.md")
+    parser.add_argument("--batch", type=int, default=BATCH, help="streams per batch (default: %(default)s)")
+    parser.add_argument("--sizes", default="128,512", help="units per layer, comma-separated (default: %(default)s)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--ids", help=argparse.SUPPRESS)
     parser.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    globals()["BATCH"] = args.batch  # read by the runners and the section
     if args.worker:
         return worker(args.worker, args.ids, args.vocab)
 
@@ -286,9 +326,11 @@ def main() -> None:
     from keras_charrnn.corpus import read_text
     from keras_charrnn.vocab import Vocabulary
 
-    sizes = (128,) if args.quick else (128, 512)
+    sizes = (128,) if args.quick else tuple(int(u) for u in args.sizes.split(","))
     repeats, rep_seconds = (2, 1.0) if args.quick else (args.repeats, args.rep_seconds)
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    gpu = args.device == "gpu"
+    backends = [b.strip() for b in (args.backends or ",".join(GPU_BACKENDS if gpu else CPU_BACKENDS)).split(",")
+                if b.strip()]
     if not backends or set(backends) - set(BACKENDS):
         parser.error(f"--backends: choose from {', '.join(BACKENDS)}, got {args.backends!r}")
     load_start = os.getloadavg()
@@ -301,8 +343,9 @@ def main() -> None:
         np.save(ids_path, ids)
         started = time.perf_counter()
         workers = {b: Worker(b, ids_path, vocab.size) for b in backends}
-        peak_worker = workers.get("tensorflow") or Worker("tensorflow", ids_path, vocab.size)
-        peaks = [peak_worker.ask(op="peak").get("gflops")]
+        peak_backend = "torch" if gpu else "tensorflow"
+        peak_worker = workers.get(peak_backend) or Worker(peak_backend, ids_path, vocab.size)
+        peak_replies = [peak_worker.ask(op="peak")]
         results: dict[tuple[str, int, str], dict] = {}
         try:
             for units in sizes:
@@ -327,28 +370,44 @@ def main() -> None:
                         line.append(f"{LABELS[b]} {fmt(info['median'])}" + (f" ({info['error']})" if "error" in info
                                                                              else ""))
                     print("  ".join(line), flush=True)
-            peaks.append(peak_worker.ask(op="peak").get("gflops"))
+            peak_replies.append(peak_worker.ask(op="peak"))
         finally:
             for w in {id(w): w for w in [*workers.values(), peak_worker]}.values():
                 w.close()
         elapsed = time.perf_counter() - started
     load_end = os.getloadavg()
 
+    suffix = "" if BATCH == 64 else f"_batch {BATCH}"  # another batch gets its own section
+    peaks = [r.get("gflops") for r in peak_replies]
     measured = [p for p in peaks if p]
     peak = max(measured) if measured else None
-    body = section(results, backends, sizes, vocab.size, repeats, rep_seconds, peaks, peak, load_start, load_end,
-                   elapsed)
+    if gpu:  # cuDNN and XLA run float32 matmuls on TF32 tensor cores by default: that rate is the limit
+        strict = peak
+        peaks = [r.get("gflops_tf32") for r in peak_replies]
+        peak = max((p for p in peaks if p), default=None)
+        device = next((results[k]["device"] for k in results if results[k].get("device")), "GPU")
+        limit_text = (f"{fmt(peak)} GFLOP/s, float32 `torch.matmul` 8192^3 with TF32 tensor cores on the {device} "
+                      f"(median of 15; {' / '.join(fmt(p) for p in peaks)} before / after the models). cuDNN's RNNs "
+                      f"and XLA's dots use TF32 for float32 by default on this GPU, so that is the limit; strict "
+                      f"float32 reaches {fmt(strict)} GFLOP/s")
+    else:
+        limit_text = (f"{fmt(peak)} GFLOP/s (float32 `tf.matmul` {PEAK_N}^3, median of 15; "
+                      f"{' / '.join(fmt(p) for p in peaks)} before / after the models)")
+    body = section(results, backends, sizes, vocab.size, repeats, rep_seconds, limit_text if peak else "not measured",
+                   peak, load_start, load_end, elapsed,
+                   ("Training throughput, GPU" if gpu else "Training throughput") + suffix.replace("_", ", "))
     print(body)
     if args.no_write:
         print("(--no-write: BENCHMARKS.md not changed)")
     else:
         from report import update_section
 
-        update_section("train_throughput", body)
+        update_section(("train_throughput_gpu" if gpu else "train_throughput") + suffix.replace(" ", ""), body)
 
 
 def section(results: dict, backends: list[str], sizes: tuple[int, ...], vocab: int, repeats: int, rep_seconds: float,
-            peaks: list[float | None], peak: float | None, load_start, load_end, elapsed: float) -> str:
+            limit_text: str, peak: float | None, load_start, load_end, elapsed: float,
+            title: str = "Training throughput") -> str:
     """The BENCHMARKS.md section: chars/s, fraction of the FLOP limit and ratio vs PyTorch, then the goals."""
     keras_backends = [b for b in backends if b != "torch"]
     has_torch = "torch" in backends
@@ -384,10 +443,8 @@ def section(results: dict, backends: list[str], sizes: tuple[int, ...], vocab: i
                              f">= {GOALS[cell]:.1f}x | {met} |")
     torch_version = next((results[k]["torch"] for k in results if "torch" in results[k]), "2.13")
     jit = {b: results[c, u, b]["jit_compile"] for (c, u, b) in results if "jit_compile" in results[c, u, b]}
-    peak_text = (f"{peak:,.0f} GFLOP/s (float32 `tf.matmul` {PEAK_N}^3, median of 15; "
-                 f"{' / '.join(fmt(p) for p in peaks)} before / after the models)") if peak else "not measured"
     return (
-        "## Training throughput\n\n"
+        f"## {title}\n\n"
         f"Batch {BATCH} x seq_len {SEQ}, embedding {EMB}, {LAYERS} layers, no dropout, Adam {LR:g}, "
         f"clip-norm {CLIP:g}; "
         f"vocabulary {vocab}. Keras: the package's `charrnn train` path (`train._build`, `fit` over `TBPTTBatches`), "
@@ -397,7 +454,7 @@ def section(results: dict, backends: list[str], sizes: tuple[int, ...], vocab: i
         f"{rep_seconds:g} s of training) after warm-up, the backends interleaved repetition by "
         f"repetition. Run took {elapsed:.0f} s; load average {load_start[0]:.2f} at the start, "
         f"{load_end[0]:.2f} at the end.\n\n"
-        f"FLOP limit: {peak_text}. % of limit = chars/s x training FLOP/char / limit, with training FLOP/char = "
+        f"FLOP limit: {limit_text}. % of limit = chars/s x training FLOP/char / limit, with training FLOP/char = "
         "3 x 2 x (sum over layers of g x units x (d_in + units) + units x vocab), g = 4 LSTM, 3 GRU, 1 SimpleRNN "
         f"(d_in = {EMB} for the first layer, units above); the embedding lookup and element-wise ops are not "
         "counted.\n\n" + "\n".join(rows) +

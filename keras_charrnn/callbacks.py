@@ -20,11 +20,9 @@ from pathlib import Path
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from keras_charrnn.checkpoint import Progress, save_checkpoint, snapshot, write_checkpoint
 from keras_charrnn.config import SAMPLE_TEMPERATURES
-from keras_charrnn.export import CharRNNModule
 from keras_charrnn.fileio import atomic_write
 from keras_charrnn.metrics import bits_per_char, perplexity
 from keras_charrnn.model import get_states, reset_states, set_states
@@ -286,6 +284,10 @@ class SampleText(keras.callbacks.Callback):
 
     def sample(self) -> list[str]:
         """The texts sampled from the model's current weights, one per temperature (the prime not included)."""
+        import tensorflow as tf  # here, not at the top: training on another backend needs no TensorFlow
+
+        from keras_charrnn.export import CharRNNModule
+
         if self._module is None:
             self._module = CharRNNModule(self.model, self.vocab, jit_compile=False)
         module = self._module

@@ -93,6 +93,10 @@ class StatefulStatesMixin:
                 return super().call(sequences, initial_state=None, mask=mask, training=training)
             finally:
                 self.stateful = True
+        if self.stateful and initial_state is None and keras.backend.backend() == "torch":
+            # Keras assigns the new state in place at the end of the call, which on torch would change a
+            # tensor that autograd saved for the backward pass: start from a copy of the state.
+            initial_state = [keras.ops.copy(v) for v in self.states]
         return super().call(sequences, initial_state=initial_state, mask=mask, training=training)
 
     def reset_state(self):
