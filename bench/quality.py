@@ -16,8 +16,9 @@ bench), with the last 10% held out:
 Both are scored on the same held-out text the same two ways, each with its best validation epoch's
 weights (the budget run's ``best.keras``; the baseline's weights kept at its best epoch):
 
-- *windows*: 100-character windows (the budget run's seq_len, if it differs), each from a zero state,
-  mean nats per character (the baseline's own validation);
+- *windows*: 100-character windows, each from a zero state (read in pieces of the budget run's seq_len
+  if that divides 100, else windows of its seq_len), mean nats per character (the baseline's own
+  validation);
 - *streams*: the held-out text cut into the budget run's batch of contiguous streams (``TBPTTBatches``), read 100 characters
   at a time with the state carried, as ``charrnn train`` validates (the baseline's weights in a
   stateful twin).
@@ -80,29 +81,35 @@ def windows(ids, length: int):
     return x, y
 
 
-def score_stateful(model, x, y) -> float:
-    """Mean nats/char of a stateful fixed-batch model on windows, each from a zero state."""
+def _nats(model, x, y) -> float:
+    """The summed negative log-likelihood (nats) of targets ``y`` under the model's logits for ``x`` (one batch,
+    the model's state carried in and out)."""
     import numpy as np
 
+    logits = np.asarray(model.predict_on_batch(x), dtype=np.float64)
+    logits -= logits.max(-1, keepdims=True)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    return -float(np.take_along_axis(logp, y[..., None], -1).sum())
+
+
+def score_stateful(model, x, y) -> float:
+    """Mean nats/char of a stateful fixed-batch model on windows, each from a zero state; a window longer
+    than the model's seq_len (a multiple of it) is read in pieces with the state carried within it."""
     from keras_charrnn.model import reset_states
 
-    batch = model.input_shape[0]
+    batch, seq = model.input_shape[0], model.input_shape[1]
     total, count = 0.0, 0
     for i in range(0, len(x) - batch + 1, batch):
         reset_states(model)
-        logits = np.asarray(model.predict_on_batch(x[i:i + batch]), dtype=np.float64)
-        logits -= logits.max(-1, keepdims=True)
-        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-        total -= np.take_along_axis(logp, y[i:i + batch][..., None], -1).sum()
-        count += y[i:i + batch].size
+        for j in range(0, x.shape[1], seq):
+            total += _nats(model, x[i:i + batch, j:j + seq], y[i:i + batch, j:j + seq])
+            count += y[i:i + batch, j:j + seq].size
     return total / count
 
 
 def score_streams(model, ids, seq_len: int) -> float:
     """Mean nats/char of a stateful fixed-batch model on held-out text cut into its batch's contiguous
     streams (``TBPTTBatches``, as ``charrnn train`` validates), the state carried from window to window."""
-    import numpy as np
-
     from keras_charrnn.model import reset_states
     from keras_charrnn.tbptt import TBPTTBatches
 
@@ -111,10 +118,7 @@ def score_streams(model, ids, seq_len: int) -> float:
     total, count = 0.0, 0
     for i in range(len(batches)):
         x, y = batches[i]
-        logits = np.asarray(model.predict_on_batch(x), dtype=np.float64)
-        logits -= logits.max(-1, keepdims=True)
-        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-        total -= np.take_along_axis(logp, y[..., None], -1).sum()
+        total += _nats(model, x, y)
         count += y.size
     return total / count
 
@@ -135,11 +139,12 @@ def budget_run(corpus: Path, seconds: float, out: Path) -> dict:
     data = load_corpus(corpus)
     _, val_ids = split_train_val(data.ids, VAL_FRAC)
     model = run.load_model("best")
-    x, y = windows(val_ids, model.input_shape[1])
+    seq = model.input_shape[1]
+    x, y = windows(val_ids, WINDOW if WINDOW % seq == 0 else seq)
     return {"seconds": elapsed, "own_val_loss": record["best_val_loss"], "window_val_loss": score_stateful(model, x, y),
             "stream_val_loss": score_streams(model, val_ids, model.input_shape[1]),
             "budget": record["budget"], "config": record["config"], "epochs_done": record["epochs_done"],
-            "window": model.input_shape[1]}
+            "window": x.shape[1]}
 
 
 def baseline_run(corpus: Path, seconds: float, window: int, rows: int = 64) -> dict:

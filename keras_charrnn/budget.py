@@ -29,12 +29,19 @@ or ``plan_budget`` then ``train``) does, with the clock started when it is calle
    characters: ~15 per parameter, 13 passes), not 2x384 (1.9 M parameters, ~8 M characters: 4 per
    parameter) nor 2x512 (3.3 M, 4.5 M: 1.4 per parameter). It is a judgement from those figures, not
    a fit of a sweep on this machine; ``bench/quality.py`` checks it against a plain Keras 2x256 LSTM.
-3. **The rest**: ``seq_len`` 100 (``SEQ_LEN``); ``batch_size`` 64 (``PROBE_BATCH_SIZE``, the batch the
+3. **The rest**: ``seq_len``: the longest of ``SEQ_LENS`` (100, 50, 25) that gives the run at least
+   ``MIN_STEPS`` (5,000) optimizer steps, else 25. A short run is limited by its optimizer steps, not
+   by the characters it sees: on tinyshakespeare in 10 minutes (2x256, batch 64, the same characters
+   per second at each length) seq_len 100 gave 1,400 steps and a held-out loss of 1.695 nats/char,
+   50 gave 2,587 steps and 1.527, 25 gave 5,341 steps and 1.497 (the state still carries the context
+   across batches). A long run keeps the longer sequences, which teach dependencies over more
+   characters. The speed is probed at seq_len 100 (``SEQ_LEN``) and taken as the same per character.
+   ``batch_size`` 64 (``PROBE_BATCH_SIZE``, the batch the
    candidates are probed at: it trains about 1.5x faster per character than 32 on a CPU, so probing
    at 32 judged sizes by a speed the run would not have), or 32 (``BATCH_SIZE``) when the pick would
-   take fewer than ``MIN_STEPS_FOR_BATCH_64`` (1,000) optimizer steps at 64 (the pick is then measured
-   again at 32: a run that short gains more from steps than from characters), halved for a corpus too
-   short for it;
+   take fewer than ``MIN_STEPS_FOR_BATCH_64`` (1,000) optimizer steps at 64 and its seq_len (the pick
+   is then measured again at 32: a run that short gains more from steps than from characters), halved
+   for a corpus too short for it;
    ``dropout`` 0 when the run sees its training text fewer than ``MIN_PASSES_FOR_DROPOUT`` (20) times
    (dropout fights overfitting, which needs repeated passes, and slows learning: a 10-minute
    tinyshakespeare run of 9 passes ended at 1.711 nats/char with dropout 0.2 and at 1.695 without,
@@ -90,6 +97,8 @@ _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 SEQ_LEN: int = _DEFAULTS["seq_len"]  # the shape a budget starts from: TrainConfig's defaults
 BATCH_SIZE: int = _DEFAULTS["batch_size"]
 MIN_STEPS_FOR_BATCH_64 = 1000  # fewer optimizer steps than this at 64: batch 32 (see the module doc)
+SEQ_LENS = (100, 50, 25)  # a budget run's seq_len: the longest giving MIN_STEPS steps, else the shortest
+MIN_STEPS = 5000  # optimizer steps a short run is given by cutting its sequences (see the module doc)
 PROBE_BATCH_SIZE = 64  # candidates are probed at this batch (see the module doc)
 MIN_PASSES_FOR_DROPOUT = 20.0
 MIN_TRAIN_FRACTION = 0.25  # a budget leaving less than this for training batches is refused
@@ -248,6 +257,13 @@ def probe(config: TrainConfig, vocab_size: int, train_ids: np.ndarray, val_chars
     return results
 
 
+def _seq_len_for_steps(chars: float, batch: int, longest: int) -> int:
+    """The longest of ``SEQ_LENS`` (at most ``longest``) that gives ``MIN_STEPS`` optimizer steps over ``chars``
+    characters in batches of ``batch`` rows, else the shortest (see the module doc)."""
+    allowed = [s for s in SEQ_LENS if s <= longest] or [longest]
+    return next((s for s in allowed if chars / (batch * s) >= MIN_STEPS), allowed[-1])
+
+
 def plan(config: TrainConfig, results: list[dict], train_chars: int, fixed: set[str]) -> tuple[dict, dict]:
     """The fields the rule chooses, from the judged candidates.
 
@@ -264,6 +280,8 @@ def plan(config: TrainConfig, results: list[dict], train_chars: int, fixed: set[
     fitting = [r for r in results if r["fits"]]
     pick = fitting[-1] if fitting else results[0]
     batch, seq_len = pick["batch_size"], pick["seq_len"]
+    if "seq_len" not in fixed:
+        seq_len = _seq_len_for_steps(pick["chars"], batch, seq_len)
     steps = pick["chars"] / (batch * seq_len)
     steps_per_epoch = max((train_chars - 1) // (batch * seq_len), 1)
     epochs = max(1, math.ceil(EPOCHS_HEADROOM * steps / steps_per_epoch))
@@ -351,7 +369,8 @@ class BudgetStop(keras.callbacks.Callback):
 
 RULE = (f"largest candidate with chars >= {CHARS_PER_PARAM:g} x params and params <= "
         f"{MAX_PARAMS_PER_TRAIN_CHAR:g} x training chars (else the smallest); chars = probe chars/s x seconds "
-        f"left for batches; probed at batch {PROBE_BATCH_SIZE}, kept if >= {MIN_STEPS_FOR_BATCH_64} steps, "
+        f"left for batches; seq_len the longest of {', '.join(map(str, SEQ_LENS))} giving >= {MIN_STEPS} steps, "
+        f"else {SEQ_LENS[-1]}; probed at batch {PROBE_BATCH_SIZE}, kept if >= {MIN_STEPS_FOR_BATCH_64} steps, "
         f"else {BATCH_SIZE}; dropout 0 below "
         f"{MIN_PASSES_FOR_DROPOUT:g} passes; cosine over the predicted batches; epochs = "
         f"{EPOCHS_HEADROOM:g} x predicted passes, rounded up; stopped by the clock")
@@ -383,7 +402,7 @@ def plan_budget(corpus: str | os.PathLike, run_dir: str | os.PathLike, config: T
     Raises:
         ConfigError: no or a bad ``time_budget``, a budget too short for the corpus (the message says how
             long it should be), or ``run_dir`` already holds a run.
-        InputError: the corpus is missing, unreadable or too short.
+        InputError: the corpus is missing, unreadable or too short, or ``run_dir`` cannot be written.
 
     Example:
 
@@ -396,8 +415,7 @@ def plan_budget(corpus: str | os.PathLike, run_dir: str | os.PathLike, config: T
     config.validate()
     fixed = set(_fixed_from_defaults(config) if fixed is None else fixed) - {"time_budget"}
     run = RunFolder(run_dir)
-    if run.has_checkpoint():
-        raise ConfigError(f"{run.path} already holds a run; resume it or choose another run_dir")
+    run.check_new_run()
     budget = float(config.time_budget)
     data = load_corpus(corpus, strict=strict)
     train_ids, val_ids = split_train_val(data.ids, config.val_frac)
@@ -410,7 +428,7 @@ def plan_budget(corpus: str | os.PathLike, run_dir: str | os.PathLike, config: T
     results = probe(shaped, data.vocab.size, train_ids, len(val_ids), budget, started, fixed)
     choice, pick = plan(shaped, results, len(train_ids), fixed)
     if ("batch_size" not in fixed and batch > BATCH_SIZE
-            and pick["chars"] / (batch * seq_len) < MIN_STEPS_FOR_BATCH_64):
+            and pick["chars"] / (batch * choice.get("seq_len", seq_len)) < MIN_STEPS_FOR_BATCH_64):
         small = _batch_shape(len(train_ids), len(val_ids), BATCH_SIZE, seq_len)[0]
         again = _measure(dataclasses.replace(shaped, layers=pick["layers"], units=pick["units"], batch_size=small),
                          data.vocab.size, train_ids, PROBE_MIN_SECONDS)
@@ -431,6 +449,7 @@ def plan_budget(corpus: str | os.PathLike, run_dir: str | os.PathLike, config: T
     record = {"seconds": budget, "rule": RULE,
               "numbers": {"chars_per_param": CHARS_PER_PARAM, "max_params_per_train_char": MAX_PARAMS_PER_TRAIN_CHAR,
                           "min_steps_for_batch_64": MIN_STEPS_FOR_BATCH_64, "probe_batch_size": PROBE_BATCH_SIZE,
+                          "seq_lens": list(SEQ_LENS), "min_steps": MIN_STEPS,
                           "min_passes_for_dropout": MIN_PASSES_FOR_DROPOUT},
               "given": sorted(fixed & set(CHOSEN) | fixed & {"cell", "lr", "lr_schedule"}),
               "chosen": {k: getattr(chosen, k) for k in CHOSEN},

@@ -2,7 +2,9 @@
 
 Every user error ends in one line ``charrnn: error: ...`` on stderr and exit
 status 2, never a traceback. TensorFlow is imported only by the subcommands
-that need it, so ``charrnn --help`` is instant.
+that need it, so ``charrnn --help`` is instant, and only after the checks that
+need no model (a missing file, a bad flag value, a run folder with nothing to
+resume), so those are answered at once.
 """
 
 from __future__ import annotations
@@ -132,17 +134,22 @@ def _choose_backend(name: str | None) -> None:
 
 
 def _run_train(args) -> None:
+    from keras_charrnn.run_folder import RunFolder, check_training_inputs
+
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    given = {name: values[name] for name in args.given}
+    if not args.resume and values["time_budget"] is not None and args.distribute:
+        raise ConfigError("time_budget works on one device: leave out distribute, or time_budget")
+    # train() makes these checks too; made here, before TensorFlow is imported, a typo is answered at once.
+    check_training_inputs(args.corpus, RunFolder(args.out), TrainConfig(**values), args.resume, given)
+    import_tensorflow_quietly()
     from keras_charrnn.train import train
 
     verbose = 0 if args.quiet else "auto"
     if args.resume:
-        given = {name: values[name] for name in args.given}
         train(args.corpus, args.out, resume=True, changes=given, verbose=verbose, strict=args.strict,
               strategy=args.distribute)
     elif values["time_budget"] is not None:
-        if args.distribute:
-            raise ConfigError("time_budget works on one device: leave out distribute, or time_budget")
         from keras_charrnn.budget import plan_budget
 
         config, stop = plan_budget(args.corpus, args.out, TrainConfig(**values), fixed=args.given, strict=args.strict)
@@ -220,6 +227,23 @@ def _add_sample(sub) -> None:
     _add_sampling_flags(p)
 
 
+def _check_model_path(path: str) -> None:
+    """Refuses a ``--model`` path that holds nothing to load, before TensorFlow is imported.
+
+    Args:
+        path: what ``--model`` names.
+
+    Raises:
+        InputError: neither a training run folder nor a SavedModel folder with a version
+            (``inprocess.load`` decides the same way, with the same functions).
+    """
+    from keras_charrnn.run_folder import RunFolder
+    from keras_charrnn.versions import latest_version_dir
+
+    if not RunFolder.is_run(path):
+        latest_version_dir(path)
+
+
 def _run_sample(args) -> None:
     from keras_charrnn.sampling import SamplingParams
 
@@ -232,6 +256,7 @@ def _run_sample(args) -> None:
         client = SamplingClient(args.server)
         make = lambda prime: client.session(args.name, prime, params, version=args.version)  # noqa: E731
     else:
+        _check_model_path(args.model)
         import_tensorflow_quietly()
         from keras_charrnn.inprocess import load
 
@@ -275,10 +300,13 @@ def _add_eval(sub) -> None:
 
 
 def _run_eval(args) -> None:
-    from keras_charrnn.inprocess import load
     from keras_charrnn.corpus import read_text
 
-    text = read_text(args.file)
+    text = read_text(args.file)  # before TensorFlow: a bad file is answered at once
+    _check_model_path(args.model)
+    import_tensorflow_quietly()
+    from keras_charrnn.inprocess import load
+
     result = load(args.model).score(text)
     print(f"{args.file}: {result['chars']} characters  loss {result['loss']:.4f} nats/char  "
           f"bpc {result['bits_per_char']:.4f}  perplexity {result['perplexity']:.3f}")
@@ -407,13 +435,16 @@ def _add_visualize(sub) -> None:
 
 
 def _run_visualize(args) -> None:
+    from keras_charrnn.corpus import read_text
+    from keras_charrnn.run_folder import RunFolder
+
+    text = read_text(args.text_file)[: args.max_chars]  # before TensorFlow: a bad file is answered at once
+    _check_model_path(args.model)
+    import_tensorflow_quietly()
     from keras_charrnn.analysis import inspect
     from keras_charrnn.inprocess import load
     from keras_charrnn.report import write_report
-    from keras_charrnn.run_folder import RunFolder
-    from keras_charrnn.corpus import read_text
 
-    text = read_text(args.text_file)[: args.max_chars]
     model = load(args.model)
     result = inspect(model, text, top=args.top)
     curves = RunFolder(args.model).curves_path if RunFolder.is_run(args.model) else None
@@ -442,7 +473,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 COMMANDS = {"train": _run_train, "export": _run_export, "sample": _run_sample, "eval": _run_eval,
             "serve": _run_serve, "demo": _run_demo, "visualize": _run_visualize}
-NEEDS_TENSORFLOW = {"train", "export", "eval", "serve", "visualize"}
+# Commands that import TensorFlow before they run; train, eval, visualize and sample import it themselves,
+# after the checks that need no model.
+NEEDS_TENSORFLOW = {"export", "serve"}
 
 
 def import_tensorflow_quietly() -> None:

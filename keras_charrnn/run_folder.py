@@ -20,19 +20,26 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
 
-import keras
-
-from keras_charrnn.checkpoint import UNREADABLE, Progress, load_checkpoint, read_progress, unreadable
-from keras_charrnn.config import TrainConfig
+from keras_charrnn.config import TrainConfig, resume_changes
+from keras_charrnn.corpus import find_files
 from keras_charrnn.errors import ConfigError, InputError
 from keras_charrnn.fileio import atomic_write_text
-from keras_charrnn.model import compile_model, make_optimizer, model_from_config
 from keras_charrnn.versions import is_version_dir
 from keras_charrnn.vocab import Vocabulary
+
+# Keras (and checkpoint.py and model.py, which import it) is imported only where a model or a checkpoint is
+# read, so the paths, the records and the checks of ``check_training_inputs`` need no TensorFlow: the CLI runs
+# them before it imports TensorFlow, and a typo is answered at once.
+if TYPE_CHECKING:
+    import keras
+
+    from keras_charrnn.checkpoint import Progress
 
 # Outputs of a previous run in the same folder that a new run must not append to or mistake for its own.
 _STALE_ON_NEW_RUN = ("log_path", "curves_path", "best_path", "samples_path")
@@ -80,12 +87,57 @@ class RunFolder:
         """Whether a training state has been saved (the folder holds a run, started or done)."""
         return self.state_path.exists()
 
+    def check_new_run(self) -> None:
+        """Checks that a new run may start here, without writing anything.
+
+        Raises:
+            ConfigError: the folder already holds a run.
+            InputError: the folder cannot be made or written: a file stands at its path or at a
+                parent's, or the nearest existing folder is read-only (``start``'s message).
+        """
+        if self.has_checkpoint():
+            raise ConfigError(f"{self.path} already holds a run; resume it or choose another run_dir")
+        existing = self.path
+        while not existing.exists() and existing != existing.parent:  # the nearest path that exists
+            existing = existing.parent
+        if not existing.exists():
+            return
+        if not existing.is_dir():
+            code = errno.EEXIST if existing == self.path else errno.ENOTDIR  # what mkdir would raise
+        elif not os.access(existing, os.W_OK | os.X_OK):
+            code = errno.EACCES
+        else:
+            return
+        raise self._cannot_write(OSError(code, os.strerror(code)))
+
+    def _cannot_write(self, exc: OSError) -> InputError:
+        return InputError(f"{self.path}: cannot write the run folder ({exc.strerror or exc})")
+
+    def resumed_config(self, changes: Mapping[str, Any]) -> tuple[TrainConfig, dict[str, tuple]]:
+        """The config of the run to resume here, with the allowed changes applied.
+
+        Args:
+            changes: config fields to change (see ``config.resume_changes``).
+
+        Returns:
+            ``(config, changed)`` as ``config.resume_changes`` gives them.
+
+        Raises:
+            InputError: nothing to resume (no ``config.json``), or it is unreadable.
+            ConfigError: a change would alter the run.
+        """
+        if not self.config_path.is_file():
+            raise InputError(f"{self.path}: nothing to resume (no {self.config_path.name}); start without resume")
+        return resume_changes(self.config(), changes)
+
     def _read_config_file(self) -> dict:
         if not self.config_path.is_file():
             raise InputError(f"{self.path}: not a run folder (no {self.config_path.name})")
         try:
             record = json.loads(self.config_path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
+            from keras_charrnn.checkpoint import unreadable
+
             raise unreadable(self.config_path, "run config", exc) from None
         if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
             raise InputError(f"{self.config_path}: not a run config (no 'config' object)")
@@ -109,6 +161,8 @@ class RunFolder:
 
     def progress(self) -> Progress:
         """The progress record of the latest checkpoint (raises InputError if missing or corrupt)."""
+        from keras_charrnn.checkpoint import read_progress
+
         return read_progress(self.state_path)
 
     def config(self) -> TrainConfig:
@@ -187,7 +241,7 @@ class RunFolder:
             for name in _STALE_ON_NEW_RUN:
                 getattr(self, name).unlink(missing_ok=True)
         except OSError as exc:
-            raise InputError(f"{self.path}: cannot write the run folder ({exc.strerror or exc})") from None
+            raise self._cannot_write(exc) from None
 
     def load_model(self, which: str = "best") -> keras.Model:
         """Loads the run's model.
@@ -209,6 +263,9 @@ class RunFolder:
             raise ConfigError(f"which must be 'best' or 'latest', got {which!r}")
         if which == "best" and self.best_path.is_file():
             return self._load_best()
+        from keras_charrnn.checkpoint import load_checkpoint
+        from keras_charrnn.model import compile_model, make_optimizer, model_from_config
+
         config = self.config()
         model = model_from_config(config, self.vocab().size)
         compile_model(model, make_optimizer(config, 1))
@@ -216,7 +273,46 @@ class RunFolder:
         return model
 
     def _load_best(self) -> keras.Model:
+        import keras
+
+        from keras_charrnn.checkpoint import UNREADABLE, unreadable
+
         try:
             return keras.models.load_model(self.best_path, compile=False)
         except UNREADABLE as exc:
             raise unreadable(self.best_path, "model", exc) from None
+
+
+def check_training_inputs(corpus: str | os.PathLike, run: RunFolder, config: TrainConfig | None = None,
+                          resume: bool = False, changes: Mapping[str, Any] | None = None
+                          ) -> tuple[TrainConfig, dict[str, tuple]]:
+    """The checks ``train.train`` makes before it reads the corpus; no Keras, so ``charrnn train`` makes
+    them before it imports TensorFlow.
+
+    The corpus is only looked up (``corpus.find_files``), not read: its UTF-8 and its length are
+    checked where it is read.
+
+    Args:
+        corpus: a file, a folder or a glob pattern.
+        run: the run folder (of a new run: the folder this process writes).
+        config: a new run's hyper-parameters (default: ``TrainConfig()``); ignored with ``resume``.
+        resume: continue the run in ``run``.
+        changes: with ``resume``, config fields to change.
+
+    Returns:
+        ``(config, changed)``: the config to train with, validated, and ``{field: (old, new)}``
+        of a resume's changes (empty for a new run).
+
+    Raises:
+        ConfigError: a hyper-parameter is invalid, ``run`` already holds a run, or ``changes``
+            would alter a resumed run.
+        InputError: no corpus files, nothing to resume, or a new run folder that cannot be written.
+    """
+    if resume:
+        config, changed = run.resumed_config(changes or {})
+    else:
+        run.check_new_run()
+        config, changed = config or TrainConfig(), {}
+    find_files(corpus)
+    config.validate()
+    return config, changed

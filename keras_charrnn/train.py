@@ -16,11 +16,11 @@ from keras_charrnn.budget import plan_budget
 from keras_charrnn.callbacks import (CharMetrics, EpochSummary, PlotCurves, ResetStates, SampleText,
                                      TrainingCheckpoint)
 from keras_charrnn.checkpoint import Progress, load_checkpoint
-from keras_charrnn.config import SAMPLE_TEMPERATURES, TrainConfig, resume_changes
+from keras_charrnn.config import SAMPLE_TEMPERATURES, TrainConfig
 from keras_charrnn.corpus import Corpus, CorpusScan, encode, scan
 from keras_charrnn.errors import ConfigError, InputError
 from keras_charrnn.model import compile_model, make_optimizer, model_from_config, reset_states
-from keras_charrnn.run_folder import RunFolder
+from keras_charrnn.run_folder import RunFolder, check_training_inputs
 from keras_charrnn.sampling import DEFAULT_PRIME
 from keras_charrnn.tbptt import TBPTTBatches, split_train_val
 from keras_charrnn.vocab import Vocabulary
@@ -102,28 +102,6 @@ def _check_same_corpus(run: RunFolder, found: CorpusScan) -> None:
         why = "; ".join(parts) or "the same files with different text"
         why = f" ({why})"
     raise InputError(f"{found.spec}: not the corpus this run was trained on ({saved.get('path')}){why}")
-
-
-def _resumed_setup(run: RunFolder, corpus: str | os.PathLike, strict: bool, changes: Mapping[str, Any]
-                   ) -> tuple[TrainConfig, Vocabulary, CorpusScan, dict]:
-    """The config (with the allowed changes) and vocabulary of the run to resume; checks the corpus.
-
-    Returns:
-        ``(config, vocab, scan, changed)``, ``changed`` as ``resume_changes`` gives it.
-    """
-    if not run.config_path.is_file():
-        raise InputError(f"{run.path}: nothing to resume (no {run.config_path.name}); start without resume")
-    config, changed = resume_changes(run.config(), changes)
-    found = scan(corpus, strict)
-    _check_same_corpus(run, found)
-    return config, run.vocab(), found, changed
-
-
-def _new_setup(run: RunFolder, config: TrainConfig | None) -> TrainConfig:
-    """The config of a new run; refuses a folder that already holds one."""
-    if run.has_checkpoint():
-        raise ConfigError(f"{run.path} already holds a run; resume it or choose another run_dir")
-    return config or TrainConfig()
 
 
 def _build(config: TrainConfig, vocab: Vocabulary, steps_per_epoch: int, dist=None) -> keras.Model:
@@ -264,13 +242,14 @@ def train(corpus: str | os.PathLike, run_dir: str | os.PathLike, config: TrainCo
     dist = _distribution(strategy)  # first: a multi-worker strategy must be made before TensorFlow starts
     run = RunFolder(run_dir)
     writes = run if dist is None else RunFolder(dist.write_dir(run.path))  # non-chief workers: a temporary folder
+    # The checks that need no corpus read (the CLI makes them before it imports TensorFlow), then the one read.
+    config, changed = check_training_inputs(corpus, run if resume else writes, config, resume, changes)
+    found = scan(corpus, strict)
     if resume:
-        config, vocab, found, changed = _resumed_setup(run, corpus, strict, changes or {})
+        _check_same_corpus(run, found)
+        vocab = run.vocab()
     else:
-        config = _new_setup(writes, config)
-        found = scan(corpus, strict)
-        vocab, changed = Vocabulary(found.chars_seen), {}
-    config.validate()
+        vocab = Vocabulary(found.chars_seen)
     data, train_batches, val_batches = _encoded(found, vocab, config)
     model = _build(config, vocab, len(train_batches), dist)
     if dist is not None:

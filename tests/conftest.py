@@ -6,10 +6,12 @@ in a few minutes on two CPU cores.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -80,9 +82,13 @@ def write_models_config(path: Path, base: Path, names, policy: str = "") -> Path
     return path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def server(model_base, tmp_path_factory):
-    """A model server for every cell's model; yields its port."""
+    """A model server for every cell's model; yields its port.
+
+    One for the whole session: the tests that use it only call it (its log is not read, nothing is
+    written under model_base), so each test file need not wait for its own to start.
+    """
     config = write_models_config(tmp_path_factory.mktemp("cfg") / "models.config", model_base, CELLS)
     with ServerProcess(["--model_config_file", config]) as process:
         yield process.port
@@ -92,3 +98,23 @@ def run_cli(*args, input: str | None = None, timeout: float = 300, cwd=None):
     """Runs ``charrnn ARGS`` in a subprocess; returns the CompletedProcess."""
     return subprocess.run([sys.executable, "-m", "keras_charrnn.cli", *map(str, args)], capture_output=True,
                           text=True, input=input, timeout=timeout, cwd=cwd)
+
+
+def side_by_side(*calls):
+    """Runs zero-argument callables (each starting and waiting for its own subprocess) at the same time, as many
+    as there are CPU cores; returns their results in order.
+
+    Most of a short ``charrnn`` command's time is ``import tensorflow`` on one core while this process only
+    waits, so independent commands (no shared files, each its own output folder) run side by side and
+    print what each would print alone.
+    """
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool:
+        return list(pool.map(lambda call: call(), calls))
+
+
+@contextlib.contextmanager
+def in_background(call):
+    """Runs a zero-argument callable (one that starts and waits for a subprocess) beside the ``with`` block;
+    yields its Future, whose ``result()`` waits for it."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        yield pool.submit(call)

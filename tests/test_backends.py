@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import make_corpus, run_cli
+from conftest import make_corpus, run_cli, side_by_side
 
 HAS_JAX = importlib.util.find_spec("jax") is not None
 BACKENDS = ["tensorflow", pytest.param("jax", marks=pytest.mark.skipif(not HAS_JAX, reason="jax is not installed"))]
@@ -56,16 +56,21 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def full_runs(tmp_path_factory, corpus):
-    """One uninterrupted run per backend, made on first use."""
+    """One uninterrupted run per installed backend, made side by side on first use."""
     runs = {}
 
+    def train(backend):
+        out = tmp_path_factory.mktemp(f"full_{backend}") / "run"
+        return out, run_cli("train", corpus, "--out", out, "--backend", backend, *FLAGS)
+
     def get(backend):
-        if backend not in runs:
-            out = tmp_path_factory.mktemp(f"full_{backend}") / "run"
-            done = run_cli("train", corpus, "--out", out, "--backend", backend, *FLAGS)
-            assert done.returncode == 0, done.stderr
-            runs[backend] = out
-        return runs[backend]
+        if not runs:
+            backends = ["tensorflow", "jax"] if HAS_JAX else ["tensorflow"]
+            for name, (out, done) in zip(backends, side_by_side(*(lambda b=b: train(b) for b in backends))):
+                runs[name] = (out, done)
+        out, done = runs[backend]
+        assert done.returncode == 0, done.stderr
+        return out
 
     return get
 
@@ -120,10 +125,11 @@ def test_savedmodel_exported_from_each_backends_run_computes_the_trained_models_
     run = full_runs(backend)
     batch = tmp_path / "batch.npz"
     np.savez(batch, x=np.random.RandomState(0).randint(0, 20, size=(8, 10)).astype(np.int32))
-    done = subprocess.run([sys.executable, "-c", LOGITS_SCRIPT, str(run), str(batch), backend],
-                          env=_env(backend), capture_output=True, text=True, timeout=300)
+    done, exported = side_by_side(  # the logits in the backend's own process, and the export beside it
+        lambda: subprocess.run([sys.executable, "-c", LOGITS_SCRIPT, str(run), str(batch), backend],
+                               env=_env(backend), capture_output=True, text=True, timeout=300),
+        lambda: run_cli("export", run, "--name", "m", "--base-path", tmp_path / "models"))
     assert done.returncode == 0, done.stderr
-    exported = run_cli("export", run, "--name", "m", "--base-path", tmp_path / "models")
     assert exported.returncode == 0, exported.stderr
 
     trained = np.load(batch)
@@ -133,3 +139,22 @@ def test_savedmodel_exported_from_each_backends_run_computes_the_trained_models_
     np.testing.assert_allclose(out["logits"].numpy(), trained["logits"], atol=1e-5)
     for i, name in enumerate(("h_0", "c_0", "h_1", "c_1")):
         np.testing.assert_allclose(out[name].numpy(), trained[f"state_{i}"], atol=1e-5)
+
+
+NO_TENSORFLOW_SCRIPT = """
+import sys
+sys.modules["tensorflow"] = None  # any import of TensorFlow now fails
+from keras_charrnn.config import TrainConfig
+from keras_charrnn.train import train
+train(sys.argv[1], sys.argv[2], TrainConfig(units=16, embedding_dim=8, batch_size=8, seq_len=10, epochs=1,
+                                            sample_chars=0, checkpoint_every=5), verbose=0)
+"""
+
+
+@pytest.mark.skipif(not HAS_JAX, reason="jax is not installed")
+def test_training_on_jax_needs_no_tensorflow(corpus, tmp_path):
+    # The training path is plain Keras: on JAX it runs where TensorFlow is not installed (a JAX-only GPU box).
+    done = subprocess.run([sys.executable, "-c", NO_TENSORFLOW_SCRIPT, str(corpus), str(tmp_path / "run")],
+                          env=_env("jax"), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert _progress(tmp_path / "run" / "state.npz")["epoch"] == 1

@@ -1,12 +1,13 @@
 """Training under a time budget: the duration parser, the rule, a run that stops on time and says why, CLI errors."""
 
+import dataclasses
 import json
 import time
 
 import pytest
 
 from conftest import make_corpus, run_cli
-from keras_charrnn.budget import CHARS_PER_PARAM, _judge, count_params, plan
+from keras_charrnn.budget import CHARS_PER_PARAM, MIN_STEPS, _judge, count_params, plan
 from keras_charrnn.config import TrainConfig, parse_duration
 from keras_charrnn.errors import ConfigError
 
@@ -44,7 +45,8 @@ def test_the_rule_picks_the_largest_model_that_sees_enough_characters_per_parame
     choice, pick = plan(config, judged, train_chars, fixed=set())
     assert (choice["layers"], choice["units"]) == (2, 256)
     assert pick["chars_per_param"] >= CHARS_PER_PARAM
-    assert choice["schedule_steps"] == int(pick["chars"] / 3200)
+    assert choice["seq_len"] == 50  # 4,000 steps at 100, 8,000 at 50: see the next test
+    assert choice["schedule_steps"] == int(pick["chars"] / (32 * 50))
     assert choice["epochs"] >= pick["passes"]  # the clock, not the epochs, ends the run
     # A short budget picks the smallest, and a given width is kept.
     short = [_judge(s, 30.0, 5.0, train_chars, 100_000, config) for s in sizes]
@@ -52,7 +54,22 @@ def test_the_rule_picks_the_largest_model_that_sees_enough_characters_per_parame
     assert "units" not in plan(config, short, train_chars, {"units"})[0]
 
 
-@pytest.mark.parametrize("budget_s, batch", [(600.0, 64), (60.0, 32)])
+@pytest.mark.parametrize("budget_s, seq_len", [(60.0, 25), (600.0, 50), (3600.0, 100)])
+def test_a_short_run_trains_shorter_sequences_for_more_optimizer_steps(budget_s, seq_len):
+    # Step-limited: the longest of 100, 50, 25 that gives MIN_STEPS steps (the same characters either way).
+    config, train_chars = TrainConfig(), 1_000_000
+    judged = [_judge(_size(2, 256, 22_000), budget_s, 10.0, train_chars, 100_000, config)]
+    choice, pick = plan(config, judged, train_chars, fixed=set())
+    assert choice["seq_len"] == seq_len
+    assert choice["schedule_steps"] == int(pick["chars"] / (32 * seq_len))
+    assert seq_len == 25 or choice["schedule_steps"] >= MIN_STEPS
+    # A seq_len the user gave is kept, and the schedule counts its steps.
+    given = dataclasses.replace(config, seq_len=100)
+    choice, pick = plan(given, judged, train_chars, fixed={"seq_len"})
+    assert "seq_len" not in choice and choice["schedule_steps"] == int(pick["chars"] / 3200)
+
+
+@pytest.mark.parametrize("budget_s, batch", [(600.0, 64), (30.0, 32)])
 def test_sizes_are_probed_at_batch_64_and_a_run_of_few_steps_falls_back_to_32(tmp_path, monkeypatch, budget_s, batch):
     from keras_charrnn import budget
 

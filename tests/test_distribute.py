@@ -19,7 +19,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import make_corpus, run_cli
+from conftest import make_corpus, run_cli, side_by_side
 from servers import free_ports
 
 TINY = ["--units", "16", "--embedding-dim", "8", "--batch-size", "8", "--seq-len", "10", "--epochs", "2",
@@ -63,10 +63,11 @@ def corpus(tmp_path_factory):
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_mirrored_on_two_devices_matches_one_device_with_the_same_global_batch(corpus, tmp_path, cell):
-    one = _cli("train", corpus, "--out", tmp_path / "one", "--cell", cell, "--checkpoint-every", "0", *TINY)
+    one, two = side_by_side(
+        lambda: _cli("train", corpus, "--out", tmp_path / "one", "--cell", cell, "--checkpoint-every", "0", *TINY),
+        lambda: _cli("train", corpus, "--out", tmp_path / "two", "--cell", cell, "--checkpoint-every", "0", *TINY,
+                     "--distribute", "mirrored", env={"CHARRNN_LOGICAL_CPUS": "2"}))
     assert one.returncode == 0, one.stderr
-    two = _cli("train", corpus, "--out", tmp_path / "two", "--cell", cell, "--checkpoint-every", "0", *TINY,
-               "--distribute", "mirrored", env={"CHARRNN_LOGICAL_CPUS": "2"})
     assert two.returncode == 0, two.stderr
     assert "distributed: 2 replicas, batch_size 8 = 2 x 4" in two.stdout
     _assert_same_run(tmp_path / "two", tmp_path / "one")
@@ -76,16 +77,18 @@ def test_mirrored_on_two_devices_matches_one_device_with_the_same_global_batch(c
 
 
 def test_distributed_training_errors_name_the_parameter(corpus, tmp_path):
-    odd = _cli("train", corpus, "--out", tmp_path / "odd", *TINY, "--batch-size", "7", "--distribute", "mirrored",
-               env={"CHARRNN_LOGICAL_CPUS": "2"}, timeout=300)
-    assert odd.returncode == 2 and "batch_size 7 must be a multiple of the 2 replicas" in odd.stderr, odd.stderr
-    no_config = _cli("train", corpus, "--out", tmp_path / "mw", *TINY, "--distribute", "multi-worker",
-                     env={"TF_CONFIG": ""}, timeout=300)
-    assert no_config.returncode == 2 and "needs TF_CONFIG" in no_config.stderr, no_config.stderr
+    calls = [lambda: _cli("train", corpus, "--out", tmp_path / "odd", *TINY, "--batch-size", "7", "--distribute",
+                          "mirrored", env={"CHARRNN_LOGICAL_CPUS": "2"}, timeout=300),
+             lambda: _cli("train", corpus, "--out", tmp_path / "mw", *TINY, "--distribute", "multi-worker",
+                          env={"TF_CONFIG": ""}, timeout=300)]
     if importlib.util.find_spec("jax") is not None:
-        jax = _cli("train", corpus, "--out", tmp_path / "jax", *TINY, "--distribute", "mirrored", "--backend", "jax",
-                   timeout=300)
-        assert jax.returncode == 2 and "distributed training needs the TensorFlow backend" in jax.stderr, jax.stderr
+        calls.append(lambda: _cli("train", corpus, "--out", tmp_path / "jax", *TINY, "--distribute", "mirrored",
+                                  "--backend", "jax", timeout=300))
+    odd, no_config, *jax = side_by_side(*calls)  # independent commands: they run side by side
+    assert odd.returncode == 2 and "batch_size 7 must be a multiple of the 2 replicas" in odd.stderr, odd.stderr
+    assert no_config.returncode == 2 and "needs TF_CONFIG" in no_config.stderr, no_config.stderr
+    for result in jax:
+        assert result.returncode == 2 and "distributed training needs the TensorFlow backend" in result.stderr, result.stderr
 
 
 def _start_workers(corpus, out, logs, *extra):

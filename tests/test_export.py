@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
-from conftest import CELLS, run_cli
+from conftest import CELLS, in_background, run_cli, side_by_side
 from keras_charrnn.analysis import inspect
 from keras_charrnn.decoding import filter_logits
 from keras_charrnn.errors import CharRNNError, InputError
@@ -141,16 +141,15 @@ def test_export_is_tf_serving_shaped(model_base):
 
 def test_export_versions_count_up_and_never_overwrite(tmp_path, trained_runs):
     assert run_cli("export", trained_runs["gru"], "--name", "m", "--base-path", tmp_path).returncode == 0
-    assert run_cli("export", trained_runs["gru"], "--name", "m", "--base-path", tmp_path).returncode == 0
+    second, again = side_by_side(  # version 1 exists now: the next export counts up, asking for 1 again is refused
+        lambda: run_cli("export", trained_runs["gru"], "--name", "m", "--base-path", tmp_path),
+        lambda: run_cli("export", trained_runs["gru"], "--name", "m", "--base-path", tmp_path, "--version", "1"))
+    assert second.returncode == 0, second.stderr
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["1", "2"]
-    again = run_cli("export", trained_runs["gru"], "--name", "m", "--base-path", tmp_path, "--version", "2")
     assert again.returncode == 2 and "already exists" in again.stderr
 
 
 def test_a_fresh_process_with_tensorflow_alone_gets_the_same_outputs(model_base):
-    model = load(model_base / "lstm")
-    zero = {k: tf.constant(v) for k, v in model.zero_state().items()}
-    expected = model.signatures["generate_text"](prime=tf.constant(["the "]), **zero, **_rows(num_chars=50, seed=4))
     script = f"""
 import tensorflow as tf
 m = tf.saved_model.load({str(model_base / 'lstm' / '1')!r})
@@ -161,7 +160,12 @@ out = f(prime=tf.constant(["the "]), **zero, num_chars=tf.constant([50]), temper
         position=tf.constant([0], tf.int64))
 print(out["text"].numpy()[0].decode())
 """
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    with in_background(lambda: subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                                              timeout=120)) as result:
+        model = load(model_base / "lstm")
+        zero = {k: tf.constant(v) for k, v in model.zero_state().items()}
+        expected = model.signatures["generate_text"](prime=tf.constant(["the "]), **zero, **_rows(num_chars=50, seed=4))
+    result = result.result()
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.rstrip("\n") == expected["text"].numpy()[0].decode()
 
@@ -214,13 +218,14 @@ def test_export_refuses_bad_names_and_versions_naming_the_parameter(trained_runs
 
 
 def test_interactive_cli_continues_as_an_in_process_session_fed_the_same_lines(model_base):
-    result = run_cli("sample", "--model", model_base / "gru", "--interactive", "-n", "20", "--seed", "1",
-                     "--temperature", "1.0", input="the lazy\n\nseven cats\n")
+    with in_background(lambda: run_cli("sample", "--model", model_base / "gru", "--interactive", "-n", "20", "--seed",
+                                       "1", "--temperature", "1.0", input="the lazy\n\nseven cats\n")) as result:
+        session = load(model_base / "gru").session("the lazy\n", temperature=1.0, seed=1)
+        turns = [session.generate(20), session.generate(20)]  # a line, then an empty line: it continues on its own
+        session.feed("seven cats\n")
+        turns.append(session.generate(20))
+    result = result.result()
     assert result.returncode == 0, result.stderr
-    session = load(model_base / "gru").session("the lazy\n", temperature=1.0, seed=1)
-    turns = [session.generate(20), session.generate(20)]  # a line, then an empty line: it continues on its own
-    session.feed("seven cats\n")
-    turns.append(session.generate(20))
     intro = result.stdout.split("\n", 1)[0]
     assert result.stdout == intro + "\n" + "".join(f"> {t}\n" for t in turns) + "> \n"
 
@@ -266,18 +271,20 @@ def test_session_from_json_round_trips_and_refuses_what_is_not_a_saved_session()
 
 
 def test_sample_and_eval_cli(model_base, corpus_file, tmp_path):
+    errors = [(("sample", "--model", tmp_path / "none"), "no such model"),
+              (("sample", "--model", model_base / "lstm", "--top-p", "2"), "top_p"),
+              (("sample", "--model", model_base / "lstm", "--prime", ""), "prime"),
+              (("eval", "--model", model_base / "lstm", tmp_path / "none.txt"), "no such file")]
+    out, ev, *results = side_by_side(  # independent commands: they run side by side
+        lambda: run_cli("sample", "--model", model_base / "lstm", "--prime", "the ", "-n", "120", "--seed", "5",
+                        "--temperature", "0.9"),
+        lambda: run_cli("eval", "--model", model_base / "lstm", corpus_file),
+        *(lambda args=args: run_cli(*args) for args, _ in errors))
     model = load(model_base / "lstm")
-    out = run_cli("sample", "--model", model_base / "lstm", "--prime", "the ", "-n", "120", "--seed", "5",
-                  "--temperature", "0.9")
     assert out.returncode == 0, out.stderr
     assert out.stdout == "the " + model.generate("the ", 120, temperature=0.9, seed=5) + "\n"
-    ev = run_cli("eval", "--model", model_base / "lstm", corpus_file)
     assert ev.returncode == 0 and "bpc" in ev.stdout
-    for args, fragment in [(("sample", "--model", tmp_path / "none"), "no such model"),
-                           (("sample", "--model", model_base / "lstm", "--top-p", "2"), "top_p"),
-                           (("sample", "--model", model_base / "lstm", "--prime", ""), "prime"),
-                           (("eval", "--model", model_base / "lstm", tmp_path / "none.txt"), "no such file")]:
-        result = run_cli(*args)
+    for result, (_, fragment) in zip(results, errors):
         assert result.returncode == 2 and "Traceback" not in result.stderr
         assert fragment in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
 
@@ -330,12 +337,15 @@ def test_the_xla_twins_give_the_same_text_and_states_as_the_default_signatures(m
 
 
 def test_export_without_xla_has_no_twins_and_the_same_text(trained_runs, model_base, tmp_path):
-    result = run_cli("export", trained_runs["gru"], "--name", "m", "--base-path", tmp_path, "--no-xla")
+    with in_background(lambda: run_cli("export", trained_runs["gru"], "--name", "m", "--base-path", tmp_path,
+                                       "--no-xla")) as result:
+        expected = load(model_base / "gru").generate("the ", 80, seed=2)
+    result = result.result()
     assert result.returncode == 0, result.stderr
     graph = _meta_graph(tmp_path / "m" / "1")
     assert not any(name.endswith("_xla") for name in graph.signature_def)
     assert load(tmp_path / "m").config["xla_signatures"] == []
-    assert load(tmp_path / "m").generate("the ", 80, seed=2) == load(model_base / "gru").generate("the ", 80, seed=2)
+    assert load(tmp_path / "m").generate("the ", 80, seed=2) == expected
 
 
 def test_a_client_falls_back_once_from_the_xla_twin_on_a_server_without_xla(model_base, caplog):

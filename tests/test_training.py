@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import CELLS, make_corpus, run_cli, tiny_config
+from conftest import CELLS, in_background, make_corpus, run_cli, side_by_side, tiny_config
 from keras_charrnn.tbptt import TBPTTBatches
 from keras_charrnn.callbacks import ResetStates
 from keras_charrnn.config import TrainConfig
@@ -120,21 +120,21 @@ def test_resume_after_sigkill_ends_with_the_same_weights(tmp_path):
     corpus.write_text(make_corpus(6000, seed=3))
     flags = ["--units", "16", "--embedding-dim", "8", "--batch-size", "8", "--seq-len", "16", "--epochs", "2",
              "--checkpoint-every", "10", "--dropout", "0.1", "--lr", "3e-3", "--quiet"]
-    full = run_cli("train", corpus, "--out", tmp_path / "full", *flags)
-    assert full.returncode == 0, full.stderr
-
     cmd = [sys.executable, "-m", "keras_charrnn.cli", "train", str(corpus), "--out", str(tmp_path / "killed"), *flags]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = tmp_path / "killed" / "state.npz"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:  # kill mid-way through the second epoch
-        if state.is_file():  # written atomically: absent or complete
-            p = _progress(state)
-            if p["epoch"] == 1 and p["step"] >= 10:
-                break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    with in_background(lambda: run_cli("train", corpus, "--out", tmp_path / "full", *flags)) as full:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        state = tmp_path / "killed" / "state.npz"
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:  # kill mid-way through the second epoch
+            if state.is_file():  # written atomically: absent or complete
+                p = _progress(state)
+                if p["epoch"] == 1 and p["step"] >= 10:
+                    break
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    full = full.result()
+    assert full.returncode == 0, full.stderr
     killed_at = _progress(state)
     assert killed_at["epoch"] == 1 and 0 < killed_at["step"], killed_at
 
@@ -179,17 +179,22 @@ def _one_line_error(result, *fragments):
 def test_cli_bad_inputs_get_one_line_errors(tmp_path, corpus_file):
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"abc\x80def")
-    _one_line_error(run_cli("train", tmp_path / "missing.txt", "--out", tmp_path / "r"), "missing.txt")
-    _one_line_error(run_cli("train", bad, "--out", tmp_path / "r"), "bad.txt", "byte offset 3")
-    _one_line_error(run_cli("train", corpus_file, "--out", tmp_path / "r", "--batch-size", "4096"), "too short")
-    _one_line_error(run_cli("train", corpus_file, "--out", tmp_path / "r", "--lr", "-1"), "lr must be positive")
-    _one_line_error(run_cli("train", corpus_file, "--out", tmp_path / "r", "--units", "many"), "--units")
-    _one_line_error(run_cli("train", corpus_file, "--out", tmp_path / "r", "--val-frac", "1.5"), "val_frac must be in [0, 1)")
-    _one_line_error(run_cli("train", corpus_file, "--out", tmp_path / "nothing", "--resume"), "nothing to resume")
-    _one_line_error(run_cli("train", corpus_file, "--out", tmp_path / "r", "--cell", "transformer"), "--cell")
     (tmp_path / "a_file").write_text("")
-    _one_line_error(run_cli("train", corpus_file, "--out", tmp_path / "a_file", "--batch-size", "4", "--seq-len", "8"),
-                    "a_file: cannot write the run folder")
+    cases = [(tmp_path / "missing.txt", "r1", (), ("missing.txt",)),
+             (bad, "r2", (), ("bad.txt", "byte offset 3")),
+             (corpus_file, "r3", ("--batch-size", "4096"), ("too short",)),
+             (corpus_file, "r4", ("--lr", "-1"), ("lr must be positive",)),
+             (corpus_file, "r5", ("--units", "many"), ("--units",)),
+             (corpus_file, "r6", ("--val-frac", "1.5"), ("val_frac must be in [0, 1)",)),
+             (corpus_file, "nothing", ("--resume",), ("nothing to resume",)),
+             (corpus_file, "r8", ("--cell", "transformer"), ("--cell",)),
+             (corpus_file, "a_file", ("--batch-size", "4", "--seq-len", "8"), ("a_file: cannot write the run folder",))]
+    # Each case has its own --out folder, so the commands run side by side.
+    results = side_by_side(*(lambda corpus=corpus, out=out, flags=flags: run_cli("train", corpus, "--out",
+                                                                                 tmp_path / out, *flags)
+                             for corpus, out, flags, _ in cases))
+    for result, (*_, fragments) in zip(results, cases):
+        _one_line_error(result, *fragments)
 
 
 def _copy_run(trained_runs, tmp_path):

@@ -7,7 +7,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, side_by_side
 from keras_charrnn.analysis import inspect, score_units
 from keras_charrnn.export import save_savedmodel
 from keras_charrnn.inprocess import load
@@ -129,8 +129,9 @@ def test_visualize_bad_inputs_get_one_line_errors(tmp_path, model_base):
     cases = [((empty,), "empty"), ((bad,), "byte offset 2"), ((good, "--layer", "5"), "layer 5 does not exist"),
              ((good, "--units", "0,999"), "999"), ((good, "--units", "x"), "--units"),
              ((good, "--out", good / "r.html"), "cannot write the page"), ((good, "--model", tmp_path), "no SavedModel")]
-    for extra, fragment in cases:
-        result = run_cli("visualize", "--model", model_base / "lstm", "--out", tmp_path / "r.html", *extra)
+    results = side_by_side(*(lambda extra=extra: run_cli("visualize", "--model", model_base / "lstm", "--out",
+                                                         tmp_path / "r.html", *extra) for extra, _ in cases))
+    for result, (_, fragment) in zip(results, cases):
         assert result.returncode == 2, result.stderr
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in result.stderr
