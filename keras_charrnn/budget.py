@@ -31,7 +31,7 @@ or ``plan_budget`` then ``train``) does, with the clock started when it is calle
    a fit of a sweep on this machine; ``bench/quality.py`` checks it against a plain Keras 2x256 LSTM.
 3. **The rest**: ``seq_len``: the longest of ``SEQ_LENS`` (100, 50, 25) that gives the run at least
    ``MIN_STEPS`` (5,000) optimizer steps, else 25. A short run is limited by its optimizer steps, not
-   by the characters it sees: on tinyshakespeare in 10 minutes (2x256, batch 64, the same characters
+   by the characters it sees: on tinyshakespeare in 10 minutes (2x256, batch 64, about the same characters
    per second at each length) seq_len 100 gave 1,400 steps and a held-out loss of 1.695 nats/char,
    50 gave 2,587 steps and 1.527, 25 gave 5,341 steps and 1.497 (the state still carries the context
    across batches). A long run keeps the longer sequences, which teach dependencies over more
