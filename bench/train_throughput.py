@@ -170,20 +170,24 @@ class TorchRunner:
             torch.cuda.synchronize()
 
 
+def matmul_gflops(product, n: int, repeats: int = 15) -> float:
+    """The rate of ``product()`` (one n x n x n float32 matmul, finished when it returns) in GFLOP/s: the
+    median of ``repeats`` timed calls after 3 warm-up ones."""
+    times = []
+    for _ in range(3 + repeats):
+        t = time.perf_counter()
+        product()
+        times.append(time.perf_counter() - t)
+    return 2 * n ** 3 / statistics.median(times[3:]) / 1e9
+
+
 def peak_matmul(n: int = PEAK_N, repeats: int = 15) -> float:
     """This machine's float32 matmul rate in GFLOP/s: the median of ``repeats`` timed ``tf.matmul``s of n x n."""
     import tensorflow as tf
 
     a = tf.random.uniform((n, n), dtype=tf.float32)
     b = tf.random.uniform((n, n), dtype=tf.float32)
-    for _ in range(3):
-        tf.matmul(a, b).numpy()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        tf.matmul(a, b).numpy()
-        times.append(time.perf_counter() - t)
-    return 2 * n ** 3 / statistics.median(times) / 1e9
+    return matmul_gflops(lambda: tf.matmul(a, b).numpy(), n, repeats)
 
 
 def peak_matmul_torch(n: int = 8192, repeats: int = 15) -> dict:
@@ -194,17 +198,16 @@ def peak_matmul_torch(n: int = 8192, repeats: int = 15) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     n = n if device == "cuda" else PEAK_N
     a, b = (torch.rand((n, n), device=device) for _ in range(2))
+
+    def product():
+        torch.matmul(a, b)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
     rates = {}
     for key, tf32 in (("gflops", False), ("gflops_tf32", True)):
         torch.backends.cuda.matmul.allow_tf32 = tf32
-        times = []
-        for i in range(3 + repeats):
-            t = time.perf_counter()
-            torch.matmul(a, b)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t)
-        rates[key] = 2 * n ** 3 / statistics.median(times[3:]) / 1e9
+        rates[key] = matmul_gflops(product, n, repeats)
     torch.backends.cuda.matmul.allow_tf32 = False  # PyTorch's default
     return rates
 
