@@ -11,6 +11,10 @@ FLOP limit (a large ``tf.matmul``'s rate times characters per FLOP of the
 model), single-stream in-process generation against the batch-1 matrix-vector
 limit, and the resident memory of the 2x512 replica after the batched load.
 
+Two references put the figures in proportion: Python gRPC's own round trip
+(an echo server answering the same response bytes, no model), and the model
+alone at 64 rows (one in-process call of the batch the server would run).
+
     python bench/serving.py [--calls 200]
 """
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -31,20 +36,27 @@ from report import update_section  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from servers import ServerProcess  # noqa: E402  (the tests' model-server process)
 
+PREDICT = "/tensorflow.serving.PredictionService/Predict"  # wire.PREDICT, without importing the package
+
 
 def percentile(values, q):
     values = sorted(values)
     return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
 
 
-def session_latencies(session, chars: int, calls: int) -> list[float]:
-    session.generate(chars)  # warm
+def latencies(call, calls: int) -> list[float]:
+    """Seconds each of ``calls`` calls of ``call()`` took, after one to warm up."""
+    call()
     out = []
     for _ in range(calls):
         t = time.perf_counter()
-        session.generate(chars)
+        call()
         out.append(time.perf_counter() - t)
     return out
+
+
+def session_latencies(session, chars: int, calls: int) -> list[float]:
+    return latencies(lambda: session.generate(chars), calls)
 
 
 def aggregate(client, model: str, sessions: int, calls: int, chars: int = 64) -> float:
@@ -58,6 +70,94 @@ def aggregate(client, model: str, sessions: int, calls: int, chars: int = 64) ->
     with ThreadPoolExecutor(sessions) as pool:
         list(pool.map(run, range(sessions)))
     return sessions * calls * chars / (time.perf_counter() - t)
+
+
+def echo_server(response_path: str) -> None:
+    """Serves Predict over loopback with a thread-pool gRPC server, as ``charrnn serve`` does, answering
+    every call with the bytes in ``response_path`` at once; prints the port and runs until killed."""
+    from concurrent import futures
+
+    import grpc
+
+    payload = Path(response_path).read_bytes()
+    service, method = PREDICT.strip("/").split("/")
+    handler = grpc.method_handlers_generic_handler(  # no (de)serializers: bytes in, bytes out
+        service, {method: grpc.unary_unary_rpc_method_handler(lambda request, context: payload)})
+    server = grpc.server(futures.ThreadPoolExecutor(8))
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    print(port, flush=True)
+    server.wait_for_termination()
+
+
+def raw_predict_latencies(target: str, request, calls: int) -> list[float]:
+    """Latencies of one prepared PredictRequest sent ``calls`` times on a plain channel (no session code)."""
+    import grpc
+
+    from keras_charrnn.serving import wire
+
+    with grpc.insecure_channel(target) as channel:
+        stub = channel.unary_unary(wire.PREDICT, request_serializer=wire.PredictRequest.SerializeToString,
+                                   response_deserializer=wire.PredictResponse.FromString)
+        return latencies(lambda: stub(request, timeout=60), calls)
+
+
+def one_char_request(model: str, units: int, state_names, rows: int = 1):
+    """The PredictRequest of a session's 1-character ``generate_text_xla`` call from the zero state
+    (``rows`` such rows), and the same inputs as NumPy arrays."""
+    import numpy as np
+
+    from keras_charrnn.serving import wire
+
+    inputs = {"prime": np.array([b"a"] * rows, dtype=object),
+              **{n: np.zeros([rows, units], np.float32) for n in state_names},
+              "num_chars": np.full([rows], 1, np.int32), "temperature": np.full([rows], 0.8, np.float32),
+              "top_k": np.zeros([rows], np.int32), "top_p": np.ones([rows], np.float32),
+              "seed": np.arange(rows, dtype=np.int64), "position": np.zeros([rows], np.int64)}
+    request = wire.PredictRequest()
+    request.model_spec.name, request.model_spec.signature_name = model, "generate_text_xla"
+    for key, value in inputs.items():
+        wire.to_tensor_proto(value, request.inputs[key])
+    return request, inputs
+
+
+def echo_floor(target: str, request, calls: int, tmp: str) -> float:
+    """p50 seconds of ``request`` sent to an echo server (this script, ``--echo-server``) that answers
+    what ``target`` answers to it: Python gRPC's round trip with the model and the checks taken out."""
+    import grpc
+
+    from keras_charrnn.serving import wire
+
+    with grpc.insecure_channel(target) as channel:
+        response = channel.unary_unary(wire.PREDICT, request_serializer=wire.PredictRequest.SerializeToString)(
+            request, timeout=60)
+    path = Path(tmp) / "echo_response.bin"
+    path.write_bytes(response)
+    echo = subprocess.Popen([sys.executable, __file__, "--echo-server", str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(echo.stdout.readline())
+        return percentile(raw_predict_latencies(f"127.0.0.1:{port}", request, calls), 50)
+    finally:
+        echo.kill()
+        echo.wait()
+
+
+def model_alone(local, units: int, rows: int, chars: int = 64, repeats: int = 5) -> float:
+    """Characters/second of the model alone: ``rows`` rows of ``chars`` characters in one in-process call."""
+    import tensorflow as tf
+
+    _, inputs = one_char_request("", units, local.info.state_names, rows)
+    inputs["num_chars"][:] = chars
+    fn = local.signatures["generate_text_xla"]
+    tensors = {k: tf.constant(list(v), tf.string) if v.dtype == object else tf.constant(v) for k, v in inputs.items()}
+    fn(**tensors)["text"].numpy()  # compile
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn(**tensors)["text"].numpy()
+        times.append(time.perf_counter() - t)
+    return rows * chars / percentile(times, 50)
 
 
 def rss_mb(pid: int) -> tuple[int, int]:
@@ -102,7 +202,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=200, help="calls per latency measurement")
     parser.add_argument("--print-only", action="store_true", help="print the section, leave BENCHMARKS.md alone")
+    parser.add_argument("--echo-server", metavar="RESPONSE_FILE", help=argparse.SUPPRESS)  # the floor's server
     args = parser.parse_args()
+    if args.echo_server:
+        return echo_server(args.echo_server)
 
     from keras_charrnn.export import save_savedmodel
     from keras_charrnn.model import build_model
@@ -142,8 +245,15 @@ def main() -> None:
                                 f"{percentile(grpc_, 99) * 1e3:.2f} | {cps(mine):,.0f} | {cps(grpc_):,.0f} | "
                                 f"{cps(grpc_) / cps(mine):.2f}x |")
                             print(latency_rows[-1], flush=True)
+                        request, _ = one_char_request(name, units, local.info.state_names)
+                        target = f"127.0.0.1:{server.port}"
+                        fig[units]["raw"] = percentile(raw_predict_latencies(target, request, args.calls), 50)
+                        fig[units]["echo"] = echo_floor(target, request, args.calls, tmp)
+                        fig[units]["alone64"] = model_alone(local, units, 64)
                     for sessions in (1, 8, 64):
-                        calls = 8 if sessions < 64 else 4
+                        # With batching, enough calls per session for the batches to settle after the start;
+                        # without, 64 sessions pass the server's concurrency cap and are retried: fewer.
+                        calls = 8 if sessions < 64 or label == "on" else 4
                         speed = aggregate(client, name, sessions, calls)
                         if label == "on":
                             fig[units][f"on{sessions}"] = speed
@@ -167,11 +277,17 @@ def main() -> None:
     figure("1-char p50, in-process / gRPC (ms)", lambda f, u: f"{f[1][0] * 1e3:.2f} / {f[1][1] * 1e3:.2f}", "")
     figure("per-call overhead: gRPC p50 - in-process p50 (ms)", lambda f, u: f"{(f[1][1] - f[1][0]) * 1e3:.2f}",
         "<= 0.3")
+    figure("of it: Python gRPC's round trip, an echo server answering the same bytes (p50 ms)",
+        lambda f, u: f"{f['echo'] * 1e3:.2f}", "")
+    figure("of it: the client's session code (session p50 - the same request sent raw, ms)",
+        lambda f, u: f"{(f[1][1] - f['raw']) * 1e3:.2f}", "")
     figure("64-char calls, gRPC / in-process chars/s", lambda f, u: f"{f[64][3] / f[64][2]:.2f}x", ">= 0.95x")
     figure("FLOP per character (MFLOP)", lambda f, u: f"{f['flops_per_char'] / 1e6:.2f}", "")
     figure("FLOP limit: matmul rate x chars/FLOP (chars/s)", lambda f, u: f"{matmul / f['flops_per_char']:,.0f}", "")
     figure("64 sessions with batching (chars/s, % of limit)",
         lambda f, u: f"{f['on64']:,.0f} ({100 * f['on64'] * f['flops_per_char'] / matmul:.0f}%)", ">= 60% (2x512)")
+    figure("the model alone: 64 rows in one in-process call (chars/s, % of limit)",
+        lambda f, u: f"{f['alone64']:,.0f} ({100 * f['alone64'] * f['flops_per_char'] / matmul:.0f}%)", "")
     figure("one session with batching / in-process (64-char calls)", lambda f, u: f"{f['on1'] / f[64][2]:.2f}x", "")
     figure("single-stream in-process (chars/s, % of batch-1 matvec limit)",
         lambda f, u: f"{f[64][2]:,.0f} ({100 * f[64][2] * f['flops_per_char'] / matvec[u]:.0f}%)", ">= 75% (2x512)")

@@ -14,6 +14,7 @@ import dataclasses
 import importlib.util
 import os
 import sys
+import types
 
 from keras_charrnn import demo
 from keras_charrnn.config import TrainConfig, parse_duration
@@ -367,6 +368,18 @@ def _run_serve(args) -> None:
 
 
 SERVE_UNUSED_MODULES = ("jax", "keras", "h5py", "scipy")  # imported by `import tensorflow`, unused by `serve`
+# Imported by `import tensorflow` without a guard, used only inside functions `serve` never calls: the profiler
+# client's extension (tf.profiler.experimental.client; 18 MB of library pages touched on load) and requests
+# (TensorFlow's GCE preemption helper and Keras' RemoteMonitor; with urllib3, charset_normalizer and every codec: 6 MB).
+SERVE_STUBBED_MODULES = ("tensorflow.python.profiler.internal._pywrap_profiler_plugin", "requests")
+
+
+class _NotLoaded(types.ModuleType):
+    """A module ``charrnn serve`` never loads: importing it works, using it raises AttributeError."""
+
+    def __getattr__(self, name: str):
+        raise AttributeError(f"module {self.__name__!r} is not loaded in `charrnn serve` (to save memory); "
+                             f"{name!r} is not available")
 
 
 def _lean_server_process() -> None:
@@ -378,13 +391,18 @@ def _lean_server_process() -> None:
     resident), Keras (imported eagerly for its optimizers, and with it matplotlib and
     IPython: 66 MB), and h5py and SciPy (for TensorFlow's legacy Keras: 20 MB). They are
     marked unavailable here (``import keras`` raises ImportError, which TensorFlow handles);
-    the serve path imports none of them itself. And glibc's malloc keeps at most 2 arenas
+    the serve path imports none of them itself. Two modules TensorFlow imports unguarded
+    but uses only in functions the server never calls (``SERVE_STUBBED_MODULES``) import as
+    empty modules whose attributes raise AttributeError. And glibc's malloc keeps at most 2 arenas
     (``MALLOC_ARENA_MAX``, unless the environment sets it), not 8 per core for the gRPC and
     batching threads. See BENCHMARKS.md, "serving overhead profile".
     """
     for unused in SERVE_UNUSED_MODULES:
         if unused not in sys.modules:
             sys.modules[unused] = None  # `import keras` raises ImportError, which TensorFlow handles
+    for unused in SERVE_STUBBED_MODULES:
+        if unused not in sys.modules:
+            sys.modules[unused] = _NotLoaded(unused)  # TensorFlow imports them unguarded, uses them in no serve path
     if "MALLOC_ARENA_MAX" not in os.environ:
         try:
             import ctypes
@@ -392,6 +410,24 @@ def _lean_server_process() -> None:
             ctypes.CDLL("libc.so.6").mallopt(-8, 2)  # M_ARENA_MAX
         except (OSError, AttributeError):  # not glibc
             pass
+
+
+def _import_tensorflow_without_source_lines() -> None:
+    """``import_tensorflow_quietly`` for ``charrnn serve``, without reading Python source files into ``linecache``.
+
+    TensorFlow's registries (gradients, shape and proto functions) note where each entry was
+    registered with ``traceback.extract_stack``, which reads the whole source file of every
+    registering module into ``linecache`` (about 75 files: 8 MB a server keeps and never shows;
+    a duplicate registration's error names the file and line, not the line's text).
+    """
+    import linecache
+
+    update = linecache.updatecache
+    linecache.updatecache = lambda filename, module_globals=None: []  # no lines: frames keep file and line number
+    try:
+        import_tensorflow_quietly()
+    finally:
+        linecache.updatecache = update
 
 
 def _add_demo(sub) -> None:
@@ -514,6 +550,7 @@ def main(argv: list[str] | None = None) -> int:
         _choose_backend(getattr(args, "backend", None))
         if args.command == "serve":
             _lean_server_process()
+            _import_tensorflow_without_source_lines()
         if args.command in NEEDS_TENSORFLOW:
             import_tensorflow_quietly()
         COMMANDS[args.command](args)

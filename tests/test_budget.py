@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from conftest import make_corpus, run_cli
+from conftest import in_background, make_corpus, run_cli
 from keras_charrnn.budget import CHARS_PER_PARAM, MIN_STEPS, _judge, count_params, plan
 from keras_charrnn.config import TrainConfig, parse_duration
 from keras_charrnn.errors import ConfigError
@@ -94,7 +94,23 @@ def test_sizes_are_probed_at_batch_64_and_a_run_of_few_steps_falls_back_to_32(tm
         assert measured[-1] == (config.units, 32)
 
 
-def test_a_budget_run_stops_on_time_records_its_choice_and_keeps_the_best_model(tmp_path):
+@pytest.fixture(scope="module")
+def cli_budget_run(tmp_path_factory):
+    """``charrnn train --time-budget 20s --layers 1 --units 48`` started in the background; yields
+    ``(run folder, Future of its CompletedProcess)``.
+
+    A budget run takes its budget whatever else the machine does, so the CLI's run goes on beside the
+    in-process one (which asks for this fixture first) instead of after it.
+    """
+    tmp = tmp_path_factory.mktemp("cli_budget")
+    corpus = tmp / "corpus.txt"
+    corpus.write_text(make_corpus(3000), encoding="utf-8")
+    with in_background(lambda: run_cli("train", corpus, "--out", tmp / "run", "--time-budget", "20s", "--layers", "1",
+                                       "--units", "48", "--quiet")) as result:
+        yield tmp / "run", result
+
+
+def test_a_budget_run_stops_on_time_records_its_choice_and_keeps_the_best_model(tmp_path, cli_budget_run):
     from keras_charrnn.run_folder import RunFolder
     from keras_charrnn.train import train
 
@@ -120,13 +136,11 @@ def test_a_budget_run_stops_on_time_records_its_choice_and_keeps_the_best_model(
     assert model.count_params() == record["budget"]["picked"]["params"]
 
 
-def test_cli_budget_keeps_the_model_flags_given(tmp_path):
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text(make_corpus(3000), encoding="utf-8")
-    result = run_cli("train", corpus, "--out", tmp_path / "run", "--time-budget", "20s", "--layers", "1",
-                     "--units", "48", "--quiet")
+def test_cli_budget_keeps_the_model_flags_given(cli_budget_run):
+    run, result = cli_budget_run
+    result = result.result()
     assert result.returncode == 0, result.stderr
-    record = json.loads((tmp_path / "run" / "config.json").read_text())
+    record = json.loads((run / "config.json").read_text())
     assert (record["config"]["layers"], record["config"]["units"]) == (1, 48)
     assert {"layers", "units"} <= set(record["budget"]["given"])
     assert "time budget" in result.stdout

@@ -17,7 +17,7 @@ import pytest
 from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
 from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
-from conftest import run_cli
+from conftest import run_cli, side_by_side
 import keras_charrnn
 from keras_charrnn.errors import CharRNNError, ConfigError, InputError, ServingError
 from keras_charrnn.inprocess import load
@@ -128,11 +128,12 @@ def test_client_import_is_light_and_does_not_load_tensorflow():
 
 
 def test_sample_cli_over_grpc_matches_in_process(server, model_base):
-    result = run_cli("sample", "--server", f"127.0.0.1:{server}", "--name", "rnn", "--prime", "the ", "-n", "100",
-                     "--seed", "4", "--chunk", "30")
+    result, bad = side_by_side(  # independent commands: they run side by side
+        lambda: run_cli("sample", "--server", f"127.0.0.1:{server}", "--name", "rnn", "--prime", "the ", "-n", "100",
+                        "--seed", "4", "--chunk", "30"),
+        lambda: run_cli("sample", "--server", f"127.0.0.1:{server}", "--name", "nope", "-n", "10"))
     assert result.returncode == 0, result.stderr
     assert result.stdout == "the " + load(model_base / "rnn").generate("the ", 100, seed=4) + "\n"
-    bad = run_cli("sample", "--server", f"127.0.0.1:{server}", "--name", "nope", "-n", "10")
     assert bad.returncode == 2 and "NOT_FOUND" in bad.stderr and "Traceback" not in bad.stderr
 
 
@@ -245,7 +246,7 @@ class Replicas:
             base = tmp_path_factory.mktemp(f"replica_{name}") / "lstm"
             shutil.copytree(model_base / "lstm" / "1", base / "1")
             self.bases.append(base)
-        self.servers = [self._start(base) for base in self.bases]
+        self.servers = side_by_side(*(lambda base=base: self._start(base) for base in self.bases))  # independent
 
     @staticmethod
     def _start(base, port: int = 0) -> ServerProcess:

@@ -19,7 +19,8 @@ import time
 import numpy as np
 import pytest
 
-from conftest import make_corpus, run_cli, side_by_side
+from conftest import in_background, make_corpus, side_by_side
+from keras_charrnn.export import export_run
 from servers import free_ports
 
 TINY = ["--units", "16", "--embedding-dim", "8", "--batch-size", "8", "--seq-len", "10", "--epochs", "2",
@@ -71,9 +72,8 @@ def test_mirrored_on_two_devices_matches_one_device_with_the_same_global_batch(c
     assert two.returncode == 0, two.stderr
     assert "distributed: 2 replicas, batch_size 8 = 2 x 4" in two.stdout
     _assert_same_run(tmp_path / "two", tmp_path / "one")
-    # The run folder is a single-device run's: it exports as one.
-    exported = run_cli("export", tmp_path / "two", "--name", "m", "--base-path", tmp_path / "models")
-    assert exported.returncode == 0, exported.stderr
+    # The run folder is a single-device run's: it exports as one (in this process: no TensorFlow start-up).
+    assert (export_run(tmp_path / "two", "m", tmp_path / "models") / "saved_model.pb").is_file()
 
 
 def test_distributed_training_errors_name_the_parameter(corpus, tmp_path):
@@ -109,33 +109,33 @@ def _logs(logs):
 
 def test_two_workers_killed_mid_run_resume_from_the_checkpoint_and_match_one_process(corpus, tmp_path):
     flags = [*TINY, "--checkpoint-every", "10"]
-    one = _cli("train", corpus, "--out", tmp_path / "one", *flags)
+    # The one-process reference is independent of the workers (its own folder): it runs beside them.
+    with in_background(lambda: _cli("train", corpus, "--out", tmp_path / "one", *flags)) as reference:
+        out, logs = tmp_path / "shared" / "run", tmp_path / "logs"
+        logs.mkdir()
+        procs = _start_workers(corpus, out, logs, *flags, "--distribute", "multi-worker")
+        state = out / "state.npz"
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline and all(p.poll() is None for p in procs):
+            if state.is_file() and _checkpoint(out)[1]["epoch"] >= 1 and _checkpoint(out)[1]["step"] >= 10:
+                break  # part-way through the second epoch
+            time.sleep(0.05)
+        assert all(p.poll() is None for p in procs), _logs(logs)
+        procs[1].send_signal(signal.SIGKILL)  # a worker dies; the chief is stuck in the next collective
+        procs[1].wait()
+        time.sleep(1)
+        procs[0].send_signal(signal.SIGKILL)
+        procs[0].wait()
+        killed_at = _checkpoint(out)[1]
+        assert killed_at["epoch"] == 1 and killed_at["step"] > 0, killed_at
+
+        procs = _start_workers(corpus, out, logs, "--resume", "--distribute", "multi-worker", "--quiet")
+        for p in procs:
+            p.wait(timeout=400)
+        assert [p.returncode for p in procs] == [0, 0], _logs(logs)
+        assert "resuming" in _logs(logs)
+    one = reference.result()
     assert one.returncode == 0, one.stderr
-
-    out, logs = tmp_path / "shared" / "run", tmp_path / "logs"
-    logs.mkdir()
-    procs = _start_workers(corpus, out, logs, *flags, "--distribute", "multi-worker")
-    state = out / "state.npz"
-    deadline = time.monotonic() + 400
-    while time.monotonic() < deadline and all(p.poll() is None for p in procs):
-        if state.is_file() and _checkpoint(out)[1]["epoch"] >= 1 and _checkpoint(out)[1]["step"] >= 10:
-            break  # part-way through the second epoch
-        time.sleep(0.05)
-    assert all(p.poll() is None for p in procs), _logs(logs)
-    procs[1].send_signal(signal.SIGKILL)  # a worker dies; the chief is stuck in the next collective
-    procs[1].wait()
-    time.sleep(1)
-    procs[0].send_signal(signal.SIGKILL)
-    procs[0].wait()
-    killed_at = _checkpoint(out)[1]
-    assert killed_at["epoch"] == 1 and killed_at["step"] > 0, killed_at
-
-    procs = _start_workers(corpus, out, logs, "--resume", "--distribute", "multi-worker", "--quiet")
-    for p in procs:
-        p.wait(timeout=400)
-    assert [p.returncode for p in procs] == [0, 0], _logs(logs)
-    assert "resuming" in _logs(logs)
     _assert_same_run(out, tmp_path / "one", resumed_epoch=killed_at["epoch"])
     assert not list(out.parent.glob("charrnn-worker-*"))  # the other worker wrote elsewhere
-    exported = run_cli("export", out, "--name", "m", "--base-path", tmp_path / "models")
-    assert exported.returncode == 0, exported.stderr
+    assert (export_run(out, "m", tmp_path / "models") / "saved_model.pb").is_file()

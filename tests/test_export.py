@@ -140,7 +140,9 @@ def test_export_is_tf_serving_shaped(model_base):
 
 
 def test_export_versions_count_up_and_never_overwrite(tmp_path, trained_runs):
-    assert run_cli("export", trained_runs["gru"], "--name", "m", "--base-path", tmp_path).returncode == 0
+    from keras_charrnn.export import export_run
+
+    assert export_run(trained_runs["gru"], "m", tmp_path) == tmp_path / "m" / "1"  # in this process: no start-up
     second, again = side_by_side(  # version 1 exists now: the next export counts up, asking for 1 again is refused
         lambda: run_cli("export", trained_runs["gru"], "--name", "m", "--base-path", tmp_path),
         lambda: run_cli("export", trained_runs["gru"], "--name", "m", "--base-path", tmp_path, "--version", "1"))

@@ -5,6 +5,8 @@ import shutil
 import subprocess
 import textwrap
 import threading
+import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -25,7 +27,7 @@ from keras_charrnn.errors import ConfigError, ServingError, graph_error_message
 from keras_charrnn.inprocess import load
 from keras_charrnn.serving.manager import LoadedVersion, ModelManager, single_model_config, wanted_versions
 from keras_charrnn.serving.protos import BatchingParameters, SSLConfig
-from keras_charrnn.serving.request_batcher import Batcher, BatchingOptions, padded_sizes
+from keras_charrnn.serving.request_batcher import Batcher, BatchingOptions, _Call, padded_sizes
 from keras_charrnn.serving.server import ModelServer, ServerOptions, batching_options
 from servers import ServerProcess, poll
 
@@ -349,6 +351,46 @@ def test_a_full_batching_queue_answers_unavailable():
     assert batcher.batch_rows_run == {2: 2}
 
 
+def test_a_partial_batch_waits_for_the_callers_of_the_last_batch_to_call_again():
+    def run(loaded, signature, inputs):
+        time.sleep(0.5)
+        return {"y": inputs["x"] * 2}
+
+    batcher = Batcher(run, BatchingOptions(max_batch_size=8, batch_timeout_micros=10_000, num_batch_threads=1))
+    target = LoadedVersion("m", 1, None, None, {})
+    for future in [batcher.submit(target, "s", {"x": np.ones([1, 1])}) for _ in range(4)]:  # one batch of 4
+        future.result(10)
+    # The same four callers call again 50 ms apart: each gap is over the timeout, all four within one run.
+    again = []
+    for i in range(4):
+        again.append(batcher.submit(target, "s", {"x": np.full([1, 1], float(i))}))
+        time.sleep(0.05)
+    for i, future in enumerate(again):
+        np.testing.assert_array_equal(future.result(10)["y"], [[2.0 * i]])
+    batcher.close()
+    assert batcher.batch_rows_run == {4: 2}
+
+
+def test_a_partial_batch_is_held_no_longer_than_the_last_batch_took_and_a_lone_caller_not_at_all():
+    batcher = Batcher(lambda loaded, signature, inputs: inputs, BatchingOptions(batch_timeout_micros=2000))
+    target = (LoadedVersion("m", 1, None, None, {}), "s")
+    key = (id(target[0]), "s")
+
+    def queue(*enqueued):
+        return deque(_Call({}, 1, enqueued=t) for t in enqueued)
+
+    assert batcher._ready_at(queue(100.0), target) == pytest.approx(100.002)  # nothing run yet: the timeout
+    batcher._last_batch[key] = (1, 0.3, 99.0)  # one caller: it is not waited for
+    assert batcher._ready_at(queue(100.0), target) == pytest.approx(100.002)
+    batcher._last_batch[key] = (4, 0.3, 99.0)  # four callers, two back: the run's 0.3 s at most
+    assert batcher._ready_at(queue(100.0, 100.001), target) == pytest.approx(100.302)
+    batcher._last_batch[key] = (4, 0.3, 100.1)  # ... counted from the run's end when that is later
+    assert batcher._ready_at(queue(100.0, 100.001), target) == pytest.approx(100.4)
+    batcher._last_batch[key] = (2, 0.3, 99.0)  # all back, the last just now: the timeout after it
+    assert batcher._ready_at(queue(100.0, 100.001), target) == pytest.approx(100.003)
+    batcher.close()
+
+
 # ----- fast unit tests: no server process ------------------------------------------------------
 
 def _policy(text: str = "") -> model_server_config_pb2.ModelConfig:
@@ -474,3 +516,71 @@ def test_serve_flags_come_from_server_options_with_their_defaults_and_help():
     tf_free = subprocess.run([sys.executable, "-c", "import sys, keras_charrnn.serving.options; "
                               "sys.exit('tensorflow' in sys.modules)"], capture_output=True, text=True)
     assert tf_free.returncode == 0, tf_free.stderr  # charrnn serve --help stays instant
+
+
+def test_the_serve_process_imports_tensorflow_without_the_modules_it_never_uses():
+    import sys
+
+    code = textwrap.dedent("""
+        import linecache, sys
+        from keras_charrnn import cli
+        update = linecache.updatecache
+        cli._lean_server_process()
+        cli._import_tensorflow_without_source_lines()
+        import keras_charrnn.serving.server
+        assert linecache.updatecache is update
+        read = [f for f, entry in linecache.cache.items() if len(entry) == 4 and entry[2] and "tensorflow" in f]
+        assert not read, f"TensorFlow's source was read into linecache: {read[:3]}"
+        import requests
+        from tensorflow.python.profiler.internal import _pywrap_profiler_plugin
+        maps = open("/proc/self/maps").read() if sys.platform.startswith("linux") else ""
+        assert "_pywrap_profiler_plugin" not in maps, "the profiler client's library was loaded"
+        assert "urllib3" not in sys.modules and "charset_normalizer" not in sys.modules
+        for module in (requests, _pywrap_profiler_plugin):
+            assert isinstance(module, cli._NotLoaded) and not hasattr(module, "get")
+            try:
+                module.get
+            except AttributeError as exc:
+                assert "not loaded in `charrnn serve`" in str(exc)
+        assert all(sys.modules.get(name) is None for name in cli.SERVE_UNUSED_MODULES)
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_the_heap_is_trimmed_once_the_calls_stop_and_once_per_busy_spell(monkeypatch):
+    from types import SimpleNamespace
+
+    from keras_charrnn.serving import server as server_module
+
+    class Prediction:  # what the trimmer reads of PredictionServicer: when a model call last started or ended
+        busy = False
+        last = 0.0
+
+        @property
+        def ran_at(self):
+            return time.monotonic() if self.busy else self.last
+
+    trims = []
+    monkeypatch.setattr(server_module, "IDLE_TRIM_SECONDS", 0.05)
+    monkeypatch.setattr(server_module, "release_freed_memory", lambda: trims.append(time.monotonic()))
+    fake = SimpleNamespace(_stopped=threading.Event())
+    prediction = Prediction()
+    trimmer = threading.Thread(target=ModelServer._trim_when_idle, args=(fake, prediction), daemon=True)
+    trimmer.start()
+    try:
+        time.sleep(0.3)
+        assert trims == []  # no call has run since the server started: nothing to give back
+        prediction.busy = True  # calls keep coming
+        time.sleep(0.3)
+        assert trims == []
+        prediction.last, prediction.busy = time.monotonic(), False
+        poll(lambda: trims, timeout=10, every=0.01)
+        time.sleep(0.3)
+        assert len(trims) == 1 and trims[0] - prediction.last >= 0.05  # once, after the spell
+        prediction.last = time.monotonic()  # another spell: one more trim
+        poll(lambda: len(trims) == 2, timeout=10, every=0.01)
+    finally:
+        fake._stopped.set()
+        trimmer.join(timeout=5)
+    assert not trimmer.is_alive()

@@ -76,9 +76,9 @@ def test_exported_model_and_training_run_give_the_same_activations(trained_runs,
     np.testing.assert_allclose(exported.losses, from_run.losses, atol=1e-4)
 
 
-def _dump_dom(page, tmp_path, fragment=""):
+def _dump_dom(page, tmp_path, fragment="", profile="chrome"):
     result = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=3000",
-                             f"--user-data-dir={tmp_path / 'chrome'}", "--dump-dom", page.resolve().as_uri() + fragment],
+                             f"--user-data-dir={tmp_path / profile}", "--dump-dom", page.resolve().as_uri() + fragment],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout
@@ -99,23 +99,26 @@ def test_page_in_chromium_colors_each_character_and_switches_units(tmp_path):
     html_text = page.read_text()
     assert "http://" not in html_text and "https://" not in html_text  # opens offline
 
-    dom = _dump_dom(page, tmp_path)
+    shot = tmp_path / "shot.png"
+    # Three independent browser runs (each its own profile folder: a profile is locked by its browser) side by side.
+    dom, dom_unit1, _ = side_by_side(
+        lambda: _dump_dom(page, tmp_path),
+        lambda: _dump_dom(page, tmp_path, "#unit=0:1", profile="chrome_unit1"),  # the selector: the 'a' detector
+        lambda: subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
+                                f"--user-data-dir={tmp_path / 'chrome_shot'}", f"--screenshot={shot}",
+                                "--window-size=1200,900", page.resolve().as_uri() + "#unit=0:1"],
+                               capture_output=True, timeout=120, check=True))
     spans = _span_colors(dom)
     assert len(spans) == len(TEXT)
     unit0 = expected_unit0(TEXT)
     for i, value, color in spans:  # the page opens on the best unit: the quote tracker
         assert color == activation_color(unit0[int(i)]), (i, value, color)
 
-    dom = _dump_dom(page, tmp_path, "#unit=0:1")  # the selector switches to the 'a' detector
-    assert "layer 0, unit 1" in dom
-    for i, value, color in _span_colors(dom):
+    assert "layer 0, unit 1" in dom_unit1
+    for i, value, color in _span_colors(dom_unit1):
         expected = np.tanh(3.0) if TEXT[int(i)] == "a" else 0.0
         assert color == activation_color(expected), (i, color)
 
-    shot = tmp_path / "shot.png"
-    subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'chrome'}",
-                    f"--screenshot={shot}", "--window-size=1200,900", page.resolve().as_uri() + "#unit=0:1"],
-                   capture_output=True, timeout=120, check=True)
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 5000
 
 

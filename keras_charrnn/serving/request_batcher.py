@@ -6,7 +6,11 @@ prime's length are per-row values, so calls that differ only in them share
 batches. A batch is closed when it holds ``max_batch_size`` rows, or when its
 oldest call has waited ``batch_timeout_micros`` and no other batch is running
 (batches share the CPU: one started beside another only takes cores from it,
-and a loaded server would split its callers into many small batches);
+and a loaded server would split its callers into many small batches). A batch
+holding fewer rows than the group's last batch, or still receiving calls (each
+within ``batch_timeout_micros`` of the one before), waits longer for the rest
+of the last batch's callers to call again, by at most the time that batch took
+to run: running the first few alone would hold the others back that long anyway;
 ``num_batch_threads`` threads run the closed batches, the next one starting
 as soon as a model run ends, while the last batch's callers get their rows.
 Ready groups take turns (round robin), so no group waits behind a busy one
@@ -195,6 +199,8 @@ class Batcher:
         self.max_rows_queued = options.max_enqueued_batches * options.max_batch_size
         self.batch_rows_run: Counter[int] = Counter()  # rows of each batch run (before padding) -> how many
         self._shapes_run: set[tuple] = set()  # (version, signature, padded size) run at least once
+        # (version, signature) -> its last batch: rows, seconds its run took, when the run ended (monotonic)
+        self._last_batch: dict[tuple, tuple[int, float, float]] = {}
         self._queues: dict[tuple, deque[_Call]] = {}
         self._targets: dict[tuple, tuple[LoadedVersion, str]] = {}
         self._cond = threading.Condition()
@@ -249,7 +255,7 @@ class Batcher:
         one takes cores from it rather than adding any, and on a loaded server such batches
         split the callers into many small batches. So a batch that is not full waits, past
         its timeout, until the batches running now have run (or it fills up); full batches
-        start on any free thread. Ready groups take turns (round robin: a group that has
+        start on any free thread. While the last batch's callers are coming back it waits longer (``_ready_at``). Ready groups take turns (round robin: a group that has
         just run goes to the back), and a group held back holds back the groups behind it,
         so a busy group delays another by at most one batch run per group.
         Calls whose callers have gone are dropped here; an emptied group is removed.
@@ -268,7 +274,7 @@ class Batcher:
                         continue
                     if chosen is not None:
                         continue
-                    ready_at = queue[0].enqueued + self.timeout
+                    ready_at = self._ready_at(queue, self._targets[key])
                     if self._rows_queued(queue) >= self.max_batch_size or self._closed:
                         chosen = key
                     elif now >= ready_at:
@@ -298,6 +304,21 @@ class Batcher:
                     continue
                 # Woken by a new call, a batch ending, or the next timeout (held back: a batch ending).
                 self._cond.wait(timeout=None if chosen is False else wait)
+
+    def _ready_at(self, queue: deque[_Call], target: tuple[LoadedVersion, str]) -> float:
+        """When a group that is not full may close (see the module's docstring).
+
+        Its oldest call's timeout; while it holds fewer rows than the last batch of its
+        model version and signature, or calls keep coming, later: by at most the time
+        that batch took to run, counted from its timeout or from that batch's end.
+        """
+        ready_at = queue[0].enqueued + self.timeout
+        loaded, signature = target
+        last_rows, last_seconds, last_end = self._last_batch.get((id(loaded), signature), (0, 0.0, 0.0))
+        held_until = max(ready_at, last_end) + last_seconds
+        if self._rows_queued(queue) < last_rows:
+            return held_until
+        return min(max(ready_at, queue[-1].enqueued + self.timeout), held_until)
 
     @staticmethod
     def _rows_queued(queue: deque[_Call]) -> int:
@@ -352,15 +373,20 @@ class Batcher:
             # (XLA) once per batch size, so a few sizes keep compilation off the hot path.
             merged = {k: np.concatenate([c.inputs[k] for c in batch] + [batch[-1].inputs[k][-1:]] * (size - rows))
                       for k in batch[0].inputs}
-            monitoring.record_batch([c.rows for c in batch], [time.monotonic() - c.enqueued for c in batch], size)
+            started = time.monotonic()
+            monitoring.record_batch([c.rows for c in batch], [started - c.enqueued for c in batch], size)
             try:
                 outputs = self._run(loaded, signature, merged)
+                with self._cond:  # before run_ended wakes the batches held back: they read it
+                    self.batch_rows_run[rows] += 1
+                    first = (id(loaded), signature, size) not in self._shapes_run
+                    self._shapes_run.add((id(loaded), signature, size))
+                    if len(self._last_batch) > 256:  # versions come and go: forget those long unloaded
+                        self._last_batch.clear()
+                    finished = time.monotonic()
+                    self._last_batch[(id(loaded), signature)] = (rows, finished - started, finished)
             finally:
                 run_ended()
-            with self._cond:
-                self.batch_rows_run[rows] += 1
-                first = (id(loaded), signature, size) not in self._shapes_run
-                self._shapes_run.add((id(loaded), signature, size))
             if first:  # a new batch size was compiled (XLA): the compiler's freed heap goes back to the system
                 release_freed_memory()
             log.debug("ran a batch of %d rows from %d calls (padded to %d) on %s version %d %s",

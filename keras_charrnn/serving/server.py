@@ -64,6 +64,7 @@ def serving_limits(options: ServerOptions) -> ServingLimits:
 
 
 HEALTH_THREADS = 8  # gRPC threads that Predict calls never take: health, status and metadata always find one
+IDLE_TRIM_SECONDS = 1.0  # after this long with no model call, the heap the calls freed goes back to the system
 
 
 def concurrency_cap(options: ServerOptions, batching: BatchingOptions | None = None) -> int:
@@ -360,6 +361,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         self.max_message_bytes = max_message_bytes
         self.max_concurrent_requests = max_concurrent_requests
         self._slots = threading.BoundedSemaphore(max_concurrent_requests) if max_concurrent_requests else None
+        self.ran_at = 0.0  # time.monotonic() when a model call last started or ended (see ModelServer._trim_when_idle)
 
     def _resolve(self, spec) -> LoadedVersion:
         version = spec.version.value if spec.HasField("version") else None
@@ -438,18 +440,23 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         def caller_waits() -> bool:
             return (alive is None or alive()) and (deadline is None or time.monotonic() < deadline)
 
-        if self.batcher is not None and inputs:
-            future = self.batcher.submit(loaded, signature, inputs, alive=caller_waits)
-            try:
-                outputs = future.result(timeout=None if deadline is None else max(deadline - time.monotonic(), 0))
-            except futures.TimeoutError:
-                future.cancel()
-                raise ServingError("DEADLINE_EXCEEDED", "deadline exceeded while waiting in the batching queue") from None
-            except futures.CancelledError:
-                log.debug("stopped a call before its batch ran: its caller went away")
-                raise ServingError("CANCELLED", "the call was cancelled before its batch ran") from None
-        else:
-            outputs = run_signature(loaded, signature, inputs)
+        self.ran_at = time.monotonic()
+        try:
+            if self.batcher is not None and inputs:
+                future = self.batcher.submit(loaded, signature, inputs, alive=caller_waits)
+                try:
+                    outputs = future.result(timeout=None if deadline is None else max(deadline - time.monotonic(), 0))
+                except futures.TimeoutError:
+                    future.cancel()
+                    raise ServingError("DEADLINE_EXCEEDED",
+                                       "deadline exceeded while waiting in the batching queue") from None
+                except futures.CancelledError:
+                    log.debug("stopped a call before its batch ran: its caller went away")
+                    raise ServingError("CANCELLED", "the call was cancelled before its batch ran") from None
+            else:
+                outputs = run_signature(loaded, signature, inputs)
+        finally:
+            self.ran_at = time.monotonic()
         if "num_chars" in inputs and "ids" in outputs and outputs["ids"].ndim == 2:
             outputs["ids"] = outputs["ids"][:, :int(inputs["num_chars"].max())]  # a batch pads to its longest row
         return outputs
@@ -724,8 +731,24 @@ class ModelServer:
         server.start()
         self._server = server
         self._update_health()
+        threading.Thread(target=self._trim_when_idle, args=(prediction,), name="charrnn-idle-trim",
+                         daemon=True).start()
         log.info("listening on %s:%d (%s)", self.options.host, self.port, "TLS" if credentials else "plaintext")
         return self.port
+
+    def _trim_when_idle(self, prediction: PredictionServicer) -> None:
+        """Once the model calls stop for ``IDLE_TRIM_SECONDS``, gives the heap they freed back (``malloc_trim``).
+
+        A load of many concurrent calls (batches, their requests and responses, the gRPC
+        threads) leaves freed heap that glibc's malloc keeps; trimmed once per busy spell,
+        when no call has run for a second, so no call pays for it.
+        """
+        trimmed_at = time.monotonic()
+        while not self._stopped.wait(IDLE_TRIM_SECONDS):
+            ran_at = prediction.ran_at
+            if ran_at > trimmed_at and time.monotonic() - ran_at >= IDLE_TRIM_SECONDS:
+                trimmed_at = time.monotonic()
+                release_freed_memory()
 
     def _start_rest(self, prediction: PredictionServicer, model_status: ModelStatusServicer) -> None:
         """Starts the REST API (with the playground, and the metrics if the monitoring config enables them)."""
