@@ -1,6 +1,7 @@
 """The lean SavedModel loader (keras_charrnn.serving.signature_loader): tf.saved_model.load's outputs, or its fallback."""
 
 import gc
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -121,15 +122,56 @@ def test_the_probe_finds_this_tensorflows_private_apis_usable():
     assert signature_loader._eager_functions_unusable() == ""
 
 
-def test_unloading_a_version_unregisters_its_functions():
-    lean = load_signatures(BUNDLED, _serve_meta_graph(BUNDLED))
-    assert isinstance(lean, SignatureModel)
-    names = [f.name for f in lean.signatures.values()]
+def test_loads_of_one_graph_share_its_functions_until_the_last_is_unloaded():
+    first, second = (load_signatures(BUNDLED, _serve_meta_graph(BUNDLED)) for _ in range(2))
+    assert isinstance(first, SignatureModel) and isinstance(second, SignatureModel)
+    names = [f.name for f in first.signatures.values()]
+    assert names == [f.name for f in second.signatures.values()]  # named by content: the same graph, the same names
     context = tf_context.context()
-    assert all(context.has_function(name) for name in names)
-    del lean
+    users = signature_loader._registered[names[0]]  # these two, and any other load of the bundled model alive
+    assert users >= 2 and all(context.has_function(name) for name in names)
+    del first
     gc.collect()
-    assert not any(context.has_function(name) for name in names)
+    assert signature_loader._registered[names[0]] == users - 1 and all(context.has_function(name) for name in names)
+    del second
+    gc.collect()
+    assert all(context.has_function(name) == (users > 2) for name in names)
+
+
+def _with_other_weights(src: Path, dst: Path) -> Path:
+    """A copy of the SavedModel at ``src`` whose float variables are halved: the same graph, other weights."""
+    shutil.copytree(src, dst)
+    prefix = str(dst / "variables" / "variables")
+    reader = tf.train.load_checkpoint(prefix)
+    keys = sorted(reader.get_variable_to_dtype_map())
+    values = [reader.get_tensor(k) for k in keys]
+    values = [v * 0.5 if isinstance(v, np.ndarray) and v.dtype == np.float32 else v for v in values]
+    for f in (dst / "variables").iterdir():
+        f.unlink()
+    tf.raw_ops.SaveV2(prefix=prefix, tensor_names=keys, shape_and_slices=[""] * len(keys),
+                      tensors=[tf.constant(v) for v in values])
+    return dst
+
+
+def test_versions_sharing_a_graph_each_answer_with_their_own_weights(tmp_path):
+    other = _with_other_weights(BUNDLED, tmp_path / "2")
+    assert (other / "saved_model.pb").read_bytes() == (BUNDLED / "saved_model.pb").read_bytes()
+    lean = {path: load_signatures(path, _serve_meta_graph(path)) for path in (BUNDLED, other)}
+    assert [f.name for f in lean[BUNDLED].signatures.values()] == [f.name for f in lean[other].signatures.values()]
+    answers = {}
+    for name in ("generate_text_xla", "step"):  # the XLA executable compiled for one serves the other
+        specs = lean[BUNDLED].signatures[name].structured_input_signature[1]
+        inputs = _inputs(specs, 7)
+        for turn, path in enumerate((BUNDLED, other, BUNDLED)):
+            got = {k: v.numpy() for k, v in lean[path].signatures[name](**inputs).items()}
+            if turn == 2:  # the first version again, after the second ran
+                assert all(np.array_equal(got[k], answers[path, name][k]) for k in got), name
+            answers[path, name] = got
+        reference = tf.saved_model.load(str(other), tags=["serve"]).signatures[name](**inputs)
+        for key, value in reference.items():
+            assert np.array_equal(answers[other, name][key], value.numpy()), (name, key)
+        key = "text" if name == "generate_text_xla" else "logits"
+        assert not np.array_equal(answers[BUNDLED, name][key], answers[other, name][key]), name
 
 
 def test_loading_leaves_the_parsed_savedmodel_to_reference_counting_not_to_the_cycle_collector():

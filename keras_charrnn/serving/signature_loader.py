@@ -16,10 +16,19 @@ resident memory grows by about 170 MB on load with it, by about 20 MB (12 MB of 
 the weights) with this loader; loading takes 0.2 s instead of 1.7 s (issue #12,
 BENCHMARKS.md "serving overhead profile").
 
+Functions are registered under names derived from their content (a hash of the
+FunctionDefs), shared by every loaded version with the same graph and
+unregistered when the last of them is unloaded. TensorFlow keeps each function's
+XLA executables for as long as the process lives, keyed by its name: under
+names of their own per load, every new version of a model (new weights, same
+graph) compiled again and kept another copy (about 30 MB per reload of the
+bundled model); under content names it reuses the executables, which take the
+weights as inputs.
+
 It relies on private TensorFlow APIs (checked at import and by a probe call at the
 first load; if any is gone or behaves otherwise, every load falls back):
 ``tensorflow.python.eager.context`` (``Context.add_function_def``, ``call_function``,
-``remove_function``), ``tensorflow.python.framework.ops.uid``,
+``remove_function``), ``tensorflow.python.framework.ops.uid``, ``op_def_registry.get``,
 ``tensorflow.python.saved_model.nested_structure_coder.decode_proto`` and
 ``tensorflow.python.saved_model.function_deserialization.fix_node_def``.
 """
@@ -27,9 +36,12 @@ first load; if any is gone or behaves otherwise, every load falls back):
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
+import threading
 import types
 import weakref
+from collections import Counter
 from pathlib import Path
 
 import tensorflow as tf
@@ -40,6 +52,7 @@ from keras_charrnn.xla import function_callees
 
 try:  # private APIs: without them, every load goes through tf.saved_model.load
     from tensorflow.python.eager import context as tf_context
+    from tensorflow.python.framework import op_def_registry
     from tensorflow.python.framework import ops as tf_ops
     from tensorflow.python.saved_model import nested_structure_coder
     from tensorflow.python.saved_model.function_deserialization import fix_node_def
@@ -49,6 +62,9 @@ else:
     _MISSING_API = ""
 
 log = logging.getLogger("charrnn.serve")
+
+_registered: Counter[str] = Counter()  # function name -> loaded models using it (see the module docstring)
+_registered_lock = threading.Lock()
 
 
 class SignatureFunction:
@@ -201,9 +217,7 @@ def _load_signatures(path: Path, meta_graph) -> SignatureModel:
     captured_by_node = _captured_values(path, meta_graph, {i for name in entries.values()
                                                              for i in graph.concrete_functions[name].bound_inputs})
     model.variables = [v for v in captured_by_node.values() if isinstance(v, tf.Variable)]
-    # Registered under names of their own, as tf.saved_model.load does (two loads of a version never clash),
-    # and unregistered once the model is unloaded.
-    suffix = f"_lean{tf_ops.uid()}"
+    suffix = _name_suffix(order, library)
     renamed = {name: types.SimpleNamespace(name=name + suffix) for name in order}
     context = tf_context.context()
     registered: list[str] = []
@@ -214,7 +228,10 @@ def _load_signatures(path: Path, meta_graph) -> SignatureModel:
         for node in fdef.node_def:
             fix_node_def(node, renamed, suffix)  # calls of the renamed functions; shared_name made unique
         fdef.signature.name = renamed[name].name
-        context.add_function_def(fdef)
+        with _registered_lock:
+            if not _registered[fdef.signature.name]:  # else registered by a load of the same graph
+                context.add_function_def(fdef)
+            _registered[fdef.signature.name] += 1
         registered.append(fdef.signature.name)
     for signature, name in entries.items():
         captured = [captured_by_node[i] for i in graph.concrete_functions[name].bound_inputs]
@@ -222,6 +239,24 @@ def _load_signatures(path: Path, meta_graph) -> SignatureModel:
             renamed[name].name, *specs[signature], [v.handle if isinstance(v, tf.Variable) else v for v in captured],
             model)
     return model
+
+
+def _name_suffix(order: list[str], library: dict) -> str:
+    """The suffix the functions ``order`` are registered under: a hash of their FunctionDefs.
+
+    Loads of the same graph share it, so they share the registered functions and their
+    XLA executables. Functions with ops that name a shared resource (``shared_name``:
+    tables, queues) get a suffix of their own per load instead, as ``tf.saved_model.load``
+    gives, so two loads never share such a resource.
+    """
+    digest = hashlib.sha256()
+    for name in order:
+        for node in library[name].node_def:
+            op_def = op_def_registry.get(node.op)
+            if op_def is not None and any(attr.name == "shared_name" for attr in op_def.attr):
+                return f"_lean{tf_ops.uid()}"
+        digest.update(library[name].SerializeToString(deterministic=True))
+    return f"_lean_{digest.hexdigest()[:20]}"
 
 
 def _callees_first(roots, library: dict) -> list[str]:
@@ -314,13 +349,18 @@ def _captured_values(path: Path, meta_graph, node_ids: set[int]) -> dict:
 
 
 def _remove_functions(names: list[str]) -> None:
-    """Unregisters an unloaded version's functions from the eager context."""
+    """Unregisters an unloaded version's functions from the eager context, those no other load uses."""
     context = tf_context.context()
     for name in names:
-        try:
-            context.remove_function(name)
-        except Exception:  # already gone, or TensorFlow shutting down
-            pass
+        with _registered_lock:
+            _registered[name] -= 1
+            if _registered[name] > 0:
+                continue
+            del _registered[name]
+            try:
+                context.remove_function(name)
+            except Exception:  # already gone, or TensorFlow shutting down
+                pass
 
 
 @functools.lru_cache(maxsize=1)
@@ -347,8 +387,8 @@ def _eager_functions_unusable() -> str:
             context.remove_function(fdef.signature.name)
         if len(outputs) != 1 or float(outputs[0]) != 1.5:
             return f"call_function gave {outputs!r} for a pass-through function"
-        if not all(map(callable, (nested_structure_coder.decode_proto, tf_ops.uid, fix_node_def))):
-            return "decode_proto, uid or fix_node_def is not a function"
+        if not all(map(callable, (nested_structure_coder.decode_proto, tf_ops.uid, fix_node_def, op_def_registry.get))):
+            return "decode_proto, uid, fix_node_def or op_def_registry.get is not a function"
     except Exception as exc:  # any change of the private APIs: TensorFlow's own loader serves
         return f"{type(exc).__name__}: {exc}"
     return ""
