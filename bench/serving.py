@@ -36,7 +36,7 @@ from report import update_section  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from servers import ServerProcess  # noqa: E402  (the tests' model-server process)
 
-PREDICT = "/tensorflow.serving.PredictionService/Predict"  # wire.PREDICT, without importing the package
+from keras_charrnn.serving import wire  # noqa: E402  (TF Serving's messages; imports no TensorFlow)
 
 
 def percentile(values, q):
@@ -80,7 +80,7 @@ def echo_server(response_path: str) -> None:
     import grpc
 
     payload = Path(response_path).read_bytes()
-    service, method = PREDICT.strip("/").split("/")
+    service, method = wire.PREDICT.strip("/").split("/")
     handler = grpc.method_handlers_generic_handler(  # no (de)serializers: bytes in, bytes out
         service, {method: grpc.unary_unary_rpc_method_handler(lambda request, context: payload)})
     server = grpc.server(futures.ThreadPoolExecutor(8))
@@ -91,15 +91,18 @@ def echo_server(response_path: str) -> None:
     server.wait_for_termination()
 
 
+def predict_stub(channel):
+    """Predict on ``channel`` with TF Serving's messages, as ``SamplingClient`` calls it."""
+    return channel.unary_unary(wire.PREDICT, request_serializer=wire.PredictRequest.SerializeToString,
+                               response_deserializer=wire.PredictResponse.FromString)
+
+
 def raw_predict_latencies(target: str, request, calls: int) -> list[float]:
     """Latencies of one prepared PredictRequest sent ``calls`` times on a plain channel (no session code)."""
     import grpc
 
-    from keras_charrnn.serving import wire
-
     with grpc.insecure_channel(target) as channel:
-        stub = channel.unary_unary(wire.PREDICT, request_serializer=wire.PredictRequest.SerializeToString,
-                                   response_deserializer=wire.PredictResponse.FromString)
+        stub = predict_stub(channel)
         return latencies(lambda: stub(request, timeout=60), calls)
 
 
@@ -107,8 +110,6 @@ def one_char_request(model: str, units: int, state_names, rows: int = 1):
     """The PredictRequest of a session's 1-character ``generate_text_xla`` call from the zero state
     (``rows`` such rows), and the same inputs as NumPy arrays."""
     import numpy as np
-
-    from keras_charrnn.serving import wire
 
     inputs = {"prime": np.array([b"a"] * rows, dtype=object),
               **{n: np.zeros([rows, units], np.float32) for n in state_names},
@@ -127,13 +128,10 @@ def echo_floor(target: str, request, calls: int, tmp: str) -> float:
     what ``target`` answers to it: Python gRPC's round trip with the model and the checks taken out."""
     import grpc
 
-    from keras_charrnn.serving import wire
-
     with grpc.insecure_channel(target) as channel:
-        response = channel.unary_unary(wire.PREDICT, request_serializer=wire.PredictRequest.SerializeToString)(
-            request, timeout=60)
+        response = predict_stub(channel)(request, timeout=60)
     path = Path(tmp) / "echo_response.bin"
-    path.write_bytes(response)
+    path.write_bytes(response.SerializeToString())
     echo = subprocess.Popen([sys.executable, __file__, "--echo-server", str(path)], stdout=subprocess.PIPE, text=True)
     try:
         port = int(echo.stdout.readline())

@@ -551,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             _lean_server_process()
             _import_tensorflow_without_source_lines()
-        if args.command in NEEDS_TENSORFLOW:
+        elif args.command in NEEDS_TENSORFLOW:
             import_tensorflow_quietly()
         COMMANDS[args.command](args)
     except CharRNNError as exc:

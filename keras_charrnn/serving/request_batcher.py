@@ -255,7 +255,8 @@ class Batcher:
         one takes cores from it rather than adding any, and on a loaded server such batches
         split the callers into many small batches. So a batch that is not full waits, past
         its timeout, until the batches running now have run (or it fills up); full batches
-        start on any free thread. While the last batch's callers are coming back it waits longer (``_ready_at``). Ready groups take turns (round robin: a group that has
+        start on any free thread. While the last batch's callers are coming back, it waits
+        longer (``_ready_at``). Ready groups take turns (round robin: a group that has
         just run goes to the back), and a group held back holds back the groups behind it,
         so a busy group delays another by at most one batch run per group.
         Calls whose callers have gone are dropped here; an emptied group is removed.
