@@ -27,8 +27,7 @@ try:  # how Keras and TF's own layers tell an XLA-compiled trace from a plain on
 except ImportError:  # pragma: no cover - a TF without it: take the path that is invariant in both modes
     _in_xla_context = None
 
-ROW_MULTIPLE = 4  # a matmul's rows are padded to a multiple of this (graph mode) ...
-ROW_TILE = 32  # ... and, under XLA, cut into tiles of this many rows (see ``matmul``)
+MIN_LOOP_ROWS = 2  # under XLA, a product (and the sampling loop) runs on at least this many rows (see ``matmul``)
 
 
 def _compiled_by_xla() -> bool:
@@ -41,29 +40,30 @@ def _compiled_by_xla() -> bool:
 def matmul(x, w):
     """``x @ w`` where every row of the result is bitwise the same whatever the number of rows.
 
-    CPU kernels pick their code, and with it the order of the sum over ``K``, from the
-    shape: one row takes a matrix-vector path, Eigen (oneDNN off) treats some left-over
-    rows apart, and XLA leaves its small-matrix code above about 32 rows. So a row's
-    bits would depend on the batch it shares. Measured on TensorFlow 2.21 (x86-64,
-    oneDNN on and off), a row comes out the same
+    Every row is multiplied on its own: the result for a row is one ``[1, K] x [K, N]``
+    product of that row and ``w``, whatever the batch size and whatever the row's place
+    in it. So no decision a kernel makes from the shape it is given (matrix-vector or
+    matrix-matrix code, register blocking and its left-over rows, cache blocking of the
+    sum over ``K`` from the CPU's cache sizes, how threads split the work) can depend on
+    the rows beside it: every row's product has the same shape, and no row has a place
+    in a block of rows. A row's bits then depend on its own values, ``w``, the machine
+    and the flavour only.
 
-    * in graph mode, in any matmul whose row count is a multiple of ``ROW_MULTIPLE``
-      (checked up to 6400 rows): one padded matmul;
-    * under XLA, in any matmul of 2 to ``ROW_TILE`` rows that XLA compiles the same
-      way (one row takes a matrix-vector path, more than about ``ROW_TILE`` another
-      kernel): fewer than ``ROW_TILE`` rows are padded by one row (a product whose
-      result is not sliced was seen fused into its consumer, e.g. a GRU's bias add,
-      and compiled into other code inside the sampling loop; one row, not a multiple
-      of ``ROW_MULTIPLE``, keeps single rows cheap), ``ROW_TILE`` rows are two 16-row
-      tiles, and more are ``ROW_TILE``-row tiles; tiles are multiplied one at a time
-      in a loop that XLA cannot merge back into one large product (it does merge a
-      batched matmul) nor drop (it does drop a loop of one iteration).
+    * In graph mode (the default signatures, and a stock ``tensorflow_model_server``)
+      the rows are one ``BatchMatMulV2`` of ``[M, 1, K]`` by ``w``: TensorFlow's own CPU
+      kernel runs a product of one row per batch entry as its own single-threaded
+      contraction, and oneDNN's kernel (on by default on x86-64) keeps the entries
+      apart on AVX2 and AVX-512.
+    * Under XLA (the ``*_xla`` twins), which folds a batched product with a shared
+      operand back into one ``[M, K] x [K, N]`` matrix product, the rows are multiplied
+      one per iteration of a loop XLA compiles once for one row; a lone row gets one
+      padding row, since XLA drops a loop of one iteration and compiles the product
+      with its consumers.
 
     A row's bits in graph mode and under XLA differ (other kernels), so the default
     signatures and their ``*_xla`` twins are each batch-invariant, not equal to each
-    other bit for bit. This is an observed property of TensorFlow's kernels on one CPU
-    type, not a documented contract: another CPU type or TensorFlow version may give
-    other bits (``tests/test_batch_invariance.py`` catches a change).
+    other bit for bit. BENCHMARKS.md ("Batch invariance") has the argument, the
+    alternatives measured and what this costs.
 
     Args:
         x: float32 [M, K], M >= 0.
@@ -74,33 +74,21 @@ def matmul(x, w):
 
     Example:
 
-    >>> y = matmul(tf.ones([3, 5]), tf.ones([5, 2]))  # rows padded to 4, then cut back to 3
+    >>> y = matmul(tf.ones([3, 5]), tf.ones([5, 2]))  # three [1, 5] x [5, 2] products
     >>> y.shape
     TensorShape([3, 2])
     """
-    k, n = w.shape
-    m = tf.shape(x)[0]
-
-    def padded(rows):
-        return tf.pad(x, [[0, rows - m], [0, 0]])
-
+    n = w.shape[1]
     if not _compiled_by_xla():
-        y = tf.matmul(padded((m + ROW_MULTIPLE - 1) // ROW_MULTIPLE * ROW_MULTIPLE), w)[:m]
+        y = tf.linalg.matmul(x[:, None, :], w)[:, 0, :]
         return tf.ensure_shape(y, [x.shape[0], n])
-
-    def one_product():  # one row of padding, at most ROW_TILE rows
-        return tf.matmul(padded(m + 1), w)[:m]
-
-    def tiles(rows):  # a loop over at least two tiles, so XLA keeps the loop
-        count = (m + rows - 1) // rows
-        y = tf.map_fn(lambda tile: tf.matmul(tile, w), tf.reshape(padded(count * rows), [count, rows, k]),
-                      parallel_iterations=1)
-        return tf.reshape(y, [-1, n])[:m]
-
-    # XLA compiles for the actual row count, so only one branch is ever compiled.
-    y = tf.cond(m < ROW_TILE, one_product,
-                lambda: tf.cond(m > ROW_TILE, lambda: tiles(ROW_TILE), lambda: tiles(ROW_TILE // 2)))
-    return tf.ensure_shape(y, [x.shape[0], n])
+    # At least two iterations: XLA removes a loop of one, and the product of a lone row
+    # is then compiled together with the ops that use it, into other code.
+    m = tf.shape(x)[0]
+    rows = tf.pad(x, [[0, tf.maximum(MIN_LOOP_ROWS - m, 0)], [0, 0]])
+    y = tf.map_fn(lambda row: tf.matmul(row[None, :], w)[0], rows, parallel_iterations=1,
+                  fn_output_signature=tf.TensorSpec([n], x.dtype))
+    return tf.ensure_shape(y[:m], [x.shape[0], n])
 
 
 def matmul_rows(x, w):

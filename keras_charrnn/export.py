@@ -189,11 +189,26 @@ class CharRNNModule(tf.Module):
         with tf.control_dependencies(checks):  # nothing runs before the inputs pass the checks
             ids, lengths, num_chars = tf.identity(ids), tf.identity(lengths), tf.identity(num_chars)
         _, logits, states = self._feed(ids, lengths, flat_states)
-        loop = self._sample_loop_xla if xla else self._sample_loop
-        out, states = loop(num_chars, logits, states, temperature, top_k, top_p, seed, position)
+        if xla:
+            out, states = self._sample_loop_xla_rows(num_chars, logits, states, temperature, top_k, top_p, seed,
+                                                     position)
+        else:
+            out, states = self._sample_loop(num_chars, logits, states, temperature, top_k, top_p, seed, position)
         n = tf.reduce_max(num_chars)
         valid = tf.range(n)[None, :] < num_chars[:, None]
         return tf.where(valid, out[:, :n], 0), states
+
+    def _sample_loop_xla_rows(self, *rows):
+        """The XLA-compiled sampling loop on at least ``cells.MIN_LOOP_ROWS`` rows.
+
+        XLA drops a batch dimension of size 1 and compiles the ops of a lone row into other
+        code than those of two or more rows (other bits), so a lone row is run beside a copy
+        of itself and its results are cut back out.
+        """
+        batch = tf.shape(rows[0])[0]
+        take = tf.concat([tf.range(batch), tf.zeros([tf.maximum(cells.MIN_LOOP_ROWS - batch, 0)], tf.int32)], 0)
+        out, states = self._sample_loop_xla(*tf.nest.map_structure(lambda t: tf.gather(t, take), rows))
+        return out[:batch], [state[:batch] for state in states]
 
     def _sample_loop_impl(self, num_chars, logits, states, temperature, top_k, top_p, seed, position):
         n = tf.reduce_max(num_chars)
