@@ -10,7 +10,8 @@ from keras_charrnn import cli
 
 
 def test_sample_piped_into_head_stops_quietly_with_status_0(model_base):
-    sampler = subprocess.Popen([sys.executable, "-m", "keras_charrnn.cli", "sample", "--model", str(model_base / "lstm"),
+    sampler = subprocess.Popen([sys.executable, "-m", "keras_charrnn.cli", "sample",
+                                "--model", str(model_base / "lstm"),
                                 "--prime", "the ", "-n", "100000", "--chunk", "8", "--seed", "1"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     head = subprocess.Popen(["head", "-c", "20"], stdin=sampler.stdout, stdout=subprocess.PIPE)
