@@ -200,8 +200,7 @@ def _run_train(args) -> None:
     import_tensorflow_quietly()
     from keras_charrnn.train import train
 
-    # Keras draws its progress bar with terminal escape codes even into a file: a log gets the epoch lines.
-    verbose = 0 if args.quiet or not sys.stdout.isatty() else "auto"
+    verbose = 0 if args.quiet else "auto"  # auto: no bar when stdout is not a terminal (train's doc)
     if args.resume:
         train(args.corpus, args.out, resume=True, changes=given, verbose=verbose, strict=args.strict,
               strategy=args.distribute)

@@ -7,6 +7,7 @@ What the run folder holds is described in ``run_folder.py``; the defaults are
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 from collections.abc import Mapping
 
@@ -214,7 +215,8 @@ def train(corpus: str | os.PathLike, run_dir: str | os.PathLike, config: TrainCo
         resume: continue the run in ``run_dir`` from its last checkpoint.
         callbacks: extra Keras callbacks, run after the package's own.
         verbose: Keras' progress display (1 bar, 2 one line per epoch, 0 silent: the
-            package then prints one line per epoch).
+            package then prints one line per epoch). ``"auto"``: the bar when standard output is a
+            terminal, else 0 (Keras draws its bar with terminal escape codes even into a log file).
         strict: refuse a corpus file that is not UTF-8 (default: skip it with a warning).
         changes: with ``resume``, config fields to change (``{"epochs": 20}``); only
             ``config.RESUMABLE`` fields may change, the change is printed and saved.
@@ -270,6 +272,8 @@ def train(corpus: str | os.PathLike, run_dir: str | os.PathLike, config: TrainCo
         print(f"{run.path}: all {config.epochs} epochs already done")
         return model
 
+    if verbose == "auto" and not sys.stdout.isatty():
+        verbose = 0
     checkpoint, ours = _callbacks(writes, config, progress, train_batches.chars_per_batch, vocab)
     _fit(model, train_batches, val_batches, progress, config.epochs, checkpoint, ours + list(callbacks or []), verbose)
     if checkpoint.diverged:

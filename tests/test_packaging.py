@@ -19,15 +19,24 @@ from keras_charrnn.bundled import bundled_base_path
 from keras_charrnn.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
-MODEL_FILES = {"saved_model.pb", "fingerprint.pb", "variables/variables.index",
-               "variables/variables.data-00000-of-00001", "assets.extra/tf_serving_warmup_requests"}
+MODEL_FILES = {
+    "saved_model.pb",
+    "fingerprint.pb",
+    "variables/variables.index",
+    "variables/variables.data-00000-of-00001",
+    "assets.extra/tf_serving_warmup_requests",
+}
 
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
-    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(out), str(ROOT)],
-                           capture_output=True, text=True, timeout=300)
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(out), str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert built.returncode == 0, built.stderr[-3000:]
     (path,) = out.glob("keras_charrnn-*.whl")
     return path
@@ -39,11 +48,18 @@ def test_the_wheel_holds_the_package_its_data_and_the_latest_bundled_model_only(
         metadata = z.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     assert wheel.stat().st_size < 20 * 1024 * 1024
     version = f"keras_charrnn/models/shakespeare/{keras_charrnn.bundled_model_path().name}/"
-    assert {n[len(version):] for n in names if n.startswith(version)} == MODEL_FILES
+    assert {n[len(version) :] for n in names if n.startswith(version)} == MODEL_FILES
     assert {n.split("/")[3] for n in names if n.startswith("keras_charrnn/models/shakespeare/")} == {
-        keras_charrnn.bundled_model_path().name, "MODEL_CARD.md"}  # one version
-    for data in ("keras_charrnn/templates/report.html", "keras_charrnn/serving/playground.html",
-                 "keras_charrnn/py.typed", "keras_charrnn/__main__.py", "keras_charrnn/bundled.py"):
+        keras_charrnn.bundled_model_path().name,
+        "MODEL_CARD.md",
+    }  # one version
+    for data in (
+        "keras_charrnn/templates/report.html",
+        "keras_charrnn/serving/playground.html",
+        "keras_charrnn/py.typed",
+        "keras_charrnn/__main__.py",
+        "keras_charrnn/bundled.py",
+    ):
         assert data in names, data
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     assert {n.split("/")[0] for n in names} == {"keras_charrnn", f"keras_charrnn-{keras_charrnn.__version__}.dist-info"}
@@ -54,8 +70,11 @@ def test_the_wheel_holds_the_package_its_data_and_the_latest_bundled_model_only(
 
 def test_every_dependency_has_a_lower_and_an_upper_bound_and_constraints_pin_them():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    pinned = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines()
-                  if line and not line.startswith("#"))
+    pinned = dict(
+        line.split("==")
+        for line in (ROOT / "constraints.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
     for extra, requirements in {"": project["dependencies"], **project["optional-dependencies"]}.items():
         for requirement in requirements:
             name = re.match(r"[A-Za-z0-9_.-]+", requirement).group(0)
@@ -79,8 +98,9 @@ def test_bundled_model_is_a_savedmodel_inside_the_package_and_the_one_copy_in_th
 def test_bundled_model_loads_with_tensorflow_alone_and_is_what_its_model_card_says():
     import tensorflow as tf
 
-    config = json.loads(tf.saved_model.load(str(keras_charrnn.bundled_model_path())).signatures["metadata"]()[
-        "config"].numpy())
+    config = json.loads(
+        tf.saved_model.load(str(keras_charrnn.bundled_model_path())).signatures["metadata"]()["config"].numpy()
+    )
     card = (bundled_base_path() / "shakespeare" / "MODEL_CARD.md").read_text()
     assert (config["cell"], config["layers"], config["units"], config["vocab_size"]) == ("lstm", 2, 512, 66)
     assert f"| {config['val_loss']:.4f} | {config['val_bpc']:.4f} |" in card
@@ -111,6 +131,8 @@ def test_version_flag_and_python_m_keras_charrnn_are_the_charrnn_command():
     assert f"## {keras_charrnn.__version__}" in (ROOT / "CHANGELOG.md").read_text()
     as_module = subprocess.run([sys.executable, "-m", "keras_charrnn", "--version"], capture_output=True, text=True)
     assert as_module.returncode == 0 and as_module.stdout == f"charrnn {keras_charrnn.__version__}\n"
-    helps = [subprocess.run([sys.executable, "-m", module, "train", "--help"], capture_output=True, text=True).stdout
-             for module in ("keras_charrnn", "keras_charrnn.cli")]
+    helps = [
+        subprocess.run([sys.executable, "-m", module, "train", "--help"], capture_output=True, text=True).stdout
+        for module in ("keras_charrnn", "keras_charrnn.cli")
+    ]
     assert helps[0] == helps[1] and "--backend" in helps[0]
