@@ -183,7 +183,10 @@ class RunFolder:
         return self._read_config_file().get("corpus", {}).get("path")
 
     def backend(self) -> str | None:
-        """The Keras backend the run trains on, as recorded in ``config.json`` (None for a run from before 0.2.0).
+        """The Keras backend the run trains on, as recorded in ``config.json``.
+
+        Returns:
+            ``"tensorflow"``, ``"jax"``, ...; None for a run from before 0.2.0, which recorded none.
 
         Raises:
             InputError: not a run folder, or ``config.json`` is unreadable.

@@ -136,3 +136,11 @@ def test_version_flag_and_python_m_keras_charrnn_are_the_charrnn_command():
         for module in ("keras_charrnn", "keras_charrnn.cli")
     ]
     assert helps[0] == helps[1] and "--backend" in helps[0]
+
+
+def test_bundled_module_examples_run():
+    import doctest
+
+    from keras_charrnn import bundled
+
+    assert doctest.testmod(bundled).failed == 0
