@@ -11,10 +11,10 @@ same computation keeping only the losses (what ``CharRNN.score`` averages).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
-from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 import tensorflow as tf

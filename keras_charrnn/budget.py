@@ -76,8 +76,8 @@ import dataclasses
 import math
 import os
 import time
-from typing import Any
 from collections.abc import Iterable
+from typing import Any
 
 import keras
 import numpy as np

@@ -18,9 +18,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from collections.abc import Mapping
 
 from keras_charrnn.errors import ConfigError
 from keras_charrnn.sampling import MAX_CHARS_PER_CALL

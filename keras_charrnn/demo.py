@@ -18,9 +18,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from collections.abc import Iterator
 
 from keras_charrnn.bundled import bundled_base_path
 from keras_charrnn.errors import ConfigError, ServingError

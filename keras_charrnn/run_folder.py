@@ -23,9 +23,9 @@ import dataclasses
 import errno
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from collections.abc import Mapping
 
 from keras_charrnn.config import TrainConfig, resume_changes
 from keras_charrnn.corpus import find_files

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
 from collections.abc import Mapping
+from typing import Any
 
 import keras
 import numpy as np
