@@ -53,7 +53,8 @@ def main() -> None:
     from keras_charrnn.vocab import Vocabulary
 
     vocab = Vocabulary([chr(c) for c in range(32, 32 + VOCAB - 1)])
-    rows = ["| model | XLA | in-process generate (chars/s, median) | NumPy matmul limit (chars/s) | fraction of limit |",
+    rows = ["| model | XLA | in-process generate (chars/s, median) | NumPy matmul limit (chars/s) "
+            "| fraction of limit |",
             "|---|---|---|---|---|"]
     for units in (128, 512):
         model = build_model(vocab.size, cell="lstm", units=units, layers=2, batch_size=1, seq_len=1)
@@ -69,7 +70,8 @@ def main() -> None:
                     m.generate("a", CHARS, seed=seed)
                     speeds.append(CHARS / (time.perf_counter() - t))
                 speed = statistics.median(speeds)
-            rows.append(f"| LSTM 2x{units} | {'on' if xla else 'off'} | {speed:,.0f} | {limit:,.0f} | {speed / limit:.0%} |")
+            rows.append(f"| LSTM 2x{units} | {'on' if xla else 'off'} | {speed:,.0f} | {limit:,.0f} "
+                        f"| {speed / limit:.0%} |")
             print(rows[-1], flush=True)
     body = ("## In-process generation (single stream)\n\n"
             f"`CharRNN.generate` of {CHARS} characters in calls of up to 4096, batch 1, temperature 0.8; "

@@ -19,8 +19,8 @@ weights (the budget run's ``best.keras``; the baseline's weights kept at its bes
 - *windows*: 100-character windows, each from a zero state (read in pieces of the budget run's seq_len
   if that divides 100, else windows of its seq_len), mean nats per character (the baseline's own
   validation);
-- *streams*: the held-out text cut into the budget run's batch of contiguous streams (``TBPTTBatches``), read 100 characters
-  at a time with the state carried, as ``charrnn train`` validates (the baseline's weights in a
+- *streams*: the held-out text cut into the budget run's batch of contiguous streams (``TBPTTBatches``), read 100
+  characters at a time with the state carried, as ``charrnn train`` validates (the baseline's weights in a
   stateful twin).
 
 The budget run's own validation loss, as ``charrnn train`` reported it, is shown too.

@@ -235,7 +235,7 @@ def main() -> None:
                             calls = args.calls if chars == 1 else max(20, args.calls // 4)
                             mine = session_latencies(local.session("a", seed=1), chars, calls)
                             grpc_ = session_latencies(client.session(name, prime="a", seed=1), chars, calls)
-                            cps = lambda lat: chars * len(lat) / sum(lat)  # noqa: E731
+                            cps = lambda lat, chars=chars: chars * len(lat) / sum(lat)  # noqa: E731
                             fig[units][chars] = (percentile(mine, 50), percentile(grpc_, 50), cps(mine), cps(grpc_))
                             latency_rows.append(
                                 f"| LSTM 2x{units} | {chars} | {percentile(mine, 50) * 1e3:.2f} / "
@@ -302,7 +302,8 @@ def main() -> None:
             + "\n".join(issue_rows) + "\n\n"
             "Sessions through `charrnn serve` over loopback gRPC (the `generate_text` signature, state carried by the "
             "client) next to the same sessions in-process; latency percentiles over "
-            f"{args.calls} calls (1 char) and {max(20, args.calls // 4)} calls (64 chars).\n\n" + "\n".join(latency_rows) +
+            f"{args.calls} calls (1 char) and {max(20, args.calls // 4)} calls (64 chars).\n\n"
+            + "\n".join(latency_rows) +
             "\n\nAggregate throughput of concurrent sessions, 64 characters per call "
             "(batching: max_batch_size 64, batch_timeout_micros 2000, 2 batch threads):\n\n" + "\n".join(table) +
             "\n\nGoals: 64-character calls >= 0.9x in-process; 64 sessions on 2x512 with batching >= 15x one session.")

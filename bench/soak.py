@@ -31,7 +31,6 @@ import argparse
 import os
 import random
 import shutil
-import statistics
 import sys
 import tempfile
 import threading
@@ -53,7 +52,7 @@ import numpy as np  # noqa: E402
 
 from keras_charrnn.errors import CharRNNError  # noqa: E402
 from keras_charrnn.serving import wire  # noqa: E402
-from keras_charrnn.serving.client import SamplingClient, ServerError  # noqa: E402
+from keras_charrnn.serving.client import SamplingClient  # noqa: E402
 from keras_charrnn.versions import latest_version_dir  # noqa: E402
 
 MODEL = "soak"
@@ -349,7 +348,8 @@ def main() -> None:
                 growths.append(mb(last - settled))
             rss_rows.append(f"| replica {replica.index}" + (f" (restart {n})" if n else "")
                             + (f" (killed at {process.rss[-1][0] - start:.0f} s)" if killed else "") + f" | "
-                            f"{mb(process.rss[0][1]):.0f} | {mb(settled):.0f} | {mb(max(r for _, r in process.rss)):.0f}"
+                            f"{mb(process.rss[0][1]):.0f} | {mb(settled):.0f} | "
+                            f"{mb(max(r for _, r in process.rss)):.0f}"
                             f" | {mb(last):.0f} | {mb(last - settled):+.0f} |")
     lost = sum(failed.values())
     mismatched = replayed["mismatched"]

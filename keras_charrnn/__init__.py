@@ -6,14 +6,17 @@ The pipeline, one module each (README.md, "Layout"): ``corpus``, ``vocab`` -> ``
 ``analysis`` -> ``report``.
 
 Names are imported lazily, so ``import keras_charrnn.serving.client`` does not
-import TensorFlow.
+import TensorFlow. ``bundled_model_path()`` is where the Shakespeare model shipped
+with the package lies (a SavedModel folder: ``tf.saved_model.load`` it, or
+``keras_charrnn.load`` it).
 """
 
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _EXPORTS = {
     "Vocabulary": "keras_charrnn.vocab",
@@ -34,12 +37,13 @@ _EXPORTS = {
     "ConfigError": "keras_charrnn.errors",
     "InputError": "keras_charrnn.errors",
     "ServingError": "keras_charrnn.errors",
+    "bundled_model_path": "keras_charrnn.bundled",
 }
 
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'keras_charrnn' has no attribute {name!r}")

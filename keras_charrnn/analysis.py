@@ -11,9 +11,10 @@ same computation keeping only the losses (what ``CharRNN.score`` averages).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Protocol
 
 import numpy as np
 import tensorflow as tf
@@ -33,7 +34,7 @@ class Model(Protocol):
     config: dict
 
     @property
-    def signatures(self): ...
+    def signatures(self) -> Mapping[str, Callable[..., dict]]: ...
 
     def zero_state(self, batch: int = 1) -> dict[str, np.ndarray]: ...
 
@@ -130,7 +131,8 @@ def inspect(model: Model, text: str, top: int = 5) -> Inspection:
     probs /= probs.sum(axis=-1, keepdims=True)
     top_ids = np.argsort(-probs, axis=-1)[:, :max(1, min(top, len(chars) - 1))].astype(np.int32)
     return Inspection(text=text,
-                      activations=[np.concatenate([w.layers[i] for w in windows]) for i in range(len(windows[0].layers))],
+                      activations=[np.concatenate([w.layers[i] for w in windows])
+                                   for i in range(len(windows[0].layers))],
                       top_ids=top_ids, top_probs=np.take_along_axis(probs, top_ids, axis=-1).astype(np.float32),
                       losses=np.concatenate([w.losses for w in windows]), chars=chars)
 

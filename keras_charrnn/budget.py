@@ -76,7 +76,8 @@ import dataclasses
 import math
 import os
 import time
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import keras
 import numpy as np
@@ -93,7 +94,7 @@ __all__ = ["CANDIDATES", "CHARS_PER_PARAM", "BudgetStop", "count_params", "plan"
 CANDIDATES: tuple[tuple[int, int], ...] = ((1, 128), (2, 128), (2, 256), (2, 384), (2, 512))  # (layers, units)
 CHARS_PER_PARAM = 10.0  # the least characters trained on per parameter (see the module doc)
 MAX_PARAMS_PER_TRAIN_CHAR = 2.0  # the most parameters per character of training text
-_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 SEQ_LEN: int = _DEFAULTS["seq_len"]  # the shape a budget starts from: TrainConfig's defaults
 BATCH_SIZE: int = _DEFAULTS["batch_size"]
 MIN_STEPS_FOR_BATCH_64 = 1000  # fewer optimizer steps than this at 64: batch 32 (see the module doc)
@@ -102,7 +103,8 @@ MIN_STEPS = 5000  # optimizer steps a short run is given by cutting its sequence
 PROBE_BATCH_SIZE = 64  # candidates are probed at this batch (see the module doc)
 MIN_PASSES_FOR_DROPOUT = 20.0
 MIN_TRAIN_FRACTION = 0.25  # a budget leaving less than this for training batches is refused
-EPOCHS_HEADROOM = 1.5  # epochs cover 1.5x the predicted batches: a machine faster than predicted still trains to the end
+# Epochs cover 1.5x the predicted batches: a machine faster than predicted still trains to the end.
+EPOCHS_HEADROOM = 1.5
 PROBE_FRACTION = 0.05  # of the budget, at most, for probing beyond the first (smallest) candidate
 PROBE_STEPS = 3  # timed steps per candidate after the first (tracing) step
 PROBE_MIN_SECONDS = 0.3  # and at least this long (up to 20 steps)

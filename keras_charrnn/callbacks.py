@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import keras
 import numpy as np
@@ -28,6 +29,9 @@ from keras_charrnn.metrics import bits_per_char, perplexity
 from keras_charrnn.model import get_states, reset_states, set_states
 from keras_charrnn.run_folder import RunFolder
 from keras_charrnn.sampling import DEFAULT_PRIME
+
+if TYPE_CHECKING:
+    from keras_charrnn.export import CharRNNModule
 
 
 class ResetStates(keras.callbacks.Callback):
@@ -279,7 +283,7 @@ class SampleText(keras.callbacks.Callback):
         self.progress = progress
         self.chars, self.every, self.prime = chars, every, prime
         self.temperatures, self.seed = tuple(temperatures), seed
-        self._module = None
+        self._module: CharRNNModule | None = None
         self._held: str | None = None  # an epoch-end sample printed once Keras' bar line is out
 
     def sample(self) -> list[str]:

@@ -61,7 +61,7 @@ def write_checkpoint(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> 
 
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+            np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stub types allow_pickle as a keyword
 
     atomic_write(path, write)
 

@@ -16,7 +16,8 @@ import os
 import sys
 import types
 
-from keras_charrnn import demo
+from keras_charrnn import __version__, demo
+from keras_charrnn.bundled import bundled_model_path
 from keras_charrnn.config import TrainConfig, parse_duration
 from keras_charrnn.errors import CharRNNError, ConfigError
 from keras_charrnn.sampling import (DEFAULT_CHUNK, DEFAULT_PRIME, DEFAULT_TEMPERATURE, DEFAULT_TOP_K,
@@ -86,7 +87,7 @@ def _add_config_flags(p, config_class) -> None:
             p.add_argument(flag, dest=f.name, action=_StoreGiven, nargs=0, const=True, default=f.default,
                            help=f"{help_text} (default: off)")
             continue
-        p.add_argument(flag, dest=f.name, action=_StoreGiven, type=_FLAG_PARSERS.get(f.name, _FLAG_TYPES[f.type]),
+        p.add_argument(flag, dest=f.name, action=_StoreGiven, type=_FLAG_PARSERS.get(f.name, _FLAG_TYPES[str(f.type)]),
                        default=f.default,
                        choices=f.metadata.get("choices"), help=f"{help_text} (default: %(default)s)")
 
@@ -103,13 +104,60 @@ def _add_train(sub) -> None:
                    help="continue the run in --out from its last checkpoint, with its saved settings; "
                         "only flags marked 'may change on --resume' may be given with a new value (default: off)")
     p.add_argument("--quiet", action="store_true",
-                   help="no Keras progress bar: one line per epoch instead (default: off)")
+                   help="no Keras progress bar: one line per epoch instead (default: off; always so when standard "
+                        "output is not a terminal, e.g. a log file)")
     p.add_argument("--distribute", choices=("mirrored", "multi-worker"), default=None,
                    help="train under tf.distribute: 'mirrored' on every local GPU (or CPU device), 'multi-worker' "
                         "on the cluster in TF_CONFIG; --batch-size stays the global batch (default: one device)")
-    p.add_argument("--backend", choices=("tensorflow", "jax"), default=None,
-                   help="Keras backend to train with; jax needs 'pip install keras-charrnn[jax]' "
-                        "(default: $KERAS_BACKEND, else tensorflow)")
+    p.add_argument("--backend", choices=("auto", "tensorflow", "jax"), default="auto",
+                   help="Keras backend to train with; jax needs 'pip install keras-charrnn[jax]'. auto: on --resume "
+                        "the run's recorded backend, else $KERAS_BACKEND when set, else jax when installed for a model "
+                        f"of {JAX_MIN_UNITS}+ units without --distribute (faster there), else tensorflow "
+                        "(default: %(default)s)")
+
+
+JAX_MIN_UNITS = 512  # the smallest layer width measured faster on JAX than on TensorFlow (BENCHMARKS.md, CPU)
+
+
+def auto_backend(args: argparse.Namespace) -> tuple[str, str]:
+    """The backend ``charrnn train --backend auto`` trains with, and why, decided before Keras is imported.
+
+    Args:
+        args: ``charrnn train``'s parsed arguments (``resume``, ``out``, ``distribute``, ``units``).
+
+    Returns:
+        ``(backend, reason)``: the run's recorded backend on ``--resume``; else ``$KERAS_BACKEND`` when set;
+        else ``"tensorflow"`` under ``--distribute`` or when JAX is missing or the model is narrower than
+        ``JAX_MIN_UNITS``; else ``"jax"``.
+
+    Raises:
+        ConfigError: a resumed run's recorded backend is not installed.
+        InputError: the run to resume has no readable ``config.json``.
+    """
+    from keras_charrnn.run_folder import RunFolder
+
+    if args.resume:
+        recorded = RunFolder(args.out).backend()
+        if recorded is not None:
+            if importlib.util.find_spec(recorded) is None:
+                raise ConfigError(f"backend: this run trains on {recorded!r}, which is not installed here: "
+                                  f"pip install 'keras-charrnn[{recorded}]', or resume with --backend NAME")
+            return recorded, "the backend this run trains on"
+    if "keras" in sys.modules:  # train() called in a process that already runs Keras
+        import keras
+
+        return keras.backend.backend(), "Keras already runs on it in this process"
+    if os.environ.get("KERAS_BACKEND"):
+        return os.environ["KERAS_BACKEND"], "$KERAS_BACKEND"
+    if args.resume:
+        return "tensorflow", "no backend recorded in this run: the default before 0.2.0"
+    if args.distribute:
+        return "tensorflow", "--distribute needs TensorFlow"
+    if importlib.util.find_spec("jax") is None:
+        return "tensorflow", "jax is not installed"
+    if args.units < JAX_MIN_UNITS:
+        return "tensorflow", f"faster than jax below {JAX_MIN_UNITS} units"
+    return "jax", f"faster than tensorflow at {JAX_MIN_UNITS}+ units"
 
 
 def _choose_backend(name: str | None) -> None:
@@ -143,10 +191,16 @@ def _run_train(args) -> None:
         raise ConfigError("time_budget works on one device: leave out distribute, or time_budget")
     # train() makes these checks too; made here, before TensorFlow is imported, a typo is answered at once.
     check_training_inputs(args.corpus, RunFolder(args.out), TrainConfig(**values), args.resume, given)
+    if args.backend == "auto":
+        backend, why = auto_backend(args)
+    else:
+        backend, why = args.backend, "--backend"
+    _choose_backend(backend)
+    print(f"charrnn train: {args.out}, backend {backend} ({why})", flush=True)
     import_tensorflow_quietly()
     from keras_charrnn.train import train
 
-    verbose = 0 if args.quiet else "auto"
+    verbose = 0 if args.quiet else "auto"  # auto: no bar when stdout is not a terminal (train's doc)
     if args.resume:
         train(args.corpus, args.out, resume=True, changes=given, verbose=verbose, strict=args.strict,
               strategy=args.distribute)
@@ -219,8 +273,8 @@ def _add_sampling_flags(p) -> None:
 
 def _add_sample(sub) -> None:
     p = sub.add_parser("sample", help="generate text from a SavedModel (in-process) or a model server (gRPC)")
-    where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--model", help=MODEL_HELP)
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--model", help=MODEL_HELP + " (default: the bundled Shakespeare model)")
     where.add_argument("--server", help="model server address, e.g. localhost:8500")
     p.add_argument("--name", default=None, help="model name on the server (with --server)")
     p.add_argument("--version", type=_positive_int, default=None, help="pin this model version (with --server)")
@@ -257,11 +311,12 @@ def _run_sample(args) -> None:
         client = SamplingClient(args.server)
         make = lambda prime: client.session(args.name, prime, params, version=args.version)  # noqa: E731
     else:
-        _check_model_path(args.model)
+        path = args.model or str(bundled_model_path())
+        _check_model_path(path)
         import_tensorflow_quietly()
         from keras_charrnn.inprocess import load
 
-        model = load(args.model)
+        model = load(path)
         make = lambda prime: model.session(prime, params)  # noqa: E731
     if args.interactive:
         _interactive(make, args)
@@ -399,7 +454,7 @@ def _lean_server_process() -> None:
     """
     for unused in SERVE_UNUSED_MODULES:
         if unused not in sys.modules:
-            sys.modules[unused] = None  # `import keras` raises ImportError, which TensorFlow handles
+            sys.modules[unused] = None  # type: ignore[assignment]  # `import keras` raises ImportError, which TensorFlow handles
     for unused in SERVE_STUBBED_MODULES:
         if unused not in sys.modules:
             sys.modules[unused] = _NotLoaded(unused)  # TensorFlow imports them unguarded, uses them in no serve path
@@ -431,11 +486,13 @@ def _import_tensorflow_without_source_lines() -> None:
 
 
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="serve saved_models/ and stream generated text over gRPC")
+    p = sub.add_parser("demo", help="serve saved_models/ (or the bundled model) and stream generated text over gRPC")
     p.add_argument("--train", metavar="CORPUS", default=None, help="first train a small model on this text file")
     p.add_argument("--minutes", type=float, default=demo.DEMO_MINUTES,
                    help="training time with --train (default: %(default)s)")
-    p.add_argument("--base-path", default=DEFAULT_BASE_PATH, help="folder of the models to serve (default: %(default)s)")
+    p.add_argument("--base-path", default=None,
+                   help=f"folder of the models to serve (default: {DEFAULT_BASE_PATH} when it holds a model or with "
+                        "--train, else the model bundled with the package)")
     p.add_argument("--name", default=None, help="model to sample (default: shakespeare, or the first found)")
     p.add_argument("--prime", default=demo.DEMO_PRIME, help="text to start from (default: %(default)s)")
     p.add_argument("--calls", type=_positive_int, default=demo.DEMO_CALLS, help="number of gRPC calls")
@@ -501,6 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
     'saved_models'
     """
     parser = OneLineParser(prog="charrnn", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     for add in (_add_train, _add_export, _add_sample, _add_eval, _add_serve, _add_demo, _add_visualize):
         add(sub)
@@ -547,7 +605,8 @@ def main(argv: list[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)
     try:
-        _choose_backend(getattr(args, "backend", None))
+        if getattr(args, "backend", "auto") != "auto":  # a missing package is answered before anything else
+            _choose_backend(args.backend)
         if args.command == "serve":
             _lean_server_process()
             _import_tensorflow_without_source_lines()

@@ -18,8 +18,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from keras_charrnn.errors import ConfigError
 from keras_charrnn.sampling import MAX_CHARS_PER_CALL
@@ -65,7 +66,7 @@ def parse_duration(text: str | float | int) -> float:
     return seconds
 
 
-def _field(default, help: str, choices: tuple[str, ...] | None = None, on_resume: bool = False):
+def _field(default: Any, help: str, choices: tuple[str, ...] | None = None, on_resume: bool = False) -> Any:
     """A dataclass field with its default, its help text, its allowed values (for the CLI),
     and whether resuming a run may change it."""
     return field(default=default, metadata={"help": help, "choices": choices, "on_resume": on_resume})
@@ -146,8 +147,9 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be 0 or more, got {getattr(self, name)}")
         if self.time_budget is not None and not MIN_TIME_BUDGET <= self.time_budget <= MAX_TIME_BUDGET:
-            raise ConfigError(f"time_budget must be between {MIN_TIME_BUDGET:g} seconds and {MAX_TIME_BUDGET / 86400:g} "
-                              f"days (a probe and a final validation must fit), got {self.time_budget:g} seconds")
+            raise ConfigError(f"time_budget must be between {MIN_TIME_BUDGET:g} seconds and "
+                              f"{MAX_TIME_BUDGET / 86400:g} days (a probe and a final validation must fit), "
+                              f"got {self.time_budget:g} seconds")
         if self.schedule_steps is not None and self.schedule_steps < 1:
             raise ConfigError(f"schedule_steps must be at least 1, got {self.schedule_steps}")
         if not 0 <= self.sample_chars <= MAX_CHARS_PER_CALL:

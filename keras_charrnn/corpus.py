@@ -28,6 +28,7 @@ import glob
 import hashlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,7 +117,7 @@ def find_files(spec: str | os.PathLike) -> tuple[list[Path], list[str]]:
     if path.is_file():
         return [path], [str(spec)]
     if path.is_dir():
-        found = []
+        found: list[Path] = []
         for root, dirs, files in os.walk(path):
             dirs[:] = [d for d in dirs if not d.startswith(".")]
             found.extend(Path(root, f) for f in files if not f.startswith("."))
@@ -133,7 +134,7 @@ def find_files(spec: str | os.PathLike) -> tuple[list[Path], list[str]]:
     raise InputError(f"{spec}: no such file or folder")
 
 
-def _blocks(path: Path, block_bytes: int):
+def _blocks(path: Path, block_bytes: int) -> Iterator[str]:
     """Yields the text of a UTF-8 file block by block; raises ``_NotUTF8`` naming the first bad byte's offset."""
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
     offset = 0

@@ -1,6 +1,7 @@
 """``charrnn demo``: the whole path on one machine, in one command.
 
-Starts the embedded model server on ``saved_models/`` in a subprocess on a
+Starts the embedded model server on ``saved_models/`` (in the current folder, when
+it holds a model; else on the model bundled with the package) in a subprocess on a
 free port, opens a sampling session through the gRPC client, streams text
 across several calls with the hidden state carried between them, prints each
 call's latency and speed, and stops the server with SIGTERM (it drains and
@@ -17,10 +18,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
+from keras_charrnn.bundled import bundled_base_path
 from keras_charrnn.errors import ConfigError, ServingError
 from keras_charrnn.sampling import DEFAULT_CHUNK, DEFAULT_TEMPERATURE
 from keras_charrnn.serving.client import SamplingClient
@@ -40,6 +42,23 @@ def _models_under(base: Path) -> list[str]:
     except OSError as exc:
         raise ConfigError(f"base_path {base}: cannot list it ({exc.strerror})") from None
     return [p.name for p in folders if list_versions(p, complete_only=True)]
+
+
+def demo_base_path(base_path: str | None, training: bool = False) -> Path:
+    """The folder of models the demo serves.
+
+    Args:
+        base_path: the folder given (``--base-path``); None for the default.
+        training: the demo trains and exports a model first (into ``saved_models/``).
+
+    Returns:
+        ``base_path``; by default ``saved_models`` in the current folder when the demo trains or it holds a
+        model (a clone of the repository), else the package's bundled models (an installed wheel).
+    """
+    if base_path is not None:
+        return Path(base_path)
+    local = Path(DEFAULT_BASE_PATH)
+    return local if training or _models_under(local) else bundled_base_path()
 
 
 def _models_config(base: Path, names: list[str]) -> str:
@@ -80,6 +99,7 @@ def _server(config_text: str) -> Iterator[tuple[subprocess.Popen, int]]:
 def _announced_port(proc: subprocess.Popen, log) -> int:
     """Waits for the server's "serving on port N" line; raises ServingError if it never comes."""
     deadline = time.monotonic() + SERVER_START_TIMEOUT
+    assert proc.stdout is not None  # started with stdout=PIPE
     while time.monotonic() < deadline:
         ready, _, _ = select.select([proc.stdout], [], [], 1.0)
         line = proc.stdout.readline() if ready else ""
@@ -112,13 +132,14 @@ def train_small(corpus: str, minutes: float, base_path: Path) -> str:
     return name
 
 
-def run_demo(base_path: str = DEFAULT_BASE_PATH, name: str | None = None, train_corpus: str | None = None,
+def run_demo(base_path: str | None = None, name: str | None = None, train_corpus: str | None = None,
              minutes: float = DEMO_MINUTES, prime: str = DEMO_PRIME, calls: int = DEMO_CALLS,
              chunk: int = DEFAULT_CHUNK, temperature: float = DEFAULT_TEMPERATURE, seed: int = DEMO_SEED) -> None:
     """Serves the models under ``base_path`` and samples one of them over gRPC; see the module doc.
 
     Args:
-        base_path: the folder of all models (``saved_models``).
+        base_path: the folder of all models (default: ``demo_base_path``'s choice, ``saved_models`` or the
+            bundled model).
         name: the model to sample (default: ``shakespeare``, or the first found).
         train_corpus: first train a small model on this text file, export it and sample it.
         minutes: training time with ``train_corpus``.
@@ -132,7 +153,7 @@ def run_demo(base_path: str = DEFAULT_BASE_PATH, name: str | None = None, train_
         ConfigError: no model to serve, or no model ``name``.
         ServingError: the server did not start, or did not exit cleanly.
     """
-    base = Path(base_path)
+    base = demo_base_path(base_path, training=bool(train_corpus))
     if train_corpus:
         name = train_small(train_corpus, minutes, base)
     models = _models_under(base)
@@ -147,7 +168,7 @@ def run_demo(base_path: str = DEFAULT_BASE_PATH, name: str | None = None, train_
     timings = []
     with _server(_models_config(base, models)) as (proc, port):
         print(f"model server up on 127.0.0.1:{port} in {time.perf_counter() - started:.1f}s, "
-              f"serving {', '.join(models)}")
+              f"serving {', '.join(models)} from {base}")
         with SamplingClient(f"127.0.0.1:{port}") as client:
             session = client.session(name, prime=prime, temperature=temperature, seed=seed)
             print(f"--- {name}: {calls} calls of {chunk} characters, state carried by the client ---")

@@ -109,7 +109,7 @@ def strategy_from_name(name: str) -> tf.distribute.Strategy:
     return tf.distribute.MultiWorkerMirroredStrategy()
 
 
-def resolve(strategy: "str | tf.distribute.Strategy | None") -> tf.distribute.Strategy | None:
+def resolve(strategy: str | tf.distribute.Strategy | None) -> tf.distribute.Strategy | None:
     """A strategy from a name (``strategy_from_name``), a strategy, or the one whose scope is open (else None)."""
     if isinstance(strategy, str):
         return strategy_from_name(strategy)
@@ -251,7 +251,7 @@ def _patch_scalar_log_reduce() -> None:
                 lambda v: strategy.reduce("MEAN", v, axis=None if v.shape.rank == 0 else 0), values)
         return original(values, strategy, reduction)
 
-    reduce_per_replica._charrnn = True
+    reduce_per_replica._charrnn = True  # type: ignore[attr-defined]  # marks the patch as made
     tf_trainer.reduce_per_replica = reduce_per_replica
 
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -36,7 +37,8 @@ class _InProcessRunner:
     def __init__(self, signatures: Mapping, version: int | None):
         self._signatures, self._version = signatures, version
 
-    def run(self, signature, inputs, version):
+    def run(self, signature: str, inputs: Mapping[str, np.ndarray],
+            version: int | None) -> tuple[dict[str, np.ndarray], int | None]:
         # The XLA twin when the model has one: the same text, faster (this process has XLA JIT).
         fn = self._signatures.get(xla_twin(signature)) or self._signatures[signature]
         try:
@@ -67,6 +69,7 @@ class CharRNN:
 
     def __init__(self, path: str | os.PathLike, which: str = "best"):
         path = Path(path)
+        self._model: Any  # a CharRNNModule (a run folder) or a loaded SavedModel
         if RunFolder.is_run(path):
             self.path, name, version = path, path.name, None
             self._model = module_from_run(path, which)  # kept: the signatures use its variables
@@ -89,14 +92,15 @@ class CharRNN:
 
     @property
     def signatures(self) -> Mapping:
-        """The signatures (``step``, ``inspect``, ``generate``, ``generate_text``, ``metadata``), called with named tensors."""
+        """The signatures (``step``, ``inspect``, ``generate``, ``generate_text``, ``metadata``), called with named
+        tensors."""
         return self._signatures
 
     def zero_state(self, batch: int = 1) -> dict[str, np.ndarray]:
         """The state that starts a session: zeros, one [batch, units] array per state name."""
         return {n: np.zeros((batch, self.info.state_size), np.float32) for n in self.info.state_names}
 
-    def session(self, prime: str = DEFAULT_PRIME, params: SamplingParams | None = None, **fields) -> Session:
+    def session(self, prime: str = DEFAULT_PRIME, params: SamplingParams | None = None, **fields: Any) -> Session:
         """A session that keeps the hidden state between calls (see ``Session``).
 
         Args:
@@ -113,7 +117,7 @@ class CharRNN:
         """Continues a session saved with ``Session.to_json``."""
         return Session.from_json(saved, self._runner, self.info)
 
-    def generate(self, prime: str, n: int, params: SamplingParams | None = None, **fields) -> str:
+    def generate(self, prime: str, n: int, params: SamplingParams | None = None, **fields: Any) -> str:
         """Returns ``n`` characters that follow ``prime``.
 
         Args:
@@ -127,7 +131,7 @@ class CharRNN:
         return self.session(prime, params, **fields).generate(n)
 
     def stream(self, prime: str, n: int, chunk: int = DEFAULT_CHUNK, params: SamplingParams | None = None,
-               **fields) -> Iterator[str]:
+               **fields: Any) -> Iterator[str]:
         """Like ``generate``, yielding the text ``chunk`` characters at a time."""
         return self.session(prime, params, **fields).stream(n, chunk)
 

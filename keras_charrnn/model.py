@@ -119,7 +119,8 @@ class StatefulStatesMixin:
 
     def _own_saved_variables(self) -> list:
         skip = self._state_ids()
-        return [v for v in self._trainable_variables + self._non_trainable_variables if id(v) not in skip]
+        variables = self._trainable_variables + self._non_trainable_variables  # type: ignore[attr-defined]
+        return [v for v in variables if id(v) not in skip]
 
     def save_own_variables(self, store):
         for i, v in enumerate(self._own_saved_variables()):
@@ -128,7 +129,8 @@ class StatefulStatesMixin:
     def load_own_variables(self, store):
         own = self._own_saved_variables()
         if len(store.keys()) != len(own):
-            raise ValueError(f"layer {self.name!r} expects {len(own)} saved variables, the file has {len(store.keys())}")
+            raise ValueError(f"layer {self.name!r} expects {len(own)} saved variables, "
+                             f"the file has {len(store.keys())}")
         for i, v in enumerate(own):
             v.assign(store[f"{i}"])
 
@@ -148,7 +150,7 @@ class CharSimpleRNN(StatefulStatesMixin, keras.layers.SimpleRNN):
     """``keras.layers.SimpleRNN`` with hidden states for every backend and ``tf.distribute``."""
 
 
-CELL_LAYERS = {"lstm": CharLSTM, "gru": CharGRU, "rnn": CharSimpleRNN}
+CELL_LAYERS: dict[str, type[keras.layers.RNN]] = {"lstm": CharLSTM, "gru": CharGRU, "rnn": CharSimpleRNN}
 
 
 def build_model(
@@ -217,7 +219,7 @@ def describe(model: keras.Model) -> dict:
     if not rnns:
         raise InputError(f"model {model.name!r} has no recurrent layers")
     cell = next(name for name, cls in STOCK_LAYERS.items() if isinstance(rnns[0], cls))
-    dropouts = [l.rate for l in model.layers if isinstance(l, keras.layers.Dropout)]
+    dropouts = [layer.rate for layer in model.layers if isinstance(layer, keras.layers.Dropout)]
     return {
         "cell": cell,
         "units": rnns[0].units if hasattr(rnns[0], "units") else rnns[0].cell.units,

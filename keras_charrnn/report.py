@@ -73,8 +73,8 @@ def unit_choices(result: Inspection, layer: int | None = None,
     wanted = units if units else list(range(width))
     choices = [(s["layer"], s["unit"], f'{s["feature"]} r={s["correlation"]:+.2f}') for s in score_units(result)
                if s["layer"] in layers and s["unit"] in wanted]
-    ranked = {(l, u) for l, u, _ in choices}
-    return choices + [(l, u, "unscored") for l in layers for u in wanted if (l, u) not in ranked]
+    ranked = {(lay, u) for lay, u, _ in choices}
+    return choices + [(lay, u, "unscored") for lay in layers for u in wanted if (lay, u) not in ranked]
 
 
 def _columns(result: Inspection, first: np.ndarray) -> str:
@@ -101,8 +101,9 @@ def _columns(result: Inspection, first: np.ndarray) -> str:
 def _hardest(result: Inspection, count: int = 10) -> str:
     """Table rows of the ``count`` characters that cost the most bits."""
     return "".join(
-        f"<tr><td>{j + 1}</td><td>{html.escape(_display(result.text[j + 1]))}</td><td>{result.losses[j] / math.log(2):.2f}"
-        f"</td><td>{html.escape(repr(result.text[max(0, j - 15):j + 2]))}</td></tr>"
+        f"<tr><td>{j + 1}</td><td>{html.escape(_display(result.text[j + 1]))}</td>"
+        f"<td>{result.losses[j] / math.log(2):.2f}</td>"
+        f"<td>{html.escape(repr(result.text[max(0, j - 15):j + 2]))}</td></tr>"
         for j in np.argsort(-result.losses)[:count])
 
 
@@ -132,9 +133,9 @@ def write_report(result: Inspection, out: str | os.PathLike, model_name: str, la
     """
     choices = unit_choices(result, layer, units)
     first_layer, first_unit = choices[0][:2]
-    shown = {l for l, _, _ in choices}
+    shown = {lay for lay, _, _ in choices}
     data = {
-        "activations": [np.round(a, 3).tolist() if l in shown else [] for l, a in enumerate(result.activations)],
+        "activations": [np.round(a, 3).tolist() if lay in shown else [] for lay, a in enumerate(result.activations)],
         "top": [[[_display(result.chars[g]), round(float(p), 4)] for g, p in zip(ids, probs)]
                 for ids, probs in zip(result.top_ids, result.top_probs)],
     }
@@ -144,8 +145,8 @@ def write_report(result: Inspection, out: str | os.PathLike, model_name: str, la
         "num_chars": str(len(result.text)),
         "bpc": f"{result.bits_per_char:.3f}",
         "curves": f'<p><a href="{html.escape(curves)}">training curves</a></p>' if curves else "",
-        "options": "".join(f'<option value="{l}:{u}">layer {l} unit {u} — {html.escape(label)}</option>'
-                           for l, u, label in choices),
+        "options": "".join(f'<option value="{lay}:{u}">layer {lay} unit {u} — {html.escape(label)}</option>'
+                           for lay, u, label in choices),
         "first_layer": str(first_layer),
         "first_unit": str(first_unit),
         "columns": _columns(result, result.activations[first_layer][:, first_unit]),

@@ -2,7 +2,7 @@
 
 ::
 
-    RUN_DIR/config.json   the TrainConfig, the corpus it trained on (files, hash), the vocabulary size
+    RUN_DIR/config.json   the TrainConfig, the corpus it trained on (files, hash), the vocabulary size, the backend
     RUN_DIR/vocab.json    the vocabulary
     RUN_DIR/state.npz     latest full training state (resume from here; see checkpoint.py)
     RUN_DIR/best.keras    best model by validation loss
@@ -23,8 +23,9 @@ import dataclasses
 import errno
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 from keras_charrnn.config import TrainConfig, resume_changes
 from keras_charrnn.corpus import find_files
@@ -181,8 +182,21 @@ class RunFolder:
         """The path of the corpus the run trained on, as recorded in ``config.json``."""
         return self._read_config_file().get("corpus", {}).get("path")
 
+    def backend(self) -> str | None:
+        """The Keras backend the run trains on, as recorded in ``config.json``.
+
+        Returns:
+            ``"tensorflow"``, ``"jax"``, ...; None for a run from before 0.2.0, which recorded none.
+
+        Raises:
+            InputError: not a run folder, or ``config.json`` is unreadable.
+        """
+        backend = self._read_config_file().get("backend")
+        return backend if isinstance(backend, str) else None
+
     def corpus_record(self) -> dict:
-        """The corpus record of ``config.json``: ``path``, ``files``, ``skipped``, ``separator``, ``chars``, ``sha256``."""
+        """The corpus record of ``config.json``: ``path``, ``files``, ``skipped``, ``separator``, ``chars``,
+        ``sha256``."""
         return dict(self._read_config_file().get("corpus", {}))
 
     def update_config(self, config: TrainConfig) -> None:
@@ -201,7 +215,7 @@ class RunFolder:
         except OSError as exc:
             raise InputError(f"{self.config_path}: cannot write ({exc.strerror or exc})") from None
 
-    def update_record(self, **sections) -> None:
+    def update_record(self, **sections: Any) -> None:
         """Adds or replaces top-level sections of ``config.json`` (e.g. ``budget=...``, what a time budget chose),
         keeping the rest.
 
@@ -222,13 +236,14 @@ class RunFolder:
         """The run's vocabulary (raises InputError if missing or malformed)."""
         return Vocabulary.load(self.vocab_path)
 
-    def start(self, config: TrainConfig, corpus: dict, vocab: Vocabulary) -> None:
+    def start(self, config: TrainConfig, corpus: dict, vocab: Vocabulary, backend: str | None = None) -> None:
         """Begins a new run here: writes the vocabulary and the config, removes a previous run's outputs.
 
         Args:
             config: the run's hyper-parameters.
             corpus: what was trained on (``corpus.CorpusScan.record``: ``path``, ``files``, ``chars``, ``sha256``...).
             vocab: the run's vocabulary.
+            backend: the Keras backend it trains on (recorded, so that a resume keeps it).
 
         Raises:
             InputError: the folder cannot be written (a file stands there, no permission).
@@ -237,7 +252,8 @@ class RunFolder:
             self.path.mkdir(parents=True, exist_ok=True)
             vocab.save(self.vocab_path)
             atomic_write_text(self.config_path, json.dumps(
-                {"config": dataclasses.asdict(config), "corpus": corpus, "vocab_size": vocab.size}, indent=2))
+                {"config": dataclasses.asdict(config), "corpus": corpus, "vocab_size": vocab.size, "backend": backend},
+                indent=2))
             for name in _STALE_ON_NEW_RUN:
                 getattr(self, name).unlink(missing_ok=True)
         except OSError as exc:

@@ -101,7 +101,7 @@ class TBPTTBatches(keras.utils.PyDataset):
         return (np.ascontiguousarray(self.x_streams[:, window], dtype=np.int32),
                 np.ascontiguousarray(self.y_streams[:, window], dtype=np.int32))
 
-    def from_batch(self, start: int) -> "TBPTTBatches":
+    def from_batch(self, start: int) -> TBPTTBatches:
         """The same batches, starting at batch ``start`` (for resuming mid-epoch)."""
         clone = object.__new__(TBPTTBatches)
         clone.__dict__.update(self.__dict__)

@@ -7,7 +7,9 @@ What the run folder holds is described in ``run_folder.py``; the defaults are
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+import sys
+from collections.abc import Mapping
+from typing import Any
 
 import keras
 import numpy as np
@@ -83,7 +85,8 @@ def load_data(corpus: str | os.PathLike, config: TrainConfig, vocab: Vocabulary 
     return _encoded(found, vocab or Vocabulary(found.chars_seen), config)
 
 
-def _encoded(found: CorpusScan, vocab: Vocabulary, config: TrainConfig):
+def _encoded(found: CorpusScan, vocab: Vocabulary,
+             config: TrainConfig) -> tuple[Corpus, TBPTTBatches, TBPTTBatches | None]:
     data = Corpus(encode(found, vocab), vocab, found.record())
     return (data, *_layout(data.ids, config, found.spec))
 
@@ -104,7 +107,7 @@ def _check_same_corpus(run: RunFolder, found: CorpusScan) -> None:
     raise InputError(f"{found.spec}: not the corpus this run was trained on ({saved.get('path')}){why}")
 
 
-def _build(config: TrainConfig, vocab: Vocabulary, steps_per_epoch: int, dist=None) -> keras.Model:
+def _build(config: TrainConfig, vocab: Vocabulary, steps_per_epoch: int, dist: Any = None) -> keras.Model:
     """The compiled training model, seeded by ``config.seed``; under ``dist`` (a ``distribute.Distribution``)
     built in its strategy's scope with the per-replica batch."""
     keras.utils.set_random_seed(config.seed)
@@ -118,7 +121,7 @@ def _build(config: TrainConfig, vocab: Vocabulary, steps_per_epoch: int, dist=No
     return dist.prepare(model)
 
 
-def _distribution(strategy):
+def _distribution(strategy: Any) -> Any:
     """A ``distribute.Distribution`` for a strategy (or its name, or an open strategy scope); None without one."""
     if strategy is None and keras.backend.backend() != "tensorflow":
         return None
@@ -164,7 +167,7 @@ def _fit(model: keras.Model, train_batches: TBPTTBatches, val_batches: TBPTTBatc
                   callbacks=[ResetStates()] + callbacks, **common)
 
 
-def _resume(run: RunFolder, model: keras.Model, config: TrainConfig, dist, changed: dict[str, tuple],
+def _resume(run: RunFolder, model: keras.Model, config: TrainConfig, dist: Any, changed: dict[str, tuple],
             write_config: bool) -> Progress:
     """Restores a run's last checkpoint into ``model``, records the config changes and says where it resumes.
 
@@ -186,6 +189,8 @@ def _resume(run: RunFolder, model: keras.Model, config: TrainConfig, dist, chang
             progress = load_checkpoint(run.state_path, model)
     if changed and write_config:
         run.update_config(config)
+    if write_config and run.backend() != keras.backend.backend():  # resumed on another backend: recorded
+        run.update_record(backend=keras.backend.backend())
     what = "; ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
     where = f", {progress.step} batches into epoch {progress.epoch + 1}" if progress.step else ""
     print(f"resuming {run.path}: {progress.epoch} of {config.epochs} epochs done{where}"
@@ -196,7 +201,7 @@ def _resume(run: RunFolder, model: keras.Model, config: TrainConfig, dist, chang
 def train(corpus: str | os.PathLike, run_dir: str | os.PathLike, config: TrainConfig | None = None,
           resume: bool = False, callbacks: list[keras.callbacks.Callback] | None = None,
           verbose: int | str = "auto", strict: bool = False,
-          changes: Mapping[str, Any] | None = None, strategy=None) -> keras.Model:
+          changes: Mapping[str, Any] | None = None, strategy: Any = None) -> keras.Model:
     """Trains a character model on a corpus, writing the run folder.
 
     Args:
@@ -210,7 +215,8 @@ def train(corpus: str | os.PathLike, run_dir: str | os.PathLike, config: TrainCo
         resume: continue the run in ``run_dir`` from its last checkpoint.
         callbacks: extra Keras callbacks, run after the package's own.
         verbose: Keras' progress display (1 bar, 2 one line per epoch, 0 silent: the
-            package then prints one line per epoch).
+            package then prints one line per epoch). ``"auto"``: the bar when standard output is a
+            terminal, else 0 (Keras draws its bar with terminal escape codes even into a log file).
         strict: refuse a corpus file that is not UTF-8 (default: skip it with a warning).
         changes: with ``resume``, config fields to change (``{"epochs": 20}``); only
             ``config.RESUMABLE`` fields may change, the change is printed and saved.
@@ -260,12 +266,14 @@ def train(corpus: str | os.PathLike, run_dir: str | os.PathLike, config: TrainCo
     if resume:
         progress = _resume(run, model, config, dist, changed, write_config=writes is run)
     else:
-        writes.start(config, data.record, vocab)
+        writes.start(config, data.record, vocab, backend=keras.backend.backend())
         progress = Progress()
     if progress.epoch >= config.epochs:
         print(f"{run.path}: all {config.epochs} epochs already done")
         return model
 
+    if verbose == "auto" and not sys.stdout.isatty():
+        verbose = 0
     checkpoint, ours = _callbacks(writes, config, progress, train_batches.chars_per_batch, vocab)
     _fit(model, train_batches, val_batches, progress, config.epochs, checkpoint, ours + list(callbacks or []), verbose)
     if checkpoint.diverged:

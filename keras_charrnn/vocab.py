@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
@@ -54,7 +54,7 @@ class Vocabulary:
         self._sorted = points[self._order]
 
     @classmethod
-    def from_text(cls, text: str) -> "Vocabulary":
+    def from_text(cls, text: str) -> Vocabulary:
         """Builds the vocabulary of ``text``: its distinct characters by code point."""
         return cls(chr(int(p)) for p in np.unique(_code_points(text)))
 
@@ -116,7 +116,7 @@ class Vocabulary:
         return json.dumps({"unknown_id": UNKNOWN_ID, "chars": self.chars}, ensure_ascii=False)
 
     @classmethod
-    def from_json(cls, data: str) -> "Vocabulary":
+    def from_json(cls, data: str) -> Vocabulary:
         """Reads what ``to_json`` wrote.
 
         Args:
@@ -139,7 +139,7 @@ class Vocabulary:
         atomic_write_text(path, self.to_json())
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Vocabulary":
+    def load(cls, path: str | os.PathLike) -> Vocabulary:
         """Reads a vocabulary file written by ``save``.
 
         Args:

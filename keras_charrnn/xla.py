@@ -14,7 +14,7 @@ This module needs no TensorFlow (the gRPC client imports it).
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 XLA_SUFFIX = "_xla"
 TWINNED = ("generate", "generate_text")  # the signatures that get an XLA twin

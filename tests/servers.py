@@ -136,7 +136,7 @@ class ServerProcess:
         self.proc.kill()
         self.proc.wait()
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self) -> ServerProcess:
         return self
 
     def __exit__(self, *exc) -> None:

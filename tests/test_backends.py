@@ -80,6 +80,7 @@ def test_fit_trains_and_carries_the_hidden_state_on_each_backend(full_runs, back
     run = full_runs(backend)
     history = _progress(run / "state.npz")["history"]
     assert len(history) == 3 and history[-1]["loss"] < history[0]["loss"]
+    assert json.loads((run / "config.json").read_text())["backend"] == backend  # what --resume keeps
     with np.load(run / "state.npz") as data:
         # The epoch-end checkpoint holds the training streams' state; a backend whose stateful layer
         # dropped its state updates (Keras' own layers on JAX) would leave zeros here.
@@ -110,8 +111,9 @@ def test_resume_after_sigkill_ends_with_the_same_weights_on_each_backend(full_ru
     killed_at = _progress(state)
     assert killed_at["epoch"] < 3 and (killed_at["epoch"], killed_at["step"]) > (0, 0), killed_at
 
-    resumed = run_cli("train", corpus, "--out", out, "--resume", "--backend", backend, "--quiet")
+    resumed = run_cli("train", corpus, "--out", out, "--resume", "--quiet")  # --backend auto: the recorded one
     assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout.startswith(f"charrnn train: {out}, backend {backend} (the backend this run trains on)")
     with np.load(full / "state.npz") as a, np.load(state) as b:
         assert a.files == b.files
         for key in a.files:

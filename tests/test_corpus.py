@@ -64,7 +64,7 @@ def test_encoding_in_blocks_gives_the_ids_of_the_whole_text(tree):
 
 def test_bad_byte_offset_is_counted_from_the_file_start_across_blocks(tmp_path):
     path = tmp_path / "late.txt"
-    path.write_bytes("é".encode("utf-8") * 10 + b"\xc3(")
+    path.write_bytes("é".encode() * 10 + b"\xc3(")
     with pytest.raises(InputError, match="byte offset 20"):
         scan(path, block_bytes=3)
 

@@ -88,7 +88,8 @@ def test_distributed_training_errors_name_the_parameter(corpus, tmp_path):
     assert odd.returncode == 2 and "batch_size 7 must be a multiple of the 2 replicas" in odd.stderr, odd.stderr
     assert no_config.returncode == 2 and "needs TF_CONFIG" in no_config.stderr, no_config.stderr
     for result in jax:
-        assert result.returncode == 2 and "distributed training needs the TensorFlow backend" in result.stderr, result.stderr
+        assert result.returncode == 2, result.stderr
+        assert "distributed training needs the TensorFlow backend" in result.stderr, result.stderr
 
 
 def _start_workers(corpus, out, logs, *extra):

@@ -115,7 +115,7 @@ def test_predict_row_and_columnar_formats_equal_the_in_process_model(rest, lstm)
 def test_binary_strings_travel_as_b64_objects(rest, lstm):
     url, _ = rest
     arrays = generate_inputs(lstm, "a lazy ", 20, seed=4)
-    inputs = {**as_json(arrays), "prime": [{"b64": base64.b64encode("a lazy ".encode()).decode()}]}
+    inputs = {**as_json(arrays), "prime": [{"b64": base64.b64encode(b"a lazy ").decode()}]}
     status, answer = http_call(f"{url}/v1/models/lstm:predict", {"signature_name": "generate_text", "inputs": inputs})
     assert status == 200, answer
     assert answer["outputs"]["text"] == [in_process(lstm, arrays)["text"][0].decode()]

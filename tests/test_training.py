@@ -74,7 +74,8 @@ def test_clip_norm_limits_the_global_gradient_norm():
     var, opt = _grads_and_opt(TrainConfig(clip_norm=5.0, lr_schedule="constant"))
     grad = np.array([300.0, 400.0, 0.0, 0.0], np.float32)  # norm 500
     opt.apply_gradients([(tf.constant(grad), var)])
-    momentum = opt.variables[[v.path for v in opt.variables].index(next(v.path for v in opt.variables if "momentum" in v.path))]
+    paths = [v.path for v in opt.variables]
+    momentum = opt.variables[paths.index(next(path for path in paths if "momentum" in path))]
     # Adam's first moment after one step is (1 - beta_1) * the gradient it saw: the clipped one.
     np.testing.assert_allclose(momentum.numpy(), 0.1 * grad * (5.0 / 500.0), rtol=1e-5)
 
@@ -221,7 +222,9 @@ def test_run_folder_reports_its_config_vocab_and_progress(trained_runs, tmp_path
     run = RunFolder(trained_runs["gru"])
     record = run.record()
     assert record["config"]["cell"] == "gru" and record["epochs_done"] == 2
-    assert record["best_val_loss"] == pytest.approx(min(float(r["val_loss"]) for r in csv.DictReader(open(run.log_path))))
+    with open(run.log_path) as log:
+        best = min(float(r["val_loss"]) for r in csv.DictReader(log))
+    assert record["best_val_loss"] == pytest.approx(best)
     assert run.config() == tiny_config("gru")
     assert run.vocab().size == record["vocab_size"] == run.load_model().get_layer("logits").units
     assert RunFolder.is_run(run.path)
@@ -287,7 +290,8 @@ def test_atomic_writes_fsync_the_data_and_then_the_folder(tmp_path, monkeypatch)
     atomic_write_dir(tmp_path / "1", fill)
     names = [os.path.basename(p) for p in synced]
     assert {"saved_model.pb", "v.index", "variables"} <= set(names)
-    assert names[-2].startswith(".1.") and synced[-1] == str(tmp_path)  # the temp folder, then after the rename its parent
+    # the temp folder, then after the rename its parent
+    assert names[-2].startswith(".1.") and synced[-1] == str(tmp_path)
     assert (tmp_path / "1" / "variables" / "v.index").read_text() == "x"
 
 
@@ -304,7 +308,8 @@ def test_train_help_shows_every_default():
 def test_samples_txt_grows_each_epoch_with_the_exported_models_text(tmp_path, corpus_file):
     run = RunFolder(tmp_path / "run")
     sizes = []
-    watch = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: sizes.append(run.samples_path.stat().st_size))
+    watch = keras.callbacks.LambdaCallback(
+        on_epoch_end=lambda epoch, logs: sizes.append(run.samples_path.stat().st_size))
     train(corpus_file, run.path, tiny_config("gru", sample_chars=40, sample_every=100), callbacks=[watch], verbose=0)
     assert len(sizes) == 2 and 0 < sizes[0] < sizes[1]
     text = run.samples_path.read_text(encoding="utf-8")

@@ -46,7 +46,8 @@ def expected_unit0(text):
 def test_inspect_returns_known_activations_of_a_handmade_model(tmp_path):
     result = inspect(handmade_model(tmp_path), TEXT, top=3)
     np.testing.assert_allclose(result.activations[0][:, 0], expected_unit0(TEXT), atol=1e-5)
-    np.testing.assert_allclose(result.activations[0][:, 1], np.tanh(3.0 * np.array([c == "a" for c in TEXT])), atol=1e-5)
+    expected = np.tanh(3.0 * np.array([c == "a" for c in TEXT]))
+    np.testing.assert_allclose(result.activations[0][:, 1], expected, atol=1e-5)
     assert result.top_ids.shape == (len(TEXT), 3) and result.losses.shape == (len(TEXT) - 1,)
     assert result.bits_per_char == pytest.approx(np.log2(len(result.chars)), rel=1e-4)  # uniform guesses
 
@@ -85,7 +86,8 @@ def _dump_dom(page, tmp_path, fragment="", profile="chrome"):
 
 
 def _span_colors(dom):
-    return re.findall(r'<span class="ch" data-i="(\d+)" data-value="([-\d.]+)" style="background-color: ([^;"]+);?"', dom)
+    return re.findall(r'<span class="ch" data-i="(\d+)" data-value="([-\d.]+)" '
+                      r'style="background-color: ([^;"]+);?"', dom)
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium package")
@@ -115,7 +117,7 @@ def test_page_in_chromium_colors_each_character_and_switches_units(tmp_path):
         assert color == activation_color(unit0[int(i)]), (i, value, color)
 
     assert "layer 0, unit 1" in dom_unit1
-    for i, value, color in _span_colors(dom_unit1):
+    for i, _value, color in _span_colors(dom_unit1):
         expected = np.tanh(3.0) if TEXT[int(i)] == "a" else 0.0
         assert color == activation_color(expected), (i, color)
 
@@ -131,7 +133,8 @@ def test_visualize_bad_inputs_get_one_line_errors(tmp_path, model_base):
     good.write_text("the lazy dog")
     cases = [((empty,), "empty"), ((bad,), "byte offset 2"), ((good, "--layer", "5"), "layer 5 does not exist"),
              ((good, "--units", "0,999"), "999"), ((good, "--units", "x"), "--units"),
-             ((good, "--out", good / "r.html"), "cannot write the page"), ((good, "--model", tmp_path), "no SavedModel")]
+             ((good, "--out", good / "r.html"), "cannot write the page"),
+             ((good, "--model", tmp_path), "no SavedModel")]
     results = side_by_side(*(lambda extra=extra: run_cli("visualize", "--model", model_base / "lstm", "--out",
                                                          tmp_path / "r.html", *extra) for extra, _ in cases))
     for result, (_, fragment) in zip(results, cases):
