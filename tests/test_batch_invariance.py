@@ -12,15 +12,19 @@ steps.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import side_by_side
 
-from keras_charrnn.export import CharRNNModule
-from keras_charrnn.model import build_model, recurrent_layers
+from keras_charrnn.export import CharRNNModule, module_from_savedmodel
+from keras_charrnn.model import build_model
 from keras_charrnn.vocab import Vocabulary
 
 BUNDLED = Path(__file__).resolve().parent.parent / "saved_models" / "shakespeare" / "1"
@@ -28,29 +32,8 @@ FLAVOURS = {"plain": ("generate_text", "generate"), "xla": ("generate_text_xla",
 
 
 def bundled_module() -> CharRNNModule:
-    """The bundled 2x512 LSTM's weights in a module built from this checkout's code.
-
-    The SavedModel's own graph may predate the code under test, so only its
-    variables and vocabulary are taken.
-
-    Returns:
-        A ``CharRNNModule`` with the XLA twins.
-    """
-    checkpoint = tf.train.load_checkpoint(str(BUNDLED / "variables" / "variables"))
-
-    def weight(name):
-        return checkpoint.get_tensor(f"{name}/.ATTRIBUTES/VARIABLE_VALUE")
-
-    metadata = tf.saved_model.load(str(BUNDLED)).signatures["metadata"]()
-    chars = [c.decode("utf-8") for c in metadata["vocabulary"].numpy()[1:]]
-    config = json.loads(metadata["config"].numpy())
-    model = build_model(len(chars) + 1, config["cell"], units=config["units"], layers=config["layers"],
-                        embedding_dim=config["embedding_dim"], batch_size=None, seq_len=None, stateful=False)
-    model.get_layer("embedding").set_weights([weight("embedding")])
-    for i, layer in enumerate(recurrent_layers(model)):
-        layer.set_weights([weight(f"rnn/{i}/{j}") for j in range(3)])
-    model.get_layer("logits").set_weights([weight("logits_kernel"), weight("logits_bias")])
-    return CharRNNModule(model, Vocabulary(chars))
+    """The bundled 2x512 LSTM's weights in a module built from this checkout's code (with the XLA twins)."""
+    return module_from_savedmodel(BUNDLED)
 
 
 def random_module(cell: str, units: int = 48, seed: int = 0) -> CharRNNModule:
@@ -224,3 +207,53 @@ def test_a_matmul_row_has_the_same_bits_whatever_the_row_count(xla):
         for count in counts:
             rows = rng.integers(0, 64, count)
             assert np.array_equal(product(pool[rows]).numpy(), alone[rows]), (k, n, count)
+
+
+class LoadedSavedModel:
+    """A SavedModel loaded with TensorFlow alone, run by the same checks as a module built from this code."""
+
+    def __init__(self, path: Path):
+        self.loaded = tf.saved_model.load(str(path))
+        config = json.loads(self.loaded.signatures["metadata"]()["config"].numpy())
+        self.state_names, self.units = config["state_names"], config["state_size"]
+
+    def named_signatures(self) -> dict:
+        return {name: (lambda function: lambda **inputs: function(**inputs))(function)
+                for name, function in self.loaded.signatures.items()}
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_the_shipped_savedmodels_own_graph_is_bitwise_batch_invariant(flavour):
+    """What ships holds it: the bundled SavedModel's own graph (not this checkout's code), TensorFlow alone."""
+    sizes = range(1, 65) if flavour == "plain" else XLA_SIZES
+    assert invariance_failures(LoadedSavedModel(BUNDLED), flavour, sizes, chars=12) == []
+
+
+# Other machines, emulated: oneDNN off (TensorFlow's Eigen kernels), the instruction set capped to AVX2 (oneDNN
+# and XLA pick their kernels by it at run time), one and two intra-op threads (how kernels split the work).
+MACHINES = {
+    "oneDNN off": {"TF_ENABLE_ONEDNN_OPTS": "0"},
+    "AVX2 only": {"ONEDNN_MAX_CPU_ISA": "AVX2", "XLA_FLAGS": "--xla_cpu_max_isa=AVX2"},
+    "1 thread": {"TF_NUM_INTRAOP_THREADS": "1", "OMP_NUM_THREADS": "1"},
+    "2 threads, oneDNN off, AVX2": {"TF_NUM_INTRAOP_THREADS": "2", "TF_ENABLE_ONEDNN_OPTS": "0",
+                                    "XLA_FLAGS": "--xla_cpu_max_isa=AVX2"},
+}
+MACHINE_SIZES = [1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 24, 25, 31, 32, 33, 48, 49, 63, 64]
+MACHINE_CHECK = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from test_batch_invariance import FLAVOURS, MACHINE_SIZES, bundled_module, invariance_failures
+module = bundled_module()
+print(json.dumps({f: invariance_failures(module, f, MACHINE_SIZES, chars=10, pool=64) for f in FLAVOURS}))
+"""
+
+
+def test_the_bundled_model_is_bitwise_batch_invariant_with_other_kernels_isas_and_thread_counts():
+    def check(env):
+        done = subprocess.run([sys.executable, "-c", MACHINE_CHECK, str(Path(__file__).parent)], capture_output=True,
+                              text=True, timeout=900, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **env})
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    results = side_by_side(*[(lambda env: lambda: check(env))(env) for env in MACHINES.values()])
+    assert dict(zip(MACHINES, results)) == {machine: {"plain": [], "xla": []} for machine in MACHINES}
