@@ -25,10 +25,13 @@ from tensorflow_serving.config import model_server_config_pb2
 from conftest import CELLS, run_cli, write_models_config
 from keras_charrnn.errors import ConfigError, ServingError, graph_error_message
 from keras_charrnn.inprocess import load
-from keras_charrnn.serving.manager import LoadedVersion, ModelManager, single_model_config, wanted_versions
+from keras_charrnn.serving.manager import ModelManager, single_model_config, wanted_versions
+from keras_charrnn.serving.options import ServerOptions
 from keras_charrnn.serving.protos import BatchingParameters, SSLConfig
 from keras_charrnn.serving.request_batcher import Batcher, BatchingOptions, _Call, padded_sizes
-from keras_charrnn.serving.server import ModelServer, ServerOptions, batching_options
+from keras_charrnn.serving.server import ModelServer
+from keras_charrnn.serving.settings import batching_options
+from keras_charrnn.serving.version_loader import LoadedVersion
 from servers import ServerProcess, poll
 
 
@@ -524,9 +527,11 @@ def test_the_serve_process_imports_tensorflow_without_the_modules_it_never_uses(
     code = textwrap.dedent("""
         import linecache, sys
         from keras_charrnn import cli
+        from keras_charrnn.serving import memory
         update = linecache.updatecache
-        cli._lean_server_process()
-        cli._import_tensorflow_without_source_lines()
+        memory.lean_server_process()
+        with memory.source_lines_unread():
+            cli.import_tensorflow_quietly()
         import keras_charrnn.serving.server
         assert linecache.updatecache is update
         read = [f for f, entry in linecache.cache.items() if len(entry) == 4 and entry[2] and "tensorflow" in f]
@@ -537,12 +542,12 @@ def test_the_serve_process_imports_tensorflow_without_the_modules_it_never_uses(
         assert "_pywrap_profiler_plugin" not in maps, "the profiler client's library was loaded"
         assert "urllib3" not in sys.modules and "charset_normalizer" not in sys.modules
         for module in (requests, _pywrap_profiler_plugin):
-            assert isinstance(module, cli._NotLoaded) and not hasattr(module, "get")
+            assert isinstance(module, memory.NotLoaded) and not hasattr(module, "get")
             try:
                 module.get
             except AttributeError as exc:
                 assert "not loaded in `charrnn serve`" in str(exc)
-        assert all(sys.modules.get(name) is None for name in cli.SERVE_UNUSED_MODULES)
+        assert all(sys.modules.get(name) is None for name in memory.SERVE_UNUSED_MODULES)
     """)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
