@@ -31,12 +31,23 @@ from keras_charrnn.xla import xla_twin
 
 
 class _InProcessRunner:
-    """Runs signatures in this process; errors of the model's input checks become ``InputError``."""
+    """A session's ``Runner`` in this process; errors of the model's input checks become ``InputError``.
 
-    def __init__(self, signatures: Mapping, version: int | None):
-        self._signatures, self._version = signatures, version
+    Args:
+        signatures: the model's signatures by name.
+        info: the model's facts (its ``version``: the version folder's, None for a run folder).
+    """
 
-    def run(self, signature, inputs, version):
+    def __init__(self, signatures: Mapping, info: ModelInfo):
+        self._signatures, self._info = signatures, info
+
+    def model_info(self, version: int | None) -> ModelInfo:
+        """The model's facts: this process holds one version."""
+        return self._info
+
+    def run(self, signature: str, inputs: dict[str, np.ndarray],
+            version: int | None) -> tuple[dict[str, np.ndarray], int | None]:
+        """Runs ``signature`` on ``inputs``; ``version`` is this process's one version."""
         # The XLA twin when the model has one: the same text, faster (this process has XLA JIT).
         fn = self._signatures.get(xla_twin(signature)) or self._signatures[signature]
         try:
@@ -44,7 +55,7 @@ class _InProcessRunner:
                         for k, v in inputs.items()})
         except tf.errors.InvalidArgumentError as exc:
             raise InputError(graph_error_message(exc.message)) from None
-        return {k: v.numpy() for k, v in out.items()}, self._version
+        return {k: v.numpy() for k, v in out.items()}, self._info.version
 
 
 class CharRNN:
@@ -84,8 +95,8 @@ class CharRNN:
         meta = self._signatures["metadata"]()
         self.config: dict = json.loads(meta["config"].numpy().decode("utf-8"))
         self.vocab = Vocabulary([c.decode("utf-8") for c in meta["vocabulary"].numpy()[1:]])
-        self.info = ModelInfo.from_config(name, self.config)
-        self._runner = _InProcessRunner(self._signatures, version)
+        self.info = ModelInfo.from_config(name, self.config, version)
+        self._runner = _InProcessRunner(self._signatures, self.info)
 
     @property
     def signatures(self) -> Mapping:
