@@ -158,5 +158,24 @@ class CharRNN:
 
 
 def load(path: str | os.PathLike, which: str = "best") -> CharRNN:
-    """Loads a SavedModel or a training run for in-process sampling and scoring (see ``CharRNN``)."""
+    """Loads a SavedModel or a training run for in-process sampling and scoring.
+
+    Args:
+        path: a SavedModel base path (``saved_models/NAME``: its highest version is loaded),
+            one version folder (``saved_models/NAME/3``), or a training run folder.
+        which: for a run folder, its ``"best"`` model (lowest validation loss) or its
+            ``"latest"`` weights; ignored for a SavedModel.
+
+    Returns:
+        The model, with ``generate``, ``stream``, ``session``, ``restore`` and ``score``
+        (see ``CharRNN``); its ``info.version`` is the version folder's (None for a run folder).
+
+    Raises:
+        InputError: nothing loadable at ``path`` (no run, no version folder, a damaged SavedModel).
+
+    Example:
+
+    >>> model = keras_charrnn.load("saved_models/shakespeare")      # doctest: +SKIP
+    >>> model.generate("ROMEO:", 100, temperature=0.8, seed=1)      # doctest: +SKIP
+    """
     return CharRNN(path, which)
