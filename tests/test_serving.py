@@ -27,7 +27,7 @@ from keras_charrnn.errors import ConfigError, ServingError, graph_error_message
 from keras_charrnn.inprocess import load
 from keras_charrnn.serving.manager import ModelManager, single_model_config, wanted_versions
 from keras_charrnn.serving.options import ServerOptions
-from keras_charrnn.serving.protos import BatchingParameters, SSLConfig
+from keras_charrnn.serving.config_files import BatchingParameters, SSLConfig
 from keras_charrnn.serving.request_batcher import Batcher, BatchingOptions, _Call, padded_sizes
 from keras_charrnn.serving.server import ModelServer
 from keras_charrnn.serving.settings import batching_options

@@ -32,7 +32,7 @@ from tensorflow_serving.config import model_server_config_pb2
 
 from keras_charrnn.errors import ConfigError, ServingError
 from keras_charrnn.serving import monitoring
-from keras_charrnn.serving.protos import parse_text_proto
+from keras_charrnn.serving.config_files import parse_text_proto
 from keras_charrnn.serving.version_loader import LoadedVersion, load_error_message, load_version
 from keras_charrnn.versions import list_versions
 

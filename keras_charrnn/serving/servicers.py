@@ -79,6 +79,17 @@ def _guarded(method):
     return wrapper
 
 
+def _grpc_method(answer):
+    """The gRPC method that answers with ``answer(self, request)``, its transport-neutral twin (see ``_guarded``)."""
+
+    @_guarded
+    def method(self, request, context):
+        return answer(self, request)
+
+    method.__name__ = answer.__name__
+    return method
+
+
 def _version_of(spec) -> int | None:
     return spec.version.value if spec.HasField("version") else None
 
@@ -292,10 +303,6 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             result["ids"] = np.stack([np.pad(np.concatenate(p), (0, width - sum(map(len, p)))) for p in pieces])
         return result
 
-    @_guarded
-    def GetModelMetadata(self, request, context):
-        return self.metadata(request)
-
     def metadata(self, request) -> get_model_metadata_pb2.GetModelMetadataResponse:
         """GetModelMetadata, transport aside (gRPC and REST).
 
@@ -335,6 +342,8 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
                        "max_concurrent_requests": self.max_concurrent_requests, "segment_chars": SEGMENT_CHARS})
         return limits
 
+    GetModelMetadata = _grpc_method(metadata)
+
     def _unimplemented(self, request, context):
         context.abort(grpc.StatusCode.UNIMPLEMENTED, "only Predict and GetModelMetadata are served for these models")
 
@@ -352,10 +361,6 @@ class ModelStatusServicer(model_service_pb2_grpc.ModelServiceServicer):
     def __init__(self, manager: ModelManager, name_setting: SettingNamer | None = None):
         self.manager = manager
         self.name_setting = name_setting
-
-    @_guarded
-    def GetModelStatus(self, request, context):
-        return self.status(request)
 
     def status(self, request) -> get_model_status_pb2.GetModelStatusResponse:
         """GetModelStatus, transport aside (gRPC and REST).
@@ -381,10 +386,6 @@ class ModelStatusServicer(model_service_pb2_grpc.ModelServiceServicer):
                 entry.status.error_message = status.error
         return response
 
-    @_guarded
-    def HandleReloadConfigRequest(self, request, context):
-        return self.reload_config(request)
-
     def reload_config(self, request) -> model_management_pb2.ReloadConfigResponse:
         """HandleReloadConfigRequest, transport aside: applies ``request.config`` (see ``ModelManager.reload_config``).
 
@@ -405,3 +406,6 @@ class ModelStatusServicer(model_service_pb2_grpc.ModelServiceServicer):
         response = model_management_pb2.ReloadConfigResponse()
         response.status.error_code = error_codes_pb2.OK
         return response
+
+    GetModelStatus = _grpc_method(status)
+    HandleReloadConfigRequest = _grpc_method(reload_config)

@@ -19,7 +19,7 @@ from keras_charrnn.errors import ConfigError
 from keras_charrnn.serving.limits import ServingLimits
 from keras_charrnn.serving.manager import single_model_config
 from keras_charrnn.serving.options import ServerOptions
-from keras_charrnn.serving.protos import BatchingParameters, SSLConfig, read_text_proto
+from keras_charrnn.serving.config_files import BatchingParameters, SSLConfig, read_text_proto
 from keras_charrnn.serving.request_batcher import BatchingOptions
 
 __all__ = ["HEALTH_THREADS", "ServerSettings", "batch_sizes_from_batching_parameters", "batching_options",
