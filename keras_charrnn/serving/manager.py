@@ -263,10 +263,6 @@ class ModelManager:
             model.status[version] = VersionStatus(State.AVAILABLE)
         log.info("model %s: loaded version %d from %s", name, version, path)
 
-    def ready(self) -> bool:
-        """True when every model has a version that serves."""
-        return all(m.loaded for m in self.models.values())
-
     def serving(self) -> dict[str, bool]:
         """Each model's readiness: True while at least one of its versions is AVAILABLE."""
         with self._lock:
