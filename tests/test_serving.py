@@ -495,6 +495,30 @@ def test_graph_error_message_keeps_the_models_own_sentence():
     assert graph_error_message("") == "model error"
 
 
+def test_serving_limits_are_the_options_of_their_names():
+    import dataclasses
+
+    from keras_charrnn.serving.limits import ServingLimits
+
+    for f in dataclasses.fields(ServingLimits):  # one default each: the option's is the limit's
+        assert getattr(ServerOptions(), f.name) == f.default, f.name
+    options = ServerOptions(max_prime_chars=7, max_rows_per_call=3, max_chars_per_call=9)
+    assert ServingLimits.from_options(options) == ServingLimits(max_prime_chars=7, max_rows_per_call=3,
+                                                                max_chars_per_call=9)
+    with pytest.raises(ConfigError, match="^max_ids_length must be a positive integer, got 0"):
+        ServingLimits.from_options(ServerOptions(max_ids_length=0))
+
+
+def test_the_server_hands_its_settings_to_the_manager_when_it_builds_it(tmp_path):
+    server = ModelServer(ServerOptions(model_name="m", model_base_path=str(tmp_path),
+                                       xla_cpu_compilation_enabled=False,
+                                       allow_version_labels_for_unavailable_models=True, max_prime_chars=11))
+    manager = server.manager
+    assert (manager.xla, manager.allow_version_labels_for_unavailable_models) == (False, True)
+    assert manager.on_change == server._after_poll and manager.on_remove == server._models_removed
+    assert server.settings.limits.max_prime_chars == 11 and server.settings.batching is None
+
+
 def test_serve_flags_come_from_server_options_with_their_defaults_and_help():
     import dataclasses
     import inspect

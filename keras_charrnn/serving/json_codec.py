@@ -237,6 +237,12 @@ def response_json(outputs: dict[str, np.ndarray], form: str) -> dict:
 def parse_json(body: bytes) -> dict:
     """The request body as a JSON object (NaN and Infinity allowed, as TF Serving does).
 
+    Args:
+        body: the HTTP request body (UTF-8 JSON).
+
+    Returns:
+        The parsed object.
+
     Raises:
         ServingError: INVALID_ARGUMENT for an empty, malformed, too deeply nested or non-object body.
     """
