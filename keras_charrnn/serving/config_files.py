@@ -1,4 +1,4 @@
-"""TF Serving's text config files for the server: the config messages the tensorflow-serving-api wheel lacks, and reading any of them.
+"""TF Serving's text config files: the config messages the tensorflow-serving-api wheel lacks, and their reading.
 
 ``BatchingParameters`` (tensorflow_serving/servables/tensorflow/session_bundle_config.proto),
 ``SSLConfig`` (tensorflow_serving/config/ssl_config.proto) and ``MonitoringConfig``

@@ -1,12 +1,12 @@
 """The model manager: which versions of which models are loaded, by TF Serving's policies, labels and live config.
 
-Loading one version is ``version_loader``'s job; this module decides which to load and when. Each model has a base path whose numeric sub-folders are versions, and a
-version policy (``latest { num_versions: N }`` by default with N=1, ``all``,
-or ``specific { versions: ... }``). A poller rescans the base paths: versions
-the policy wants are loaded (and warmed up: a version is AVAILABLE only once
-its warm-up records have run, see ``keras_charrnn.warmup``) before the
-versions they replace are unloaded; a version that fails to load never
-replaces one that serves, and its error is kept for GetModelStatus. Requests hold a reference to the
+Loading one version is ``version_loader``'s job; this module decides which to load and when.
+Each model has a base path whose numeric sub-folders are versions, and a version policy
+(``latest { num_versions: N }`` by default with N=1, ``all``, or ``specific { versions: ... }``).
+A poller rescans the base paths: versions the policy wants are loaded (and warmed up: a
+version is AVAILABLE only once its warm-up records have run, see ``keras_charrnn.warmup``)
+before the versions they replace are unloaded; a version that fails to load never replaces
+one that serves, and its error is kept for GetModelStatus. Requests hold a reference to the
 ``LoadedVersion`` they run on, so unloading never drops a call in flight.
 
 Version labels (``version_labels`` of a model's config) and live config

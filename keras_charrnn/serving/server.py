@@ -1,4 +1,4 @@
-"""The model server process and its lifecycle: TF Serving's gRPC API (and REST) over the model folders, started and stopped.
+"""The model server process and its lifecycle: TF Serving's APIs over the model folders, started and stopped.
 
 Services: ``tensorflow.serving.PredictionService`` and ``tensorflow.serving.ModelService``
 (see ``servicers``), the standard gRPC health service and server reflection; with a REST

@@ -251,8 +251,8 @@ class SignatureCall:
         for key, dtype, dims in self.facts.inputs:
             given_dtype, shape = given[key]
             if given_dtype != dtype:
-                raise ServingError("INVALID_ARGUMENT", f"input {key!r}: expects dtype "
-                                                       f"{tf.dtypes.as_dtype(dtype).name}, got {_dtype_name(given_dtype)}")
+                raise ServingError("INVALID_ARGUMENT", f"input {key!r}: expects dtype {tf.dtypes.as_dtype(dtype).name}, "
+                                                       f"got {_dtype_name(given_dtype)}")
             if len(shape) != len(dims) or any(d != -1 and d != s for d, s in zip(dims, shape)):
                 want = "[" + ", ".join("?" if d == -1 else str(d) for d in dims) + "]"
                 raise ServingError("INVALID_ARGUMENT", f"input {key!r}: expects shape {want}, got {shape}")
