@@ -22,8 +22,8 @@ from concurrent import futures
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from tensorflow_serving.apis import model_service_pb2, model_service_pb2_grpc, prediction_service_pb2, \
-    prediction_service_pb2_grpc
+from tensorflow_serving.apis import (model_service_pb2, model_service_pb2_grpc, prediction_service_pb2,
+                                     prediction_service_pb2_grpc)
 
 from keras_charrnn import warmup
 from keras_charrnn.errors import ConfigError
