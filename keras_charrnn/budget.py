@@ -3,71 +3,27 @@
 ``charrnn train CORPUS --out RUN --time-budget 10m`` (or ``train(..., TrainConfig(time_budget=600))``,
 or ``plan_budget`` then ``train``) does, with the clock started when it is called:
 
-1. **Probe** (counted in the budget, a few seconds): on the real corpus, a few timed training steps
-   of the candidate sizes ``CANDIDATES`` (1x128, 2x128, 2x256, 2x384, 2x512 of the run's cell), smallest
-   first, at the run's batch shape: the first step (tracing) and then at least ``PROBE_STEPS`` steps
-   are timed. Probing stops at the first size that fails the rule below (a larger one is slower and
-   bigger, so it fails too) or once ``PROBE_FRACTION`` of the budget is spent; sizes left unprobed are
-   predicted from the largest probed one, its time per character scaled by the parameter ratio (a step
-   costs about 6 FLOP per parameter per character, so this is pessimistic for the larger ones).
-2. **Rule** (the size): the characters a size can train on in the time left are
-   ``chars = chars_per_s x (budget - time spent - the first step - the final validation and save)``.
-   The model picked is the largest candidate with
+1. **Probe** (counted in the budget): a few timed training steps of the candidate sizes ``CANDIDATES``
+   of the run's cell, smallest first, at ``PROBE_BATCH_SIZE`` x ``SEQ_LEN``, until a size fails the
+   rule or ``PROBE_FRACTION`` of the budget is spent; larger sizes are predicted by parameter ratio.
+2. **Rule**: the largest candidate that trains on at least ``CHARS_PER_PARAM`` characters per
+   parameter in the time left, with at most ``MAX_PARAMS_PER_TRAIN_CHAR`` parameters per training
+   character; else the smallest.
+3. **The rest**: ``seq_len``, the longest of ``SEQ_LENS`` giving ``MIN_STEPS`` optimizer steps;
+   ``batch_size`` ``PROBE_BATCH_SIZE`` (or ``BATCH_SIZE`` for a run of fewer than
+   ``MIN_STEPS_FOR_BATCH_64`` steps, halved for a short corpus); ``dropout`` 0 under
+   ``MIN_PASSES_FOR_DROPOUT`` passes; a cosine schedule over the predicted batches, and ``epochs``
+   covering ``EPOCHS_HEADROOM`` times them.
+4. **Stop on time**: ``BudgetStop`` ends training after the batch past which the next batch and the
+   end-of-epoch work (validation, checkpoints) would overrun the deadline.
 
-   - ``chars >= CHARS_PER_PARAM x params`` (10 characters per parameter), and
-   - ``params <= MAX_PARAMS_PER_TRAIN_CHAR x training characters`` (2 parameters per character of text),
+A budget leaving less than ``MIN_TRAIN_FRACTION`` of itself for training is refused after the probe
+(``ConfigError``). Flags given are kept: only the unspecified fields among ``CHOSEN`` are chosen. The
+choice and its reasons go to ``config.json`` (``budget``), what happened to its ``outcome``. Resuming a
+budget run continues its chosen settings up to its planned epochs, with no clock.
 
-   else the smallest. Why these numbers: compute-optimal language models see about 20 tokens per
-   parameter (Hoffmann et al. 2022, "Chinchilla"); a run that sees far fewer is undertrained, and
-   more steps on a smaller model win. Char-rnn practice (Karpathy 2015) is that a model of about as
-   many parameters as the corpus has characters, trained for tens of passes with dropout, is near its
-   best held-out loss, and a larger one only overfits (hence the 2 parameters per character cap). Both
-   point at tens of characters per parameter for a well-trained model; a time-limited run trades some
-   of that for size, and 10 is the threshold taken. With the speeds of issue 13 on this project's
-   2-core CPU (a 2x512 LSTM trains at 7,500 chars/s; a 2x256 at about three times that, an estimate
-   from the FLOP ratio) it picks 2x256 for tinyshakespeare in 10 minutes (870 k parameters, ~13 M
-   characters: ~15 per parameter, 13 passes), not 2x384 (1.9 M parameters, ~8 M characters: 4 per
-   parameter) nor 2x512 (3.3 M, 4.5 M: 1.4 per parameter). It is a judgement from those figures, not
-   a fit of a sweep on this machine; ``bench/quality.py`` checks it against a plain Keras 2x256 LSTM.
-3. **The rest**: ``seq_len``: the longest of ``SEQ_LENS`` (100, 50, 25) that gives the run at least
-   ``MIN_STEPS`` (5,000) optimizer steps, else 25. A short run is limited by its optimizer steps, not
-   by the characters it sees: on tinyshakespeare in 10 minutes (2x256, batch 64, about the same characters
-   per second at each length) seq_len 100 gave 1,400 steps and a held-out loss of 1.695 nats/char,
-   50 gave 2,587 steps and 1.527, 25 gave 5,341 steps and 1.497 (the state still carries the context
-   across batches). A long run keeps the longer sequences, which teach dependencies over more
-   characters. The speed is probed at seq_len 100 (``SEQ_LEN``) and taken as the same per character.
-   ``batch_size`` 64 (``PROBE_BATCH_SIZE``, the batch the
-   candidates are probed at: it trains about 1.5x faster per character than 32 on a CPU, so probing
-   at 32 judged sizes by a speed the run would not have), or 32 (``BATCH_SIZE``) when the pick would
-   take fewer than ``MIN_STEPS_FOR_BATCH_64`` (1,000) optimizer steps at 64 and its seq_len (the pick
-   is then measured again at 32: a run that short gains more from steps than from characters), halved
-   for a corpus too short for it;
-   ``dropout`` 0 when the run sees its training text fewer than ``MIN_PASSES_FOR_DROPOUT`` (20) times
-   (dropout fights overfitting, which needs repeated passes, and slows learning: a 10-minute
-   tinyshakespeare run of 9 passes ended at 1.711 nats/char with dropout 0.2 and at 1.695 without,
-   same pick, same machine), else the default;
-   the cosine learning-rate schedule spans the predicted number of batches (``schedule_steps``), so
-   the rate reaches its floor (lr/10) when time is up; ``epochs`` covers ``EPOCHS_HEADROOM`` (1.5) times
-   those batches, rounded up, so a machine faster than predicted goes on training, at the floor rate,
-   until the deadline rather than ending early.
-4. **Stop on time**: ``BudgetStop`` ends training after the batch past which the next batch plus the
-   end-of-epoch work (validation, saving ``best.keras`` and ``state.npz``, the curves, the samples)
-   would overrun the deadline. Keras then validates the stopped epoch and the checkpoint callback saves
-   the best model, all before the deadline. The end-of-epoch time is estimated from the probe until the
-   first epoch end is measured, then the latest measured one (x1.25, + 0.5 s) is used.
-
-A budget that leaves less than ``MIN_TRAIN_FRACTION`` (a quarter) of itself for training batches once
-the corpus is read, the probe done and the final validation reserved is refused after the probe, with
-a one-line ``ConfigError`` saying how long it should be.
-
-Flags given by the user are kept: only the unspecified ones among ``CHOSEN`` are chosen (with ``units``
-given, the candidates are the layer counts of that width; with both ``layers`` and ``units`` given,
-only that size is probed, to set the schedule). ``epochs`` given caps the passes. The choice and its
-reasons (probe speeds, every candidate's figures, the rule and its numbers) are written to ``config.json``
-as its ``budget`` section, and what happened (``outcome``: elapsed seconds, batches, why it stopped)
-is added when training ends.
-
-Resuming a budget run continues its chosen settings up to its planned epochs, with no clock.
+Why these rules and numbers, with the measurements behind them: BENCHMARKS.md, "How the time-budget
+rules were chosen".
 """
 
 from __future__ import annotations

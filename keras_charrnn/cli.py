@@ -14,7 +14,6 @@ import dataclasses
 import importlib.util
 import os
 import sys
-import types
 
 from keras_charrnn import __version__, demo
 from keras_charrnn.bundled import bundled_model_path
@@ -22,6 +21,7 @@ from keras_charrnn.config import TrainConfig, parse_duration
 from keras_charrnn.errors import CharRNNError, ConfigError
 from keras_charrnn.sampling import (DEFAULT_CHUNK, DEFAULT_PRIME, DEFAULT_TEMPERATURE, DEFAULT_TOP_K,
                                   DEFAULT_TOP_P)
+from keras_charrnn.serving import memory
 from keras_charrnn.serving.options import ServerOptions
 from keras_charrnn.versions import DEFAULT_BASE_PATH
 
@@ -247,7 +247,7 @@ def _batch_sizes(text: str) -> list[int]:
 def _run_export(args) -> None:
     from keras_charrnn import warmup
     from keras_charrnn.export import export_run
-    from keras_charrnn.serving.request_batcher import batch_sizes_from_batching_parameters
+    from keras_charrnn.serving.settings import batch_sizes_from_batching_parameters
 
     sizes = args.warmup_batch_sizes or warmup.DEFAULT_BATCH_SIZES
     if args.batching_parameters_file:
@@ -405,6 +405,11 @@ def _true_false(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def _serve_flag(setting: str) -> str:
+    """How ``charrnn serve`` sets a server setting: the flag of its name (what the server's callers are told)."""
+    return f"charrnn serve --{setting}"
+
+
 def _run_serve(args) -> None:
     import logging
 
@@ -414,75 +419,12 @@ def _run_serve(args) -> None:
     logging.basicConfig(level=max(level, logging.INFO), format="charrnn serve: %(message)s")
     logging.getLogger("charrnn").setLevel(level)  # debug lines from the server only, not from every library
     options = ServerOptions(**{k: v for k, v in vars(args).items() if k in ServerOptions.__dataclass_fields__})
-    server = ModelServer(options)
+    server = ModelServer(options, name_setting=_serve_flag)
     port = server.start()
     if server.rest_port:
         print(f"REST API on port {server.rest_port}", flush=True)
     print(f"serving on port {port}", flush=True)
     server.serve_until_signal()
-
-
-SERVE_UNUSED_MODULES = ("jax", "keras", "h5py", "scipy")  # imported by `import tensorflow`, unused by `serve`
-# Imported by `import tensorflow` without a guard, used only inside functions `serve` never calls: the profiler
-# client's extension (tf.profiler.experimental.client; 18 MB of library pages touched on load) and requests
-# (TensorFlow's GCE preemption helper and Keras' RemoteMonitor; with urllib3, charset_normalizer and every codec: 6 MB).
-SERVE_STUBBED_MODULES = ("tensorflow.python.profiler.internal._pywrap_profiler_plugin", "requests")
-
-
-class _NotLoaded(types.ModuleType):
-    """A module ``charrnn serve`` never loads: importing it works, using it raises AttributeError."""
-
-    def __getattr__(self, name: str):
-        raise AttributeError(f"module {self.__name__!r} is not loaded in `charrnn serve` (to save memory); "
-                             f"{name!r} is not available")
-
-
-def _lean_server_process() -> None:
-    """Memory settings for a ``charrnn serve`` process, made before TensorFlow is imported.
-
-    The server runs SavedModels on TensorFlow alone, and ``import tensorflow`` brings in
-    much it never uses, each import guarded by TensorFlow so that a missing package is
-    skipped: JAX (TensorFlow's lite module imports it when installed: about 110 MB
-    resident), Keras (imported eagerly for its optimizers, and with it matplotlib and
-    IPython: 66 MB), and h5py and SciPy (for TensorFlow's legacy Keras: 20 MB). They are
-    marked unavailable here (``import keras`` raises ImportError, which TensorFlow handles);
-    the serve path imports none of them itself. Two modules TensorFlow imports unguarded
-    but uses only in functions the server never calls (``SERVE_STUBBED_MODULES``) import as
-    empty modules whose attributes raise AttributeError. And glibc's malloc keeps at most 2 arenas
-    (``MALLOC_ARENA_MAX``, unless the environment sets it), not 8 per core for the gRPC and
-    batching threads. See BENCHMARKS.md, "serving overhead profile".
-    """
-    for unused in SERVE_UNUSED_MODULES:
-        if unused not in sys.modules:
-            sys.modules[unused] = None  # type: ignore[assignment]  # `import keras` raises ImportError, which TensorFlow handles
-    for unused in SERVE_STUBBED_MODULES:
-        if unused not in sys.modules:
-            sys.modules[unused] = _NotLoaded(unused)  # TensorFlow imports them unguarded, uses them in no serve path
-    if "MALLOC_ARENA_MAX" not in os.environ:
-        try:
-            import ctypes
-
-            ctypes.CDLL("libc.so.6").mallopt(-8, 2)  # M_ARENA_MAX
-        except (OSError, AttributeError):  # not glibc
-            pass
-
-
-def _import_tensorflow_without_source_lines() -> None:
-    """``import_tensorflow_quietly`` for ``charrnn serve``, without reading Python source files into ``linecache``.
-
-    TensorFlow's registries (gradients, shape and proto functions) note where each entry was
-    registered with ``traceback.extract_stack``, which reads the whole source file of every
-    registering module into ``linecache`` (about 75 files: 8 MB a server keeps and never shows;
-    a duplicate registration's error names the file and line, not the line's text).
-    """
-    import linecache
-
-    update = linecache.updatecache
-    linecache.updatecache = lambda filename, module_globals=None: []  # no lines: frames keep file and line number
-    try:
-        import_tensorflow_quietly()
-    finally:
-        linecache.updatecache = update
 
 
 def _add_demo(sub) -> None:
@@ -608,8 +550,9 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "backend", "auto") != "auto":  # a missing package is answered before anything else
             _choose_backend(args.backend)
         if args.command == "serve":
-            _lean_server_process()
-            _import_tensorflow_without_source_lines()
+            memory.lean_server_process()  # before TensorFlow is imported
+            with memory.source_lines_unread():
+                import_tensorflow_quietly()
         elif args.command in NEEDS_TENSORFLOW:
             import_tensorflow_quietly()
         COMMANDS[args.command](args)

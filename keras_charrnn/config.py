@@ -19,6 +19,7 @@ import dataclasses
 import math
 import re
 from collections.abc import Mapping
+import textwrap
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,9 +73,38 @@ def _field(default: Any, help: str, choices: tuple[str, ...] | None = None, on_r
     return field(default=default, metadata={"help": help, "choices": choices, "on_resume": on_resume})
 
 
+def _document_fields(cls):
+    """Writes a config dataclass's ``Args:`` section (its ``FIELDS`` line) from its fields' help and defaults.
+
+    The help text is the one copy (``charrnn train --help`` reads it too); written into
+    the docstring, ``help(TrainConfig)`` shows every field.
+
+    Args:
+        cls: the dataclass.
+
+    Returns:
+        ``cls``.
+    """
+    if cls.__doc__ is None:  # python -OO
+        return cls
+    lines = []
+    for f in dataclasses.fields(cls):
+        text = f"{f.name}: {f.metadata['help']} (default: {f.default!r}"
+        text += "; may change on resume)." if f.metadata.get("on_resume") else ")."
+        lines.extend(textwrap.wrap(text, 104, initial_indent=" " * 8, subsequent_indent=" " * 12))
+    cls.__doc__ = cls.__doc__.replace(" " * 8 + "FIELDS", "\n".join(lines))
+    return cls
+
+
+@_document_fields
 @dataclass
 class TrainConfig:
     """Hyper-parameters of a run; the defaults are ``charrnn train``'s.
+
+    Each field is a ``charrnn train`` flag (``batch_size`` -> ``--batch-size``).
+
+    Args:
+        FIELDS
 
     Example:
 

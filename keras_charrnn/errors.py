@@ -2,7 +2,9 @@
 
 Every problem a user can fix raises a ``CharRNNError`` whose message names
 the problem and the parameter (``val_frac``, ``version``), never a CLI flag,
-so it reads the same from Python and from ``charrnn``. The CLI catches
+so it reads the same from Python and from ``charrnn``; where a message
+reaches someone else (a server's answer to its callers), the command that
+started the server adds its flag (``ServingError.setting``). The CLI catches
 ``CharRNNError`` alone: anything else is a bug and keeps its traceback.
 
 - ``ConfigError``: a setting is wrong (a hyper-parameter, a server option, a config file).
@@ -36,12 +38,15 @@ class ServingError(CharRNNError):
     Args:
         code: a ``grpc.StatusCode`` name (``"INVALID_ARGUMENT"``, ``"NOT_FOUND"``, ...).
         message: what is wrong, for the caller; never a server path.
+        setting: the server setting that refused the request (``"max_prime_chars"``), if one did:
+            a server started by a command may add how that command sets it.
     """
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, setting: str | None = None):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.setting = setting
 
 
 def graph_error_message(text: str) -> str:

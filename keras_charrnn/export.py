@@ -83,7 +83,8 @@ class CharRNNModule(tf.Module):
         super().__init__(name="charrnn")
         spec = describe(model)
         if spec["vocab_size"] != vocab.size:
-            raise InputError(f"model has {spec['vocab_size']} output ids but the vocabulary {vocab.size}")
+            raise InputError(f"vocab holds {vocab.size} ids but model's logits layer has {spec['vocab_size']}; "
+                             f"give the vocabulary the model was trained with")
         self.cell, self.units, self.num_layers = spec["cell"], spec["units"], spec["layers"]
         self.vocab_size = vocab.size
         self.state_names = tuple(state_names(self.cell, self.num_layers))
@@ -456,7 +457,7 @@ def export_run(run_dir: str | os.PathLike, name: str, base_path: str | os.PathLi
         which: ``"best"`` model by validation loss or ``"latest"`` weights.
         xla: add the XLA-compiled twins (see ``save_savedmodel``).
         warmup_batch_sizes: the batch sizes of the warm-up records, e.g.
-            ``request_batcher.batch_sizes_from_batching_parameters("serving/batching_parameters.txt")``.
+            ``settings.batch_sizes_from_batching_parameters("serving/batching_parameters.txt")``.
         warmup_xla: warm the XLA twins too (see ``save_savedmodel``).
 
     Returns:

@@ -32,13 +32,23 @@ from keras_charrnn.xla import xla_twin
 
 
 class _InProcessRunner:
-    """Runs signatures in this process; errors of the model's input checks become ``InputError``."""
+    """A session's ``Runner`` in this process; errors of the model's input checks become ``InputError``.
 
-    def __init__(self, signatures: Mapping, version: int | None):
-        self._signatures, self._version = signatures, version
+    Args:
+        signatures: the model's signatures by name.
+        info: the model's facts (its ``version``: the version folder's, None for a run folder).
+    """
+
+    def __init__(self, signatures: Mapping, info: ModelInfo):
+        self._signatures, self._info = signatures, info
+
+    def model_info(self, version: int | None) -> ModelInfo:
+        """The model's facts: this process holds one version."""
+        return self._info
 
     def run(self, signature: str, inputs: Mapping[str, np.ndarray],
             version: int | None) -> tuple[dict[str, np.ndarray], int | None]:
+        """Runs ``signature`` on ``inputs``; ``version`` is this process's one version."""
         # The XLA twin when the model has one: the same text, faster (this process has XLA JIT).
         fn = self._signatures.get(xla_twin(signature)) or self._signatures[signature]
         try:
@@ -46,7 +56,7 @@ class _InProcessRunner:
                         for k, v in inputs.items()})
         except tf.errors.InvalidArgumentError as exc:
             raise InputError(graph_error_message(exc.message)) from None
-        return {k: v.numpy() for k, v in out.items()}, self._version
+        return {k: v.numpy() for k, v in out.items()}, self._info.version
 
 
 class CharRNN:
@@ -87,8 +97,8 @@ class CharRNN:
         meta = self._signatures["metadata"]()
         self.config: dict = json.loads(meta["config"].numpy().decode("utf-8"))
         self.vocab = Vocabulary([c.decode("utf-8") for c in meta["vocabulary"].numpy()[1:]])
-        self.info = ModelInfo.from_config(name, self.config)
-        self._runner = _InProcessRunner(self._signatures, version)
+        self.info = ModelInfo.from_config(name, self.config, version)
+        self._runner = _InProcessRunner(self._signatures, self.info)
 
     @property
     def signatures(self) -> Mapping:
@@ -151,5 +161,24 @@ class CharRNN:
 
 
 def load(path: str | os.PathLike, which: str = "best") -> CharRNN:
-    """Loads a SavedModel or a training run for in-process sampling and scoring (see ``CharRNN``)."""
+    """Loads a SavedModel or a training run for in-process sampling and scoring.
+
+    Args:
+        path: a SavedModel base path (``saved_models/NAME``: its highest version is loaded),
+            one version folder (``saved_models/NAME/3``), or a training run folder.
+        which: for a run folder, its ``"best"`` model (lowest validation loss) or its
+            ``"latest"`` weights; ignored for a SavedModel.
+
+    Returns:
+        The model, with ``generate``, ``stream``, ``session``, ``restore`` and ``score``
+        (see ``CharRNN``); its ``info.version`` is the version folder's (None for a run folder).
+
+    Raises:
+        InputError: nothing loadable at ``path`` (no run, no version folder, a damaged SavedModel).
+
+    Example:
+
+    >>> model = keras_charrnn.load("saved_models/shakespeare")      # doctest: +SKIP
+    >>> model.generate("ROMEO:", 100, temperature=0.8, seed=1)      # doctest: +SKIP
+    """
     return CharRNN(path, which)

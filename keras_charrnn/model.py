@@ -188,7 +188,7 @@ def build_model(
     (32, 50, 66)
     """
     if cell not in CELL_LAYERS:
-        raise ConfigError(f"unknown cell {cell!r}: choose one of {', '.join(CELL_LAYERS)}")
+        raise ConfigError(f"cell must be one of {', '.join(CELL_LAYERS)}, got {cell!r}")
     for name, value in (("units", units), ("layers", layers), ("embedding_dim", embedding_dim),
                         ("vocab_size", vocab_size)):
         if value < 1:

@@ -27,10 +27,30 @@ from keras_charrnn.sampling import DEFAULT_CHUNK, MAX_CHARS_PER_CALL, SamplingPa
 
 
 class Runner(Protocol):
-    """Runs one signature of one model on NumPy inputs (batch of one row)."""
+    """What a session calls: one signature of one model run on NumPy inputs, and the facts of a version."""
 
-    def run(self, signature: str, inputs: dict[str, np.ndarray], version: int | None) -> tuple[dict[str, np.ndarray], int | None]:
-        """Returns the outputs and the model version that answered."""
+    def run(self, signature: str, inputs: dict[str, np.ndarray],
+            version: int | None) -> tuple[dict[str, np.ndarray], int | None]:
+        """Runs ``signature`` on ``inputs`` (a batch of one row).
+
+        Args:
+            signature: the signature's name, e.g. ``"generate_text"``.
+            inputs: its inputs by name.
+            version: the version to run (None: the newest).
+
+        Returns:
+            The outputs, and the version that answered (None: unknown).
+        """
+
+    def model_info(self, version: int | None) -> "ModelInfo":
+        """The facts of one version of the model (its states, sizes and limits).
+
+        Args:
+            version: the version (None: the newest).
+
+        Returns:
+            The model's info for that version.
+        """
 
 
 @dataclass
@@ -97,6 +117,9 @@ class ModelInfo:
 class Session:
     """A stream of generated text that continues from call to call.
 
+    A session is pinned to the version its ``info`` describes (``info.version``; None:
+    whichever answers, then that one): its hidden state belongs to those weights.
+
     Args:
         runner: executes signatures (in-process or over gRPC).
         info: the model's state names and limits.
@@ -121,7 +144,7 @@ class Session:
         self.states = {n: np.zeros((1, info.state_size), np.float32) for n in info.state_names}
         self.pending = prime
         self.position = 0
-        self.version: int | None = None
+        self.version: int | None = info.version  # pinned to the version its facts came from
 
     def generate(self, n: int) -> str:
         """Returns the next ``n`` characters (in calls of at most ``max_chars_per_call``)."""
@@ -157,13 +180,11 @@ class Session:
                   "top_k": np.array([p.top_k], np.int32), "top_p": np.array([p.top_p], np.float32),
                   "seed": np.array([p.seed], np.int64), "position": np.array([self.position], np.int64)}
         outputs, version = self.runner.run("generate_text", inputs, self.version)
-        if version is not None and self.info.version is not None and version != self.info.version:
-            refresh = getattr(self.runner, "model_info", None)  # the facts of the version that answered
-            if refresh is not None:
-                self.info = refresh(version)
-        self.states = {name: np.asarray(outputs[name], np.float32) for name in self.info.state_names}
-        if self.version is None:
+        if version is not None:
+            if version != self.info.version:
+                self.info = self.runner.model_info(version)  # the facts of the version that answered
             self.version = version
+        self.states = {name: np.asarray(outputs[name], np.float32) for name in self.info.state_names}
         return outputs
 
     def _call(self, n: int) -> str:
@@ -235,7 +256,8 @@ class Session:
         params = _saved_params(obj, info)
         states = _saved_states(obj["states"], info)
         session = cls(runner, info, pending, params)
-        session.states, session.position, session.version = states, position, version
+        session.states, session.position = states, position
+        session.version = version if version is not None else info.version
         return session
 
 

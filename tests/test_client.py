@@ -228,11 +228,64 @@ def test_limits_split_calls_and_prime_without_changing_the_text(model_base):
             calls.append((len(inputs["prime"][0].decode()), int(inputs["num_chars"][0])))
             return model._runner.run(signature, inputs, version)
 
+        def model_info(self, version):
+            return info
+
     info = dataclasses.replace(model.info, max_chars_per_call=16, limits={"max_prime_chars": 6})
     session = Session(CountingRunner(), info, "the quick brown fox ", SamplingParams(temperature=1.0, seed=3))
     assert "".join(session.stream(50, chunk=25)) == expected
     assert calls[:4] == [(6, 1), (6, 1), (6, 1), (2, 16)] and [n for _, n in calls[3:]] == [16, 9, 16, 9]
     assert all(length <= 6 for length, _ in calls)
+
+
+class _VersionedClient:
+    """What a session's runner calls of ``SamplingClient``: versions ``served`` answer, others are gone."""
+
+    def __init__(self, served: set[int]):
+        self.served, self.calls, self.forgotten = served, [], []
+
+    def predict_preferring_xla(self, model, signature, inputs, version):
+        self.calls.append(version)
+        if version is not None and version not in self.served:
+            raise VersionGoneError(grpc.StatusCode.NOT_FOUND, f"version {version} is gone", "t")
+        n = int(inputs["num_chars"][0])
+        return {"text": np.array([b"x" * n], dtype=object), "h_0": np.ones([1, 3], np.float32),
+                "c_0": np.ones([1, 3], np.float32)}, version or max(self.served)
+
+    def forget_latest(self, model, version):
+        self.forgotten.append(version)
+
+    def model_info(self, model, version):
+        return dataclasses.replace(_info(), version=version)
+
+
+def test_a_session_goes_out_pinned_to_the_version_its_model_info_came_from():
+    from keras_charrnn.serving.client import _GrpcRunner
+
+    fake = _VersionedClient({1, 2})
+    session = Session(_GrpcRunner(fake, "m", follow_newest=True), dataclasses.replace(_info(), version=1), "a",
+                      SamplingParams(seed=1))
+    assert session.version == 1
+    session.generate(3)
+    session.generate(3)
+    assert fake.calls == [1, 1] and session.version == 1 and session.info.version == 1
+
+
+def test_a_version_gone_before_the_first_answer_gives_way_to_the_newest_unless_the_caller_chose_it():
+    from keras_charrnn.serving.client import _GrpcRunner
+
+    fake = _VersionedClient({2})  # the client's cached newest version, 1, was replaced by 2
+    info = dataclasses.replace(_info(), version=1)
+    session = Session(_GrpcRunner(fake, "m", follow_newest=True), info, "a", SamplingParams(seed=1))
+    assert session.generate(3) == "xxx"
+    assert fake.calls == [1, None] and fake.forgotten == [1]
+    assert (session.version, session.info.version) == (2, 2)  # pinned to the version that answered, its facts too
+    fake.served = {3}
+    with pytest.raises(VersionGoneError):  # its state belongs to version 2 now: never moved
+        session.generate(3)
+    chosen = Session(_GrpcRunner(_VersionedClient({2}), "m", follow_newest=False), info, "a", SamplingParams(seed=1))
+    with pytest.raises(VersionGoneError):
+        chosen.generate(3)
 
 
 # ----- several replicas: balance, failover, versions, deadlines --------------------------------

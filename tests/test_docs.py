@@ -122,3 +122,28 @@ def test_readme_cli_examples_parse_and_each_commands_help_lists_the_flags_the_re
         flags = {w.split("=", 1)[0] for c in commands if c[0] == sub for w in c[1:] if w.startswith("--")}
         listed = set(re.findall(r"(?<![\w-])--[\w-]+", shown.stdout))
         assert flags <= listed, f"charrnn {sub} --help does not list {sorted(flags - listed)}"
+
+
+def test_help_shows_every_train_config_field_and_loads_arguments():
+    import dataclasses
+    import pydoc
+
+    from keras_charrnn.config import TrainConfig
+
+    shown = pydoc.render_doc(TrainConfig, renderer=pydoc.plaintext)
+    for f in dataclasses.fields(TrainConfig):
+        assert f"{f.name}: {f.metadata['help'][:30]}" in " ".join(shown.split()), f.name
+    from keras_charrnn import inprocess  # imports TensorFlow
+
+    doc = inprocess.load.__doc__
+    assert "Args:" in doc and "path:" in doc and "which:" in doc and "Returns:" in doc and "Raises:" in doc
+
+
+def test_readme_layout_names_every_module_of_the_package():
+    root = Path(__file__).resolve().parents[1]
+    layout = root.joinpath("README.md").read_text(encoding="utf-8").split("## Layout", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"`((?:serving/)?\w+\.py)`", layout))
+    package = root / "keras_charrnn"
+    modules = {str(p.relative_to(package)) for p in package.rglob("*.py") if p.name != "__init__.py"}
+    assert modules - named == set(), "modules missing from README's layout"
+    assert named - modules == set(), "README's layout names modules that do not exist"

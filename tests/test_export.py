@@ -99,7 +99,22 @@ def test_top_k_one_is_greedy_and_top_p_keeps_likely_characters(model_base):
 def test_unknown_characters_are_accepted_in_the_prime_and_never_generated(model_base):
     model = load(model_base / "rnn")
     text = model.generate("😀 zebra ", 300, temperature=2.0, seed=2)
+    assert len(text) == 300  # id 0 (unknown) decodes to "": sampling it would shorten the text
     assert set(text) <= set(model.vocab.chars)
+
+
+def test_a_vocabulary_that_does_not_fit_the_model_is_refused_naming_both():
+    from keras_charrnn.export import CharRNNModule
+    from keras_charrnn.vocab import Vocabulary
+
+    model = build_model(5, cell="gru", units=4, batch_size=1, seq_len=1)
+    with pytest.raises(InputError, match=r"^vocab holds 4 ids but model's logits layer has 5; give the vocabulary"):
+        CharRNNModule(model, Vocabulary(list("abc")))
+
+
+def test_an_unknown_cell_is_refused_naming_the_parameter():
+    with pytest.raises(CharRNNError, match=r"^cell must be one of lstm, gru, rnn\b.*, got 'xyz'$"):
+        build_model(5, cell="xyz")
 
 
 def test_score_is_the_mean_of_inspects_per_character_losses(model_base, corpus_file):

@@ -24,7 +24,7 @@ from conftest import tiny_config
 from keras_charrnn.errors import ServingError
 from keras_charrnn.serving import wire
 from keras_charrnn.serving.limits import ServingLimits
-from keras_charrnn.serving.manager import LoadedVersion
+from keras_charrnn.serving.version_loader import LoadedVersion
 from keras_charrnn.serving.request_batcher import Batcher, BatchingOptions
 from servers import ServerProcess, poll
 

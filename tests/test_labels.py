@@ -233,8 +233,8 @@ def test_label_rules_for_versions_not_available(model_base, tmp_path):
     with pytest.raises(ConfigError, match="'next' points to version 2, which is not available"):
         strict.start()
 
-    lenient = ModelManager(config({"stable": 1, "next": 2}), poll_seconds=0)
-    lenient.allow_version_labels_for_unavailable_models = True
+    lenient = ModelManager(config({"stable": 1, "next": 2}), poll_seconds=0,
+                           allow_version_labels_for_unavailable_models=True)
     lenient.start()
     assert lenient.resolve("m", label="stable").version == 1
     with pytest.raises(ServingError) as caught:

@@ -21,6 +21,7 @@ from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 from conftest import write_models_config
 from keras_charrnn import load
 from keras_charrnn.errors import ServingError
+from keras_charrnn.serving.limits import ServingLimits
 from keras_charrnn.serving.rest import error_reply
 from servers import ServerProcess, free_ports, http_call
 
@@ -229,11 +230,11 @@ def test_oversized_deeply_nested_and_chunked_bodies_are_refused_before_reading(r
     assert response.status == 413 and "limit" in json.loads(response.read())["error"]
     connection.close()
 
-    connection = http.client.HTTPConnection(host, int(port), timeout=30)
-    connection.request("POST", "/v1/models/lstm:predict", body=iter([b'{"inputs": {}}']))  # sent chunked
-    response = connection.getresponse()
-    assert response.status == 411 and "Content-Length" in json.loads(response.read())["error"]
-    connection.close()
+    # Sent in one piece: http.client sends a chunked body's last chunk after the server may have answered
+    # 411 and closed the connection (a broken pipe in the client, not a wrong answer).
+    status, answer = raw_http(url, b"POST /v1/models/lstm:predict HTTP/1.1\r\nHost: x\r\n"
+                                   b"Transfer-Encoding: chunked\r\n\r\ne\r\n{\"inputs\": {}}\r\n0\r\n\r\n")
+    assert status == 411 and "Content-Length" in answer["error"]
 
     deep = b'{"inputs": ' + b"[" * 100000 + b"]" * 100000 + b"}"
     status, answer = http_call(f"{url}/v1/models/lstm:predict", deep)
@@ -313,3 +314,91 @@ def test_playground_continue_grows_the_text_as_the_in_process_session_does(rest,
     info = _element_text(twice, "info")
     assert "lstm version 1" in info and "position 60" in info and "seed 5" in info
     assert "http://" not in twice and "https://" not in twice  # the page loads nothing from elsewhere
+
+
+@pytest.fixture(scope="module")
+def in_process_api(model_base):
+    """The REST API and the gRPC servicer over one manager in this process (no HTTP, no subprocess)."""
+    from keras_charrnn.serving.manager import ModelManager, single_model_config
+    from keras_charrnn.serving.rest import RestApi
+    from keras_charrnn.serving.servicers import ModelStatusServicer, PredictionServicer
+
+    manager = ModelManager(single_model_config("lstm", str(model_base / "lstm")), poll_seconds=0)
+    manager.start()
+    prediction = PredictionServicer(manager, None, ServingLimits(max_rows_per_call=2))
+    yield RestApi(prediction, ModelStatusServicer(manager)), prediction
+    manager.stop()
+
+
+def test_rest_predict_resolves_once_and_runs_on_arrays_without_tensor_protos(in_process_api, lstm, monitor_calls):
+    api, prediction = in_process_api
+    inputs = generate_inputs(lstm, "the ", 20, seed=3)
+    resolves, lookups = monitor_calls
+    reply = api.handle("POST", "/v1/models/lstm:predict",
+                       json.dumps({"signature_name": "generate_text", "inputs": as_json(inputs)}).encode())
+    assert reply.status == 200, reply.body
+    assert (len(resolves), len(lookups)) == (1, 1)  # one resolve, one signature lookup per call
+    assert json.loads(reply.body)["outputs"]["text"] == [in_process(lstm, inputs)["text"][0].decode()]
+
+
+@pytest.fixture
+def monitor_calls(in_process_api, monkeypatch):
+    """Records the manager's resolves and the signature lookups; TensorProto conversions fail the test."""
+    from keras_charrnn.serving import servicers, signature_runner
+    from keras_charrnn.serving.version_loader import LoadedVersion
+
+    _, prediction = in_process_api
+    resolves, lookups = [], []
+    resolve, lookup = prediction.manager.resolve, LoadedVersion.signature
+    monkeypatch.setattr(prediction.manager, "resolve", lambda *a: resolves.append(a) or resolve(*a))
+    monkeypatch.setattr(LoadedVersion, "signature", lambda self, name: lookups.append(name) or lookup(self, name))
+
+    def no_protos(*args, **kwargs):
+        raise AssertionError("a REST call went through a TensorProto")
+
+    for module in (servicers.wire, signature_runner.wire):
+        monkeypatch.setattr(module, "to_tensor_proto", no_protos)
+        monkeypatch.setattr(module, "from_tensor_proto", no_protos)
+    return resolves, lookups
+
+
+def test_grpc_predict_looks_the_signature_up_once_per_call(in_process_api, lstm, monkeypatch):
+    from keras_charrnn.serving.version_loader import LoadedVersion
+
+    _, prediction = in_process_api
+    lookups = []
+    lookup = LoadedVersion.signature
+    monkeypatch.setattr(LoadedVersion, "signature", lambda self, name: lookups.append(name) or lookup(self, name))
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name, request.model_spec.signature_name = "lstm", "generate_text"
+    for key, value in generate_inputs(lstm, "the ", 300, seed=3).items():  # over SEGMENT_CHARS: two segments
+        request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
+    prediction.predict(request)
+    assert lookups == ["generate_text"]
+
+
+def test_rest_and_grpc_predicts_refuse_with_one_message_naming_the_setting_not_a_flag(in_process_api, lstm):
+    api, prediction = in_process_api
+    inputs = generate_inputs(lstm, "the ", 5, seed=1, rows=3)  # over max_rows_per_call=2
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name, request.model_spec.signature_name = "lstm", "generate_text"
+    for key, value in inputs.items():
+        request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
+    with pytest.raises(ServingError) as grpc_refusal:
+        prediction.predict(request)
+    reply = api.handle("POST", "/v1/models/lstm:predict",
+                       json.dumps({"signature_name": "generate_text", "inputs": as_json(inputs)}).encode())
+    assert reply.status == 400 and json.loads(reply.body)["error"] == grpc_refusal.value.message
+    assert grpc_refusal.value.setting == "max_rows_per_call" and "max_rows_per_call=2" in grpc_refusal.value.message
+    assert "charrnn" not in grpc_refusal.value.message and "--" not in grpc_refusal.value.message
+    body = json.dumps({"signature_name": "generate_text", "inputs": as_json(inputs)}).encode()
+    named = _api_naming_flags(prediction).handle("POST", "/v1/models/lstm:predict", body)
+    assert json.loads(named.body)["error"].endswith("(set by charrnn serve --max_rows_per_call)")
+
+
+def _api_naming_flags(prediction):
+    """The REST API as ``charrnn serve`` runs it: errors caused by a setting name its flag."""
+    from keras_charrnn.serving.rest import RestApi
+    from keras_charrnn.serving.servicers import ModelStatusServicer
+
+    return RestApi(prediction, ModelStatusServicer(prediction.manager), name_setting=lambda s: f"charrnn serve --{s}")

@@ -25,10 +25,13 @@ from tensorflow_serving.config import model_server_config_pb2
 from conftest import CELLS, run_cli, write_models_config
 from keras_charrnn.errors import ConfigError, ServingError, graph_error_message
 from keras_charrnn.inprocess import load
-from keras_charrnn.serving.manager import LoadedVersion, ModelManager, single_model_config, wanted_versions
-from keras_charrnn.serving.protos import BatchingParameters, SSLConfig
+from keras_charrnn.serving.manager import ModelManager, single_model_config, wanted_versions
+from keras_charrnn.serving.options import ServerOptions
+from keras_charrnn.serving.config_files import BatchingParameters, SSLConfig
 from keras_charrnn.serving.request_batcher import Batcher, BatchingOptions, _Call, padded_sizes
-from keras_charrnn.serving.server import ModelServer, ServerOptions, batching_options
+from keras_charrnn.serving.server import ModelServer
+from keras_charrnn.serving.settings import batching_options
+from keras_charrnn.serving.version_loader import LoadedVersion
 from servers import ServerProcess, poll
 
 
@@ -492,6 +495,30 @@ def test_graph_error_message_keeps_the_models_own_sentence():
     assert graph_error_message("") == "model error"
 
 
+def test_serving_limits_are_the_options_of_their_names():
+    import dataclasses
+
+    from keras_charrnn.serving.limits import ServingLimits
+
+    for f in dataclasses.fields(ServingLimits):  # one default each: the option's is the limit's
+        assert getattr(ServerOptions(), f.name) == f.default, f.name
+    options = ServerOptions(max_prime_chars=7, max_rows_per_call=3, max_chars_per_call=9)
+    assert ServingLimits.from_options(options) == ServingLimits(max_prime_chars=7, max_rows_per_call=3,
+                                                                max_chars_per_call=9)
+    with pytest.raises(ConfigError, match="^max_ids_length must be a positive integer, got 0"):
+        ServingLimits.from_options(ServerOptions(max_ids_length=0))
+
+
+def test_the_server_hands_its_settings_to_the_manager_when_it_builds_it(tmp_path):
+    server = ModelServer(ServerOptions(model_name="m", model_base_path=str(tmp_path),
+                                       xla_cpu_compilation_enabled=False,
+                                       allow_version_labels_for_unavailable_models=True, max_prime_chars=11))
+    manager = server.manager
+    assert (manager.xla, manager.allow_version_labels_for_unavailable_models) == (False, True)
+    assert manager.on_change == server._after_poll and manager.on_remove == server._models_removed
+    assert server.settings.limits.max_prime_chars == 11 and server.settings.batching is None
+
+
 def test_serve_flags_come_from_server_options_with_their_defaults_and_help():
     import dataclasses
     import inspect
@@ -524,9 +551,11 @@ def test_the_serve_process_imports_tensorflow_without_the_modules_it_never_uses(
     code = textwrap.dedent("""
         import linecache, sys
         from keras_charrnn import cli
+        from keras_charrnn.serving import memory
         update = linecache.updatecache
-        cli._lean_server_process()
-        cli._import_tensorflow_without_source_lines()
+        memory.lean_server_process()
+        with memory.source_lines_unread():
+            cli.import_tensorflow_quietly()
         import keras_charrnn.serving.server
         assert linecache.updatecache is update
         read = [f for f, entry in linecache.cache.items() if len(entry) == 4 and entry[2] and "tensorflow" in f]
@@ -537,12 +566,12 @@ def test_the_serve_process_imports_tensorflow_without_the_modules_it_never_uses(
         assert "_pywrap_profiler_plugin" not in maps, "the profiler client's library was loaded"
         assert "urllib3" not in sys.modules and "charset_normalizer" not in sys.modules
         for module in (requests, _pywrap_profiler_plugin):
-            assert isinstance(module, cli._NotLoaded) and not hasattr(module, "get")
+            assert isinstance(module, memory.NotLoaded) and not hasattr(module, "get")
             try:
                 module.get
             except AttributeError as exc:
                 assert "not loaded in `charrnn serve`" in str(exc)
-        assert all(sys.modules.get(name) is None for name in cli.SERVE_UNUSED_MODULES)
+        assert all(sys.modules.get(name) is None for name in memory.SERVE_UNUSED_MODULES)
     """)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

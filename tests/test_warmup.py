@@ -16,7 +16,7 @@ from servers import ServerProcess
 from keras_charrnn import warmup
 from keras_charrnn.errors import ConfigError
 from keras_charrnn.export import export_run
-from keras_charrnn.serving.request_batcher import batch_sizes_from_batching_parameters
+from keras_charrnn.serving.settings import batch_sizes_from_batching_parameters
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -75,3 +75,12 @@ def test_model_metadata_messages_round_trip_with_the_real_ones():
     assert light.metadata["signature_def"].Unpack(light_map)
     assert light_map.signature_def["generate_text"].inputs["h_0"].tensor_shape.dim[1].size == 512
     assert get_model_metadata_pb2.GetModelMetadataResponse.FromString(light.SerializeToString()) == real
+
+
+def test_an_array_without_a_tensor_dtype_is_refused_naming_the_parameter():
+    import pytest
+
+    from keras_charrnn.errors import InputError
+
+    with pytest.raises(InputError, match=r"^value: a float64 array has no TensorProto dtype"):
+        wire.to_tensor_proto(np.zeros(2, np.float64))

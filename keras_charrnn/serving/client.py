@@ -303,6 +303,18 @@ class SamplingClient:
             if known is None or known[0] != version:
                 self._latest[model] = (version, time.monotonic())
 
+    def forget_latest(self, model: str, version: int) -> None:
+        """Forgets that ``version`` is the newest of ``model`` (it is gone): the next model info asks again.
+
+        Args:
+            model: the model's name.
+            version: the version found gone.
+        """
+        with self._lock:
+            known = self._latest.get(model)
+            if known is not None and known[0] == version:
+                del self._latest[model]
+
     def predict_preferring_xla(self, model: str, signature: str, inputs: dict[str, np.ndarray],
                                version: int | None = None) -> tuple[dict[str, np.ndarray], int]:
         """Calls ``signature``'s XLA twin (``generate_text_xla``) when the model has one, else ``signature``.
@@ -409,7 +421,7 @@ class SamplingClient:
 
     def session(self, model: str, prime: str = DEFAULT_PRIME, params: SamplingParams | None = None,
                 version: int | None = None, version_label: str | None = None, **fields) -> Session:
-        """A session on ``model``; its first call pins the version that answered.
+        """A session on ``model``, pinned to the version its model info comes from.
 
         Args:
             model: the model's name on the server.
@@ -431,9 +443,8 @@ class SamplingClient:
         params = SamplingParams.of(params, **fields)
         if version_label is not None:
             version = self._label_version(model, version_label, version)
-        session = Session(_GrpcRunner(self, model), self.model_info(model, version), prime, params)
-        session.version = version
-        return session
+        return Session(_GrpcRunner(self, model, follow_newest=version is None), self.model_info(model, version),
+                       prime, params)
 
     def restore(self, saved: str) -> Session:
         """Continues a session saved with ``Session.to_json`` (possibly by another process).
@@ -461,7 +472,8 @@ class SamplingClient:
         model = obj["model"]
         if version is not None:
             self._fetch_metadata(model, version)  # still served somewhere? (the facts may be cached)
-        return Session.from_json(saved, _GrpcRunner(self, model), self.model_info(model, version))
+        return Session.from_json(saved, _GrpcRunner(self, model, follow_newest=version is None),
+                                 self.model_info(model, version))
 
     def _label_version(self, model: str, label: str, version: int | None = None) -> int:
         """The version a label of ``model`` names now (GetModelMetadata with ``version_label``).
@@ -491,13 +503,37 @@ class SamplingClient:
 
 
 class _GrpcRunner:
-    def __init__(self, client: SamplingClient, model: str):
-        self.client, self.model = client, model
+    """A session's ``Runner`` on the client.
 
-    def run(self, signature, inputs, version):
-        return self.client.predict_preferring_xla(self.model, signature, inputs, version)
+    A session starts pinned to the version its model info came from. When its caller chose
+    no version (``follow_newest``) and, before the session's first answer, that version is
+    served by no replica any more (the newest version known to the client had been replaced),
+    the call goes to the newest version instead: no state belongs to the old one yet.
+
+    Args:
+        client: the client.
+        model: the model's name.
+        follow_newest: whether the first call may move from a version gone to the newest.
+    """
+
+    def __init__(self, client: SamplingClient, model: str, follow_newest: bool = False):
+        self.client, self.model, self.follow_newest = client, model, follow_newest
+
+    def run(self, signature: str, inputs: dict[str, np.ndarray],
+            version: int | None) -> tuple[dict[str, np.ndarray], int]:
+        """Runs ``signature`` on ``version`` (see the class docstring for a version gone before the first answer)."""
+        try:
+            answer = self.client.predict_preferring_xla(self.model, signature, inputs, version)
+        except VersionGoneError:
+            if not self.follow_newest or version is None:
+                raise
+            self.client.forget_latest(self.model, version)
+            answer = self.client.predict_preferring_xla(self.model, signature, inputs, None)
+        self.follow_newest = False
+        return answer
 
     def model_info(self, version: int | None) -> ModelInfo:
+        """The facts of ``version`` of the model (see ``SamplingClient.model_info``)."""
         return self.client.model_info(self.model, version)
 
 

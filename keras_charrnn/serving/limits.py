@@ -8,8 +8,8 @@ before any tensor is expanded; ``check_call`` then repeats, in NumPy, the
 checks the model's graph makes (temperature, top_k, top_p, num_chars, prime,
 position, ids), so a call that would fail in the graph never joins a batch.
 
-The limits are ``charrnn serve`` flags of the same names, and the server
-advertises them in GetModelMetadata (``metadata["limits"]``, a packed
+The limits are ``ServerOptions`` fields (and ``charrnn serve`` flags) of the
+same names, and the server advertises them in GetModelMetadata (``metadata["limits"]``, a packed
 ``google.protobuf.Struct``) so clients can split their work to fit.
 """
 
@@ -35,7 +35,7 @@ SAMPLING_ROWS = ("num_chars", "temperature", "top_k", "top_p", "seed", "position
 
 @dataclass(frozen=True)
 class ServingLimits:
-    """What one Predict call may ask for; each field is a ``charrnn serve`` flag of the same name.
+    """What one Predict call may ask for; each field is the ``ServerOptions`` field (and flag) of its name.
 
     Args:
         max_prime_chars: characters of ``prime`` per row (its UTF-8 bytes are checked first:
@@ -63,13 +63,28 @@ class ServingLimits:
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{f.name} must be a positive integer, got {value!r}")
 
+    @classmethod
+    def from_options(cls, options) -> "ServingLimits":
+        """The limits a server's options set: each field is read from the option of its name.
+
+        Args:
+            options: a ``ServerOptions`` (or anything with an attribute per field).
+
+        Returns:
+            The limits.
+
+        Raises:
+            ConfigError: a limit is not a positive integer.
+        """
+        return cls(**{f.name: getattr(options, f.name) for f in dataclasses.fields(cls)})
+
     def advertised(self) -> dict[str, int]:
         """The limits as a ``{name: value}`` dict (what GetModelMetadata advertises)."""
         return dataclasses.asdict(self)
 
 
 def refuse(limit: str, value: int, what: str) -> ServingError:
-    """The error for a request over ``limit``: names the limit, its value and the flag that sets it.
+    """The error for a request over ``limit``: names the limit and its value (its ``setting``: the limit).
 
     Args:
         limit: the ``ServingLimits`` field.
@@ -78,13 +93,18 @@ def refuse(limit: str, value: int, what: str) -> ServingError:
 
     Returns:
         An INVALID_ARGUMENT ``ServingError`` (retrying the same request cannot help; split it).
+
+    Example:
+
+    >>> refuse("max_rows_per_call", 64, "input 'ids' has 65 rows").message
+    "input 'ids' has 65 rows, over this server's limit max_rows_per_call=64; split the work into smaller calls"
     """
-    return ServingError("INVALID_ARGUMENT", f"{what}, over this server's limit {limit}={value} "
-                                            f"(charrnn serve --{limit}); split the work into smaller calls")
+    return ServingError("INVALID_ARGUMENT", f"{what}, over this server's limit {limit}={value}; split the work "
+                                            f"into smaller calls", setting=limit)
 
 
 def claimed_shape(key: str, proto) -> list[int]:
-    """The shape a TensorProto claims, checked: a known rank of at most ``MAX_RANK``, no negative size.
+    """The shape a TensorProto claims, checked: a known rank, no negative size (the rank's limit: ``check_shapes``).
 
     Args:
         key: the input's name (for the message).
@@ -94,14 +114,11 @@ def claimed_shape(key: str, proto) -> list[int]:
         The dimension sizes.
 
     Raises:
-        ServingError: INVALID_ARGUMENT for an unknown rank, a negative size or too many dimensions.
+        ServingError: INVALID_ARGUMENT for an unknown rank or a negative size.
     """
     if proto.tensor_shape.unknown_rank:
         raise ServingError("INVALID_ARGUMENT", f"input {key!r}: the tensor's shape has an unknown rank")
     shape = [d.size for d in proto.tensor_shape.dim]
-    if len(shape) > MAX_RANK:
-        raise ServingError("INVALID_ARGUMENT", f"input {key!r}: {len(shape)} dimensions, more than any "
-                                               f"signature takes ({MAX_RANK})")
     if any(s < 0 for s in shape):
         raise ServingError("INVALID_ARGUMENT", f"input {key!r}: negative dimension in shape {shape}")
     return shape
@@ -109,6 +126,38 @@ def claimed_shape(key: str, proto) -> list[int]:
 
 def _carried_values(proto) -> int:
     return max(len(getattr(proto, name)) for name in _VALUE_FIELDS if hasattr(proto, name))
+
+
+def check_shapes(shapes: dict[str, list[int]], prime_bytes: int, limits: ServingLimits) -> None:
+    """A request's input shapes and its longest prime against the limits: the one copy of these rules.
+
+    Args:
+        shapes: each input's shape (claimed by its TensorProto, or an array's).
+        prime_bytes: the UTF-8 bytes of the longest prime (0: none); at most 4 a character.
+        limits: this server's limits.
+
+    Raises:
+        ServingError: INVALID_ARGUMENT naming the input, or the limit.
+    """
+    total = 0
+    for key in sorted(shapes):
+        shape = shapes[key]
+        if len(shape) > MAX_RANK:
+            raise ServingError("INVALID_ARGUMENT", f"input {key!r}: {len(shape)} dimensions, more than any "
+                                                   f"signature takes ({MAX_RANK})")
+        count = math.prod(shape)
+        total += count
+        if total > limits.max_request_elements:
+            raise refuse("max_request_elements", limits.max_request_elements,
+                         f"the request's tensors claim {total if count < 1 << 62 else 'over 2**62'} elements "
+                         f"(input {key!r} has shape {shape})")
+        if shape and shape[0] > limits.max_rows_per_call:
+            raise refuse("max_rows_per_call", limits.max_rows_per_call, f"input {key!r} has {shape[0]} rows")
+        if key == "ids" and len(shape) == 2 and shape[1] > limits.max_ids_length:
+            raise refuse("max_ids_length", limits.max_ids_length, f"ids has {shape[1]} ids per row")
+    if prime_bytes > UTF8_MAX_BYTES * limits.max_prime_chars:
+        raise refuse("max_prime_chars", limits.max_prime_chars,
+                     f"prime holds {prime_bytes} bytes (more than {UTF8_MAX_BYTES} per character allowed)")
 
 
 def check_request_tensors(request_inputs, limits: ServingLimits) -> None:
@@ -122,27 +171,13 @@ def check_request_tensors(request_inputs, limits: ServingLimits) -> None:
         limits: this server's limits.
 
     Raises:
-        ServingError: INVALID_ARGUMENT naming the input, or the limit and its flag.
+        ServingError: INVALID_ARGUMENT naming the input, or the limit.
     """
-    total = 0
-    for key in sorted(request_inputs):
-        proto = request_inputs[key]
-        shape = claimed_shape(key, proto)
-        count = math.prod(shape)
-        total += count
-        if total > limits.max_request_elements:
-            raise refuse("max_request_elements", limits.max_request_elements,
-                         f"the request's tensors claim {total if count < 1 << 62 else 'over 2**62'} elements "
-                         f"(input {key!r} has shape {shape})")
-        if shape and shape[0] > limits.max_rows_per_call:
-            raise refuse("max_rows_per_call", limits.max_rows_per_call, f"input {key!r} has {shape[0]} rows")
-        if key == "ids" and len(shape) == 2 and shape[1] > limits.max_ids_length:
-            raise refuse("max_ids_length", limits.max_ids_length, f"ids has {shape[1]} ids per row")
-        if key == "prime":
-            longest = max((len(v) for v in proto.string_val), default=0)
-            if longest > UTF8_MAX_BYTES * limits.max_prime_chars:
-                raise refuse("max_prime_chars", limits.max_prime_chars,
-                             f"prime holds {longest} bytes (more than {UTF8_MAX_BYTES} per character allowed)")
+    shapes = {key: claimed_shape(key, request_inputs[key]) for key in sorted(request_inputs)}
+    prime = request_inputs["prime"].string_val if "prime" in request_inputs else ()
+    check_shapes(shapes, max((len(v) for v in prime), default=0), limits)
+    for key, shape in shapes.items():
+        proto, count = request_inputs[key], math.prod(shape)
         dtype = proto.dtype
         if dtype in ITEM_BYTES:
             content_bytes = len(proto.tensor_content)  # read once: each read of a bytes field copies it
@@ -156,6 +191,21 @@ def check_request_tensors(request_inputs, limits: ServingLimits) -> None:
                                                        f"shape {shape}")
         elif len(proto.string_val) > max(count, 1):
             raise ServingError("INVALID_ARGUMENT", f"input {key!r}: {len(proto.string_val)} values for shape {shape}")
+
+
+def check_request_arrays(arrays: dict[str, np.ndarray], limits: ServingLimits) -> None:
+    """Checks a request's NumPy inputs (e.g. decoded from REST's JSON) against the limits of ``check_shapes``.
+
+    Args:
+        arrays: the inputs by name.
+        limits: this server's limits.
+
+    Raises:
+        ServingError: INVALID_ARGUMENT naming the input, or the limit.
+    """
+    prime = arrays["prime"].reshape(-1) if "prime" in arrays and arrays["prime"].dtype == object else ()
+    check_shapes({key: list(value.shape) for key, value in arrays.items()},
+                 max((len(v) for v in prime if isinstance(v, bytes)), default=0), limits)
 
 
 def _rows(arrays: dict[str, np.ndarray]) -> int:
@@ -175,7 +225,7 @@ def check_call(arrays: dict[str, np.ndarray], vocab_size: int | None, limits: Se
         limits: this server's limits.
 
     Raises:
-        ServingError: INVALID_ARGUMENT naming the input and the rule, or the limit and its flag.
+        ServingError: INVALID_ARGUMENT naming the input and the rule, or the limit.
     """
     if not arrays:
         return

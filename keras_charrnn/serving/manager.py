@@ -1,12 +1,12 @@
-"""Model manager: which versions of which models are loaded, following TF Serving's rules.
+"""The model manager: which versions of which models are loaded, by TF Serving's policies, labels and live config.
 
-Each model has a base path whose numeric sub-folders are versions, and a
-version policy (``latest { num_versions: N }`` by default with N=1, ``all``,
-or ``specific { versions: ... }``). A poller rescans the base paths: versions
-the policy wants are loaded (and warmed up: a version is AVAILABLE only once
-its warm-up records have run, see ``keras_charrnn.warmup``) before the
-versions they replace are unloaded; a version that fails to load never
-replaces one that serves, and its error is kept for GetModelStatus. Requests hold a reference to the
+Loading one version is ``version_loader``'s job; this module decides which to load and when.
+Each model has a base path whose numeric sub-folders are versions, and a version policy
+(``latest { num_versions: N }`` by default with N=1, ``all``, or ``specific { versions: ... }``).
+A poller rescans the base paths: versions the policy wants are loaded (and warmed up: a
+version is AVAILABLE only once its warm-up records have run, see ``keras_charrnn.warmup``)
+before the versions they replace are unloaded; a version that fails to load never replaces
+one that serves, and its error is kept for GetModelStatus. Requests hold a reference to the
 ``LoadedVersion`` they run on, so unloading never drops a call in flight.
 
 Version labels (``version_labels`` of a model's config) and live config
@@ -20,7 +20,6 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,58 +27,18 @@ from pathlib import Path
 from typing import Callable
 
 import tensorflow as tf
-from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 from tensorflow_serving.config import model_server_config_pb2
 
-from keras_charrnn.errors import ConfigError, InputError, ServingError, graph_error_message
+from keras_charrnn.errors import ConfigError, ServingError
 from keras_charrnn.serving import monitoring
-from keras_charrnn.serving.protos import parse_text_proto
-from keras_charrnn.serving.signature_loader import load_signatures
-from keras_charrnn import warmup
-from keras_charrnn.versions import is_version_dir, list_versions
-from keras_charrnn.xla import XLA_DISABLED_MESSAGE, is_xla_unavailable, must_compile_signatures, xla_twin
+from keras_charrnn.serving.config_files import parse_text_proto
+from keras_charrnn.serving.version_loader import LoadedVersion, load_error_message, load_version
+from keras_charrnn.versions import list_versions
 
 log = logging.getLogger("charrnn.serve")
 
 State = ModelVersionStatus.State  # TF Serving's version states: START, LOADING, AVAILABLE, UNLOADING, END
-
-
-@dataclass
-class LoadedVersion:
-    """One loaded version of a model: its signatures and their SignatureDefs."""
-
-    name: str
-    version: int
-    path: Path
-    module: object
-    signature_defs: dict  # name -> tensorflow.core.protobuf.meta_graph_pb2.SignatureDef
-    xla: bool = True  # XLA JIT on: a signature's XLA twin runs in its place (same outputs, faster)
-    must_compile: frozenset = frozenset()  # signatures that need XLA JIT (keras_charrnn.xla)
-
-    def signature(self, name: str) -> Callable:
-        """The concrete function that answers signature ``name``: its XLA twin when this server runs XLA.
-
-        Args:
-            name: the signature name a request gives.
-
-        Returns:
-            The loaded concrete function (called with the signature's inputs as keyword arguments).
-
-        Raises:
-            ServingError: FAILED_PRECONDITION when the version has no such signature; INTERNAL when it
-                must be compiled and XLA is off (as ``tensorflow_model_server`` answers).
-        """
-        if name not in self.signature_defs or name not in self.module.signatures:
-            raise ServingError("FAILED_PRECONDITION",
-                               f'Serving signature name: "{name}" not found in signature def '
-                               f"(model {self.name} version {self.version} has: {', '.join(sorted(self.signature_defs))})")
-        if name in self.must_compile and not self.xla:
-            raise ServingError("INTERNAL", XLA_DISABLED_MESSAGE)  # what tensorflow_model_server answers without XLA
-        twin = xla_twin(name)
-        if self.xla and twin in self.signature_defs and twin in self.module.signatures:
-            return self.module.signatures[twin]
-        return self.module.signatures[name]
 
 
 @dataclass
@@ -123,91 +82,6 @@ def _fingerprint(path: Path) -> tuple:
     return tuple(sorted(items))
 
 
-_QUOTED_PATH = re.compile(r"""(['"])(?:[A-Za-z]:)?[/\\][^'"]*\1""")  # '/any/path with spaces'
-_ABSOLUTE_PATH = re.compile(r"""(?<![\w.<>])(?:[A-Za-z]:)?[/\\][^\s'")]*""")  # /a/path at a word boundary
-
-
-def load_error_message(exc: BaseException, path: Path) -> str:
-    """A failed load's reason for clients: the exception's first line with every file path taken out.
-
-    Args:
-        exc: what the load raised.
-        path: the version folder (its path, and any other absolute path, becomes ``<path>``).
-
-    Returns:
-        ``"TypeName: first line"`` with no server path in it.
-
-    Example:
-
-    >>> load_error_message(OSError("cannot open /srv/m/3/variables/x.index"), Path("/srv/m/4"))
-    'OSError: cannot open <path>'
-    """
-    text = str(exc).strip()
-    line = text.splitlines()[0] if text else ""
-    for prefix in sorted({str(path), str(path.resolve())}, key=len, reverse=True):
-        line = line.replace(prefix, "<path>")
-    line = _ABSOLUTE_PATH.sub("<path>", _QUOTED_PATH.sub(r"\1<path>\1", line))
-    return f"{type(exc).__name__}: {line}"[:300]
-
-
-def load_version(name: str, version: int, path: Path, xla: bool = True) -> LoadedVersion:
-    """Loads a SavedModel version and replays its warm-up records, as TF Serving does.
-
-    A record that fails fails the load. With ``xla``, a record of a signature
-    that has an XLA twin runs the twin (so it compiles now, not on a client's
-    call); if the twin fails for want of XLA, the version falls back to the
-    plain signatures for good.
-
-    Args:
-        name: the model's name.
-        version: the version number.
-        path: the version folder.
-        xla: whether this server runs XLA-compiled functions (``--xla_cpu_compilation_enabled``).
-
-    Returns:
-        The loaded version.
-
-    Raises:
-        InputError: the folder holds no SavedModel with a ``serve`` MetaGraph
-            (TensorFlow's own errors pass through for a corrupt one).
-    """
-    if not is_version_dir(path):
-        raise InputError(f"no saved_model.pb in version {version}")
-    meta = saved_model_pb2.SavedModel.FromString((path / "saved_model.pb").read_bytes())
-    serve = [m for m in meta.meta_graphs if "serve" in m.meta_info_def.tags]
-    if not serve:
-        raise InputError(f"version {version} has no MetaGraph tagged 'serve'")
-    if len(meta.meta_graphs) == 1 and set(serve[0].meta_info_def.tags) == {"serve"}:
-        module = load_signatures(path, serve[0])
-    else:  # TensorFlow's loader and its rules (several MetaGraphs, other tags)
-        module = tf.saved_model.load(str(path), tags=["serve"])
-    signature_defs = {}
-    for key, sig_def in serve[0].signature_def.items():
-        if not key.startswith("__"):  # copies: a part of the parsed SavedModel would keep all of it alive
-            signature_defs[key] = meta_graph_pb2.SignatureDef()
-            signature_defs[key].CopyFrom(sig_def)
-    loaded = LoadedVersion(name, version, path, module, signature_defs, xla,
-                           frozenset(must_compile_signatures(serve[0])))
-    del meta, serve
-    records = warmup.replay(path, lambda signature, inputs: _warm_up(loaded, signature, inputs))
-    log.info("model %s version %d: ran %d warm-up record(s)%s", name, version, records,
-             "" if loaded.xla or not xla else " (without XLA: the XLA twins failed)")
-    return loaded
-
-
-def _warm_up(loaded: LoadedVersion, signature: str, inputs: dict) -> None:
-    """Runs one warm-up record; a twin failing for want of XLA turns XLA off for the version (once)."""
-    tensors = {k: tf.constant(v) for k, v in inputs.items()}
-    try:
-        loaded.signature(signature)(**tensors)
-    except tf.errors.OpError as exc:
-        if not (loaded.xla and is_xla_unavailable(exc.message) and signature not in loaded.must_compile):
-            raise InputError(f"warm-up record of {signature} failed: {graph_error_message(exc.message)}") from None
-        log.warning("model %s version %d: XLA twin failed (%s); serving the plain signatures",
-                    loaded.name, loaded.version, exc.message.splitlines()[0])
-        loaded.xla = False
-        loaded.signature(signature)(**tensors)
-
 
 def wanted_versions(policy: model_server_config_pb2.ModelConfig, on_disk: list[int]) -> list[int]:
     """The versions a model's version policy asks for, out of those on disk.
@@ -241,24 +115,38 @@ class ModelManager:
     Args:
         config: TF Serving's ``ModelServerConfig`` (``model_config_list``).
         poll_seconds: how often base paths are rescanned (0: never after start).
+        xla: run the XLA-compiled twins of the signatures (TF Serving's ``xla_cpu_compilation_enabled``).
+        allow_version_labels_for_unavailable_models: let a new version label name a version
+            that is not loaded yet (TF Serving's setting of that name).
+        on_change: called (no arguments) after every poll, e.g. to update the server's health.
+        on_remove: called with the names of the models a config reload removed.
 
     Raises:
         ConfigError: the config cannot be served (``model_config_problem``: no models, a model
             without a name or base_path, a platform other than tensorflow, a bad version label).
     """
 
-    def __init__(self, config: model_server_config_pb2.ModelServerConfig, poll_seconds: float = 1.0):
+    def __init__(self, config: model_server_config_pb2.ModelServerConfig, poll_seconds: float = 1.0,
+                 xla: bool = True, allow_version_labels_for_unavailable_models: bool = False,
+                 on_change: Callable[[], None] | None = None,
+                 on_remove: Callable[[list[str]], None] | None = None):
         problem = model_config_problem(config)
         if problem:
             raise ConfigError(problem)
         self.models: dict[str, ManagedModel] = {mc.name: ManagedModel(mc) for mc in config.model_config_list.config}
         self.poll_seconds = poll_seconds
-        self.xla = True  # run XLA-compiled functions (TF Serving's --xla_cpu_compilation_enabled)
-        self.on_change = None  # called (no arguments) after every poll: the server updates its health
+        self.xla = xla
+        self.allow_version_labels_for_unavailable_models = allow_version_labels_for_unavailable_models
+        self.on_change = on_change
+        self.on_remove = on_remove
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._init_live_config(config)
+        self.config = model_server_config_pb2.ModelServerConfig()  # the config in force
+        self.config.CopyFrom(config)
+        self._config_lock = threading.RLock()  # keeps a config reload and a version poll apart
+        self._config_file_text: str | None = None  # the config file's text last applied (or refused for good)
+        self._config_file_error = ""  # the last reason logged for refusing it (logged once)
 
     def start(self) -> None:
         """Loads what the policies want now, then keeps polling in the background."""
@@ -375,10 +263,6 @@ class ModelManager:
             model.status[version] = VersionStatus(State.AVAILABLE)
         log.info("model %s: loaded version %d from %s", name, version, path)
 
-    def ready(self) -> bool:
-        """True when every model has a version that serves."""
-        return all(m.loaded for m in self.models.values())
-
     def serving(self) -> dict[str, bool]:
         """Each model's readiness: True while at least one of its versions is AVAILABLE."""
         with self._lock:
@@ -440,17 +324,6 @@ class ModelManager:
 
 
     # ----- version labels and live config (TF Serving's ReloadConfig) ---------------------------
-
-    allow_version_labels_for_unavailable_models: bool = False  # TF Serving's flag of that name
-    on_remove = None  # called with the names of models a reload removed (the server updates their health)
-
-    def _init_live_config(self, config: model_server_config_pb2.ModelServerConfig) -> None:
-        """The config in force, and the lock that keeps a reload and a version poll apart."""
-        self.config = model_server_config_pb2.ModelServerConfig()
-        self.config.CopyFrom(config)
-        self._config_lock = threading.RLock()
-        self._config_file_text: str | None = None  # the config file's text last applied (or refused for good)
-        self._config_file_error = ""  # the last reason logged for refusing it (logged once)
 
     def label_version(self, name: str, label: str) -> int:
         """The version a label of the model's config points to.

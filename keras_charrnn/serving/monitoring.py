@@ -42,7 +42,7 @@ from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector,
 from prometheus_client.utils import floatToGoString
 
 from keras_charrnn.errors import ConfigError, ServingError
-from keras_charrnn.serving.protos import MonitoringConfig, read_text_proto
+from keras_charrnn.serving.config_files import MonitoringConfig, read_text_proto
 
 DEFAULT_PATH = "/monitoring/prometheus/metrics"  # TF Serving's PrometheusExporter::kPrometheusPath
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

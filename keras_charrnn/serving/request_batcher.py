@@ -31,9 +31,7 @@ row's result does not depend on which other calls share its batch.
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import os
 import threading
 import time
 from collections import Counter, deque
@@ -45,8 +43,8 @@ import numpy as np
 
 from keras_charrnn.errors import ConfigError, ServingError
 from keras_charrnn.serving import monitoring
-from keras_charrnn.serving.manager import LoadedVersion
-from keras_charrnn.serving.protos import BatchingParameters, read_text_proto
+from keras_charrnn.serving.memory import release_freed_memory
+from keras_charrnn.serving.version_loader import LoadedVersion
 
 log = logging.getLogger("charrnn.serve")
 
@@ -136,52 +134,12 @@ def padded_sizes(max_batch_size: int, allowed: list[int] | None = None) -> list[
     return sizes + [max_batch_size]
 
 
-def batch_sizes_from_batching_parameters(path: str | os.PathLike) -> list[int]:
-    """The batch sizes a ``batching_parameters_file`` makes calls come in (what ``charrnn export`` warms up).
-
-    ``allowed_batch_sizes`` when the file gives them (TF Serving pads every batch to
-    one of them), else the sizes the embedded server pads to: the powers of two
-    below ``max_batch_size``, then ``max_batch_size``.
-
-    Args:
-        path: a ``BatchingParameters`` text file (e.g. ``serving/batching_parameters.txt``).
-
-    Returns:
-        Increasing batch sizes.
-
-    Raises:
-        ConfigError: the file cannot be read or parsed; the message names ``batching_parameters_file``.
-
-    Example:
-
-    >>> batch_sizes_from_batching_parameters("serving/batching_parameters.txt")  # doctest: +SKIP
-    [1, 2, 4, 8, 16, 32, 64]
-    """
-    try:
-        parsed = read_text_proto(path, BatchingParameters())
-    except ConfigError as exc:
-        raise ConfigError(f"batching_parameters_file {exc}") from None
-    max_batch = parsed.max_batch_size.value if parsed.HasField("max_batch_size") else BatchingOptions.max_batch_size
-    return padded_sizes(int(max_batch), [int(b) for b in parsed.allowed_batch_sizes] or None)
-
-
-def release_freed_memory() -> None:
-    """Gives the heap that glibc's malloc holds free back to the system (``malloc_trim``); elsewhere nothing.
-
-    Loading a model and XLA-compiling it for a batch size leave tens of MB of
-    freed heap that malloc would otherwise keep (see BENCHMARKS.md, "serving overhead profile").
-    """
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 class Batcher:
     """Merges concurrent calls of one signature into batched model calls.
 
     Args:
-        run: executes a signature: ``run(loaded, signature, inputs) -> outputs`` (NumPy dicts).
+        run: executes a batch: ``run(loaded, signature, inputs) -> outputs`` (NumPy dicts), with the
+            ``signature`` its calls were submitted with (the server's: ``signature_runner.run_batch``).
         options: the batching parameters (defaults: ``BatchingOptions()``).
 
     Raises:
@@ -217,7 +175,8 @@ class Batcher:
 
         Args:
             loaded: the model version to run on.
-            signature: the signature's name.
+            signature: the signature: its name, or anything hashable that stands for it (the server's
+                ``SignatureCall``); calls of equal signatures share batches.
             inputs: the call's tensors; all share the first (batch) dimension.
             alive: tells whether the caller still waits (e.g. ``grpc.ServicerContext.is_active``);
                 a call whose caller has gone, or whose future was cancelled, is dropped before its batch runs.

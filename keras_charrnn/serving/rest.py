@@ -1,4 +1,4 @@
-"""TensorFlow Serving's REST API for the embedded model server, plus the playground page and metrics.
+"""The REST handlers: TensorFlow Serving's REST API over the gRPC servicers, plus the playground page and metrics.
 
 ``charrnn serve --rest_api_port 8501`` answers, as ``tensorflow_model_server`` does:
 
@@ -9,13 +9,12 @@
 ``POST /v1/models/NAME[/versions/N | /labels/L]:predict``
     ``{"signature_name": ..., "instances": [...]}`` (row format: one object per
     batch row, answered with ``"predictions"``) or ``{"inputs": {...}}``
-    (columnar: one value per input, answered with ``"outputs"``). Binary
-    strings travel as ``{"b64": "..."}``; string outputs whose name ends in
-    ``_bytes`` (and any that are not UTF-8) come back that way.
+    (columnar: one value per input, answered with ``"outputs"``); the JSON tensors
+    are ``json_codec``'s.
 
-A request is turned into the gRPC ``PredictRequest`` it stands for and runs
-through the gRPC service's own ``predict``, so the checks, limits, batching
-and error messages are the same. Failures answer ``{"error": "..."}`` with
+A predict resolves its model once, decodes the body into the signature's arrays
+and runs them through the gRPC service's ``predict_arrays``, so the checks,
+limits, batching and error messages are the gRPC ones. Failures answer ``{"error": "..."}`` with
 TF Serving's HTTP status for the code (400 INVALID_ARGUMENT and
 FAILED_PRECONDITION, 404 NOT_FOUND, 429 RESOURCE_EXHAUSTED, 503 UNAVAILABLE,
 504 DEADLINE_EXCEEDED, 501 UNIMPLEMENTED, 500 otherwise). Bodies over
@@ -31,8 +30,6 @@ The HTTP layer is the standard library's ``http.server``.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import logging
 import re
@@ -44,20 +41,19 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from urllib.parse import unquote, urlsplit
 
-import numpy as np
 from google.protobuf import json_format
 from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2, predict_pb2
 
 from keras_charrnn import sampling
 from keras_charrnn.errors import ConfigError, ServingError
-from keras_charrnn.serving import monitoring, wire
+from keras_charrnn.serving import monitoring
+from keras_charrnn.serving.json_codec import parse_json, request_arrays, response_json
 from keras_charrnn.serving.options import (DEFAULT_HOST, DEFAULT_REST_NUM_THREADS, DEFAULT_REST_PORT,
                                            DEFAULT_REST_TIMEOUT_MS, MAX_MESSAGE_BYTES)
-from keras_charrnn.serving.wire import DT_BOOL, DT_FLOAT, DT_INT32, DT_INT64, DT_STRING
+from keras_charrnn.serving.servicers import ModelStatusServicer, PredictionServicer, SettingNamer, error_text
 
 log = logging.getLogger("charrnn.serve")
 
-MAX_JSON_DEPTH = 32  # deeper JSON is refused before it is walked
 DEFAULT_TIMEOUT_MS = DEFAULT_REST_TIMEOUT_MS  # tensorflow_model_server's --rest_api_timeout_in_ms
 DEFAULT_NUM_THREADS = DEFAULT_REST_NUM_THREADS
 PLAYGROUND_PATH = "/playground"
@@ -77,217 +73,9 @@ PREDICT_PATH = re.compile(r"/v1/models/([^/:]+)" + _VERSION_OR_LABEL + r":(class
 STATUS_PATH = re.compile(r"/v1/models(?:/([^/:]+))?" + _VERSION_OR_LABEL + r"(?:/(metadata))?", re.I)
 _CONTENT_LENGTH = re.compile(r"[0-9]{1,19}")
 
-_NUMPY = {DT_FLOAT: np.float32, DT_INT32: np.int32, DT_INT64: np.int64, DT_BOOL: np.bool_, DT_STRING: object}
-_DTYPE_NAME = {DT_FLOAT: "float", DT_INT32: "int32", DT_STRING: "string", DT_INT64: "int64", DT_BOOL: "bool"}
-_INT_RANGE = {DT_INT32: (-2 ** 31, 2 ** 31 - 1), DT_INT64: (-2 ** 63, 2 ** 63 - 1)}
-
 
 def _invalid(message: str) -> ServingError:
     return ServingError("INVALID_ARGUMENT", message)
-
-
-def _short(value) -> str:
-    text = json.dumps(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-# ----- JSON -> NumPy, typed by the signature -------------------------------------------------
-
-def _is_b64(value) -> bool:
-    return isinstance(value, dict) and len(value) == 1 and isinstance(value.get("b64"), str)
-
-
-def _json_depth_ok(document, limit: int = MAX_JSON_DEPTH) -> bool:
-    stack = [(document, 1)]
-    while stack:
-        value, depth = stack.pop()
-        if depth > limit:
-            return False
-        if isinstance(value, list):
-            stack.extend((v, depth + 1) for v in value if isinstance(v, (list, dict)))
-        elif isinstance(value, dict):
-            stack.extend((v, depth + 1) for v in value.values() if isinstance(v, (list, dict)))
-    return True
-
-
-def _scalar(value, dtype: int, name: str):
-    if dtype == DT_STRING:
-        if isinstance(value, str):
-            return value.encode("utf-8")
-        if _is_b64(value):
-            try:
-                return base64.b64decode(value["b64"], validate=True)
-            except (binascii.Error, ValueError):
-                raise _invalid(f"input {name!r}: unable to base64 decode {_short(value)}") from None
-        if isinstance(value, dict):
-            raise _invalid(f"input {name!r}: JSON value {_short(value)} not formatted correctly for base64 data")
-    elif dtype == DT_FLOAT:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif dtype in _INT_RANGE:
-        low, high = _INT_RANGE[dtype]
-        if isinstance(value, int) and not isinstance(value, bool) and low <= value <= high:
-            return value
-    elif dtype == DT_BOOL:
-        if isinstance(value, bool):
-            return value
-    raise _invalid(f"input {name!r}: JSON value {_short(value)} is not of expected type {_DTYPE_NAME[dtype]}")
-
-
-def json_to_array(value, dtype: int, name: str) -> np.ndarray:
-    """One tensor in TF Serving's JSON form (a value or dense nested lists) as a NumPy array.
-
-    Args:
-        value: the parsed JSON.
-        dtype: the signature input's ``DataType`` enum value.
-        name: the input's name (for messages).
-
-    Returns:
-        The array (strings as ``bytes`` objects).
-
-    Raises:
-        ServingError: INVALID_ARGUMENT for a ragged list, a value of the wrong type, bad base64,
-            or a dtype this server does not take over REST.
-
-    Example:
-
-    >>> json_to_array([[1, 2], [3, 4]], DT_INT32, "ids").shape
-    (2, 2)
-    """
-    if dtype not in _NUMPY:
-        raise _invalid(f"input {name!r}: its dtype (DataType {dtype}) is not supported by this server's REST API")
-    shape, probe = [], value
-    while isinstance(probe, list):
-        shape.append(len(probe))
-        if not probe:
-            break
-        probe = probe[0]
-    flat = []
-
-    def fill(item, level):
-        if isinstance(item, list):
-            if level >= len(shape) or len(item) != shape[level]:
-                raise _invalid(f"input {name!r}: the nested lists are not a dense tensor of shape {shape}")
-            for element in item:
-                fill(element, level + 1)
-        elif level != len(shape):
-            raise _invalid(f"input {name!r}: the nested lists are not a dense tensor of shape {shape}")
-        else:
-            flat.append(_scalar(item, dtype, name))
-
-    fill(value, 0)
-    array = np.empty(len(flat), dtype=object) if dtype == DT_STRING else np.array(flat, dtype=_NUMPY[dtype])
-    if dtype == DT_STRING:
-        array[:] = flat
-    return array.reshape(shape)
-
-
-def request_arrays(body: dict, input_infos) -> tuple[dict[str, np.ndarray], str]:
-    """The input tensors of a ``:predict`` body, in either of TF Serving's formats.
-
-    Args:
-        body: the parsed request: ``instances`` (row format) or ``inputs`` (columnar).
-        input_infos: the signature's inputs (name -> ``TensorInfo``).
-
-    Returns:
-        The arrays by input name, and the format: ``"row"`` or ``"columnar"``.
-
-    Raises:
-        ServingError: INVALID_ARGUMENT for a body that does not fit the signature.
-    """
-    names = sorted(input_infos)
-    if ("instances" in body) == ("inputs" in body):
-        raise _invalid("the request must hold exactly one of 'instances' (row format) or 'inputs' (columnar format)")
-    if "inputs" in body:
-        value = body["inputs"]
-        if not isinstance(value, dict) or _is_b64(value):
-            if len(names) != 1:
-                raise _invalid(f"inputs is a plain value/list, but the signature takes {len(names)} named inputs "
-                               f"{names}: give an object")
-            value = {names[0]: value}
-        unknown = sorted(set(value) - set(names))
-        if unknown:
-            raise _invalid(f"unexpected input(s) {unknown} in 'inputs'; the signature takes {names}")
-        missing = [n for n in names if n not in value]
-        if missing:
-            raise _invalid(f"missing named input(s) {missing} in 'inputs' object")
-        return {n: json_to_array(value[n], input_infos[n].dtype, n) for n in names}, "columnar"
-
-    rows = body["instances"]
-    if not isinstance(rows, list) or not rows:
-        raise _invalid("'instances' must be a non-empty list")
-    if not names:
-        raise _invalid("the signature takes no inputs: use the columnar format, {\"inputs\": {}}")
-    as_objects = isinstance(rows[0], dict) and not _is_b64(rows[0])
-    if not as_objects and len(names) > 1:
-        raise _invalid(f"instances is a plain list, but the signature takes {len(names)} named inputs {names}: "
-                       f"give a list of objects")
-    columns: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    for i, row in enumerate(rows):
-        if as_objects:
-            if not isinstance(row, dict) or _is_b64(row):
-                raise _invalid(f"expecting an object but got {_short(row)} at item {i} of 'instances'")
-            if set(row) != set(names):
-                raise _invalid(f"item {i} of 'instances' has keys {sorted(row)}; they must be {names}")
-        elif isinstance(row, dict) and not _is_b64(row):
-            raise _invalid(f"expecting a value/list but got an object at item {i} of 'instances'")
-        for n in names:
-            array = json_to_array(row[n] if as_objects else row, input_infos[n].dtype, n)
-            if columns[n] and array.shape != columns[n][0].shape:
-                raise _invalid(f"input {n!r}: item {i} of 'instances' has shape {list(array.shape)}, "
-                               f"item 0 has {list(columns[n][0].shape)}")
-            columns[n].append(array)
-    return {n: np.stack(columns[n]) for n in names}, "row"
-
-
-# ----- NumPy -> JSON ------------------------------------------------------------------------
-
-def _jsonable(array: np.ndarray, name: str):
-    if array.dtype != object:
-        return array.tolist()
-    as_b64 = name.endswith("_bytes")
-
-    def convert(item):
-        if isinstance(item, list):
-            return [convert(x) for x in item]
-        data = item if isinstance(item, bytes) else str(item).encode("utf-8")
-        if not as_b64:
-            try:
-                return data.decode("utf-8")
-            except UnicodeDecodeError:
-                pass  # not text: binary, as TF Serving writes a *_bytes output
-        return {"b64": base64.b64encode(data).decode("ascii")}
-
-    return convert(array.tolist())
-
-
-def response_json(outputs: dict[str, np.ndarray], form: str) -> dict:
-    """A predict answer in TF Serving's JSON: ``predictions`` (row format) or ``outputs`` (columnar).
-
-    One output is given bare; several by name (a list of objects in the row format).
-
-    Args:
-        outputs: the output arrays by name.
-        form: ``"row"`` or ``"columnar"``, the request's format.
-
-    Returns:
-        The JSON-ready answer.
-
-    Raises:
-        ServingError: INVALID_ARGUMENT when row format meets outputs of different batch sizes.
-    """
-    names = sorted(outputs)
-    if form == "columnar":
-        if len(names) == 1:
-            return {"outputs": _jsonable(outputs[names[0]], names[0])}
-        return {"outputs": {n: _jsonable(outputs[n], n) for n in names}}
-    sizes = {outputs[n].shape[0] if outputs[n].ndim else None for n in names}
-    if len(sizes) != 1 or None in sizes:
-        raise _invalid("the outputs do not share one batch size; use the columnar format ('inputs')")
-    columns = {n: _jsonable(outputs[n], n) for n in names}
-    if len(names) == 1:
-        return {"predictions": columns[names[0]]}
-    return {"predictions": [{n: columns[n][i] for n in names} for i in range(sizes.pop())]}
 
 
 # ----- the API, transport aside -------------------------------------------------------------
@@ -306,24 +94,35 @@ def _json_reply(status: int, document, pretty: bool = True) -> Reply:
     return Reply(status, "application/json", text.encode("utf-8") + b"\n")
 
 
-def error_reply(error: ServingError) -> Reply:
-    """``{"error": message}`` with the HTTP status TF Serving gives the error's code."""
-    return _json_reply(HTTP_STATUS.get(error.code, 500), {"error": error.message})
+def error_reply(error: ServingError, name_setting: SettingNamer | None = None) -> Reply:
+    """``{"error": message}`` with the HTTP status TF Serving gives the error's code.
+
+    Args:
+        error: the error.
+        name_setting: how the server's operator sets a setting (see ``servicers.error_text``).
+
+    Returns:
+        The reply.
+    """
+    return _json_reply(HTTP_STATUS.get(error.code, 500), {"error": error_text(error, name_setting)})
 
 
 class RestApi:
     """TF Serving's REST API over the gRPC services' transport-neutral methods.
 
     Args:
-        prediction: the ``PredictionServicer`` (its ``predict`` and ``metadata``).
+        prediction: the ``PredictionServicer`` (its ``signature_call``, ``predict_arrays`` and ``metadata``).
         model_status: the ``ModelStatusServicer`` (its ``status``).
-        timeout_s: the longest a predict call may wait (``--rest_api_timeout_in_ms``).
+        timeout_s: the longest a predict call may wait (``rest_api_timeout_in_ms``).
+        name_setting: how the server's operator sets a setting, added to the errors a setting causes.
     """
 
-    def __init__(self, prediction, model_status, timeout_s: float | None = DEFAULT_TIMEOUT_MS / 1000):
+    def __init__(self, prediction: PredictionServicer, model_status: ModelStatusServicer,
+                 timeout_s: float | None = DEFAULT_TIMEOUT_MS / 1000, name_setting: SettingNamer | None = None):
         self.prediction = prediction
         self.model_status = model_status
         self.timeout_s = timeout_s
+        self.name_setting = name_setting
 
     def handle(self, method: str, path: str, body: bytes) -> Reply:
         """Answers one ``/v1/...`` request; counts it in the metrics as TF Serving does.
@@ -366,7 +165,7 @@ class RestApi:
             return reply
         except ServingError as exc:
             status = exc.code
-            return error_reply(exc)
+            return error_reply(exc, self.name_setting)
         except Exception as exc:  # never a traceback to the caller
             log.exception("internal error in REST %s %s", method, path)
             return error_reply(ServingError("INTERNAL", f"internal error: {type(exc).__name__}"))
@@ -396,42 +195,10 @@ class RestApi:
         signature = document.get("signature_name", "serving_default")
         if not isinstance(signature, str):
             raise _invalid("'signature_name' must be a string")
-        signature = signature or "serving_default"
-        version = spec.version.value if spec.HasField("version") else None
-        loaded = self.prediction.manager.resolve(spec.name, version, spec.version_label or None)
-        loaded.signature(signature)  # FAILED_PRECONDITION when it is not there, as over gRPC
-        arrays, form = request_arrays(document, loaded.signature_defs[signature].inputs)
-        request = predict_pb2.PredictRequest()
-        request.model_spec.CopyFrom(spec)
-        request.model_spec.signature_name = signature
-        for name, array in arrays.items():
-            wire.to_tensor_proto(array, request.inputs[name])
-        response = self.prediction.predict(request, timeout=self.timeout_s)
-        outputs = {name: wire.from_tensor_proto(proto) for name, proto in response.outputs.items()}
+        call = self.prediction.signature_call(spec, signature)  # the one resolve; FAILED_PRECONDITION as over gRPC
+        arrays, form = request_arrays(document, call.loaded.signature_defs[call.name].inputs)
+        outputs = self.prediction.predict_arrays(call, arrays, timeout=self.timeout_s)
         return _json_reply(200, response_json(outputs, form), pretty=False)  # states: thousands of numbers
-
-
-def parse_json(body: bytes) -> dict:
-    """The request body as a JSON object (NaN and Infinity allowed, as TF Serving does).
-
-    Raises:
-        ServingError: INVALID_ARGUMENT for an empty, malformed, too deeply nested or non-object body.
-    """
-    if not body:
-        raise _invalid("JSON Parse error: The document is empty")
-    try:
-        document = json.loads(body.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise _invalid("JSON Parse error: the body is not UTF-8") from None
-    except json.JSONDecodeError as exc:
-        raise _invalid(f"JSON Parse error: {exc.msg} at offset: {exc.pos}") from None
-    except RecursionError:
-        raise _invalid(f"JSON Parse error: nested deeper than {MAX_JSON_DEPTH} levels") from None
-    if not isinstance(document, dict):
-        raise _invalid(f"JSON Value: {_short(document)} Is not object")
-    if not _json_depth_ok(document):
-        raise _invalid(f"JSON Parse error: nested deeper than {MAX_JSON_DEPTH} levels")
-    return document
 
 
 # ----- the playground page ------------------------------------------------------------------

@@ -4,7 +4,7 @@ Its one job: give the model server, for a SavedModel version, an object whose
 ``signatures`` return the same outputs, bit for bit, as those of
 ``tf.saved_model.load`` (the same FunctionDefs run on the same kernels, variables
 and constants), while building nothing else; anything it does not handle itself
-(several MetaGraphs or other tags, which ``manager.load_version`` routes away,
+(several MetaGraphs or other tags, which ``version_loader.load_version`` routes away,
 signatures that capture tables, assets or other resources, TF1 SavedModels, a
 damaged model, or a TensorFlow whose private APIs this relies on changed) is
 loaded by ``tf.saved_model.load`` instead.

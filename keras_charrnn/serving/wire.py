@@ -16,6 +16,7 @@ import math
 import numpy as np
 from google.protobuf import any_pb2, descriptor_pool, wrappers_pb2  # noqa: F401  (registers their files)
 
+from keras_charrnn.errors import InputError
 from keras_charrnn.serving.schema import make_messages
 
 _pool = descriptor_pool.DescriptorPool()
@@ -85,22 +86,53 @@ _LITTLE_ENDIAN = {k: np.dtype(v).newbyteorder("<") for k, v in _NUMPY_OF.items()
 _NATIVE = {k: np.dtype(v) for k, v in _NUMPY_OF.items()}
 
 
+def dtype_of(value: np.ndarray) -> int:
+    """The TensorProto ``DataType`` of a NumPy array: ``DT_STRING`` for bytes/str objects.
+
+    Args:
+        value: the array.
+
+    Returns:
+        The ``DataType`` enum value (``DT_FLOAT``, ``DT_INT32``, ``DT_INT64``, ``DT_BOOL`` or ``DT_STRING``).
+
+    Raises:
+        InputError: the array's dtype has no TensorProto dtype here (e.g. float64); the message names ``value``.
+
+    Example:
+
+    >>> dtype_of(np.zeros(2, np.int32)) == DT_INT32
+    True
+    """
+    if value.dtype == object or value.dtype.kind in "SU":
+        return DT_STRING
+    if value.dtype not in _DTYPE_OF:
+        raise InputError(f"value: a {value.dtype} array has no TensorProto dtype here; give float32, int32, "
+                         f"int64, bool or strings")
+    return _DTYPE_OF[value.dtype]
+
+
 def to_tensor_proto(value: np.ndarray, into=None):
     """A NumPy array (numbers, or bytes/str objects) as a TensorProto, as ``tf.make_tensor_proto`` would.
 
-    ``into`` may be a light or a real (tensorflow) TensorProto: the fields are the same.
+    Args:
+        value: the array (anything ``np.asarray`` takes).
+        into: a light or a real (tensorflow) TensorProto to fill (the fields are the same); None: a new light one.
+
+    Returns:
+        The TensorProto.
+
+    Raises:
+        InputError: ``value``'s dtype has no TensorProto dtype here (see ``dtype_of``).
     """
     value = np.asarray(value)
+    dtype = dtype_of(value)
     proto = into if into is not None else TensorProto()
     for size in value.shape:
         proto.tensor_shape.dim.add(size=size)
-    if value.dtype == object or value.dtype.kind in "SU":
-        proto.dtype = DT_STRING
+    proto.dtype = dtype
+    if dtype == DT_STRING:
         proto.string_val.extend(v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in value.reshape(-1))
         return proto
-    if value.dtype not in _DTYPE_OF:
-        raise TypeError(f"no TensorProto dtype for {value.dtype}")
-    proto.dtype = _DTYPE_OF[value.dtype]
     proto.tensor_content = np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("<")).tobytes()
     return proto
 

@@ -1,10 +1,10 @@
-"""TF Serving configuration messages that the tensorflow-serving-api wheel lacks.
+"""TF Serving's text config files: the config messages the tensorflow-serving-api wheel lacks, and their reading.
 
 ``BatchingParameters`` (tensorflow_serving/servables/tensorflow/session_bundle_config.proto),
 ``SSLConfig`` (tensorflow_serving/config/ssl_config.proto) and ``MonitoringConfig``
 (tensorflow_serving/config/monitoring_config.proto), with TF Serving's
-field names and numbers, so ``--batching_parameters_file`` and
-``--ssl_config_file`` take the same text files as ``tensorflow_model_server``.
+field names and numbers, so ``batching_parameters_file``, ``ssl_config_file`` and
+``monitoring_config_file`` take the same text files as ``tensorflow_model_server``'s.
 
 ``read_text_proto`` and ``parse_text_proto`` read any of TF Serving's text-format config files.
 """
