@@ -59,8 +59,10 @@ print(json.dumps({"chars": int(corpus.ids.size), "dtype": str(corpus.ids.dtype),
 def make_corpus(folder: Path, megabytes: int, files: int = 20) -> None:
     """Writes ``files`` files of about ``megabytes / files`` MB each."""
     rng = random.Random(0)
-    words = ("def return self value for in if else the of and to a is that it with as was on be by this "
-             "café naïve résumé — “quoted” über déjà").split()
+    words = (
+        "def return self value for in if else the of and to a is that it with as was on be by this "
+        "café naïve résumé — “quoted” über déjà"
+    ).split()
     lines = []
     for _ in range(20000):
         lines.append("    " * rng.randint(0, 3) + " ".join(rng.choice(words) for _ in range(rng.randint(3, 12))))

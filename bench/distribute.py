@@ -53,10 +53,33 @@ def _corpus(path: str | None, chars: int, folder: Path) -> Path:
 
 
 def _train_cmd(corpus: Path, out: Path, args, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "keras_charrnn.cli", "train", str(corpus), "--out", str(out),
-            "--units", str(args.units), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
-            "--epochs", str(args.epochs), "--val-frac", "0", "--dropout", "0", "--checkpoint-every", "0",
-            "--sample-chars", "0", "--quiet", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "keras_charrnn.cli",
+        "train",
+        str(corpus),
+        "--out",
+        str(out),
+        "--units",
+        str(args.units),
+        "--batch-size",
+        str(args.batch_size),
+        "--seq-len",
+        str(args.seq_len),
+        "--epochs",
+        str(args.epochs),
+        "--val-frac",
+        "0",
+        "--dropout",
+        "0",
+        "--checkpoint-every",
+        "0",
+        "--sample-chars",
+        "0",
+        "--quiet",
+        *extra,
+    ]
 
 
 def _last_speed(output: str) -> float:
@@ -80,8 +103,15 @@ def two_workers(corpus: Path, folder: Path, args) -> float:
     for i in range(2):
         tf_config = json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}})
         cmd = ["taskset", "-c", str(i)] + _train_cmd(corpus, folder / "two", args, "--distribute", "multi-worker")
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                      env={**os.environ, "TF_CONFIG": tf_config}))
+        procs.append(
+            subprocess.Popen(
+                cmd,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env={**os.environ, "TF_CONFIG": tf_config},
+            )
+        )
     outputs = [p.communicate()[0] for p in procs]
     if any(p.returncode for p in procs):
         raise SystemExit("\n".join(o[-3000:] for o in outputs))
@@ -89,8 +119,9 @@ def two_workers(corpus: Path, folder: Path, args) -> float:
 
 
 def mirrored_gpus(corpus: Path, folder: Path, args) -> float:
-    done = subprocess.run(_train_cmd(corpus, folder / "gpus", args, "--distribute", "mirrored"),
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        _train_cmd(corpus, folder / "gpus", args, "--distribute", "mirrored"), capture_output=True, text=True
+    )
     if done.returncode:
         raise SystemExit(done.stderr[-3000:])
     return _last_speed(done.stdout)
@@ -123,13 +154,17 @@ def main() -> None:
         else:
             one = one_worker(corpus, folder, args)
             two = two_workers(corpus, folder, args)
-            rows = [("1 worker (taskset -c 0)", one, 1.0),
-                    ("2 workers (MultiWorkerMirroredStrategy, 127.0.0.1, taskset -c 0 / -c 1)", two, two / (2 * one))]
+            rows = [
+                ("1 worker (taskset -c 0)", one, 1.0),
+                ("2 workers (MultiWorkerMirroredStrategy, 127.0.0.1, taskset -c 0 / -c 1)", two, two / (2 * one)),
+            ]
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
-    body = (f"### Distributed training\n\n{model}; chars/s of the last of {args.epochs} epochs, "
-            f"through `charrnn train`.\n\n| setup | chars/s | scaling efficiency |\n|---|---|---|\n")
+    body = (
+        f"### Distributed training\n\n{model}; chars/s of the last of {args.epochs} epochs, "
+        f"through `charrnn train`.\n\n| setup | chars/s | scaling efficiency |\n|---|---|---|\n"
+    )
     body += "".join(f"| {name} | {speed:,.0f} | {eff:.0%} |\n" for name, speed, eff in rows)
     for name, speed, eff in rows:
         print(f"{name}: {speed:,.0f} chars/s, efficiency {eff:.0%}")

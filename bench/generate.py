@@ -27,7 +27,7 @@ CHARS = 2000
 def numpy_limit(weights: list[np.ndarray], units: int, layers: int, repeats: int = 5) -> float:
     """Characters per second of the bare matmuls, batch 1 (median of runs)."""
     emb = weights[0]
-    layer_w = [weights[1 + 3 * i: 4 + 3 * i] for i in range(layers)]
+    layer_w = [weights[1 + 3 * i : 4 + 3 * i] for i in range(layers)]
     dense_w = weights[-2]
     x0 = emb[:1]
 
@@ -53,9 +53,10 @@ def main() -> None:
     from keras_charrnn.vocab import Vocabulary
 
     vocab = Vocabulary([chr(c) for c in range(32, 32 + VOCAB - 1)])
-    rows = ["| model | XLA | in-process generate (chars/s, median) | NumPy matmul limit (chars/s) "
-            "| fraction of limit |",
-            "|---|---|---|---|---|"]
+    rows = [
+        "| model | XLA | in-process generate (chars/s, median) | NumPy matmul limit (chars/s) | fraction of limit |",
+        "|---|---|---|---|---|",
+    ]
     for units in (128, 512):
         model = build_model(vocab.size, cell="lstm", units=units, layers=2, batch_size=1, seq_len=1)
         limit = numpy_limit(model.get_weights(), units, 2)
@@ -70,13 +71,17 @@ def main() -> None:
                     m.generate("a", CHARS, seed=seed)
                     speeds.append(CHARS / (time.perf_counter() - t))
                 speed = statistics.median(speeds)
-            rows.append(f"| LSTM 2x{units} | {'on' if xla else 'off'} | {speed:,.0f} | {limit:,.0f} "
-                        f"| {speed / limit:.0%} |")
+            rows.append(
+                f"| LSTM 2x{units} | {'on' if xla else 'off'} | {speed:,.0f} | {limit:,.0f} | {speed / limit:.0%} |"
+            )
             print(rows[-1], flush=True)
-    body = ("## In-process generation (single stream)\n\n"
-            f"`CharRNN.generate` of {CHARS} characters in calls of up to 4096, batch 1, temperature 0.8; "
-            "the sampling loop runs inside the graph.\n\n" + "\n".join(rows) +
-            "\n\nGoal: >= 50% of the limit for 2x512 and >= 25% for 2x128.")
+    body = (
+        "## In-process generation (single stream)\n\n"
+        f"`CharRNN.generate` of {CHARS} characters in calls of up to 4096, batch 1, temperature 0.8; "
+        "the sampling loop runs inside the graph.\n\n"
+        + "\n".join(rows)
+        + "\n\nGoal: >= 50% of the limit for 2x512 and >= 25% for 2x128."
+    )
     update_section("generate", body)
 
 

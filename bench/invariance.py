@@ -54,10 +54,16 @@ def traced(build, plain: bool):
 def call_seconds(module, signatures, flavour: str, batch: int, chars: int) -> float:
     """Seconds of one ``generate`` call of ``chars`` characters per row (compiled and warmed before)."""
     name = FLAVOURS[flavour][1]
-    inputs = {"ids": tf.fill([batch, 1], 1), **{n: tf.zeros([batch, module.units]) for n in module.state_names},
-              "num_chars": tf.fill([batch], chars), "temperature": tf.ones([batch]),
-              "top_k": tf.zeros([batch], tf.int32), "top_p": tf.ones([batch]),
-              "seed": tf.range(batch, dtype=tf.int64), "position": tf.zeros([batch], tf.int64)}
+    inputs = {
+        "ids": tf.fill([batch, 1], 1),
+        **{n: tf.zeros([batch, module.units]) for n in module.state_names},
+        "num_chars": tf.fill([batch], chars),
+        "temperature": tf.ones([batch]),
+        "top_k": tf.zeros([batch], tf.int32),
+        "top_p": tf.ones([batch]),
+        "seed": tf.range(batch, dtype=tf.int64),
+        "position": tf.zeros([batch], tf.int64),
+    }
     start = time.perf_counter()
     signatures[name](**inputs)["ids"].numpy()
     return time.perf_counter() - start
@@ -120,11 +126,14 @@ def main() -> None:
     lines, start = [], time.time()
     for flavour in args.flavours.split(","):
         t = time.time()
-        failures = invariance_failures(module, flavour, sizes, chars=args.chars, pool=max(sizes),
-                                       log=lambda line: print(line, flush=True))
+        failures = invariance_failures(
+            module, flavour, sizes, chars=args.chars, pool=max(sizes), log=lambda line: print(line, flush=True)
+        )
         verdict = "all bitwise equal" if not failures else f"DIFFERS at B={failures}"
-        lines.append(f"| {flavour} | {sizes[0]}..{sizes[-1]} ({len(sizes)} sizes) | {args.chars} | {verdict} | "
-                     f"{time.time() - t:.0f} s |")
+        lines.append(
+            f"| {flavour} | {sizes[0]}..{sizes[-1]} ({len(sizes)} sizes) | {args.chars} | {verdict} | "
+            f"{time.time() - t:.0f} s |"
+        )
         print(lines[-1], flush=True)
 
     speed = []
@@ -137,34 +146,56 @@ def main() -> None:
                     for plain, (module, signatures) in pair.items():
                         times[plain].append(call_seconds(module, signatures, flavour, batch, args.speed_chars))
                 old, new = (statistics.median(times[plain][1:]) for plain in (True, False))
-                speed.append(f"| {model} | {flavour} | {batch} | {batch * args.speed_chars / old:,.0f} | "
-                             f"{batch * args.speed_chars / new:,.0f} | {old / new:.2f}× |")
+                speed.append(
+                    f"| {model} | {flavour} | {batch} | {batch * args.speed_chars / old:,.0f} | "
+                    f"{batch * args.speed_chars / new:,.0f} | {old / new:.2f}× |"
+                )
                 print(speed[-1], flush=True)
 
     across = []
     for machine, env in MACHINES.items():
-        done = subprocess.run([sys.executable, __file__, "--digest", str(args.chars)], capture_output=True, text=True,
-                              env={**os.environ, **env}, check=True)
+        done = subprocess.run(
+            [sys.executable, __file__, "--digest", str(args.chars)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **env},
+            check=True,
+        )
         digest = json.loads(done.stdout.strip().splitlines()[-1])
         across.append(f"| {machine} | {digest['plain']} | {digest['xla']} |")
         print(across[-1], flush=True)
 
-    body = "\n".join([
-        "## Batch invariance (bundled 2×512 LSTM)", "",
-        "`python bench/invariance.py`: 64 sessions (own primes of 1–12 characters, seeds, positions, call "
-        "lengths) run alone, then for each batch size a random choice of them together at random rows; "
-        "sampled ids, states after every call and the final `step` logits compared with `np.array_equal`.", "",
-        "| signatures | batch sizes | characters per session | result | time |", "|---|---|---|---|---|", *lines, "",
-        f"Speed of `generate` ({args.speed_chars} characters per row, median of {args.repeats}, interleaved in "
-        "one process): plain `tf.matmul` against the batch-invariant `cells.matmul`, same weights; the ratio "
-        "is invariant speed / plain speed.", "",
-        "| model | signatures | batch | plain matmul chars/s | invariant chars/s | ratio |",
-        "|---|---|---|---|---|---|",
-        *speed, "",
-        f"Across machines, emulated on this one: a digest of 8 seeded sessions' sampled ids and states ({args.chars} "
-        "characters each, one batch) under other kernels, instruction sets and thread counts; equal digests are the "
-        "same bits.", "", "| machine | plain signatures | XLA twins |", "|---|---|---|", *across,
-        "", f"Total {time.time() - start:.0f} s."])
+    body = "\n".join(
+        [
+            "## Batch invariance (bundled 2×512 LSTM)",
+            "",
+            "`python bench/invariance.py`: 64 sessions (own primes of 1–12 characters, seeds, positions, call "
+            "lengths) run alone, then for each batch size a random choice of them together at random rows; "
+            "sampled ids, states after every call and the final `step` logits compared with `np.array_equal`.",
+            "",
+            "| signatures | batch sizes | characters per session | result | time |",
+            "|---|---|---|---|---|",
+            *lines,
+            "",
+            f"Speed of `generate` ({args.speed_chars} characters per row, median of {args.repeats}, interleaved in "
+            "one process): plain `tf.matmul` against the batch-invariant `cells.matmul`, same weights; the ratio "
+            "is invariant speed / plain speed.",
+            "",
+            "| model | signatures | batch | plain matmul chars/s | invariant chars/s | ratio |",
+            "|---|---|---|---|---|---|",
+            *speed,
+            "",
+            f"Across machines, emulated on this one: a digest of 8 seeded sessions' sampled ids and states ({args.chars} "
+            "characters each, one batch) under other kernels, instruction sets and thread counts; equal digests are the "
+            "same bits.",
+            "",
+            "| machine | plain signatures | XLA twins |",
+            "|---|---|---|",
+            *across,
+            "",
+            f"Total {time.time() - start:.0f} s.",
+        ]
+    )
     print(body)
     if not args.no_write:
         update_section("invariance", body)

@@ -32,8 +32,12 @@ MACHINES = {
     "AVX": {"ONEDNN_MAX_CPU_ISA": "AVX", "XLA_FLAGS": "--xla_cpu_max_isa=AVX"},
     "SSE4.1": {"ONEDNN_MAX_CPU_ISA": "SSE41", "XLA_FLAGS": "--xla_cpu_max_isa=SSE4_2"},
     "1 thread, oneDNN off": {"TF_NUM_INTRAOP_THREADS": "1", "TF_ENABLE_ONEDNN_OPTS": "0"},
-    "1 thread, AVX2": {"TF_NUM_INTRAOP_THREADS": "1", "OMP_NUM_THREADS": "1", "ONEDNN_MAX_CPU_ISA": "AVX2",
-                       "XLA_FLAGS": "--xla_cpu_max_isa=AVX2"},
+    "1 thread, AVX2": {
+        "TF_NUM_INTRAOP_THREADS": "1",
+        "OMP_NUM_THREADS": "1",
+        "ONEDNN_MAX_CPU_ISA": "AVX2",
+        "XLA_FLAGS": "--xla_cpu_max_isa=AVX2",
+    },
 }
 SHAPES = [(512, 2048), (64, 2048), (512, 66)]
 COUNTS = [1, 2, 3, 4, 5, 7, 8, 9, 12, 16, 23, 24, 25, 31, 32, 33, 47, 48, 49, 63, 64]
@@ -65,15 +69,23 @@ def design(name: str):
             else:
                 y = tf.map_fn(lambda block: tf.matmul(block, w), blocks, parallel_iterations=1)
             return tf.reshape(y, [-1, n])[:m]
+
         return product
 
     def pad4(x, w):
         m = tf.shape(x)[0]
         return tf.matmul(tf.pad(x, [[0, (m + 3) // 4 * 4 - m], [0, 0]]), w)[:m]
 
-    return {"plain": tf.matmul, "pad4": pad4, "rows": lambda x, w: tf.linalg.matmul(x[:, None, :], w)[:, 0, :],
-            "row_loop": tiles(1), "tiles4": tiles(4), "tiles8": tiles(8), "tiles32": tiles(32),
-            "batched_tiles4": tiles(4, batched=True)}[name]
+    return {
+        "plain": tf.matmul,
+        "pad4": pad4,
+        "rows": lambda x, w: tf.linalg.matmul(x[:, None, :], w)[:, 0, :],
+        "row_loop": tiles(1),
+        "tiles4": tiles(4),
+        "tiles8": tiles(8),
+        "tiles32": tiles(32),
+        "batched_tiles4": tiles(4, batched=True),
+    }[name]
 
 
 def check(names: list[str]) -> dict:
@@ -89,10 +101,13 @@ def check(names: list[str]) -> dict:
             bad = []
             for k, n in SHAPES:
                 w = tf.constant(rng.normal(0, 0.05, (k, n)).astype(np.float32))
-                fn = tf.function(lambda x, w=w, product=product: product(x, w), jit_compile=mode == "xla",
-                                 input_signature=[tf.TensorSpec([None, k])])
+                fn = tf.function(
+                    lambda x, w=w, product=product: product(x, w),
+                    jit_compile=mode == "xla",
+                    input_signature=[tf.TensorSpec([None, k])],
+                )
                 pool = rng.uniform(-1, 1, (64, k)).astype(np.float32)
-                alone = np.concatenate([fn(pool[r:r + 1]).numpy() for r in range(64)])
+                alone = np.concatenate([fn(pool[r : r + 1]).numpy() for r in range(64)])
                 for count in COUNTS:
                     rows = rng.integers(0, 64, count)
                     if not np.array_equal(fn(pool[rows]).numpy(), alone[rows]):
@@ -151,8 +166,13 @@ def main() -> None:
         return
 
     def child(kind: str, env: dict) -> dict:
-        done = subprocess.run([sys.executable, __file__, "--child", kind], capture_output=True, text=True,
-                              env={**os.environ, **env}, check=True)
+        done = subprocess.run(
+            [sys.executable, __file__, "--child", kind],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **env},
+            check=True,
+        )
         return json.loads(done.stdout.strip().splitlines()[-1])
 
     held = {}
@@ -165,19 +185,29 @@ def main() -> None:
         for mode in ("graph", "xla"):
             verdict = [m for m in MACHINES if held[m][f"{name}/{mode}"]]
             ratio = [times[f"{name}/{mode}/{r}"] / times[f"plain/{mode}/{r}"] for r in (1, 64)]
-            rows.append(f"| {name} | {mode} | {'holds on all' if not verdict else 'differs: ' + ', '.join(verdict)} "
-                        f"| {times[f'{name}/{mode}/1']:.3f} ({ratio[0]:.2f}×) "
-                        f"| {times[f'{name}/{mode}/64']:.3f} ({ratio[1]:.2f}×) |")
-    body = "\n".join([
-        "## Batch-invariant products: the designs measured", "",
-        "`python bench/invariance_designs.py`: each design of `x @ w` checked row by row against the row alone "
-        f"for M in {COUNTS[0]}..{COUNTS[-1]} rows on three shapes, in a subprocess per emulated machine "
-        f"({', '.join(MACHINES)}); then its time per [M, 512] x [512, 2048] product inside a 64-step loop "
-        "(median of 7, ms, and the ratio to plain `tf.matmul` in the same mode).", "",
-        *[f"- **{name}**: {what}" for name, what in DESIGNS.items()], "",
-        "| design | mode | bitwise per row, M = 1..64 | 1 row ms (× plain) | 64 rows ms (× plain) |",
-        "|---|---|---|---|---|", *rows, "",
-        f"This CPU's peak `tf.matmul` rate in the same run: {times['peak_gflops']:.0f} GFLOP/s (2048², float32)."])
+            rows.append(
+                f"| {name} | {mode} | {'holds on all' if not verdict else 'differs: ' + ', '.join(verdict)} "
+                f"| {times[f'{name}/{mode}/1']:.3f} ({ratio[0]:.2f}×) "
+                f"| {times[f'{name}/{mode}/64']:.3f} ({ratio[1]:.2f}×) |"
+            )
+    body = "\n".join(
+        [
+            "## Batch-invariant products: the designs measured",
+            "",
+            "`python bench/invariance_designs.py`: each design of `x @ w` checked row by row against the row alone "
+            f"for M in {COUNTS[0]}..{COUNTS[-1]} rows on three shapes, in a subprocess per emulated machine "
+            f"({', '.join(MACHINES)}); then its time per [M, 512] x [512, 2048] product inside a 64-step loop "
+            "(median of 7, ms, and the ratio to plain `tf.matmul` in the same mode).",
+            "",
+            *[f"- **{name}**: {what}" for name, what in DESIGNS.items()],
+            "",
+            "| design | mode | bitwise per row, M = 1..64 | 1 row ms (× plain) | 64 rows ms (× plain) |",
+            "|---|---|---|---|---|",
+            *rows,
+            "",
+            f"This CPU's peak `tf.matmul` rate in the same run: {times['peak_gflops']:.0f} GFLOP/s (2048², float32).",
+        ]
+    )
     print(body)
     if not args.no_write:
         update_section("invariance_designs", body)

@@ -77,7 +77,7 @@ def windows(ids, length: int):
 
     n = (len(ids) - 1) // length
     x = np.asarray(ids[: n * length], dtype=np.int32).reshape(n, length)
-    y = np.asarray(ids[1: n * length + 1], dtype=np.int32).reshape(n, length)
+    y = np.asarray(ids[1 : n * length + 1], dtype=np.int32).reshape(n, length)
     return x, y
 
 
@@ -102,8 +102,8 @@ def score_stateful(model, x, y) -> float:
     for i in range(0, len(x) - batch + 1, batch):
         reset_states(model)
         for j in range(0, x.shape[1], seq):
-            total += _nats(model, x[i:i + batch, j:j + seq], y[i:i + batch, j:j + seq])
-            count += y[i:i + batch, j:j + seq].size
+            total += _nats(model, x[i : i + batch, j : j + seq], y[i : i + batch, j : j + seq])
+            count += y[i : i + batch, j : j + seq].size
     return total / count
 
 
@@ -141,10 +141,16 @@ def budget_run(corpus: Path, seconds: float, out: Path) -> dict:
     model = run.load_model("best")
     seq = model.input_shape[1]
     x, y = windows(val_ids, WINDOW if WINDOW % seq == 0 else seq)
-    return {"seconds": elapsed, "own_val_loss": record["best_val_loss"], "window_val_loss": score_stateful(model, x, y),
-            "stream_val_loss": score_streams(model, val_ids, model.input_shape[1]),
-            "budget": record["budget"], "config": record["config"], "epochs_done": record["epochs_done"],
-            "window": x.shape[1]}
+    return {
+        "seconds": elapsed,
+        "own_val_loss": record["best_val_loss"],
+        "window_val_loss": score_stateful(model, x, y),
+        "stream_val_loss": score_streams(model, val_ids, model.input_shape[1]),
+        "budget": record["budget"],
+        "config": record["config"],
+        "epochs_done": record["epochs_done"],
+        "window": x.shape[1],
+    }
 
 
 def baseline_run(corpus: Path, seconds: float, window: int, rows: int = 64) -> dict:
@@ -161,9 +167,15 @@ def baseline_run(corpus: Path, seconds: float, window: int, rows: int = 64) -> d
     x, y = windows(train_ids, window)
     xv, yv = windows(val_ids, window)
     keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((None,), dtype="int32"), keras.layers.Embedding(data.vocab.size, 64),
-                              keras.layers.LSTM(256, return_sequences=True),
-                              keras.layers.LSTM(256, return_sequences=True), keras.layers.Dense(data.vocab.size)])
+    model = keras.Sequential(
+        [
+            keras.Input((None,), dtype="int32"),
+            keras.layers.Embedding(data.vocab.size, 64),
+            keras.layers.LSTM(256, return_sequences=True),
+            keras.layers.LSTM(256, return_sequences=True),
+            keras.layers.Dense(data.vocab.size),
+        ]
+    )
     model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
 
     class Deadline(keras.callbacks.Callback):
@@ -179,19 +191,35 @@ def baseline_run(corpus: Path, seconds: float, window: int, rows: int = 64) -> d
                 self.best, self.weights = logs["val_loss"], self.model.get_weights()
 
     keep = KeepBest()
-    history = model.fit(x, y, batch_size=64, epochs=10_000, shuffle=True, validation_data=(xv, yv),
-                        callbacks=[Deadline(), keep], verbose=0)
+    history = model.fit(
+        x,
+        y,
+        batch_size=64,
+        epochs=10_000,
+        shuffle=True,
+        validation_data=(xv, yv),
+        callbacks=[Deadline(), keep],
+        verbose=0,
+    )
     elapsed = time.perf_counter() - start
     # The same weights in a stateful model of ``rows`` rows, to score the held-out streams as the budget run's.
-    twin = keras.Sequential([keras.Input(batch_shape=(rows, window), dtype="int32"),
-                             keras.layers.Embedding(data.vocab.size, 64),
-                             keras.layers.LSTM(256, return_sequences=True, stateful=True),
-                             keras.layers.LSTM(256, return_sequences=True, stateful=True),
-                             keras.layers.Dense(data.vocab.size)])
+    twin = keras.Sequential(
+        [
+            keras.Input(batch_shape=(rows, window), dtype="int32"),
+            keras.layers.Embedding(data.vocab.size, 64),
+            keras.layers.LSTM(256, return_sequences=True, stateful=True),
+            keras.layers.LSTM(256, return_sequences=True, stateful=True),
+            keras.layers.Dense(data.vocab.size),
+        ]
+    )
     twin.set_weights(keep.weights)
-    return {"seconds": elapsed, "window_val_loss": min(history.history["val_loss"]),
-            "stream_val_loss": score_streams(twin, val_ids, window),
-            "epochs": len(history.history["val_loss"]), "params": model.count_params()}
+    return {
+        "seconds": elapsed,
+        "window_val_loss": min(history.history["val_loss"]),
+        "stream_val_loss": score_streams(twin, val_ids, window),
+        "epochs": len(history.history["val_loss"]),
+        "params": model.count_params(),
+    }
 
 
 def _versus(ours: dict, base: dict, key: str) -> str:
@@ -241,28 +269,33 @@ def main() -> None:
             f"({b['picked']['chars_per_s']:,.0f} chars/s, {b['picked']['chars_per_param']:.1f} chars/param) | "
             f"{ours['seconds']:.0f} s (probe {b['probe_seconds']:.0f} s) | {base['seconds']:.0f} s, {base['epochs']} "
             f"epochs | {_versus(ours, base, 'window_val_loss')} | {_versus(ours, base, 'stream_val_loss')} | "
-            f"{ours['own_val_loss']:.3f} |")
+            f"{ours['own_val_loss']:.3f} |"
+        )
     shakespeare = rows[0][1].get("stream_val_loss", float("inf"))
-    beaten = {key: all(b is not None and o[key] < b[key] for _, o, b in rows)
-              for key in ("window_val_loss", "stream_val_loss")}
-    body = ("## Quality under a time budget\n\n"
-            f"`python bench/quality.py --minutes {args.minutes:g}`: `charrnn train --time-budget {args.minutes:g}m` "
-            "(the probe and rule of `keras_charrnn/budget.py`) against a plain Keras 2x256 LSTM (Adam 1e-3, "
-            "shuffled 100-char windows, batch 64) trained for the same wall time in the same run; last 10% "
-            "of each corpus held out; each model's best validation epoch. Both models are scored the same two "
-            "ways on the same held-out text: *windows*, 100-char windows each from a zero state (how the "
-            "Keras model is trained and validated; a sampler that starts from a prime starts this way too); "
-            "*streams*, the text cut into the budget run's batch of contiguous streams, read 100 characters at "
-            "a time with the state "
-            "carried (how `charrnn train` validates, and how a session that goes on generating reads its "
-            "context). Mean nats/char (bits/char in brackets), budget run / Keras, the lower in bold; "
-            "*own*: the budget run's validation loss as `charrnn train` reported it.\n\n"
-            "| corpus | chars | --time-budget chose | wall time | Keras 2x256 time | windows | streams | own |\n"
-            "|---|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n\n"
-            f"Goals: tinyshakespeare <= 1.47 nats/char in 10 minutes (here {shakespeare:.3f} on the streams, "
-            f"{'met' if shakespeare <= 1.47 and args.minutes <= 10 else 'not met'}); better than the Keras "
-            f"2x256 LSTM on every corpus: on the windows {'met' if beaten['window_val_loss'] else 'not met'}, "
-            f"on the streams {'met' if beaten['stream_val_loss'] else 'not met'}.")
+    beaten = {
+        key: all(b is not None and o[key] < b[key] for _, o, b in rows)
+        for key in ("window_val_loss", "stream_val_loss")
+    }
+    body = (
+        "## Quality under a time budget\n\n"
+        f"`python bench/quality.py --minutes {args.minutes:g}`: `charrnn train --time-budget {args.minutes:g}m` "
+        "(the probe and rule of `keras_charrnn/budget.py`) against a plain Keras 2x256 LSTM (Adam 1e-3, "
+        "shuffled 100-char windows, batch 64) trained for the same wall time in the same run; last 10% "
+        "of each corpus held out; each model's best validation epoch. Both models are scored the same two "
+        "ways on the same held-out text: *windows*, 100-char windows each from a zero state (how the "
+        "Keras model is trained and validated; a sampler that starts from a prime starts this way too); "
+        "*streams*, the text cut into the budget run's batch of contiguous streams, read 100 characters at "
+        "a time with the state "
+        "carried (how `charrnn train` validates, and how a session that goes on generating reads its "
+        "context). Mean nats/char (bits/char in brackets), budget run / Keras, the lower in bold; "
+        "*own*: the budget run's validation loss as `charrnn train` reported it.\n\n"
+        "| corpus | chars | --time-budget chose | wall time | Keras 2x256 time | windows | streams | own |\n"
+        "|---|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n\n"
+        f"Goals: tinyshakespeare <= 1.47 nats/char in 10 minutes (here {shakespeare:.3f} on the streams, "
+        f"{'met' if shakespeare <= 1.47 and args.minutes <= 10 else 'not met'}); better than the Keras "
+        f"2x256 LSTM on every corpus: on the windows {'met' if beaten['window_val_loss'] else 'not met'}, "
+        f"on the streams {'met' if beaten['stream_val_loss'] else 'not met'}."
+    )
     print(body)
     if not args.no_write:
         update_section("quality", body)

@@ -82,7 +82,8 @@ def echo_server(response_path: str) -> None:
     payload = Path(response_path).read_bytes()
     service, method = wire.PREDICT.strip("/").split("/")
     handler = grpc.method_handlers_generic_handler(  # no (de)serializers: bytes in, bytes out
-        service, {method: grpc.unary_unary_rpc_method_handler(lambda request, context: payload)})
+        service, {method: grpc.unary_unary_rpc_method_handler(lambda request, context: payload)}
+    )
     server = grpc.server(futures.ThreadPoolExecutor(8))
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port("127.0.0.1:0")
@@ -93,8 +94,11 @@ def echo_server(response_path: str) -> None:
 
 def predict_stub(channel):
     """Predict on ``channel`` with TF Serving's messages, as ``SamplingClient`` calls it."""
-    return channel.unary_unary(wire.PREDICT, request_serializer=wire.PredictRequest.SerializeToString,
-                               response_deserializer=wire.PredictResponse.FromString)
+    return channel.unary_unary(
+        wire.PREDICT,
+        request_serializer=wire.PredictRequest.SerializeToString,
+        response_deserializer=wire.PredictResponse.FromString,
+    )
 
 
 def raw_predict_latencies(target: str, request, calls: int) -> list[float]:
@@ -111,11 +115,16 @@ def one_char_request(model: str, units: int, state_names, rows: int = 1):
     (``rows`` such rows), and the same inputs as NumPy arrays."""
     import numpy as np
 
-    inputs = {"prime": np.array([b"a"] * rows, dtype=object),
-              **{n: np.zeros([rows, units], np.float32) for n in state_names},
-              "num_chars": np.full([rows], 1, np.int32), "temperature": np.full([rows], 0.8, np.float32),
-              "top_k": np.zeros([rows], np.int32), "top_p": np.ones([rows], np.float32),
-              "seed": np.arange(rows, dtype=np.int64), "position": np.zeros([rows], np.int64)}
+    inputs = {
+        "prime": np.array([b"a"] * rows, dtype=object),
+        **{n: np.zeros([rows, units], np.float32) for n in state_names},
+        "num_chars": np.full([rows], 1, np.int32),
+        "temperature": np.full([rows], 0.8, np.float32),
+        "top_k": np.zeros([rows], np.int32),
+        "top_p": np.ones([rows], np.float32),
+        "seed": np.arange(rows, dtype=np.int64),
+        "position": np.zeros([rows], np.int64),
+    }
     request = wire.PredictRequest()
     request.model_spec.name, request.model_spec.signature_name = model, "generate_text_xla"
     for key, value in inputs.items():
@@ -192,8 +201,9 @@ def matmul_rate(rows: int, inner: int, cols: int, repeats: int) -> float:
 
 def flops_per_char(model) -> int:
     """Multiply-adds x 2 of one generated character: every 2-D weight but the embedding table."""
-    return 2 * sum(int(w.shape[0]) * int(w.shape[1]) for w in model.weights
-                   if len(w.shape) == 2 and "embedding" not in w.path)
+    return 2 * sum(
+        int(w.shape[0]) * int(w.shape[1]) for w in model.weights if len(w.shape) == 2 and "embedding" not in w.path
+    )
 
 
 def main() -> None:
@@ -212,15 +222,22 @@ def main() -> None:
     from keras_charrnn.vocab import Vocabulary
 
     vocab = Vocabulary([chr(c) for c in range(32, 97)])
-    latency_rows = ["| model | chars/call | in-process p50 / p99 (ms) | gRPC p50 / p99 (ms) | in-process chars/s | "
-                    "gRPC chars/s | gRPC / in-process |", "|---|---|---|---|---|---|---|"]
-    batch_rows = ["| model | sessions | batching off (chars/s) | batching on (chars/s) | on: x one session |",
-                  "|---|---|---|---|---|"]
+    latency_rows = [
+        "| model | chars/call | in-process p50 / p99 (ms) | gRPC p50 / p99 (ms) | in-process chars/s | "
+        "gRPC chars/s | gRPC / in-process |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    batch_rows = [
+        "| model | sessions | batching off (chars/s) | batching on (chars/s) | on: x one session |",
+        "|---|---|---|---|---|",
+    ]
     fig: dict[int, dict] = {}  # units -> issue 12's figures
     with tempfile.TemporaryDirectory() as tmp:
         params = Path(tmp) / "batching.txt"
-        params.write_text("max_batch_size { value: 64 }\nbatch_timeout_micros { value: 2000 }\n"
-                          "num_batch_threads { value: 2 }\nmax_enqueued_batches { value: 16 }\n")
+        params.write_text(
+            "max_batch_size { value: 64 }\nbatch_timeout_micros { value: 2000 }\n"
+            "num_batch_threads { value: 2 }\nmax_enqueued_batches { value: 16 }\n"
+        )
         for units in (128, 512):
             name = f"lstm{units}"
             model = build_model(vocab.size, cell="lstm", units=units, batch_size=1, seq_len=1)
@@ -241,7 +258,8 @@ def main() -> None:
                                 f"| LSTM 2x{units} | {chars} | {percentile(mine, 50) * 1e3:.2f} / "
                                 f"{percentile(mine, 99) * 1e3:.2f} | {percentile(grpc_, 50) * 1e3:.2f} / "
                                 f"{percentile(grpc_, 99) * 1e3:.2f} | {cps(mine):,.0f} | {cps(grpc_):,.0f} | "
-                                f"{cps(grpc_) / cps(mine):.2f}x |")
+                                f"{cps(grpc_) / cps(mine):.2f}x |"
+                            )
                             print(latency_rows[-1], flush=True)
                         request, _ = one_char_request(name, units, local.info.state_names)
                         target = f"127.0.0.1:{server.port}"
@@ -258,8 +276,11 @@ def main() -> None:
                         if label == "off":
                             batch_rows.append([f"LSTM 2x{units}", sessions, speed])
                         else:
-                            row = next(r for r in batch_rows if isinstance(r, list) and r[0] == f"LSTM 2x{units}"
-                                       and r[1] == sessions)
+                            row = next(
+                                r
+                                for r in batch_rows
+                                if isinstance(r, list) and r[0] == f"LSTM 2x{units}" and r[1] == sessions
+                            )
                             row.append(speed)
                         print(name, label, sessions, f"{speed:,.0f}", flush=True)
                     if label == "on":
@@ -273,40 +294,64 @@ def main() -> None:
         issue_rows.append(f"| {label} | {fmt(fig[128], 128)} | {fmt(fig[512], 512)} | {goal} |")
 
     figure("1-char p50, in-process / gRPC (ms)", lambda f, u: f"{f[1][0] * 1e3:.2f} / {f[1][1] * 1e3:.2f}", "")
-    figure("per-call overhead: gRPC p50 - in-process p50 (ms)", lambda f, u: f"{(f[1][1] - f[1][0]) * 1e3:.2f}",
-        "<= 0.3")
-    figure("of it: Python gRPC's round trip, an echo server answering the same bytes (p50 ms)",
-        lambda f, u: f"{f['echo'] * 1e3:.2f}", "")
-    figure("of it: the client's session code (session p50 - the same request sent raw, ms)",
-        lambda f, u: f"{(f[1][1] - f['raw']) * 1e3:.2f}", "")
+    figure(
+        "per-call overhead: gRPC p50 - in-process p50 (ms)", lambda f, u: f"{(f[1][1] - f[1][0]) * 1e3:.2f}", "<= 0.3"
+    )
+    figure(
+        "of it: Python gRPC's round trip, an echo server answering the same bytes (p50 ms)",
+        lambda f, u: f"{f['echo'] * 1e3:.2f}",
+        "",
+    )
+    figure(
+        "of it: the client's session code (session p50 - the same request sent raw, ms)",
+        lambda f, u: f"{(f[1][1] - f['raw']) * 1e3:.2f}",
+        "",
+    )
     figure("64-char calls, gRPC / in-process chars/s", lambda f, u: f"{f[64][3] / f[64][2]:.2f}x", ">= 0.95x")
     figure("FLOP per character (MFLOP)", lambda f, u: f"{f['flops_per_char'] / 1e6:.2f}", "")
     figure("FLOP limit: matmul rate x chars/FLOP (chars/s)", lambda f, u: f"{matmul / f['flops_per_char']:,.0f}", "")
-    figure("64 sessions with batching (chars/s, % of limit)",
-        lambda f, u: f"{f['on64']:,.0f} ({100 * f['on64'] * f['flops_per_char'] / matmul:.0f}%)", ">= 60% (2x512)")
-    figure("the model alone: 64 rows in one in-process call (chars/s, % of limit)",
-        lambda f, u: f"{f['alone64']:,.0f} ({100 * f['alone64'] * f['flops_per_char'] / matmul:.0f}%)", "")
+    figure(
+        "64 sessions with batching (chars/s, % of limit)",
+        lambda f, u: f"{f['on64']:,.0f} ({100 * f['on64'] * f['flops_per_char'] / matmul:.0f}%)",
+        ">= 60% (2x512)",
+    )
+    figure(
+        "the model alone: 64 rows in one in-process call (chars/s, % of limit)",
+        lambda f, u: f"{f['alone64']:,.0f} ({100 * f['alone64'] * f['flops_per_char'] / matmul:.0f}%)",
+        "",
+    )
     figure("one session with batching / in-process (64-char calls)", lambda f, u: f"{f['on1'] / f[64][2]:.2f}x", "")
-    figure("single-stream in-process (chars/s, % of batch-1 matvec limit)",
-        lambda f, u: f"{f[64][2]:,.0f} ({100 * f[64][2] * f['flops_per_char'] / matvec[u]:.0f}%)", ">= 75% (2x512)")
-    figure("replica RSS after the batched load, now / peak (MB)", lambda f, u: f"{f['rss'][0]} / {f['rss'][1]}",
-        "<= 700 (2x512)")
+    figure(
+        "single-stream in-process (chars/s, % of batch-1 matvec limit)",
+        lambda f, u: f"{f[64][2]:,.0f} ({100 * f[64][2] * f['flops_per_char'] / matvec[u]:.0f}%)",
+        ">= 75% (2x512)",
+    )
+    figure(
+        "replica RSS after the batched load, now / peak (MB)",
+        lambda f, u: f"{f['rss'][0]} / {f['rss'][1]}",
+        "<= 700 (2x512)",
+    )
     table = batch_rows[:2]
     for row in batch_rows[2:]:
         one = next(r for r in batch_rows[2:] if r[0] == row[0] and r[1] == 1)[3]
         table.append(f"| {row[0]} | {row[1]} | {row[2]:,.0f} | {row[3]:,.0f} | {row[3] / one:.1f}x |")
-    body = ("## Serving\n\n"
-            f"Issue 12's figures (one run; matmul peak {matmul / 1e9:.1f} GFLOP/s, batch-1 matvec "
-            + ", ".join(f"2x{u}: {matvec[u] / 1e9:.1f}" for u in sorted(matvec)) + " GFLOP/s). The machine is shared "
-            "and was not idle, so single numbers are noisy; compare figures within this run.\n\n"
-            + "\n".join(issue_rows) + "\n\n"
-            "Sessions through `charrnn serve` over loopback gRPC (the `generate_text` signature, state carried by the "
-            "client) next to the same sessions in-process; latency percentiles over "
-            f"{args.calls} calls (1 char) and {max(20, args.calls // 4)} calls (64 chars).\n\n"
-            + "\n".join(latency_rows) +
-            "\n\nAggregate throughput of concurrent sessions, 64 characters per call "
-            "(batching: max_batch_size 64, batch_timeout_micros 2000, 2 batch threads):\n\n" + "\n".join(table) +
-            "\n\nGoals: 64-character calls >= 0.9x in-process; 64 sessions on 2x512 with batching >= 15x one session.")
+    body = (
+        "## Serving\n\n"
+        f"Issue 12's figures (one run; matmul peak {matmul / 1e9:.1f} GFLOP/s, batch-1 matvec "
+        + ", ".join(f"2x{u}: {matvec[u] / 1e9:.1f}" for u in sorted(matvec))
+        + " GFLOP/s). The machine is shared "
+        "and was not idle, so single numbers are noisy; compare figures within this run.\n\n"
+        + "\n".join(issue_rows)
+        + "\n\n"
+        "Sessions through `charrnn serve` over loopback gRPC (the `generate_text` signature, state carried by the "
+        "client) next to the same sessions in-process; latency percentiles over "
+        f"{args.calls} calls (1 char) and {max(20, args.calls // 4)} calls (64 chars).\n\n"
+        + "\n".join(latency_rows)
+        + "\n\nAggregate throughput of concurrent sessions, 64 characters per call "
+        "(batching: max_batch_size 64, batch_timeout_micros 2000, 2 batch threads):\n\n"
+        + "\n".join(table)
+        + "\n\nGoals: 64-character calls >= 0.9x in-process; 64 sessions on 2x512 with batching >= 15x one session."
+    )
     if args.print_only:
         print(body)
     else:

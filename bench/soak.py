@@ -56,10 +56,21 @@ from keras_charrnn.serving.client import SamplingClient  # noqa: E402
 from keras_charrnn.versions import latest_version_dir  # noqa: E402
 
 MODEL = "soak"
-PRIMES = ["ROMEO:\n", "JULIET:\nO ", "First Citizen:\nBefore we proceed", "\n", "KING RICHARD III:\nNow is the ",
-          "To be, or not to be", "HAMLET:\n", "What light through yonder window "]
-FAULTS = ((0.25, "SIGKILL replica 0, restart"), (0.45, "version 2 copied into replica 1"),
-          (0.65, "corrupt version 3 into replica 0"))
+PRIMES = [
+    "ROMEO:\n",
+    "JULIET:\nO ",
+    "First Citizen:\nBefore we proceed",
+    "\n",
+    "KING RICHARD III:\nNow is the ",
+    "To be, or not to be",
+    "HAMLET:\n",
+    "What light through yonder window ",
+]
+FAULTS = (
+    (0.25, "SIGKILL replica 0, restart"),
+    (0.45, "version 2 copied into replica 1"),
+    (0.65, "corrupt version 3 into replica 0"),
+)
 MALFORMED = ("negative_dimension", "claims_too_much", "temperature_-1", "wrong_dtype", "caller_gives_up")
 
 
@@ -100,9 +111,21 @@ class Replica:
         self.server = self._start()
 
     def _start(self) -> ServerProcess:
-        server = ServerProcess(["--model_name", MODEL, "--model_base_path", self.base / MODEL, "--enable_batching",
-                                "--batching_parameters_file", self.batching, "--file_system_poll_wait_seconds", "1",
-                                "--port", self.port])
+        server = ServerProcess(
+            [
+                "--model_name",
+                MODEL,
+                "--model_base_path",
+                self.base / MODEL,
+                "--enable_batching",
+                "--batching_parameters_file",
+                self.batching,
+                "--file_system_poll_wait_seconds",
+                "1",
+                "--port",
+                self.port,
+            ]
+        )
         self.port = server.port
         self.processes.append(Process(self.index, server.proc.pid, self.clock()))
         return server
@@ -137,11 +160,16 @@ def malformed_request(kind: str, info, rng: random.Random):
     request = wire.PredictRequest()
     request.model_spec.name = MODEL
     request.model_spec.signature_name = "generate_text"
-    inputs = {"prime": np.array([b"ROMEO:"], dtype=object), "num_chars": np.array([64], np.int32),
-              "temperature": np.array([0.8], np.float32), "top_k": np.array([0], np.int32),
-              "top_p": np.array([1.0], np.float32), "seed": np.array([rng.randrange(1 << 40)], np.int64),
-              "position": np.array([0], np.int64),
-              **{n: np.zeros([1, info.state_size], np.float32) for n in info.state_names}}
+    inputs = {
+        "prime": np.array([b"ROMEO:"], dtype=object),
+        "num_chars": np.array([64], np.int32),
+        "temperature": np.array([0.8], np.float32),
+        "top_k": np.array([0], np.int32),
+        "top_p": np.array([1.0], np.float32),
+        "seed": np.array([rng.randrange(1 << 40)], np.int64),
+        "position": np.array([0], np.int64),
+        **{n: np.zeros([1, info.state_size], np.float32) for n in info.state_names},
+    }
     timeout = 30.0
     if kind == "temperature_-1":
         inputs["temperature"][0] = -1.0
@@ -174,11 +202,20 @@ def main() -> None:
     parser.add_argument("--model", default=str(ROOT / "saved_models" / "shakespeare"), help="a model base path")
     parser.add_argument("--window", type=float, default=30.0, help="seconds per report window")
     parser.add_argument("--malformed_every", type=float, default=3.0, help="seconds between malformed requests")
-    parser.add_argument("--replay", type=int, default=300,
-                        help="finished sessions replayed in-process, a seeded random sample (all when fewer)")
+    parser.add_argument(
+        "--replay",
+        type=int,
+        default=300,
+        help="finished sessions replayed in-process, a seeded random sample (all when fewer)",
+    )
     parser.add_argument("--replay_seed", type=int, default=0, help="seed of the replayed sample")
-    parser.add_argument("--no_write", "--print-only", dest="no_write", action="store_true",
-                        help="print the report only (no BENCHMARKS.md)")
+    parser.add_argument(
+        "--no_write",
+        "--print-only",
+        dest="no_write",
+        action="store_true",
+        help="print the report only (no BENCHMARKS.md)",
+    )
     args = parser.parse_args()
 
     duration = args.minutes * 60
@@ -210,8 +247,12 @@ def main() -> None:
         rng = random.Random(worker)
         k = 0
         while clock() < stop_at:
-            record = SessionRecord(rng.choice(PRIMES), worker * 1_000_000 + k, rng.choice([0.5, 0.8, 1.0]),
-                                   [rng.choice([8, 8, 64]) for _ in range(rng.randint(4, 12))])
+            record = SessionRecord(
+                rng.choice(PRIMES),
+                worker * 1_000_000 + k,
+                rng.choice([0.5, 0.8, 1.0]),
+                [rng.choice([8, 8, 64]) for _ in range(rng.randint(4, 12))],
+            )
             k += 1
             try:
                 session = client.session(MODEL, prime=record.prime, temperature=record.temperature, seed=record.seed)
@@ -258,8 +299,10 @@ def main() -> None:
             i += 1
             if replica.target not in channels:
                 channels[replica.target] = grpc.insecure_channel(replica.target).unary_unary(
-                    wire.PREDICT, request_serializer=wire.PredictRequest.SerializeToString,
-                    response_deserializer=wire.PredictResponse.FromString)
+                    wire.PREDICT,
+                    request_serializer=wire.PredictRequest.SerializeToString,
+                    response_deserializer=wire.PredictResponse.FromString,
+                )
             request, timeout = malformed_request(kind, info, rng)
             try:
                 channels[replica.target](request, timeout=timeout)
@@ -297,8 +340,11 @@ def main() -> None:
     from keras_charrnn.inprocess import load
 
     finished = [r for r in records if r.error is None]
-    sample = (finished if len(finished) <= args.replay
-              else random.Random(args.replay_seed).sample(finished, max(0, args.replay)))
+    sample = (
+        finished
+        if len(finished) <= args.replay
+        else random.Random(args.replay_seed).sample(finished, max(0, args.replay))
+    )
     print(f"replaying {len(sample)} of {len(finished)} finished sessions in-process ...", flush=True)
     model = load(first)
     failed = Counter(f"failed ({r.error})" for r in records if r.error is not None)
@@ -310,8 +356,11 @@ def main() -> None:
     versions = Counter(r.version for r in finished)
 
     # ----- report ----------------------------------------------------------------------------
-    rows = ["| window (s) | chars/s | calls | p50 / p99 latency (ms) | honest calls failed | failed attempts "
-            "(retried by the client) | malformed requests: codes | events |", "|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| window (s) | chars/s | calls | p50 / p99 latency (ms) | honest calls failed | failed attempts "
+        "(retried by the client) | malformed requests: codes | events |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
 
     def counts(counter: Counter) -> str:
         return ", ".join(f"{k} {v}" for k, v in sorted(counter.items()) if v) or "-"
@@ -326,17 +375,22 @@ def main() -> None:
         after = next((a for t, a in reversed(attempts) if t <= w1), Counter())
         bad = Counter(f"{code}" for t, _, code in malformed if w0 <= t < w1)
         happened = "; ".join(label for t, label in events if w0 <= t < w1) or "-"
-        rows.append(f"| {w0 - start:.0f}-{w1 - start:.0f} | {sum(c.chars for c in ok) / (w1 - w0):,.0f} | {len(ok)} | "
-                    + (f"{percentile(lat, 50):.0f} / {percentile(lat, 99):.0f}" if lat else "-")
-                    + f" | {counts(Counter(c.code for c in inside if c.code))} | {counts(after - before)} | "
-                      f"{counts(bad)} | {happened} |")
+        rows.append(
+            f"| {w0 - start:.0f}-{w1 - start:.0f} | {sum(c.chars for c in ok) / (w1 - w0):,.0f} | {len(ok)} | "
+            + (f"{percentile(lat, 50):.0f} / {percentile(lat, 99):.0f}" if lat else "-")
+            + f" | {counts(Counter(c.code for c in inside if c.code))} | {counts(after - before)} | "
+            f"{counts(bad)} | {happened} |"
+        )
         w0 = w1
     by_kind = Counter(f"{kind}: {code}" for _, kind, code in malformed)
     settle = max(20.0, 0.1 * duration)  # the baseline: this long after a process is ready (warm-up allocations)
-    rss_rows = [f"| server process | RSS at start (MB) | after {settle:.0f} s (MB) | peak (MB) | end (MB) | growth "
-                f"after {settle:.0f} s (MB) |", "|---|---|---|---|---|---|"]
+    rss_rows = [
+        f"| server process | RSS at start (MB) | after {settle:.0f} s (MB) | peak (MB) | end (MB) | growth "
+        f"after {settle:.0f} s (MB) |",
+        "|---|---|---|---|---|---|",
+    ]
     growths = []
-    mb = lambda b: b / 2 ** 20  # noqa: E731
+    mb = lambda b: b / 2**20  # noqa: E731
     for replica in replicas:
         for n, process in enumerate(replica.processes):
             if not process.rss:
@@ -346,18 +400,26 @@ def main() -> None:
             killed = n < len(replica.processes) - 1
             if not killed:  # the goal is about processes that lived to the end
                 growths.append(mb(last - settled))
-            rss_rows.append(f"| replica {replica.index}" + (f" (restart {n})" if n else "")
-                            + (f" (killed at {process.rss[-1][0] - start:.0f} s)" if killed else "") + f" | "
-                            f"{mb(process.rss[0][1]):.0f} | {mb(settled):.0f} | "
-                            f"{mb(max(r for _, r in process.rss)):.0f}"
-                            f" | {mb(last):.0f} | {mb(last - settled):+.0f} |")
+            rss_rows.append(
+                f"| replica {replica.index}"
+                + (f" (restart {n})" if n else "")
+                + (f" (killed at {process.rss[-1][0] - start:.0f} s)" if killed else "")
+                + f" | "
+                f"{mb(process.rss[0][1]):.0f} | {mb(settled):.0f} | "
+                f"{mb(max(r for _, r in process.rss)):.0f}"
+                f" | {mb(last):.0f} | {mb(last - settled):+.0f} |"
+            )
     lost = sum(failed.values())
     mismatched = replayed["mismatched"]
-    replay_line = (f"{len(sample)} of {len(finished)} finished sessions replayed"
-                   + (" (all of them)" if len(sample) == len(finished) else
-                      f" (a random sample, seed {args.replay_seed})")
-                   + (", all byte-identical to in-process" if mismatched == 0 else
-                      f": {replayed['identical']} byte-identical, {mismatched} mismatched"))
+    replay_line = (
+        f"{len(sample)} of {len(finished)} finished sessions replayed"
+        + (" (all of them)" if len(sample) == len(finished) else f" (a random sample, seed {args.replay_seed})")
+        + (
+            ", all byte-identical to in-process"
+            if mismatched == 0
+            else f": {replayed['identical']} byte-identical, {mismatched} mismatched"
+        )
+    )
     body = (
         "## Soak (issue 9)\n\n"
         f"`python bench/soak.py --minutes {args.minutes:g} --sessions {args.sessions} --replay {args.replay}`: two "
@@ -372,15 +434,22 @@ def main() -> None:
         "in-process with the same prime, seed and chunks.\n\n"
         + "\n".join(rows)
         + f"\n\nSessions: {len(records)} run, {len(finished)} finished"
-        + "".join(f", {v} {k}" for k, v in sorted(failed.items())) + f"; {replay_line}; finished by version: "
+        + "".join(f", {v} {k}" for k, v in sorted(failed.items()))
+        + f"; {replay_line}; finished by version: "
         + ", ".join(f"v{k} {v}" for k, v in sorted(versions.items()))
-        + f".\n\nMalformed requests: {counts(by_kind)}.\n\n" + "\n".join(rss_rows)
+        + f".\n\nMalformed requests: {counts(by_kind)}.\n\n"
+        + "\n".join(rss_rows)
         + "\n\nGoals: no honest session lost or mismatched: "
         + ("met" if lost == 0 and mismatched == 0 else f"NOT met ({lost} lost, {mismatched} mismatched)")
-        + (f" (lost counted over all {len(records)} sessions; mismatches over the {len(sample)} replayed"
-           + (", a sample" if len(sample) < len(finished) else ", all of the finished") + ")")
-        + "; RSS growth under 50 MB: " + ("met" if growths and max(growths) < 50 else
-                                           f"NOT met (max {max(growths or [0]):+.0f} MB)") + ".")
+        + (
+            f" (lost counted over all {len(records)} sessions; mismatches over the {len(sample)} replayed"
+            + (", a sample" if len(sample) < len(finished) else ", all of the finished")
+            + ")"
+        )
+        + "; RSS growth under 50 MB: "
+        + ("met" if growths and max(growths) < 50 else f"NOT met (max {max(growths or [0]):+.0f} MB)")
+        + "."
+    )
     print(body, flush=True)
     if not args.no_write:
         update_section("soak", body)

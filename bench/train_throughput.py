@@ -83,6 +83,7 @@ def train_flop_per_char(cell: str, units: int, vocab: int, layers: int = LAYERS,
 
 # ------------------------------------------------------------------------------------------------- workers
 
+
 class KerasRunner:
     """One Keras model trained the way ``charrnn train`` does, on this process' backend."""
 
@@ -95,8 +96,19 @@ class KerasRunner:
         from keras_charrnn.tbptt import TBPTTBatches
 
         self.keras, self.reset = keras, ResetStates
-        config = TrainConfig(cell=cell, units=units, layers=LAYERS, embedding_dim=EMB, dropout=0.0,
-                             batch_size=BATCH, seq_len=SEQ, lr=LR, lr_schedule="constant", clip_norm=CLIP, epochs=1)
+        config = TrainConfig(
+            cell=cell,
+            units=units,
+            layers=LAYERS,
+            embedding_dim=EMB,
+            dropout=0.0,
+            batch_size=BATCH,
+            seq_len=SEQ,
+            lr=LR,
+            lr_schedule="constant",
+            clip_norm=CLIP,
+            epochs=1,
+        )
         config.validate()
         self.data = TBPTTBatches(ids, BATCH, SEQ)
 
@@ -150,9 +162,13 @@ class TorchRunner:
         self.opt = torch.optim.Adam(self.net.parameters(), lr=LR)
         n = (len(ids) - 1) // (BATCH * SEQ) * BATCH * SEQ
         self.x = torch.from_numpy(ids[:n].reshape(BATCH, -1).astype(np.int64)).to(self.device)
-        self.y = torch.from_numpy(ids[1:n + 1].reshape(BATCH, -1).astype(np.int64)).to(self.device)
-        self.info = {"backend": "torch", "torch": torch.__version__, "threads": torch.get_num_threads(),
-                     "device": torch.cuda.get_device_name() if self.device.type == "cuda" else "cpu"}
+        self.y = torch.from_numpy(ids[1 : n + 1].reshape(BATCH, -1).astype(np.int64)).to(self.device)
+        self.info = {
+            "backend": "torch",
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "device": torch.cuda.get_device_name() if self.device.type == "cuda" else "cpu",
+        }
 
     def fit(self, batches: int) -> None:
         """One epoch over the first ``batches`` batches, the hidden state carried (detached) between them."""
@@ -178,7 +194,7 @@ def matmul_gflops(product, n: int, repeats: int = 15) -> float:
         t = time.perf_counter()
         product()
         times.append(time.perf_counter() - t)
-    return 2 * n ** 3 / statistics.median(times[3:]) / 1e9
+    return 2 * n**3 / statistics.median(times[3:]) / 1e9
 
 
 def peak_matmul(n: int = PEAK_N, repeats: int = 15) -> float:
@@ -259,6 +275,7 @@ def worker(backend: str, ids_path: str, vocab: int) -> None:
 
 # ---------------------------------------------------------------------------------------------- driver
 
+
 class Worker:
     """A worker subprocess for one backend."""
 
@@ -267,16 +284,30 @@ class Worker:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         self.backend, self.error = backend, None
-        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", backend,
-                                      "--ids", ids_path, "--vocab", str(vocab),
-                                      "--batch", str(BATCH)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                os.path.abspath(__file__),
+                "--worker",
+                backend,
+                "--ids",
+                ids_path,
+                "--vocab",
+                str(vocab),
+                "--batch",
+                str(BATCH),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         self.error = self._read().get("error")
 
     def _read(self) -> dict:
         for line in self.proc.stdout:
             if line.startswith(MARK):
-                return json.loads(line[len(MARK):])
+                return json.loads(line[len(MARK) :])
             sys.stderr.write(line)
         return {"error": f"worker exited with {self.proc.wait()}"}
 
@@ -303,16 +334,32 @@ def fmt(x: float | None, spec: str = ",.0f") -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--corpus", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
-                                                         "shared", "data", "tinyshakespeare.txt"))
+    parser.add_argument(
+        "--corpus",
+        default=os.path.join(
+            os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "tinyshakespeare.txt"
+        ),
+    )
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions per model and backend (median)")
     parser.add_argument("--rep-seconds", type=float, default=3.0, help="about how long one repetition trains")
-    parser.add_argument("--backends", default=None,
-                        help="comma-separated subset of " + ",".join(BACKENDS) + " (default: "
-                        + ",".join(CPU_BACKENDS) + "; with --device gpu " + ",".join(GPU_BACKENDS) + ")")
-    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
-                        help="gpu: train on the machine's CUDA GPU (cuDNN where the backend has it), the limit is "
-                             "PyTorch's float32 matmul there, and the section is 'Training throughput, GPU'")
+    parser.add_argument(
+        "--backends",
+        default=None,
+        help="comma-separated subset of "
+        + ",".join(BACKENDS)
+        + " (default: "
+        + ",".join(CPU_BACKENDS)
+        + "; with --device gpu "
+        + ",".join(GPU_BACKENDS)
+        + ")",
+    )
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "gpu"),
+        default="cpu",
+        help="gpu: train on the machine's CUDA GPU (cuDNN where the backend has it), the limit is "
+        "PyTorch's float32 matmul there, and the section is 'Training throughput, GPU'",
+    )
     parser.add_argument("--quick", action="store_true", help="2x128 only, 2 repetitions of about 1 s")
     parser.add_argument("--no-write", action="store_true", help="print the section, don't write BENCHMARKS.md")
     parser.add_argument("--batch", type=int, default=BATCH, help="streams per batch (default: %(default)s)")
@@ -332,8 +379,9 @@ def main() -> None:
     sizes = (128,) if args.quick else tuple(int(u) for u in args.sizes.split(","))
     repeats, rep_seconds = (2, 1.0) if args.quick else (args.repeats, args.rep_seconds)
     gpu = args.device == "gpu"
-    backends = [b.strip() for b in (args.backends or ",".join(GPU_BACKENDS if gpu else CPU_BACKENDS)).split(",")
-                if b.strip()]
+    backends = [
+        b.strip() for b in (args.backends or ",".join(GPU_BACKENDS if gpu else CPU_BACKENDS)).split(",") if b.strip()
+    ]
     if not backends or set(backends) - set(BACKENDS):
         parser.error(f"--backends: choose from {', '.join(BACKENDS)}, got {args.backends!r}")
     load_start = os.getloadavg()
@@ -354,8 +402,9 @@ def main() -> None:
             for units in sizes:
                 for cell in CELLS:
                     for b, w in workers.items():
-                        results[cell, units, b] = info = w.ask(op="setup", cell=cell, units=units,
-                                                               rep_seconds=rep_seconds)
+                        results[cell, units, b] = info = w.ask(
+                            op="setup", cell=cell, units=units, rep_seconds=rep_seconds
+                        )
                         info["reps"] = []
                     for _ in range(repeats):  # interleaved: one repetition of each backend in turn
                         for b, w in workers.items():
@@ -370,8 +419,9 @@ def main() -> None:
                     for b in backends:
                         info = results[cell, units, b]
                         info["median"] = None if "error" in info else statistics.median(info["reps"])
-                        line.append(f"{LABELS[b]} {fmt(info['median'])}" + (f" ({info['error']})" if "error" in info
-                                                                             else ""))
+                        line.append(
+                            f"{LABELS[b]} {fmt(info['median'])}" + (f" ({info['error']})" if "error" in info else "")
+                        )
                     print("  ".join(line), flush=True)
             peak_replies.append(peak_worker.ask(op="peak"))
         finally:
@@ -389,16 +439,31 @@ def main() -> None:
         peaks = [r.get("gflops_tf32") for r in peak_replies]
         peak = max((p for p in peaks if p), default=None)
         device = next((results[k]["device"] for k in results if results[k].get("device")), "GPU")
-        limit_text = (f"{fmt(peak)} GFLOP/s, float32 `torch.matmul` 8192^3 with TF32 tensor cores on the {device} "
-                      f"(median of 15; {' / '.join(fmt(p) for p in peaks)} before / after the models). cuDNN's RNNs "
-                      f"and XLA's dots use TF32 for float32 by default on this GPU, so that is the limit; strict "
-                      f"float32 reaches {fmt(strict)} GFLOP/s")
+        limit_text = (
+            f"{fmt(peak)} GFLOP/s, float32 `torch.matmul` 8192^3 with TF32 tensor cores on the {device} "
+            f"(median of 15; {' / '.join(fmt(p) for p in peaks)} before / after the models). cuDNN's RNNs "
+            f"and XLA's dots use TF32 for float32 by default on this GPU, so that is the limit; strict "
+            f"float32 reaches {fmt(strict)} GFLOP/s"
+        )
     else:
-        limit_text = (f"{fmt(peak)} GFLOP/s (float32 `tf.matmul` {PEAK_N}^3, median of 15; "
-                      f"{' / '.join(fmt(p) for p in peaks)} before / after the models)")
-    body = section(results, backends, sizes, vocab.size, repeats, rep_seconds, limit_text if peak else "not measured",
-                   peak, load_start, load_end, elapsed,
-                   ("Training throughput, GPU" if gpu else "Training throughput") + suffix.replace("_", ", "))
+        limit_text = (
+            f"{fmt(peak)} GFLOP/s (float32 `tf.matmul` {PEAK_N}^3, median of 15; "
+            f"{' / '.join(fmt(p) for p in peaks)} before / after the models)"
+        )
+    body = section(
+        results,
+        backends,
+        sizes,
+        vocab.size,
+        repeats,
+        rep_seconds,
+        limit_text if peak else "not measured",
+        peak,
+        load_start,
+        load_end,
+        elapsed,
+        ("Training throughput, GPU" if gpu else "Training throughput") + suffix.replace("_", ", "),
+    )
     print(body)
     if args.no_write:
         print("(--no-write: BENCHMARKS.md not changed)")
@@ -408,9 +473,20 @@ def main() -> None:
         update_section(("train_throughput_gpu" if gpu else "train_throughput") + suffix.replace(" ", ""), body)
 
 
-def section(results: dict, backends: list[str], sizes: tuple[int, ...], vocab: int, repeats: int, rep_seconds: float,
-            limit_text: str, peak: float | None, load_start, load_end, elapsed: float,
-            title: str = "Training throughput") -> str:
+def section(
+    results: dict,
+    backends: list[str],
+    sizes: tuple[int, ...],
+    vocab: int,
+    repeats: int,
+    rep_seconds: float,
+    limit_text: str,
+    peak: float | None,
+    load_start,
+    load_end,
+    elapsed: float,
+    title: str = "Training throughput",
+) -> str:
     """The BENCHMARKS.md section: chars/s, fraction of the FLOP limit and ratio vs PyTorch, then the goals."""
     keras_backends = [b for b in backends if b != "torch"]
     has_torch = "torch" in backends
@@ -442,8 +518,10 @@ def section(results: dict, backends: list[str], sizes: tuple[int, ...], vocab: i
                 best = max(speeds, key=speeds.get)
                 r = ratios.get(best)
                 met = "n/a" if r is None else ("yes" if r >= GOALS[cell] else "no")
-                goals.append(f"| {cell} | 2x{units} | {LABELS[best]} | {fmt(r, '.2f')}{'x' if r else ''} | "
-                             f">= {GOALS[cell]:.1f}x | {met} |")
+                goals.append(
+                    f"| {cell} | 2x{units} | {LABELS[best]} | {fmt(r, '.2f')}{'x' if r else ''} | "
+                    f">= {GOALS[cell]:.1f}x | {met} |"
+                )
     torch_version = next((results[k]["torch"] for k in results if "torch" in results[k]), "2.13")
     jit = {b: results[c, u, b]["jit_compile"] for (c, u, b) in results if "jit_compile" in results[c, u, b]}
     return (
@@ -460,8 +538,10 @@ def section(results: dict, backends: list[str], sizes: tuple[int, ...], vocab: i
         f"FLOP limit: {limit_text}. % of limit = chars/s x training FLOP/char / limit, with training FLOP/char = "
         "3 x 2 x (sum over layers of g x units x (d_in + units) + units x vocab), g = 4 LSTM, 3 GRU, 1 SimpleRNN "
         f"(d_in = {EMB} for the first layer, units above); the embedding lookup and element-wise ops are not "
-        "counted.\n\n" + "\n".join(rows) +
-        "\n\nGoals (issue 13), the fastest Keras backend per model vs PyTorch:\n\n" + "\n".join(goals)
+        "counted.\n\n"
+        + "\n".join(rows)
+        + "\n\nGoals (issue 13), the fastest Keras backend per model vs PyTorch:\n\n"
+        + "\n".join(goals)
     )
 
 

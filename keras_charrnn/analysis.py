@@ -78,12 +78,12 @@ def _windows(model: Model, ids: np.ndarray) -> Iterator[_Window]:
         raise InputError(f"{model.path}: exported before the 'inspect' signature existed; export it again")
     states = {k: tf.constant(v) for k, v in model.zero_state().items()}
     for start in range(0, len(ids), WINDOW):
-        out = model.signatures["inspect"](ids=tf.constant(ids[None, start:start + WINDOW]), **states)
+        out = model.signatures["inspect"](ids=tf.constant(ids[None, start : start + WINDOW]), **states)
         states = {k: out[k] for k in states}
         logits = out["logits"].numpy()[0].astype(np.float64)
-        targets = ids[start + 1:start + 1 + WINDOW]
+        targets = ids[start + 1 : start + 1 + WINDOW]
         log_norm = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
-        losses = (log_norm[:len(targets)] - logits[np.arange(len(targets)), targets]).astype(np.float32)
+        losses = (log_norm[: len(targets)] - logits[np.arange(len(targets)), targets]).astype(np.float32)
         yield _Window([out[f"layer_{i}"].numpy()[0] for i in range(model.config["layers"])], logits, losses)
 
 
@@ -129,12 +129,15 @@ def inspect(model: Model, text: str, top: int = 5) -> Inspection:
     logits = np.concatenate([w.logits for w in windows])
     probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
     probs /= probs.sum(axis=-1, keepdims=True)
-    top_ids = np.argsort(-probs, axis=-1)[:, :max(1, min(top, len(chars) - 1))].astype(np.int32)
-    return Inspection(text=text,
-                      activations=[np.concatenate([w.layers[i] for w in windows])
-                                   for i in range(len(windows[0].layers))],
-                      top_ids=top_ids, top_probs=np.take_along_axis(probs, top_ids, axis=-1).astype(np.float32),
-                      losses=np.concatenate([w.losses for w in windows]), chars=chars)
+    top_ids = np.argsort(-probs, axis=-1)[:, : max(1, min(top, len(chars) - 1))].astype(np.int32)
+    return Inspection(
+        text=text,
+        activations=[np.concatenate([w.layers[i] for w in windows]) for i in range(len(windows[0].layers))],
+        top_ids=top_ids,
+        top_probs=np.take_along_axis(probs, top_ids, axis=-1).astype(np.float32),
+        losses=np.concatenate([w.losses for w in windows]),
+        chars=chars,
+    )
 
 
 # ----- which units track which features -------------------------------------------------------
@@ -151,8 +154,10 @@ def text_features(text: str) -> dict[str, np.ndarray]:
     """
     n = len(text)
     quote, depth, column = 0.0, 0, 0
-    feats = {name: np.zeros(n, np.float32) for name in
-             ("inside quotes", "inside brackets", "position in line", "after newline", "inside a word")}
+    feats = {
+        name: np.zeros(n, np.float32)
+        for name in ("inside quotes", "inside brackets", "position in line", "after newline", "inside a word")
+    }
     previous = "\n"
     for i, ch in enumerate(text):
         if ch == '"':

@@ -104,6 +104,7 @@ def _now() -> float:
 def _batch_shape(train_chars: int, val_chars: int, batch_size: int, seq_len: int) -> tuple[int, int]:
     """The batch shape, halved (batch first, down to 4; then seq_len, down to 25) until the training part gives
     4 batches and the validation part one."""
+
     def fits(b: int, s: int) -> bool:
         return train_chars > 4 * b * s and (val_chars == 0 or val_chars > b * s)
 
@@ -130,10 +131,18 @@ def _measure(config: TrainConfig, vocab_size: int, train_ids: np.ndarray, step_s
     per_step = (_now() - start) / steps
     params = int(model.count_params())
     del model
-    return {"layers": config.layers, "units": config.units, "params": params, "batch_size": config.batch_size,
-            "seq_len": config.seq_len, "first_step_s": round(first, 3), "step_s": round(per_step, 4),
-            "steps_timed": steps, "chars_per_s": round(config.batch_size * config.seq_len / per_step, 1),
-            "measured": True}
+    return {
+        "layers": config.layers,
+        "units": config.units,
+        "params": params,
+        "batch_size": config.batch_size,
+        "seq_len": config.seq_len,
+        "first_step_s": round(first, 3),
+        "step_s": round(per_step, 4),
+        "steps_timed": steps,
+        "chars_per_s": round(config.batch_size * config.seq_len / per_step, 1),
+        "measured": True,
+    }
 
 
 def _candidates(config: TrainConfig, fixed: set[str]) -> list[tuple[int, int]]:
@@ -171,17 +180,35 @@ def _judge(size: dict, budget: float, spent: float, train_chars: int, val_chars:
     per_param = chars / size["params"]
     fits_time = per_param >= CHARS_PER_PARAM
     fits_data = size["params"] <= MAX_PARAMS_PER_TRAIN_CHAR * train_chars
-    why = ("fits" if fits_time and fits_data else
-           f"too few characters per parameter ({per_param:.1f} < {CHARS_PER_PARAM:g})" if not fits_time else
-           f"too many parameters for the text ({size['params'] / train_chars:.2f} > "
-           f"{MAX_PARAMS_PER_TRAIN_CHAR:g} per training character)")
-    return {**size, "train_seconds": round(seconds, 1), "end_seconds": round(end, 2), "chars": int(chars),
-            "chars_per_param": round(per_param, 2), "passes": round(chars / train_chars, 2),
-            "fits": fits_time and fits_data, "why": why}
+    why = (
+        "fits"
+        if fits_time and fits_data
+        else f"too few characters per parameter ({per_param:.1f} < {CHARS_PER_PARAM:g})"
+        if not fits_time
+        else f"too many parameters for the text ({size['params'] / train_chars:.2f} > "
+        f"{MAX_PARAMS_PER_TRAIN_CHAR:g} per training character)"
+    )
+    return {
+        **size,
+        "train_seconds": round(seconds, 1),
+        "end_seconds": round(end, 2),
+        "chars": int(chars),
+        "chars_per_param": round(per_param, 2),
+        "passes": round(chars / train_chars, 2),
+        "fits": fits_time and fits_data,
+        "why": why,
+    }
 
 
-def probe(config: TrainConfig, vocab_size: int, train_ids: np.ndarray, val_chars: int, budget: float,
-          started: float, fixed: set[str]) -> list[dict]:
+def probe(
+    config: TrainConfig,
+    vocab_size: int,
+    train_ids: np.ndarray,
+    val_chars: int,
+    budget: float,
+    started: float,
+    fixed: set[str],
+) -> list[dict]:
     """Measures the candidate sizes (smallest first) and judges each by the rule.
 
     Args:
@@ -204,13 +231,22 @@ def probe(config: TrainConfig, vocab_size: int, train_ids: np.ndarray, val_chars
         if results and (not results[-1]["fits"] or _now() > probe_until):
             last = next(r for r in reversed(results) if r["measured"])  # predicted from the largest one measured
             scale = params / last["params"]
-            size = {"layers": layers, "units": units, "params": params, "batch_size": last["batch_size"],
-                    "seq_len": last["seq_len"], "first_step_s": last["first_step_s"],
-                    "step_s": round(last["step_s"] * scale, 4), "steps_timed": 0,
-                    "chars_per_s": round(last["chars_per_s"] / scale, 1), "measured": False}
+            size = {
+                "layers": layers,
+                "units": units,
+                "params": params,
+                "batch_size": last["batch_size"],
+                "seq_len": last["seq_len"],
+                "first_step_s": last["first_step_s"],
+                "step_s": round(last["step_s"] * scale, 4),
+                "steps_timed": 0,
+                "chars_per_s": round(last["chars_per_s"] / scale, 1),
+                "measured": False,
+            }
         else:
-            size = _measure(dataclasses.replace(config, layers=layers, units=units), vocab_size, train_ids,
-                            PROBE_MIN_SECONDS)
+            size = _measure(
+                dataclasses.replace(config, layers=layers, units=units), vocab_size, train_ids, PROBE_MIN_SECONDS
+            )
         results.append(_judge(size, budget, _now() - started, len(train_ids), val_chars, config))
     return results
 
@@ -246,10 +282,15 @@ def plan(config: TrainConfig, results: list[dict], train_chars: int, fixed: set[
     if "epochs" in fixed:
         epochs = config.epochs
         steps = min(steps, epochs * steps_per_epoch)
-    choice: dict[str, Any] = {"layers": pick["layers"], "units": pick["units"], "batch_size": batch,
-                              "seq_len": seq_len, "epochs": epochs,
-                              "dropout": 0.0 if pick["passes"] < MIN_PASSES_FOR_DROPOUT else config.dropout,
-                              "schedule_steps": max(1, int(steps))}
+    choice: dict[str, Any] = {
+        "layers": pick["layers"],
+        "units": pick["units"],
+        "batch_size": batch,
+        "seq_len": seq_len,
+        "epochs": epochs,
+        "dropout": 0.0 if pick["passes"] < MIN_PASSES_FOR_DROPOUT else config.dropout,
+        "schedule_steps": max(1, int(steps)),
+    }
     return {k: v for k, v in choice.items() if k not in fixed or k == "schedule_steps"}, pick
 
 
@@ -270,8 +311,14 @@ class BudgetStop(keras.callbacks.Callback):
         started: ``time.perf_counter()`` when the budget's clock started.
     """
 
-    def __init__(self, deadline: float, end_seconds: float, run: RunFolder | None = None,
-                 record: dict | None = None, started: float | None = None):
+    def __init__(
+        self,
+        deadline: float,
+        end_seconds: float,
+        run: RunFolder | None = None,
+        record: dict | None = None,
+        started: float | None = None,
+    ):
         super().__init__()
         self.deadline, self.end_seconds = deadline, end_seconds
         self.run, self.record = run, dict(record or {})
@@ -316,22 +363,29 @@ class BudgetStop(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         self.record["outcome"] = {
             "stopped_by": "time budget" if self.stopped_early else "epochs done",
-            "batches": self.batches, "seconds_at_train_end": round(_now() - self.started, 1),
+            "batches": self.batches,
+            "seconds_at_train_end": round(_now() - self.started, 1),
             "first_epoch_end_estimate_s": round(self.record.get("picked", {}).get("end_seconds", 0.0), 2),
             "epoch_ends_measured_s": self.end_measured[:20],
-            "last_epoch_end_estimate_s": round(self.end_seconds, 2)}
+            "last_epoch_end_estimate_s": round(self.end_seconds, 2),
+        }
         self._write()
-        print(f"time budget: {self.record['outcome']['stopped_by']} after {self.batches} batches, "
-              f"{_now() - self.started:.1f}s of {self.deadline - self.started:g}s", flush=True)
+        print(
+            f"time budget: {self.record['outcome']['stopped_by']} after {self.batches} batches, "
+            f"{_now() - self.started:.1f}s of {self.deadline - self.started:g}s",
+            flush=True,
+        )
 
 
-RULE = (f"largest candidate with chars >= {CHARS_PER_PARAM:g} x params and params <= "
-        f"{MAX_PARAMS_PER_TRAIN_CHAR:g} x training chars (else the smallest); chars = probe chars/s x seconds "
-        f"left for batches; seq_len the longest of {', '.join(map(str, SEQ_LENS))} giving >= {MIN_STEPS} steps, "
-        f"else {SEQ_LENS[-1]}; probed at batch {PROBE_BATCH_SIZE}, kept if >= {MIN_STEPS_FOR_BATCH_64} steps, "
-        f"else {BATCH_SIZE}; dropout 0 below "
-        f"{MIN_PASSES_FOR_DROPOUT:g} passes; cosine over the predicted batches; epochs = "
-        f"{EPOCHS_HEADROOM:g} x predicted passes, rounded up; stopped by the clock")
+RULE = (
+    f"largest candidate with chars >= {CHARS_PER_PARAM:g} x params and params <= "
+    f"{MAX_PARAMS_PER_TRAIN_CHAR:g} x training chars (else the smallest); chars = probe chars/s x seconds "
+    f"left for batches; seq_len the longest of {', '.join(map(str, SEQ_LENS))} giving >= {MIN_STEPS} steps, "
+    f"else {SEQ_LENS[-1]}; probed at batch {PROBE_BATCH_SIZE}, kept if >= {MIN_STEPS_FOR_BATCH_64} steps, "
+    f"else {BATCH_SIZE}; dropout 0 below "
+    f"{MIN_PASSES_FOR_DROPOUT:g} passes; cosine over the predicted batches; epochs = "
+    f"{EPOCHS_HEADROOM:g} x predicted passes, rounded up; stopped by the clock"
+)
 
 
 def _fixed_from_defaults(config: TrainConfig) -> set[str]:
@@ -339,8 +393,13 @@ def _fixed_from_defaults(config: TrainConfig) -> set[str]:
     return {f.name for f in dataclasses.fields(TrainConfig) if getattr(config, f.name) != getattr(default, f.name)}
 
 
-def plan_budget(corpus: str | os.PathLike, run_dir: str | os.PathLike, config: TrainConfig,
-                fixed: Iterable[str] | None = None, strict: bool = False) -> tuple[TrainConfig, BudgetStop]:
+def plan_budget(
+    corpus: str | os.PathLike,
+    run_dir: str | os.PathLike,
+    config: TrainConfig,
+    fixed: Iterable[str] | None = None,
+    strict: bool = False,
+) -> tuple[TrainConfig, BudgetStop]:
     """Plans a run of ``config.time_budget`` seconds: probes this machine, picks the model size and schedule.
 
     The clock starts here; ``train.train`` runs the plan (it calls this when given a ``time_budget``).
@@ -377,47 +436,86 @@ def plan_budget(corpus: str | os.PathLike, run_dir: str | os.PathLike, config: T
     budget = float(config.time_budget)
     data = load_corpus(corpus, strict=strict)
     train_ids, val_ids = split_train_val(data.ids, config.val_frac)
-    batch, seq_len = _batch_shape(len(train_ids), len(val_ids),
-                                  config.batch_size if "batch_size" in fixed else PROBE_BATCH_SIZE,
-                                  config.seq_len if "seq_len" in fixed else SEQ_LEN)
+    batch, seq_len = _batch_shape(
+        len(train_ids),
+        len(val_ids),
+        config.batch_size if "batch_size" in fixed else PROBE_BATCH_SIZE,
+        config.seq_len if "seq_len" in fixed else SEQ_LEN,
+    )
     batch = config.batch_size if "batch_size" in fixed else batch  # a given shape is kept (TBPTT says if too long)
     seq_len = config.seq_len if "seq_len" in fixed else seq_len
     shaped = dataclasses.replace(config, batch_size=batch, seq_len=seq_len, schedule_steps=None)
     results = probe(shaped, data.vocab.size, train_ids, len(val_ids), budget, started, fixed)
     choice, pick = plan(shaped, results, len(train_ids), fixed)
-    if ("batch_size" not in fixed and batch > BATCH_SIZE
-            and pick["chars"] / (batch * choice.get("seq_len", seq_len)) < MIN_STEPS_FOR_BATCH_64):
+    if (
+        "batch_size" not in fixed
+        and batch > BATCH_SIZE
+        and pick["chars"] / (batch * choice.get("seq_len", seq_len)) < MIN_STEPS_FOR_BATCH_64
+    ):
         small = _batch_shape(len(train_ids), len(val_ids), BATCH_SIZE, seq_len)[0]
-        again = _measure(dataclasses.replace(shaped, layers=pick["layers"], units=pick["units"], batch_size=small),
-                         data.vocab.size, train_ids, PROBE_MIN_SECONDS)
+        again = _measure(
+            dataclasses.replace(shaped, layers=pick["layers"], units=pick["units"], batch_size=small),
+            data.vocab.size,
+            train_ids,
+            PROBE_MIN_SECONDS,
+        )
         remeasured = _judge(again, budget, _now() - started, len(train_ids), len(val_ids), shaped)
-        remeasured["why"] = (f"under {MIN_STEPS_FOR_BATCH_64} steps at batch {batch}: the pick measured again at "
-                             f"batch {small}: {remeasured['why']}")
+        remeasured["why"] = (
+            f"under {MIN_STEPS_FOR_BATCH_64} steps at batch {batch}: the pick measured again at "
+            f"batch {small}: {remeasured['why']}"
+        )
         results.append(remeasured)
         choice, pick = plan(shaped, [remeasured], len(train_ids), fixed)
     if pick["train_seconds"] < MIN_TRAIN_FRACTION * budget:
         need = (_now() - started + pick["first_step_s"] + pick["end_seconds"]) / (1 - MIN_TRAIN_FRACTION)
-        raise ConfigError(f"time_budget {budget:g}s is too short for this corpus on this machine: reading it, the "
-                          f"probe, building and validating {len(val_ids):,} held-out characters take about "
-                          f"{budget - pick['train_seconds']:.0f}s; give at least {math.ceil(need / 10) * 10:g}s "
-                          f"(or a smaller val_frac)")
+        raise ConfigError(
+            f"time_budget {budget:g}s is too short for this corpus on this machine: reading it, the "
+            f"probe, building and validating {len(val_ids):,} held-out characters take about "
+            f"{budget - pick['train_seconds']:.0f}s; give at least {math.ceil(need / 10) * 10:g}s "
+            f"(or a smaller val_frac)"
+        )
     chosen = dataclasses.replace(shaped, **choice)
     chosen.validate()
     probe_seconds = _now() - started
-    record = {"seconds": budget, "rule": RULE,
-              "numbers": {"chars_per_param": CHARS_PER_PARAM, "max_params_per_train_char": MAX_PARAMS_PER_TRAIN_CHAR,
-                          "min_steps_for_batch_64": MIN_STEPS_FOR_BATCH_64, "probe_batch_size": PROBE_BATCH_SIZE,
-                          "seq_lens": list(SEQ_LENS), "min_steps": MIN_STEPS,
-                          "min_passes_for_dropout": MIN_PASSES_FOR_DROPOUT},
-              "given": sorted(fixed & set(CHOSEN) | fixed & {"cell", "lr", "lr_schedule"}),
-              "chosen": {k: getattr(chosen, k) for k in CHOSEN},
-              "train_chars": int(len(train_ids)), "val_chars": int(len(val_ids)),
-              "probe_seconds": round(probe_seconds, 2), "candidates": results,
-              "picked": {k: pick[k] for k in ("layers", "units", "params", "chars_per_s", "chars", "chars_per_param",
-                                              "passes", "end_seconds", "why")},
-              "predicted_batches": chosen.schedule_steps}
-    print(f"time budget {budget:g}s: probed in {probe_seconds:.1f}s; chose {chosen.cell} {chosen.layers}x"
-          f"{chosen.units} ({pick['params']:,} parameters), batch {chosen.batch_size} x seq_len {chosen.seq_len}, "
-          f"{chosen.epochs} epochs, dropout {chosen.dropout:g}, cosine over {chosen.schedule_steps} batches "
-          f"(~{pick['chars_per_s']:,.0f} chars/s, {pick['chars_per_param']:.1f} chars per parameter)", flush=True)
+    record = {
+        "seconds": budget,
+        "rule": RULE,
+        "numbers": {
+            "chars_per_param": CHARS_PER_PARAM,
+            "max_params_per_train_char": MAX_PARAMS_PER_TRAIN_CHAR,
+            "min_steps_for_batch_64": MIN_STEPS_FOR_BATCH_64,
+            "probe_batch_size": PROBE_BATCH_SIZE,
+            "seq_lens": list(SEQ_LENS),
+            "min_steps": MIN_STEPS,
+            "min_passes_for_dropout": MIN_PASSES_FOR_DROPOUT,
+        },
+        "given": sorted(fixed & set(CHOSEN) | fixed & {"cell", "lr", "lr_schedule"}),
+        "chosen": {k: getattr(chosen, k) for k in CHOSEN},
+        "train_chars": int(len(train_ids)),
+        "val_chars": int(len(val_ids)),
+        "probe_seconds": round(probe_seconds, 2),
+        "candidates": results,
+        "picked": {
+            k: pick[k]
+            for k in (
+                "layers",
+                "units",
+                "params",
+                "chars_per_s",
+                "chars",
+                "chars_per_param",
+                "passes",
+                "end_seconds",
+                "why",
+            )
+        },
+        "predicted_batches": chosen.schedule_steps,
+    }
+    print(
+        f"time budget {budget:g}s: probed in {probe_seconds:.1f}s; chose {chosen.cell} {chosen.layers}x"
+        f"{chosen.units} ({pick['params']:,} parameters), batch {chosen.batch_size} x seq_len {chosen.seq_len}, "
+        f"{chosen.epochs} epochs, dropout {chosen.dropout:g}, cosine over {chosen.schedule_steps} batches "
+        f"(~{pick['chars_per_s']:,.0f} chars/s, {pick['chars_per_param']:.1f} chars per parameter)",
+        flush=True,
+    )
     return chosen, BudgetStop(started + budget, pick["end_seconds"], run, record, started)

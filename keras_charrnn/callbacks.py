@@ -244,11 +244,14 @@ class EpochSummary(keras.callbacks.Callback):
             return
         logs = logs or {}
         nan = float("nan")
-        line = (f"epoch {epoch + 1}/{self.total_epochs}: loss {logs.get('loss', nan):.4f}"
-                f"  bpc {logs.get('bpc', nan):.4f}")
+        line = (
+            f"epoch {epoch + 1}/{self.total_epochs}: loss {logs.get('loss', nan):.4f}  bpc {logs.get('bpc', nan):.4f}"
+        )
         if "val_loss" in logs:
-            line += (f"  val_loss {logs['val_loss']:.4f}  val_bpc {logs.get('val_bpc', nan):.4f}"
-                     f"  val_ppl {logs.get('val_perplexity', nan):.2f}")
+            line += (
+                f"  val_loss {logs['val_loss']:.4f}  val_bpc {logs.get('val_bpc', nan):.4f}"
+                f"  val_ppl {logs.get('val_perplexity', nan):.2f}"
+            )
         line += f"  {speed:,.0f} chars/s  {seconds:.0f}s"
         print(line, flush=True)
 
@@ -275,8 +278,17 @@ class SampleText(keras.callbacks.Callback):
         seed: the sampling seed (the run's seed).
     """
 
-    def __init__(self, path: str | Path, vocab, progress: Progress, chars: int = 200, every: int = 0,
-                 prime: str = DEFAULT_PRIME, temperatures: tuple[float, ...] = SAMPLE_TEMPERATURES, seed: int = 0):
+    def __init__(
+        self,
+        path: str | Path,
+        vocab,
+        progress: Progress,
+        chars: int = 200,
+        every: int = 0,
+        prime: str = DEFAULT_PRIME,
+        temperatures: tuple[float, ...] = SAMPLE_TEMPERATURES,
+        seed: int = 0,
+    ):
         super().__init__()
         self.path = Path(path)
         self.vocab = vocab
@@ -299,15 +311,22 @@ class SampleText(keras.callbacks.Callback):
         rows = len(self.temperatures)
         zeros = [tf.zeros([rows, module.units]) for _ in module.state_names]
         out = module.generate_text_function(
-            tf.constant([self.prime.encode("utf-8")] * rows), *zeros,
-            tf.fill([rows], self.chars), tf.constant(self.temperatures, tf.float32), tf.zeros([rows], tf.int32),
-            tf.ones([rows], tf.float32), tf.fill([rows], tf.constant(self.seed, tf.int64)), tf.zeros([rows], tf.int64))
+            tf.constant([self.prime.encode("utf-8")] * rows),
+            *zeros,
+            tf.fill([rows], self.chars),
+            tf.constant(self.temperatures, tf.float32),
+            tf.zeros([rows], tf.int32),
+            tf.ones([rows], tf.float32),
+            tf.fill([rows], tf.constant(self.seed, tf.int64)),
+            tf.zeros([rows], tf.int64),
+        )
         return [t.decode("utf-8") for t in out["text"].numpy()]
 
     def _write(self, title: str) -> str:
         texts = self.sample()
         block = f"=== {title} ===\n" + "".join(
-            f"--- temperature {t} ---\n{self.prime}{text}\n" for t, text in zip(self.temperatures, texts))
+            f"--- temperature {t} ---\n{self.prime}{text}\n" for t, text in zip(self.temperatures, texts)
+        )
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(block + "\n")
         return block

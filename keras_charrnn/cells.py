@@ -86,8 +86,12 @@ def matmul(x, w):
     # is then compiled together with the ops that use it, into other code.
     m = tf.shape(x)[0]
     rows = tf.pad(x, [[0, tf.maximum(MIN_LOOP_ROWS - m, 0)], [0, 0]])
-    y = tf.map_fn(lambda row: tf.matmul(row[None, :], w)[0], rows, parallel_iterations=1,
-                  fn_output_signature=tf.TensorSpec([n], x.dtype))
+    y = tf.map_fn(
+        lambda row: tf.matmul(row[None, :], w)[0],
+        rows,
+        parallel_iterations=1,
+        fn_output_signature=tf.TensorSpec([n], x.dtype),
+    )
     return tf.ensure_shape(y[:m], [x.shape[0], n])
 
 

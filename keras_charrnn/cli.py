@@ -19,8 +19,7 @@ from keras_charrnn import __version__, demo
 from keras_charrnn.bundled import bundled_model_path
 from keras_charrnn.config import TrainConfig, parse_duration
 from keras_charrnn.errors import CharRNNError, ConfigError
-from keras_charrnn.sampling import (DEFAULT_CHUNK, DEFAULT_PRIME, DEFAULT_TEMPERATURE, DEFAULT_TOP_K,
-                                  DEFAULT_TOP_P)
+from keras_charrnn.sampling import DEFAULT_CHUNK, DEFAULT_PRIME, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P
 from keras_charrnn.serving import memory
 from keras_charrnn.serving.options import ServerOptions
 from keras_charrnn.versions import DEFAULT_BASE_PATH
@@ -84,36 +83,69 @@ def _add_config_flags(p, config_class) -> None:
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata.get("help", "") + ("; may change on --resume" if f.metadata.get("on_resume") else "")
         if f.type == "bool":
-            p.add_argument(flag, dest=f.name, action=_StoreGiven, nargs=0, const=True, default=f.default,
-                           help=f"{help_text} (default: off)")
+            p.add_argument(
+                flag,
+                dest=f.name,
+                action=_StoreGiven,
+                nargs=0,
+                const=True,
+                default=f.default,
+                help=f"{help_text} (default: off)",
+            )
             continue
-        p.add_argument(flag, dest=f.name, action=_StoreGiven, type=_FLAG_PARSERS.get(f.name, _FLAG_TYPES[str(f.type)]),
-                       default=f.default,
-                       choices=f.metadata.get("choices"), help=f"{help_text} (default: %(default)s)")
+        p.add_argument(
+            flag,
+            dest=f.name,
+            action=_StoreGiven,
+            type=_FLAG_PARSERS.get(f.name, _FLAG_TYPES[str(f.type)]),
+            default=f.default,
+            choices=f.metadata.get("choices"),
+            help=f"{help_text} (default: %(default)s)",
+        )
 
 
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a model on a UTF-8 text file, a folder of them or a glob")
-    p.add_argument("corpus", help="UTF-8 text file, folder (every file under it, sorted; hidden ones left out) "
-                                  "or quoted glob pattern such as 'src/**/*.py'; files are joined with a blank line")
+    p.add_argument(
+        "corpus",
+        help="UTF-8 text file, folder (every file under it, sorted; hidden ones left out) "
+        "or quoted glob pattern such as 'src/**/*.py'; files are joined with a blank line",
+    )
     p.add_argument("--out", required=True, help="run folder (checkpoints, logs, samples, best model); required")
     _add_config_flags(p, TrainConfig)
-    p.add_argument("--strict", action="store_true",
-                   help="refuse a corpus file that is not UTF-8 (default: off, such files are skipped with a warning)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its last checkpoint, with its saved settings; "
-                        "only flags marked 'may change on --resume' may be given with a new value (default: off)")
-    p.add_argument("--quiet", action="store_true",
-                   help="no Keras progress bar: one line per epoch instead (default: off; always so when standard "
-                        "output is not a terminal, e.g. a log file)")
-    p.add_argument("--distribute", choices=("mirrored", "multi-worker"), default=None,
-                   help="train under tf.distribute: 'mirrored' on every local GPU (or CPU device), 'multi-worker' "
-                        "on the cluster in TF_CONFIG; --batch-size stays the global batch (default: one device)")
-    p.add_argument("--backend", choices=("auto", "tensorflow", "jax"), default="auto",
-                   help="Keras backend to train with; jax needs 'pip install keras-charrnn[jax]'. auto: on --resume "
-                        "the run's recorded backend, else $KERAS_BACKEND when set, else jax when installed for a model "
-                        f"of {JAX_MIN_UNITS}+ units without --distribute (faster there), else tensorflow "
-                        "(default: %(default)s)")
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse a corpus file that is not UTF-8 (default: off, such files are skipped with a warning)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last checkpoint, with its saved settings; "
+        "only flags marked 'may change on --resume' may be given with a new value (default: off)",
+    )
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no Keras progress bar: one line per epoch instead (default: off; always so when standard "
+        "output is not a terminal, e.g. a log file)",
+    )
+    p.add_argument(
+        "--distribute",
+        choices=("mirrored", "multi-worker"),
+        default=None,
+        help="train under tf.distribute: 'mirrored' on every local GPU (or CPU device), 'multi-worker' "
+        "on the cluster in TF_CONFIG; --batch-size stays the global batch (default: one device)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=("auto", "tensorflow", "jax"),
+        default="auto",
+        help="Keras backend to train with; jax needs 'pip install keras-charrnn[jax]'. auto: on --resume "
+        "the run's recorded backend, else $KERAS_BACKEND when set, else jax when installed for a model "
+        f"of {JAX_MIN_UNITS}+ units without --distribute (faster there), else tensorflow "
+        "(default: %(default)s)",
+    )
 
 
 JAX_MIN_UNITS = 512  # the smallest layer width measured faster on JAX than on TensorFlow (BENCHMARKS.md, CPU)
@@ -140,8 +172,10 @@ def auto_backend(args: argparse.Namespace) -> tuple[str, str]:
         recorded = RunFolder(args.out).backend()
         if recorded is not None:
             if importlib.util.find_spec(recorded) is None:
-                raise ConfigError(f"backend: this run trains on {recorded!r}, which is not installed here: "
-                                  f"pip install 'keras-charrnn[{recorded}]', or resume with --backend NAME")
+                raise ConfigError(
+                    f"backend: this run trains on {recorded!r}, which is not installed here: "
+                    f"pip install 'keras-charrnn[{recorded}]', or resume with --backend NAME"
+                )
             return recorded, "the backend this run trains on"
     if "keras" in sys.modules:  # train() called in a process that already runs Keras
         import keras
@@ -177,8 +211,10 @@ def _choose_backend(name: str | None) -> None:
         import keras
 
         if keras.backend.backend() != name:
-            raise ConfigError(f"backend {name!r}: Keras is already running on {keras.backend.backend()!r} in this "
-                              f"process; set KERAS_BACKEND={name} before it starts")
+            raise ConfigError(
+                f"backend {name!r}: Keras is already running on {keras.backend.backend()!r} in this "
+                f"process; set KERAS_BACKEND={name} before it starts"
+            )
     os.environ["KERAS_BACKEND"] = name
 
 
@@ -202,16 +238,24 @@ def _run_train(args) -> None:
 
     verbose = 0 if args.quiet else "auto"  # auto: no bar when stdout is not a terminal (train's doc)
     if args.resume:
-        train(args.corpus, args.out, resume=True, changes=given, verbose=verbose, strict=args.strict,
-              strategy=args.distribute)
+        train(
+            args.corpus,
+            args.out,
+            resume=True,
+            changes=given,
+            verbose=verbose,
+            strict=args.strict,
+            strategy=args.distribute,
+        )
     elif values["time_budget"] is not None:
         from keras_charrnn.budget import plan_budget
 
         config, stop = plan_budget(args.corpus, args.out, TrainConfig(**values), fixed=args.given, strict=args.strict)
         train(args.corpus, args.out, config, callbacks=[stop], verbose=verbose, strict=args.strict)
     else:
-        train(args.corpus, args.out, TrainConfig(**values), verbose=verbose, strict=args.strict,
-              strategy=args.distribute)
+        train(
+            args.corpus, args.out, TrainConfig(**values), verbose=verbose, strict=args.strict, strategy=args.distribute
+        )
     print(f"run saved in {args.out}: export it with 'charrnn export {args.out} --name NAME'")
 
 
@@ -221,20 +265,39 @@ def _add_export(sub) -> None:
     p.add_argument("--name", required=True, help="model name (folder under --base-path)")
     p.add_argument("--base-path", default=DEFAULT_BASE_PATH, help="folder of all models (default: %(default)s)")
     p.add_argument("--version", type=_positive_int, default=None, help="version number (default: next integer)")
-    p.add_argument("--which", choices=["best", "latest"], default="best",
-                   help="best model by validation loss (default) or the latest weights")
-    p.add_argument("--xla", action=argparse.BooleanOptionalAction, default=True,
-                   help="add the XLA-compiled twins generate_xla and generate_text_xla, which clients prefer "
-                        "where the server has XLA JIT (default: on; the default signatures never need XLA)")
+    p.add_argument(
+        "--which",
+        choices=["best", "latest"],
+        default="best",
+        help="best model by validation loss (default) or the latest weights",
+    )
+    p.add_argument(
+        "--xla",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="add the XLA-compiled twins generate_xla and generate_text_xla, which clients prefer "
+        "where the server has XLA JIT (default: on; the default signatures never need XLA)",
+    )
     sizes = p.add_mutually_exclusive_group()
-    sizes.add_argument("--warmup-batch-sizes", type=_batch_sizes, default=None, metavar="N,N,...",
-                       help="batch sizes of the warm-up records in assets.extra (default 1,2,4,8)")
-    sizes.add_argument("--batching-parameters-file", default=None, metavar="FILE",
-                       help="warm the batch sizes this BatchingParameters file pads to "
-                            "(e.g. serving/batching_parameters.txt)")
-    p.add_argument("--warmup-xla", action="store_true",
-                   help="warm the XLA twins too: only for servers run with --xla_cpu_compilation_enabled=true "
-                        "(a stock server then fails to load the model)")
+    sizes.add_argument(
+        "--warmup-batch-sizes",
+        type=_batch_sizes,
+        default=None,
+        metavar="N,N,...",
+        help="batch sizes of the warm-up records in assets.extra (default 1,2,4,8)",
+    )
+    sizes.add_argument(
+        "--batching-parameters-file",
+        default=None,
+        metavar="FILE",
+        help="warm the batch sizes this BatchingParameters file pads to (e.g. serving/batching_parameters.txt)",
+    )
+    p.add_argument(
+        "--warmup-xla",
+        action="store_true",
+        help="warm the XLA twins too: only for servers run with --xla_cpu_compilation_enabled=true "
+        "(a stock server then fails to load the model)",
+    )
 
 
 def _batch_sizes(text: str) -> list[int]:
@@ -252,8 +315,16 @@ def _run_export(args) -> None:
     sizes = args.warmup_batch_sizes or warmup.DEFAULT_BATCH_SIZES
     if args.batching_parameters_file:
         sizes = batch_sizes_from_batching_parameters(args.batching_parameters_file)
-    path = export_run(args.run_dir, args.name, args.base_path, args.version, args.which, xla=args.xla,
-                      warmup_batch_sizes=sizes, warmup_xla=args.warmup_xla)
+    path = export_run(
+        args.run_dir,
+        args.name,
+        args.base_path,
+        args.version,
+        args.which,
+        xla=args.xla,
+        warmup_batch_sizes=sizes,
+        warmup_xla=args.warmup_xla,
+    )
     print(f"exported {path}")
 
 
@@ -264,8 +335,7 @@ def _add_sampling_flags(p) -> None:
     p.add_argument("--prime", default=DEFAULT_PRIME, help="text to start from (default: a newline)")
     p.add_argument("-n", "--num-chars", type=_positive_int, default=500, help="characters to generate")
     p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="0 = greedy; higher = more varied")
-    p.add_argument("--top-k", type=int, default=DEFAULT_TOP_K,
-                   help="sample among the k likeliest characters (0 = off)")
+    p.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help="sample among the k likeliest characters (0 = off)")
     p.add_argument("--top-p", type=float, default=DEFAULT_TOP_P, help="nucleus sampling mass (1 = off)")
     p.add_argument("--seed", type=int, default=None, help="makes the text reproducible")
     p.add_argument("--chunk", type=_positive_int, default=DEFAULT_CHUNK, help="characters per model call")
@@ -364,8 +434,10 @@ def _run_eval(args) -> None:
     from keras_charrnn.inprocess import load
 
     result = load(args.model).score(text)
-    print(f"{args.file}: {result['chars']} characters  loss {result['loss']:.4f} nats/char  "
-          f"bpc {result['bits_per_char']:.4f}  perplexity {result['perplexity']:.3f}")
+    print(
+        f"{args.file}: {result['chars']} characters  loss {result['loss']:.4f} nats/char  "
+        f"bpc {result['bits_per_char']:.4f}  perplexity {result['perplexity']:.3f}"
+    )
 
 
 def _add_option_flags(p, options_class) -> None:
@@ -379,21 +451,35 @@ def _add_option_flags(p, options_class) -> None:
     for f in dataclasses.fields(options_class):
         flag, help_text = "--" + f.name, f.metadata.get("help", "")
         if f.type == "bool" and f.metadata.get("true_false"):
-            p.add_argument(flag, type=_true_false, nargs="?", const=True, default=f.default,
-                           help=f"{help_text} (default: {str(f.default).lower()})")
+            p.add_argument(
+                flag,
+                type=_true_false,
+                nargs="?",
+                const=True,
+                default=f.default,
+                help=f"{help_text} (default: {str(f.default).lower()})",
+            )
         elif f.type == "bool":
             p.add_argument(flag, action="store_true", help=f"{help_text} (default: off)")
         else:
             kind = _positive_int if f.metadata.get("positive") else _FLAG_TYPES[f.type.replace(" | None", "")]
-            p.add_argument(flag, type=kind, default=f.default,
-                           help=help_text + ("" if f.default is None else " (default: %(default)s)"))
+            p.add_argument(
+                flag,
+                type=kind,
+                default=f.default,
+                help=help_text + ("" if f.default is None else " (default: %(default)s)"),
+            )
 
 
 def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="TF Serving-compatible gRPC model server (tensorflow_model_server's flags)")
     _add_option_flags(p, ServerOptions)
-    p.add_argument("--log_level", choices=["debug", "info", "warning", "error"], default="info",
-                   help="debug also logs every call received and every batch run")
+    p.add_argument(
+        "--log_level",
+        choices=["debug", "info", "warning", "error"],
+        default="info",
+        help="debug also logs every call received and every batch run",
+    )
 
 
 def _true_false(text: str) -> bool:
@@ -430,11 +516,15 @@ def _run_serve(args) -> None:
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="serve saved_models/ (or the bundled model) and stream generated text over gRPC")
     p.add_argument("--train", metavar="CORPUS", default=None, help="first train a small model on this text file")
-    p.add_argument("--minutes", type=float, default=demo.DEMO_MINUTES,
-                   help="training time with --train (default: %(default)s)")
-    p.add_argument("--base-path", default=None,
-                   help=f"folder of the models to serve (default: {DEFAULT_BASE_PATH} when it holds a model or with "
-                        "--train, else the model bundled with the package)")
+    p.add_argument(
+        "--minutes", type=float, default=demo.DEMO_MINUTES, help="training time with --train (default: %(default)s)"
+    )
+    p.add_argument(
+        "--base-path",
+        default=None,
+        help=f"folder of the models to serve (default: {DEFAULT_BASE_PATH} when it holds a model or with "
+        "--train, else the model bundled with the package)",
+    )
     p.add_argument("--name", default=None, help="model to sample (default: shakespeare, or the first found)")
     p.add_argument("--prime", default=demo.DEMO_PRIME, help="text to start from (default: %(default)s)")
     p.add_argument("--calls", type=_positive_int, default=demo.DEMO_CALLS, help="number of gRPC calls")
@@ -446,8 +536,17 @@ def _add_demo(sub) -> None:
 def _run_demo(args) -> None:
     if args.train:
         import_tensorflow_quietly()
-    demo.run_demo(args.base_path, args.name, args.train, args.minutes, args.prime, args.calls, args.chunk,
-             args.temperature, args.seed)
+    demo.run_demo(
+        args.base_path,
+        args.name,
+        args.train,
+        args.minutes,
+        args.prime,
+        args.calls,
+        args.chunk,
+        args.temperature,
+        args.seed,
+    )
 
 
 def _int_list(text: str) -> list[int]:
@@ -463,8 +562,9 @@ def _add_visualize(sub) -> None:
     p.add_argument("text_file", help="UTF-8 text to analyse")
     p.add_argument("--out", required=True, help="HTML file to write")
     p.add_argument("--layer", type=int, default=None, help="only this layer (default: all)")
-    p.add_argument("--units", type=_int_list, default=None,
-                   help="comma-separated unit numbers (default: best-scoring first)")
+    p.add_argument(
+        "--units", type=_int_list, default=None, help="comma-separated unit numbers (default: best-scoring first)"
+    )
     p.add_argument("--top", type=_positive_int, default=5, help="next-character guesses shown per character")
     p.add_argument("--max-chars", type=_positive_int, default=5000, help="analyse at most this many characters")
 
@@ -483,8 +583,14 @@ def _run_visualize(args) -> None:
     model = load(args.model)
     result = inspect(model, text, top=args.top)
     curves = RunFolder(args.model).curves_path if RunFolder.is_run(args.model) else None
-    out = write_report(result, args.out, model.info.name, layer=args.layer, units=args.units,
-                       curves=curves.resolve().as_uri() if curves and curves.is_file() else None)
+    out = write_report(
+        result,
+        args.out,
+        model.info.name,
+        layer=args.layer,
+        units=args.units,
+        curves=curves.resolve().as_uri() if curves and curves.is_file() else None,
+    )
     print(f"wrote {out} ({len(text)} characters, {result.bits_per_char:.3f} bpc)")
 
 
@@ -507,8 +613,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"train": _run_train, "export": _run_export, "sample": _run_sample, "eval": _run_eval,
-            "serve": _run_serve, "demo": _run_demo, "visualize": _run_visualize}
+COMMANDS = {
+    "train": _run_train,
+    "export": _run_export,
+    "sample": _run_sample,
+    "eval": _run_eval,
+    "serve": _run_serve,
+    "demo": _run_demo,
+    "visualize": _run_visualize,
+}
 # Commands that import TensorFlow before they run; train, eval, visualize and sample import it themselves,
 # after the checks that need no model.
 NEEDS_TENSORFLOW = {"export", "serve"}

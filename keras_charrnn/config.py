@@ -120,28 +120,41 @@ class TrainConfig:
     seq_len: int = _field(100, "characters per row of a batch (the truncated-BPTT length)")
     epochs: int = _field(14, "passes over the training part of the corpus", on_resume=True)
     lr: float = _field(2e-3, "Adam's learning rate (the start of the cosine schedule)", on_resume=True)
-    lr_schedule: str = _field("cosine", "cosine (down to lr/10 over the run) or constant", LR_SCHEDULES,
-                              on_resume=True)
-    clip_norm: float | None = _field(DEFAULT_CLIP_NORM, "clip gradients by global norm (turned off by clip_value)",
-                                     on_resume=True)
-    clip_value: float | None = _field(None, "clip each gradient element (turns off clip_norm; giving both is an "
-                                            "error)", on_resume=True)
+    lr_schedule: str = _field("cosine", "cosine (down to lr/10 over the run) or constant", LR_SCHEDULES, on_resume=True)
+    clip_norm: float | None = _field(
+        DEFAULT_CLIP_NORM, "clip gradients by global norm (turned off by clip_value)", on_resume=True
+    )
+    clip_value: float | None = _field(
+        None, "clip each gradient element (turns off clip_norm; giving both is an error)", on_resume=True
+    )
     val_frac: float = _field(0.1, "fraction of the corpus, from its end, held out for validation, in [0, 1)")
     seed: int = _field(0, "random seed (weights, dropout)")
-    checkpoint_every: int = _field(100, "batches between mid-epoch checkpoints; 0 = epoch ends only",
-                                   on_resume=True)
-    sample_every: int = _field(0, "batches between samples within an epoch (a sample is printed and added to "
-                                  "samples.txt at each epoch end too); 0 = epoch ends only", on_resume=True)
-    sample_chars: int = _field(200, f"characters per sample (one per temperature "
-                                    f"{', '.join(f'{t:g}' for t in SAMPLE_TEMPERATURES)}); 0 = no samples",
-                               on_resume=True)
+    checkpoint_every: int = _field(100, "batches between mid-epoch checkpoints; 0 = epoch ends only", on_resume=True)
+    sample_every: int = _field(
+        0,
+        "batches between samples within an epoch (a sample is printed and added to "
+        "samples.txt at each epoch end too); 0 = epoch ends only",
+        on_resume=True,
+    )
+    sample_chars: int = _field(
+        200,
+        f"characters per sample (one per temperature "
+        f"{', '.join(f'{t:g}' for t in SAMPLE_TEMPERATURES)}); 0 = no samples",
+        on_resume=True,
+    )
     tensorboard: bool = _field(False, "also write TensorBoard logs", on_resume=True)
-    time_budget: float | None = _field(None, "train for this long (90s, 10m, 1.5h; seconds in config.json): a short "
-                                             "probe of this machine picks layers, units, batch_size, seq_len, epochs, "
-                                             "dropout and the schedule (flags given are kept), and training stops in "
-                                             "time with the best model saved; see budget.py")
-    schedule_steps: int | None = _field(None, "batches the cosine schedule spans (default: every epoch's); "
-                                              "time_budget sets it to the batches predicted to fit")
+    time_budget: float | None = _field(
+        None,
+        "train for this long (90s, 10m, 1.5h; seconds in config.json): a short "
+        "probe of this machine picks layers, units, batch_size, seq_len, epochs, "
+        "dropout and the schedule (flags given are kept), and training stops in "
+        "time with the best model saved; see budget.py",
+    )
+    schedule_steps: int | None = _field(
+        None,
+        "batches the cosine schedule spans (default: every epoch's); "
+        "time_budget sets it to the batches predicted to fit",
+    )
 
     def __post_init__(self) -> None:
         # The clip rule: clip_value turns off clip_norm's default (clip_norm given too is refused by validate).
@@ -177,9 +190,11 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be 0 or more, got {getattr(self, name)}")
         if self.time_budget is not None and not MIN_TIME_BUDGET <= self.time_budget <= MAX_TIME_BUDGET:
-            raise ConfigError(f"time_budget must be between {MIN_TIME_BUDGET:g} seconds and "
-                              f"{MAX_TIME_BUDGET / 86400:g} days (a probe and a final validation must fit), "
-                              f"got {self.time_budget:g} seconds")
+            raise ConfigError(
+                f"time_budget must be between {MIN_TIME_BUDGET:g} seconds and "
+                f"{MAX_TIME_BUDGET / 86400:g} days (a probe and a final validation must fit), "
+                f"got {self.time_budget:g} seconds"
+            )
         if self.schedule_steps is not None and self.schedule_steps < 1:
             raise ConfigError(f"schedule_steps must be at least 1, got {self.schedule_steps}")
         if not 0 <= self.sample_chars <= MAX_CHARS_PER_CALL:
@@ -215,11 +230,16 @@ def resume_changes(saved: TrainConfig, changes: Mapping[str, Any]) -> tuple[Trai
         raise ConfigError(f"unknown config fields: {', '.join(unknown)}")
     if changes.get("clip_value") is not None and "clip_norm" not in changes:
         changes = {**changes, "clip_norm": None}  # the clip rule: a new clip_value turns off clip_norm
-    changed = {f.name: (getattr(saved, f.name), changes[f.name]) for f in dataclasses.fields(TrainConfig)
-               if f.name in changes and getattr(saved, f.name) != changes[f.name]}
+    changed = {
+        f.name: (getattr(saved, f.name), changes[f.name])
+        for f in dataclasses.fields(TrainConfig)
+        if f.name in changes and getattr(saved, f.name) != changes[f.name]
+    }
     fixed = [k for k in changed if k not in RESUMABLE]
     if fixed:
         what = ", ".join(f"{k} ({changed[k][0]} -> {changed[k][1]})" for k in fixed)
-        raise ConfigError(f"resuming cannot change {what}: they fix the run (start a new run for that); "
-                          f"a resumed run may change {', '.join(RESUMABLE)}")
+        raise ConfigError(
+            f"resuming cannot change {what}: they fix the run (start a new run for that); "
+            f"a resumed run may change {', '.join(RESUMABLE)}"
+        )
     return dataclasses.replace(saved, **{k: new for k, (_, new) in changed.items()}), changed

@@ -87,8 +87,14 @@ class CorpusScan:
             ``{"path", "files", "skipped", "separator", "chars", "sha256"}``: ``--resume``
             checks ``sha256`` (the joined text) and names the files that differ.
         """
-        return {"path": self.spec, "files": self.names, "skipped": [name for name, _ in self.skipped],
-                "separator": SEPARATOR, "chars": self.chars, "sha256": self.sha256}
+        return {
+            "path": self.spec,
+            "files": self.names,
+            "skipped": [name for name, _ in self.skipped],
+            "separator": SEPARATOR,
+            "chars": self.chars,
+            "sha256": self.sha256,
+        }
 
 
 def _is_pattern(spec: str) -> bool:
@@ -146,8 +152,10 @@ def _blocks(path: Path, block_bytes: int) -> Iterator[str]:
                 try:
                     text = decoder.decode(data, final=not data)
                 except UnicodeDecodeError as exc:
-                    raise _NotUTF8(f"not valid UTF-8 (bad byte 0x{exc.object[exc.start]:02x} "
-                                   f"at byte offset {offset - pending + exc.start})") from None
+                    raise _NotUTF8(
+                        f"not valid UTF-8 (bad byte 0x{exc.object[exc.start]:02x} "
+                        f"at byte offset {offset - pending + exc.start})"
+                    ) from None
                 if text:
                     yield text
                 if not data:
@@ -211,8 +219,9 @@ def scan(spec: str | os.PathLike, strict: bool = False, block_bytes: int = BLOCK
         result.names.append(name)
         result.chars += chars
     if not result.chars:
-        raise InputError(f"{spec}: file is empty" if Path(spec).is_file()
-                         else f"{spec}: no text (every file is empty or skipped)")
+        raise InputError(
+            f"{spec}: file is empty" if Path(spec).is_file() else f"{spec}: no text (every file is empty or skipped)"
+        )
     result.sha256 = digest.hexdigest()
     result.chars_seen = [chr(int(p)) for p in np.flatnonzero(seen)]
     return result
@@ -241,7 +250,7 @@ def encode(found: CorpusScan, vocab: Vocabulary, block_bytes: int = BLOCK_BYTES)
         nonlocal pos
         if pos + len(points) > len(ids):
             raise InputError(f"{found.spec}: the corpus changed while it was read; try again")
-        ids[pos:pos + len(points)] = table[points]
+        ids[pos : pos + len(points)] = table[points]
         pos += len(points)
 
     for i, (path, name) in enumerate(zip(found.files, found.names)):
@@ -257,8 +266,9 @@ def encode(found: CorpusScan, vocab: Vocabulary, block_bytes: int = BLOCK_BYTES)
     return ids
 
 
-def load_corpus(spec: str | os.PathLike, vocab: Vocabulary | None = None, strict: bool = False,
-                block_bytes: int = BLOCK_BYTES) -> Corpus:
+def load_corpus(
+    spec: str | os.PathLike, vocab: Vocabulary | None = None, strict: bool = False, block_bytes: int = BLOCK_BYTES
+) -> Corpus:
     """Reads and encodes a corpus in blocks (both passes).
 
     Args:

@@ -66,8 +66,9 @@ def filter_logits(logits: tf.Tensor, top_k: tf.Tensor, top_p: tf.Tensor) -> tf.T
     return tf.where((top_p < 1.0)[:, None], nucleus, logits)
 
 
-def choose(logits: tf.Tensor, temperature: tf.Tensor, top_k: tf.Tensor, top_p: tf.Tensor,
-           seed: tf.Tensor, position: tf.Tensor) -> tf.Tensor:
+def choose(
+    logits: tf.Tensor, temperature: tf.Tensor, top_k: tf.Tensor, top_p: tf.Tensor, seed: tf.Tensor, position: tf.Tensor
+) -> tf.Tensor:
     """Picks the next id of every row.
 
     Args:
@@ -80,8 +81,7 @@ def choose(logits: tf.Tensor, temperature: tf.Tensor, top_k: tf.Tensor, top_p: t
         int32 [B].
     """
     vocab = logits.shape[-1] or tf.shape(logits)[-1]
-    never_unknown = tf.concat([tf.fill([tf.shape(logits)[0], 1], -float("inf")),
-                               tf.zeros_like(logits[:, 1:])], axis=-1)
+    never_unknown = tf.concat([tf.fill([tf.shape(logits)[0], 1], -float("inf")), tf.zeros_like(logits[:, 1:])], axis=-1)
     logits = logits + never_unknown
     greedy = tf.argmax(logits, axis=-1, output_type=tf.int32)
     warm = temperature > 0

@@ -63,8 +63,11 @@ def demo_base_path(base_path: str | None, training: bool = False) -> Path:
 
 def _models_config(base: Path, names: list[str]) -> str:
     """A ModelServerConfig text serving ``names`` from ``base``."""
-    entries = "".join(f'  config {{\n    name: "{n}"\n    base_path: "{(base / n).resolve()}"\n'
-                      f'    model_platform: "tensorflow"\n  }}\n' for n in names)
+    entries = "".join(
+        f'  config {{\n    name: "{n}"\n    base_path: "{(base / n).resolve()}"\n'
+        f'    model_platform: "tensorflow"\n  }}\n'
+        for n in names
+    )
     return f"model_config_list {{\n{entries}}}\n"
 
 
@@ -81,9 +84,23 @@ def _server(config_text: str) -> Iterator[tuple[subprocess.Popen, int]]:
     with workdir as tmp, open(Path(tmp) / "server.log", "w+") as log:
         config = Path(tmp) / "models.config"
         config.write_text(config_text, encoding="utf-8")
-        proc = subprocess.Popen([sys.executable, "-m", "keras_charrnn.cli", "serve", "--port", "0", "--host",
-                                 "127.0.0.1", "--model_config_file", str(config)],
-                                stdout=subprocess.PIPE, stderr=log, text=True)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "keras_charrnn.cli",
+                "serve",
+                "--port",
+                "0",
+                "--host",
+                "127.0.0.1",
+                "--model_config_file",
+                str(config),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+        )
         try:
             yield proc, _announced_port(proc, log)
         finally:
@@ -123,8 +140,9 @@ def train_small(corpus: str, minutes: float, base_path: Path) -> str:
 
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(corpus).stem) or "model"
     run_dir = Path("runs") / f"demo-{name}-{int(time.time())}"
-    config = TrainConfig(units=256, dropout=0.0, batch_size=32, seq_len=64, epochs=1000, lr_schedule="constant",
-                         checkpoint_every=50)
+    config = TrainConfig(
+        units=256, dropout=0.0, batch_size=32, seq_len=64, epochs=1000, lr_schedule="constant", checkpoint_every=50
+    )
     print(f"training a 2x256 LSTM on {corpus} for {minutes:g} minutes (run folder {run_dir})", flush=True)
     train(corpus, run_dir, config, callbacks=[TimeBudget(minutes * 60)], verbose=0)
     path = export_run(run_dir, name, base_path)
@@ -132,9 +150,17 @@ def train_small(corpus: str, minutes: float, base_path: Path) -> str:
     return name
 
 
-def run_demo(base_path: str | None = None, name: str | None = None, train_corpus: str | None = None,
-             minutes: float = DEMO_MINUTES, prime: str = DEMO_PRIME, calls: int = DEMO_CALLS,
-             chunk: int = DEFAULT_CHUNK, temperature: float = DEFAULT_TEMPERATURE, seed: int = DEMO_SEED) -> None:
+def run_demo(
+    base_path: str | None = None,
+    name: str | None = None,
+    train_corpus: str | None = None,
+    minutes: float = DEMO_MINUTES,
+    prime: str = DEMO_PRIME,
+    calls: int = DEMO_CALLS,
+    chunk: int = DEFAULT_CHUNK,
+    temperature: float = DEFAULT_TEMPERATURE,
+    seed: int = DEMO_SEED,
+) -> None:
     """Serves the models under ``base_path`` and samples one of them over gRPC; see the module doc.
 
     Args:
@@ -158,8 +184,9 @@ def run_demo(base_path: str | None = None, name: str | None = None, train_corpus
         name = train_small(train_corpus, minutes, base)
     models = _models_under(base)
     if not models:
-        raise ConfigError(f"base_path {base}: no SavedModels under it (train and export one, or run the demo with "
-                          f"train_corpus)")
+        raise ConfigError(
+            f"base_path {base}: no SavedModels under it (train and export one, or run the demo with train_corpus)"
+        )
     name = name or ("shakespeare" if "shakespeare" in models else models[0])
     if name not in models:
         raise ConfigError(f"name: no model {name!r} under {base} (have: {', '.join(models)})")
@@ -167,8 +194,10 @@ def run_demo(base_path: str | None = None, name: str | None = None, train_corpus
     started = time.perf_counter()
     timings = []
     with _server(_models_config(base, models)) as (proc, port):
-        print(f"model server up on 127.0.0.1:{port} in {time.perf_counter() - started:.1f}s, "
-              f"serving {', '.join(models)} from {base}")
+        print(
+            f"model server up on 127.0.0.1:{port} in {time.perf_counter() - started:.1f}s, "
+            f"serving {', '.join(models)} from {base}"
+        )
         with SamplingClient(f"127.0.0.1:{port}") as client:
             session = client.session(name, prime=prime, temperature=temperature, seed=seed)
             print(f"--- {name}: {calls} calls of {chunk} characters, state carried by the client ---")
@@ -185,7 +214,9 @@ def run_demo(base_path: str | None = None, name: str | None = None, train_corpus
     for i, seconds in enumerate(timings, 1):
         print(f"{i:>4} {chunk:>6} {seconds * 1000:>11.1f} {chunk / seconds:>9.0f}")
     total = sum(timings)
-    print(f"total {chunk * len(timings)} characters in {total:.2f}s ({chunk * len(timings) / total:.0f} chars/s); "
-          f"server stopped with exit status {status}")
+    print(
+        f"total {chunk * len(timings)} characters in {total:.2f}s ({chunk * len(timings) / total:.0f} chars/s); "
+        f"server stopped with exit status {status}"
+    )
     if status != 0:
         raise ServingError("INTERNAL", f"the model server exited with status {status}")

@@ -45,14 +45,24 @@ from keras_charrnn.errors import ConfigError
 STRATEGIES = ("mirrored", "multi-worker")
 LOGICAL_CPUS_ENV = "CHARRNN_LOGICAL_CPUS"  # split the CPU into this many devices (tests, CPU-only machines)
 
-__all__ = ["STRATEGIES", "strategy_from_name", "resolve", "Distribution", "GlobalClipAdam", "read_states",
-           "write_states", "local_components"]
+__all__ = [
+    "STRATEGIES",
+    "strategy_from_name",
+    "resolve",
+    "Distribution",
+    "GlobalClipAdam",
+    "read_states",
+    "write_states",
+    "local_components",
+]
 
 
 def _check_backend() -> None:
     if keras.backend.backend() != "tensorflow":
-        raise ConfigError(f"distributed training needs the TensorFlow backend (KERAS_BACKEND is "
-                          f"{keras.backend.backend()!r}); unset distribute or use backend tensorflow")
+        raise ConfigError(
+            f"distributed training needs the TensorFlow backend (KERAS_BACKEND is "
+            f"{keras.backend.backend()!r}); unset distribute or use backend tensorflow"
+        )
 
 
 def _split_cpu(n: int) -> None:
@@ -64,8 +74,10 @@ def _split_cpu(n: int) -> None:
     try:
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * n)
     except RuntimeError:
-        raise ConfigError(f"{LOGICAL_CPUS_ENV}={n}: TensorFlow's devices were already started; set it "
-                          f"before the process uses TensorFlow") from None
+        raise ConfigError(
+            f"{LOGICAL_CPUS_ENV}={n}: TensorFlow's devices were already started; set it "
+            f"before the process uses TensorFlow"
+        ) from None
 
 
 def strategy_from_name(name: str) -> tf.distribute.Strategy:
@@ -102,8 +114,10 @@ def strategy_from_name(name: str) -> tf.distribute.Strategy:
         workers = cluster["cluster"]["worker"]
         cluster["task"]["index"]
     except (KeyError, TypeError, ValueError):
-        raise ConfigError("distribute multi-worker needs TF_CONFIG: {\"cluster\": {\"worker\": [\"host:port\", ...]}, "
-                          "\"task\": {\"type\": \"worker\", \"index\": i}}") from None
+        raise ConfigError(
+            'distribute multi-worker needs TF_CONFIG: {"cluster": {"worker": ["host:port", ...]}, '
+            '"task": {"type": "worker", "index": i}}'
+        ) from None
     if not workers:
         raise ConfigError("TF_CONFIG names no workers")
     return tf.distribute.MultiWorkerMirroredStrategy()
@@ -124,6 +138,7 @@ def _is_multi_worker(strategy: tf.distribute.Strategy) -> bool:
 
 
 # ---------------------------------------------------------------------------------------- hidden states
+
 
 def in_cross_replica_context() -> bool:
     """Whether a strategy's scope is open outside its replicas (where a replica-local state cannot be read)."""
@@ -152,6 +167,7 @@ def _gather(strategy: tf.distribute.Strategy, variables: list) -> list[np.ndarra
     cache = strategy.__dict__.setdefault("_charrnn_gathers", {})
     key = tuple(id(v) for v in variables)
     if key not in cache:
+
         @tf.function
         def gather():
             def replica_fn():
@@ -191,6 +207,7 @@ def write_states(variables: list, values: list[np.ndarray]) -> None:
 
 # ----------------------------------------------------------------------------------------- optimizer
 
+
 class GlobalClipAdam(keras.optimizers.Adam):
     """Adam whose ``global_clipnorm`` (and ``clipnorm``, ``clipvalue``) clip the all-reduced gradient.
 
@@ -214,6 +231,7 @@ class GlobalClipAdam(keras.optimizers.Adam):
 
 
 # ----------------------------------------------------------------- MultiWorkerMirroredStrategy fixes
+
 
 def _zero_batch_symbolic_build(model: keras.Model) -> None:
     """Fix 1 (this model only). Keras 3.15's TF trainer builds the model before ``fit`` by
@@ -248,7 +266,8 @@ def _patch_scalar_log_reduce() -> None:
     def reduce_per_replica(values, strategy, reduction):
         if reduction in ("auto", "mean") and _is_multi_worker(strategy):
             return tree.map_structure(
-                lambda v: strategy.reduce("MEAN", v, axis=None if v.shape.rank == 0 else 0), values)
+                lambda v: strategy.reduce("MEAN", v, axis=None if v.shape.rank == 0 else 0), values
+            )
         return original(values, strategy, reduction)
 
     reduce_per_replica._charrnn = True  # type: ignore[attr-defined]  # marks the patch as made
@@ -276,8 +295,9 @@ class Distribution:
             ConfigError: ``batch_size`` is not a multiple of the number of replicas.
         """
         if batch_size % self.replicas:
-            raise ConfigError(f"batch_size {batch_size} must be a multiple of the {self.replicas} replicas "
-                              f"of the distributed run")
+            raise ConfigError(
+                f"batch_size {batch_size} must be a multiple of the {self.replicas} replicas of the distributed run"
+            )
 
     def scope(self):
         """The strategy's scope: build, compile and restore the model in it."""

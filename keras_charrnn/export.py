@@ -83,14 +83,18 @@ class CharRNNModule(tf.Module):
         super().__init__(name="charrnn")
         spec = describe(model)
         if spec["vocab_size"] != vocab.size:
-            raise InputError(f"vocab holds {vocab.size} ids but model's logits layer has {spec['vocab_size']}; "
-                             f"give the vocabulary the model was trained with")
+            raise InputError(
+                f"vocab holds {vocab.size} ids but model's logits layer has {spec['vocab_size']}; "
+                f"give the vocabulary the model was trained with"
+            )
         self.cell, self.units, self.num_layers = spec["cell"], spec["units"], spec["layers"]
         self.vocab_size = vocab.size
         self.state_names = tuple(state_names(self.cell, self.num_layers))
         self.embedding = tf.Variable(model.get_layer("embedding").get_weights()[0], trainable=False, name="embedding")
-        self.rnn = [[tf.Variable(w, trainable=False, name=f"rnn_{i}_{j}") for j, w in enumerate(layer.get_weights())]
-                    for i, layer in enumerate(recurrent_layers(model))]
+        self.rnn = [
+            [tf.Variable(w, trainable=False, name=f"rnn_{i}_{j}") for j, w in enumerate(layer.get_weights())]
+            for i, layer in enumerate(recurrent_layers(model))
+        ]
         kernel, bias = model.get_layer("logits").get_weights()
         self.logits_kernel = tf.Variable(kernel, trainable=False, name="logits_kernel")
         self.logits_bias = tf.Variable(bias, trainable=False, name="logits_bias")
@@ -100,10 +104,18 @@ class CharRNNModule(tf.Module):
         self._sorted_ids = tf.constant(ids)
         self._chars = tf.constant([UNKNOWN_CHAR] + vocab.chars)
         self._decode_table = tf.constant([""] + vocab.chars)  # id 0 is never generated: it only pads
-        config = {**spec, "vocab_size": vocab.size, "unknown_id": 0, "state_names": list(self.state_names),
-                  "state_size": self.units, "max_chars_per_call": MAX_CHARS_PER_CALL,
-                  "format": "keras-charrnn/1", "xla": jit_compile,
-                  "xla_signatures": [xla_twin(n) for n in TWINNED] if jit_compile else [], **(info or {})}
+        config = {
+            **spec,
+            "vocab_size": vocab.size,
+            "unknown_id": 0,
+            "state_names": list(self.state_names),
+            "state_size": self.units,
+            "max_chars_per_call": MAX_CHARS_PER_CALL,
+            "format": "keras-charrnn/1",
+            "xla": jit_compile,
+            "xla_signatures": [xla_twin(n) for n in TWINNED] if jit_compile else [],
+            **(info or {}),
+        }
         self.config_json = json.dumps(config)  # a dict attribute would be wrapped by tf.Module tracking
         self._config_tensor = tf.constant(self.config_json)
         self.jit_compile = jit_compile
@@ -136,7 +148,7 @@ class CharRNNModule(tf.Module):
 
     def _split_states(self, flat):
         per = len(flat) // self.num_layers
-        return [tuple(flat[i * per:(i + 1) * per]) for i in range(self.num_layers)]
+        return [tuple(flat[i * per : (i + 1) * per]) for i in range(self.num_layers)]
 
     def _feed(self, ids, lengths, flat_states):
         """Runs ``ids`` [B, T] through the layers; row b uses its first ``lengths[b]`` ids.
@@ -159,8 +171,8 @@ class CharRNNModule(tf.Module):
                 return t + 1, updated, outputs.write(t, h)
 
             _, states, outputs = tf.while_loop(
-                lambda t, *_: t < steps, body,
-                (tf.constant(0), states, tf.TensorArray(tf.float32, size=steps)))
+                lambda t, *_: t < steps, body, (tf.constant(0), states, tf.TensorArray(tf.float32, size=steps))
+            )
             x = outputs.stack()
             layer_outputs.append(x)
             new_states.extend(states)
@@ -177,8 +189,9 @@ class CharRNNModule(tf.Module):
             new_states.extend(states)
         return self._logits(x), new_states
 
-    def _generate(self, ids, lengths, flat_states, num_chars, temperature, top_k, top_p, seed, position,
-                  xla: bool = False):
+    def _generate(
+        self, ids, lengths, flat_states, num_chars, temperature, top_k, top_p, seed, position, xla: bool = False
+    ):
         """Feeds the input, then samples ``num_chars[b]`` ids for each row b.
 
         Returns ``(ids [B, max(num_chars)], flat_states)``; a row's ids past its own
@@ -192,8 +205,9 @@ class CharRNNModule(tf.Module):
             ids, lengths, num_chars = tf.identity(ids), tf.identity(lengths), tf.identity(num_chars)
         _, logits, states = self._feed(ids, lengths, flat_states)
         if xla:
-            out, states = self._sample_loop_xla_rows(num_chars, logits, states, temperature, top_k, top_p, seed,
-                                                     position)
+            out, states = self._sample_loop_xla_rows(
+                num_chars, logits, states, temperature, top_k, top_p, seed, position
+            )
         else:
             out, states = self._sample_loop(num_chars, logits, states, temperature, top_k, top_p, seed, position)
         n = tf.reduce_max(num_chars)
@@ -223,36 +237,55 @@ class CharRNNModule(tf.Module):
             return i + 1, new_logits, states, out.write(i, chosen)
 
         _, logits, states, out = tf.while_loop(
-            lambda i, *_: i < n - 1, body,
+            lambda i, *_: i < n - 1,
+            body,
             # A fixed-size buffer: XLA compiles once, not once per distinct num_chars.
-            (tf.constant(0), logits, states, tf.TensorArray(tf.int32, size=MAX_CHARS_PER_CALL)))
+            (tf.constant(0), logits, states, tf.TensorArray(tf.int32, size=MAX_CHARS_PER_CALL)),
+        )
         last = decoding.choose(logits, temperature, top_k, top_p, seed, position + tf.cast(n - 1, tf.int64))
         out = out.write(n - 1, last)
         return tf.transpose(out.stack()), states
 
     def _check_sampling(self, ids, lengths, flat_states, num_chars, temperature, top_k, top_p, seed, position):
         batch = tf.shape(ids)[0]
-        same_batch = [tf.debugging.assert_equal(tf.shape(t)[0], batch, message=f"{name} must have one row per row of the input")
-                      for name, t in [("num_chars", num_chars), ("temperature", temperature), ("top_k", top_k),
-                                      ("top_p", top_p), ("seed", seed), ("position", position)]
-                      + list(zip(self.state_names, flat_states))]
+        same_batch = [
+            tf.debugging.assert_equal(tf.shape(t)[0], batch, message=f"{name} must have one row per row of the input")
+            for name, t in [
+                ("num_chars", num_chars),
+                ("temperature", temperature),
+                ("top_k", top_k),
+                ("top_p", top_p),
+                ("seed", seed),
+                ("position", position),
+            ]
+            + list(zip(self.state_names, flat_states))
+        ]
         with tf.control_dependencies(same_batch):
             return [
                 tf.debugging.assert_greater(batch, 0, message="the batch is empty"),
-                tf.debugging.assert_greater(tf.reduce_min(lengths), 0,
-                                            message="the input (prime) must hold at least one character"),
+                tf.debugging.assert_greater(
+                    tf.reduce_min(lengths), 0, message="the input (prime) must hold at least one character"
+                ),
                 tf.debugging.assert_greater(tf.reduce_min(num_chars), 0, message="num_chars must be at least 1"),
-                tf.debugging.assert_less_equal(tf.reduce_max(num_chars), MAX_CHARS_PER_CALL,
-                                               message=f"num_chars must be at most {MAX_CHARS_PER_CALL} per call"),
-                tf.debugging.assert_greater_equal(tf.reduce_min(temperature), 0.0,
-                                                  message="temperature must be 0 (greedy) or positive"),
+                tf.debugging.assert_less_equal(
+                    tf.reduce_max(num_chars),
+                    MAX_CHARS_PER_CALL,
+                    message=f"num_chars must be at most {MAX_CHARS_PER_CALL} per call",
+                ),
+                tf.debugging.assert_greater_equal(
+                    tf.reduce_min(temperature), 0.0, message="temperature must be 0 (greedy) or positive"
+                ),
                 tf.debugging.assert_greater_equal(tf.reduce_min(top_k), 0, message="top_k must be 0 (off) or positive"),
-                tf.debugging.assert_less_equal(tf.reduce_max(top_k), self.vocab_size - 1,
-                                               message=f"top_k must be at most the vocabulary size ({self.vocab_size - 1})"),
+                tf.debugging.assert_less_equal(
+                    tf.reduce_max(top_k),
+                    self.vocab_size - 1,
+                    message=f"top_k must be at most the vocabulary size ({self.vocab_size - 1})",
+                ),
                 tf.debugging.assert_greater(tf.reduce_min(top_p), 0.0, message="top_p must be in (0, 1]"),
                 tf.debugging.assert_less_equal(tf.reduce_max(top_p), 1.0, message="top_p must be in (0, 1]"),
-                tf.debugging.assert_greater_equal(tf.reduce_min(position), tf.constant(0, tf.int64),
-                                                  message="position must be 0 or more"),
+                tf.debugging.assert_greater_equal(
+                    tf.reduce_min(position), tf.constant(0, tf.int64), message="position must be 0 or more"
+                ),
             ]
 
     # ----- text <-> ids inside the graph ------------------------------------------------------
@@ -262,8 +295,9 @@ class CharRNNModule(tf.Module):
         points = tf.strings.unicode_decode(text, "UTF-8", errors="replace")
         lengths = tf.cast(points.row_lengths(), tf.int32)
         dense = points.to_tensor(default_value=-1)
-        pos = tf.minimum(tf.searchsorted(self._sorted_points, tf.reshape(dense, [-1])),
-                         tf.size(self._sorted_points) - 1)
+        pos = tf.minimum(
+            tf.searchsorted(self._sorted_points, tf.reshape(dense, [-1])), tf.size(self._sorted_points) - 1
+        )
         found = tf.gather(self._sorted_points, pos) == tf.reshape(dense, [-1])
         ids = tf.where(found, tf.gather(self._sorted_ids, pos), 0)
         return tf.reshape(ids, tf.shape(dense)), lengths
@@ -276,8 +310,14 @@ class CharRNNModule(tf.Module):
     def _build_signatures(self):
         state_specs = [tf.TensorSpec([None, self.units], tf.float32, name=n) for n in self.state_names]
         row = lambda dtype, name: tf.TensorSpec([None], dtype, name=name)  # noqa: E731
-        sampling_specs = [row(tf.int32, "num_chars"), row(tf.float32, "temperature"), row(tf.int32, "top_k"),
-                          row(tf.float32, "top_p"), row(tf.int64, "seed"), row(tf.int64, "position")]
+        sampling_specs = [
+            row(tf.int32, "num_chars"),
+            row(tf.float32, "temperature"),
+            row(tf.int32, "top_k"),
+            row(tf.float32, "top_p"),
+            row(tf.int64, "seed"),
+            row(tf.int64, "position"),
+        ]
         k = len(self.state_names)
 
         def named_states(states):
@@ -299,6 +339,7 @@ class CharRNNModule(tf.Module):
                 lengths = tf.fill([tf.shape(ids)[0]], tf.shape(ids)[1])
                 out, states = self._generate(ids, lengths, list(rest[:k]), *rest[k:], xla=xla)
                 return {"ids": out, **named_states(states)}
+
             return generate
 
         def generate_text_with(xla):
@@ -306,6 +347,7 @@ class CharRNNModule(tf.Module):
                 ids, lengths = self._encode(prime)
                 out, states = self._generate(ids, lengths, list(rest[:k]), *rest[k:], xla=xla)
                 return {"text": self._decode(out), **named_states(states)}  # padding (id 0) decodes to ""
+
             return generate_text
 
         def metadata():
@@ -324,8 +366,10 @@ class CharRNNModule(tf.Module):
         self.metadata_function = tf.function(metadata, input_signature=[])
         # For keras.layers.TFSMLayer(path, call_endpoint="keras_step"): Keras passes one
         # positional input, so this endpoint takes step's inputs as one dict.
-        self.keras_step = tf.function(lambda inputs: step(inputs["ids"], *[inputs[n] for n in self.state_names]),
-                                      input_signature=[{"ids": ids_spec, **{s.name: s for s in state_specs}}])
+        self.keras_step = tf.function(
+            lambda inputs: step(inputs["ids"], *[inputs[n] for n in self.state_names]),
+            input_signature=[{"ids": ids_spec, **{s.name: s for s in state_specs}}],
+        )
 
     def signatures(self) -> dict:
         """The concrete functions to save, by signature name.
@@ -335,10 +379,14 @@ class CharRNNModule(tf.Module):
         keyword-argument signatures.
         """
         text = self.generate_text_function.get_concrete_function()
-        sigs = {"step": self.step_function.get_concrete_function(),
-                "inspect": self.inspect_function.get_concrete_function(),
-                "generate": self.generate_function.get_concrete_function(),
-                "generate_text": text, "serving_default": text, "metadata": self.metadata_function.get_concrete_function()}
+        sigs = {
+            "step": self.step_function.get_concrete_function(),
+            "inspect": self.inspect_function.get_concrete_function(),
+            "generate": self.generate_function.get_concrete_function(),
+            "generate_text": text,
+            "serving_default": text,
+            "metadata": self.metadata_function.get_concrete_function(),
+        }
         if self.jit_compile:
             sigs["generate_xla"] = self.generate_xla_function.get_concrete_function()
             sigs["generate_text_xla"] = self.generate_text_xla_function.get_concrete_function()
@@ -353,6 +401,7 @@ class CharRNNModule(tf.Module):
         Returns:
             ``{signature name: function of keyword tensors returning a dict of tensors}``.
         """
+
         def by_name(function):
             names = [spec.name for spec in tf.nest.flatten(function.structured_input_signature)]
             return lambda **inputs: function(*[inputs[name] for name in names])
@@ -360,9 +409,15 @@ class CharRNNModule(tf.Module):
         return {name: by_name(function) for name, function in self.signatures().items()}
 
 
-def save_savedmodel(model: keras.Model, vocab: Vocabulary, path: str | os.PathLike, info: dict | None = None,
-                    xla: bool = True, warmup_batch_sizes: Iterable[int] = warmup.DEFAULT_BATCH_SIZES,
-                    warmup_xla: bool = False) -> Path:
+def save_savedmodel(
+    model: keras.Model,
+    vocab: Vocabulary,
+    path: str | os.PathLike,
+    info: dict | None = None,
+    xla: bool = True,
+    warmup_batch_sizes: Iterable[int] = warmup.DEFAULT_BATCH_SIZES,
+    warmup_xla: bool = False,
+) -> Path:
     """Writes the SavedModel of ``model`` to the folder ``path`` atomically (build, then rename).
 
     Args:
@@ -387,8 +442,12 @@ def save_savedmodel(model: keras.Model, vocab: Vocabulary, path: str | os.PathLi
     return _save_module(CharRNNModule(model, vocab, info, jit_compile=xla), path, warmup_batch_sizes, warmup_xla)
 
 
-def _save_module(module: CharRNNModule, path: str | os.PathLike,
-                 warmup_batch_sizes: Iterable[int] = warmup.DEFAULT_BATCH_SIZES, warmup_xla: bool = False) -> Path:
+def _save_module(
+    module: CharRNNModule,
+    path: str | os.PathLike,
+    warmup_batch_sizes: Iterable[int] = warmup.DEFAULT_BATCH_SIZES,
+    warmup_xla: bool = False,
+) -> Path:
     signatures = list(warmup.WARMUP_SIGNATURES)
     if warmup_xla and module.jit_compile:
         signatures += [xla_twin(s) for s in warmup.WARMUP_SIGNATURES if s in TWINNED]
@@ -423,9 +482,13 @@ def run_facts(record: dict) -> dict:
     """
     best = record.get("best_val_loss")
     corpus = record.get("corpus", {})
-    facts = {"val_loss": best, "val_bpc": bits_per_char(best) if best is not None else None,
-             "corpus_chars": corpus.get("chars"), "corpus": os.path.basename(corpus.get("path", "")) or None,
-             "trained_epochs": record.get("epochs_done")}
+    facts = {
+        "val_loss": best,
+        "val_bpc": bits_per_char(best) if best is not None else None,
+        "corpus_chars": corpus.get("chars"),
+        "corpus": os.path.basename(corpus.get("path", "")) or None,
+        "trained_epochs": record.get("epochs_done"),
+    }
     return {key: facts[key] for key in RUN_FACTS}
 
 
@@ -444,9 +507,16 @@ def module_from_run(run_dir: str | os.PathLike, which: str = "best", xla: bool =
     return CharRNNModule(run.load_model(which), run.vocab(), run_facts(run.record()), jit_compile=xla)
 
 
-def export_run(run_dir: str | os.PathLike, name: str, base_path: str | os.PathLike = DEFAULT_BASE_PATH,
-               version: int | None = None, which: str = "best", xla: bool = True,
-               warmup_batch_sizes: Iterable[int] = warmup.DEFAULT_BATCH_SIZES, warmup_xla: bool = False) -> Path:
+def export_run(
+    run_dir: str | os.PathLike,
+    name: str,
+    base_path: str | os.PathLike = DEFAULT_BASE_PATH,
+    version: int | None = None,
+    which: str = "best",
+    xla: bool = True,
+    warmup_batch_sizes: Iterable[int] = warmup.DEFAULT_BATCH_SIZES,
+    warmup_xla: bool = False,
+) -> Path:
     """Exports a training run as ``base_path/name/version``, the layout TF Serving polls.
 
     Args:
@@ -520,9 +590,17 @@ def module_from_savedmodel(path: str | os.PathLike, xla: bool = True) -> CharRNN
     def weight(name):
         return checkpoint.get_tensor(f"{name}/.ATTRIBUTES/VARIABLE_VALUE")
 
-    model = build_model(len(chars) + 1, config["cell"], units=config["units"], layers=config["layers"],
-                        embedding_dim=config["embedding_dim"], dropout=config.get("dropout", 0.0), batch_size=None,
-                        seq_len=None, stateful=False)
+    model = build_model(
+        len(chars) + 1,
+        config["cell"],
+        units=config["units"],
+        layers=config["layers"],
+        embedding_dim=config["embedding_dim"],
+        dropout=config.get("dropout", 0.0),
+        batch_size=None,
+        seq_len=None,
+        stateful=False,
+    )
     model.get_layer("embedding").set_weights([weight("embedding")])
     for i, layer in enumerate(recurrent_layers(model)):
         layer.set_weights([weight(f"rnn/{i}/{j}") for j in range(3)])
@@ -531,8 +609,9 @@ def module_from_savedmodel(path: str | os.PathLike, xla: bool = True) -> CharRNN
     return CharRNNModule(model, Vocabulary(chars), info, jit_compile=xla)
 
 
-def reexport_savedmodel(path: str | os.PathLike,
-                        warmup_batch_sizes: Iterable[int] = warmup.DEFAULT_BATCH_SIZES) -> Path:
+def reexport_savedmodel(
+    path: str | os.PathLike, warmup_batch_sizes: Iterable[int] = warmup.DEFAULT_BATCH_SIZES
+) -> Path:
     """Rewrites a SavedModel in place with this package's graph: same folder, weights, vocabulary and facts.
 
     For a bundled or long-served version whose graph should gain what a newer package

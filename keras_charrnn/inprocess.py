@@ -46,14 +46,19 @@ class _InProcessRunner:
         """The model's facts: this process holds one version."""
         return self._info
 
-    def run(self, signature: str, inputs: Mapping[str, np.ndarray],
-            version: int | None) -> tuple[dict[str, np.ndarray], int | None]:
+    def run(
+        self, signature: str, inputs: Mapping[str, np.ndarray], version: int | None
+    ) -> tuple[dict[str, np.ndarray], int | None]:
         """Runs ``signature`` on ``inputs``; ``version`` is this process's one version."""
         # The XLA twin when the model has one: the same text, faster (this process has XLA JIT).
         fn = self._signatures.get(xla_twin(signature)) or self._signatures[signature]
         try:
-            out = fn(**{k: tf.constant(v) if v.dtype != object else tf.constant(list(v), tf.string)
-                        for k, v in inputs.items()})
+            out = fn(
+                **{
+                    k: tf.constant(v) if v.dtype != object else tf.constant(list(v), tf.string)
+                    for k, v in inputs.items()
+                }
+            )
         except tf.errors.InvalidArgumentError as exc:
             raise InputError(graph_error_message(exc.message)) from None
         return {k: v.numpy() for k, v in out.items()}, self._info.version
@@ -140,8 +145,9 @@ class CharRNN:
         """
         return self.session(prime, params, **fields).generate(n)
 
-    def stream(self, prime: str, n: int, chunk: int = DEFAULT_CHUNK, params: SamplingParams | None = None,
-               **fields: Any) -> Iterator[str]:
+    def stream(
+        self, prime: str, n: int, chunk: int = DEFAULT_CHUNK, params: SamplingParams | None = None, **fields: Any
+    ) -> Iterator[str]:
         """Like ``generate``, yielding the text ``chunk`` characters at a time."""
         return self.session(prime, params, **fields).stream(n, chunk)
 
@@ -156,8 +162,12 @@ class CharRNN:
         """
         losses = analysis.char_losses(self, text)
         loss = float(losses.mean(dtype=np.float64))
-        return {"loss": loss, "bits_per_char": bits_per_char(loss), "perplexity": perplexity(loss),
-                "chars": len(losses)}
+        return {
+            "loss": loss,
+            "bits_per_char": bits_per_char(loss),
+            "perplexity": perplexity(loss),
+            "chars": len(losses),
+        }
 
 
 def load(path: str | os.PathLike, which: str = "best") -> CharRNN:

@@ -57,16 +57,25 @@ class StatefulStatesMixin:
         if keras.backend.backend() == "tensorflow":
             self._create_replica_local_states(batch_size)
             return
-        self.states = [self.add_weight(shape=tuple(s.shape), initializer="zeros", trainable=False,
-                                       name=f"rnn_state_{i}")
-                       for i, s in enumerate(self.get_initial_state(batch_size))]
+        self.states = [
+            self.add_weight(shape=tuple(s.shape), initializer="zeros", trainable=False, name=f"rnn_state_{i}")
+            for i, s in enumerate(self.get_initial_state(batch_size))
+        ]
 
     @no_automatic_dependency_tracking
     def _create_replica_local_states(self, batch_size):
         with keras.name_scope(self.name, caller=self):
-            self.states = [keras.Variable(value, trainable=False, dtype=self.variable_dtype, name="rnn_state",
-                                          synchronization="on_read", aggregation="none")
-                           for value in self.get_initial_state(batch_size)]
+            self.states = [
+                keras.Variable(
+                    value,
+                    trainable=False,
+                    dtype=self.variable_dtype,
+                    name="rnn_state",
+                    synchronization="on_read",
+                    aggregation="none",
+                )
+                for value in self.get_initial_state(batch_size)
+            ]
 
     def build(self, sequences_shape, initial_state_shape=None):
         # Keras' RNN.build reads the state (its shape, and zeros_like(state) to reset it); a replica-local
@@ -129,8 +138,9 @@ class StatefulStatesMixin:
     def load_own_variables(self, store):
         own = self._own_saved_variables()
         if len(store.keys()) != len(own):
-            raise ValueError(f"layer {self.name!r} expects {len(own)} saved variables, "
-                             f"the file has {len(store.keys())}")
+            raise ValueError(
+                f"layer {self.name!r} expects {len(own)} saved variables, the file has {len(store.keys())}"
+            )
         for i, v in enumerate(own):
             v.assign(store[f"{i}"])
 
@@ -189,8 +199,12 @@ def build_model(
     """
     if cell not in CELL_LAYERS:
         raise ConfigError(f"cell must be one of {', '.join(CELL_LAYERS)}, got {cell!r}")
-    for name, value in (("units", units), ("layers", layers), ("embedding_dim", embedding_dim),
-                        ("vocab_size", vocab_size)):
+    for name, value in (
+        ("units", units),
+        ("layers", layers),
+        ("embedding_dim", embedding_dim),
+        ("vocab_size", vocab_size),
+    ):
         if value < 1:
             raise ConfigError(f"{name} must be at least 1, got {value}")
     if not 0.0 <= dropout < 1.0:
@@ -286,8 +300,9 @@ def set_states(model: keras.Model, values: list[np.ndarray]) -> None:
         var.assign(value)
 
 
-def make_optimizer(config: TrainConfig, total_steps: int,
-                   optimizer_class: type = keras.optimizers.Adam) -> keras.optimizers.Optimizer:
+def make_optimizer(
+    config: TrainConfig, total_steps: int, optimizer_class: type = keras.optimizers.Adam
+) -> keras.optimizers.Optimizer:
     """Adam with the config's learning rate, schedule and gradient clipping.
 
     Args:
@@ -319,9 +334,16 @@ def model_from_config(config: TrainConfig, vocab_size: int, replicas: int = 1) -
     Returns:
         An uncompiled ``build_model`` model with ``config``'s shape.
     """
-    return build_model(vocab_size, cell=config.cell, units=config.units, layers=config.layers,
-                       embedding_dim=config.embedding_dim, dropout=config.dropout,
-                       batch_size=config.batch_size // replicas, seq_len=config.seq_len)
+    return build_model(
+        vocab_size,
+        cell=config.cell,
+        units=config.units,
+        layers=config.layers,
+        embedding_dim=config.embedding_dim,
+        dropout=config.dropout,
+        batch_size=config.batch_size // replicas,
+        seq_len=config.seq_len,
+    )
 
 
 def compile_model(model: keras.Model, optimizer: keras.optimizers.Optimizer) -> keras.Model:

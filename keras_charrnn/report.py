@@ -47,8 +47,9 @@ def _display(ch: str) -> str:
     return {"\n": "⏎", " ": "␣", "\t": "⇥", "": "∅"}.get(ch, ch)
 
 
-def unit_choices(result: Inspection, layer: int | None = None,
-                 units: list[int] | None = None) -> list[tuple[int, int, str]]:
+def unit_choices(
+    result: Inspection, layer: int | None = None, units: list[int] | None = None
+) -> list[tuple[int, int, str]]:
     """The units the page offers, best-scoring first, then any unit no feature ranks.
 
     Args:
@@ -71,8 +72,11 @@ def unit_choices(result: Inspection, layer: int | None = None,
         raise ConfigError(f"units {bad} do not exist: each layer has units 0..{width - 1}")
     layers = [layer] if layer is not None else list(range(n_layers))
     wanted = units if units else list(range(width))
-    choices = [(s["layer"], s["unit"], f'{s["feature"]} r={s["correlation"]:+.2f}') for s in score_units(result)
-               if s["layer"] in layers and s["unit"] in wanted]
+    choices = [
+        (s["layer"], s["unit"], f"{s['feature']} r={s['correlation']:+.2f}")
+        for s in score_units(result)
+        if s["layer"] in layers and s["unit"] in wanted
+    ]
     ranked = {(lay, u) for lay, u, _ in choices}
     return choices + [(lay, u, "unscored") for lay in layers for u in wanted if (lay, u) not in ranked]
 
@@ -90,9 +94,11 @@ def _columns(result: Inspection, first: np.ndarray) -> str:
                 cls = ' class="actual"' if c == actual else ""
                 rows.append(f'<b{cls} style="background:rgba(40,160,40,{0.7 * p:.2f})">{html.escape(_display(c))}</b>')
             guesses = f'<span class="guess">{"".join(rows)}</span>'
-        parts.append(f'<span class="col"><span class="ch" data-i="{i}" data-value="{first[i]:.3f}" '
-                     f'style="background-color: {activation_color(first[i])}">{html.escape(_display(ch))}</span>'
-                     f'{guesses}</span>')
+        parts.append(
+            f'<span class="col"><span class="ch" data-i="{i}" data-value="{first[i]:.3f}" '
+            f'style="background-color: {activation_color(first[i])}">{html.escape(_display(ch))}</span>'
+            f"{guesses}</span>"
+        )
         if ch == "\n":
             parts.append("<br>")
     return "".join(parts)
@@ -103,8 +109,9 @@ def _hardest(result: Inspection, count: int = 10) -> str:
     return "".join(
         f"<tr><td>{j + 1}</td><td>{html.escape(_display(result.text[j + 1]))}</td>"
         f"<td>{result.losses[j] / math.log(2):.2f}</td>"
-        f"<td>{html.escape(repr(result.text[max(0, j - 15):j + 2]))}</td></tr>"
-        for j in np.argsort(-result.losses)[:count])
+        f"<td>{html.escape(repr(result.text[max(0, j - 15) : j + 2]))}</td></tr>"
+        for j in np.argsort(-result.losses)[:count]
+    )
 
 
 def _fill(template: str, values: dict[str, str]) -> str:
@@ -112,8 +119,14 @@ def _fill(template: str, values: dict[str, str]) -> str:
     return re.sub(r"\{\{ (\w+) \}\}", lambda m: values[m.group(1)], template)
 
 
-def write_report(result: Inspection, out: str | os.PathLike, model_name: str, layer: int | None = None,
-                 units: list[int] | None = None, curves: str | None = None) -> Path:
+def write_report(
+    result: Inspection,
+    out: str | os.PathLike,
+    model_name: str,
+    layer: int | None = None,
+    units: list[int] | None = None,
+    curves: str | None = None,
+) -> Path:
     """Writes the self-contained HTML page (inline CSS and JS, no network) to ``out``, atomically.
 
     Args:
@@ -136,23 +149,30 @@ def write_report(result: Inspection, out: str | os.PathLike, model_name: str, la
     shown = {lay for lay, _, _ in choices}
     data = {
         "activations": [np.round(a, 3).tolist() if lay in shown else [] for lay, a in enumerate(result.activations)],
-        "top": [[[_display(result.chars[g]), round(float(p), 4)] for g, p in zip(ids, probs)]
-                for ids, probs in zip(result.top_ids, result.top_probs)],
+        "top": [
+            [[_display(result.chars[g]), round(float(p), 4)] for g, p in zip(ids, probs)]
+            for ids, probs in zip(result.top_ids, result.top_probs)
+        ],
     }
     template = resources.files("keras_charrnn").joinpath("templates", TEMPLATE).read_text(encoding="utf-8")
-    page = _fill(template, {
-        "title": html.escape(model_name),
-        "num_chars": str(len(result.text)),
-        "bpc": f"{result.bits_per_char:.3f}",
-        "curves": f'<p><a href="{html.escape(curves)}">training curves</a></p>' if curves else "",
-        "options": "".join(f'<option value="{lay}:{u}">layer {lay} unit {u} — {html.escape(label)}</option>'
-                           for lay, u, label in choices),
-        "first_layer": str(first_layer),
-        "first_unit": str(first_unit),
-        "columns": _columns(result, result.activations[first_layer][:, first_unit]),
-        "hardest": _hardest(result),
-        "data": json.dumps(data).replace("</", "<\\/"),  # cannot close the script element early
-    })
+    page = _fill(
+        template,
+        {
+            "title": html.escape(model_name),
+            "num_chars": str(len(result.text)),
+            "bpc": f"{result.bits_per_char:.3f}",
+            "curves": f'<p><a href="{html.escape(curves)}">training curves</a></p>' if curves else "",
+            "options": "".join(
+                f'<option value="{lay}:{u}">layer {lay} unit {u} — {html.escape(label)}</option>'
+                for lay, u, label in choices
+            ),
+            "first_layer": str(first_layer),
+            "first_unit": str(first_unit),
+            "columns": _columns(result, result.activations[first_layer][:, first_unit]),
+            "hardest": _hardest(result),
+            "data": json.dumps(data).replace("</", "<\\/"),  # cannot close the script element early
+        },
+    )
     try:
         atomic_write_text(out, page)
     except OSError as exc:

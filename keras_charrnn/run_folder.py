@@ -251,9 +251,18 @@ class RunFolder:
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             vocab.save(self.vocab_path)
-            atomic_write_text(self.config_path, json.dumps(
-                {"config": dataclasses.asdict(config), "corpus": corpus, "vocab_size": vocab.size, "backend": backend},
-                indent=2))
+            atomic_write_text(
+                self.config_path,
+                json.dumps(
+                    {
+                        "config": dataclasses.asdict(config),
+                        "corpus": corpus,
+                        "vocab_size": vocab.size,
+                        "backend": backend,
+                    },
+                    indent=2,
+                ),
+            )
             for name in _STALE_ON_NEW_RUN:
                 getattr(self, name).unlink(missing_ok=True)
         except OSError as exc:
@@ -299,9 +308,13 @@ class RunFolder:
             raise unreadable(self.best_path, "model", exc) from None
 
 
-def check_training_inputs(corpus: str | os.PathLike, run: RunFolder, config: TrainConfig | None = None,
-                          resume: bool = False, changes: Mapping[str, Any] | None = None
-                          ) -> tuple[TrainConfig, dict[str, tuple]]:
+def check_training_inputs(
+    corpus: str | os.PathLike,
+    run: RunFolder,
+    config: TrainConfig | None = None,
+    resume: bool = False,
+    changes: Mapping[str, Any] | None = None,
+) -> tuple[TrainConfig, dict[str, tuple]]:
     """The checks ``train.train`` makes before it reads the corpus; no Keras, so ``charrnn train`` makes
     them before it imports TensorFlow.
 

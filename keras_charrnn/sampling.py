@@ -56,7 +56,7 @@ class SamplingParams:
             self.seed = int.from_bytes(os.urandom(8), "little") >> 1
 
     @classmethod
-    def of(cls, params: "SamplingParams | None" = None, **fields) -> "SamplingParams":
+    def of(cls, params: SamplingParams | None = None, **fields) -> SamplingParams:
         """``params`` itself, or new parameters built from keyword ``fields`` (the keyword convenience).
 
         Args:

@@ -18,7 +18,8 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol
+from typing import Protocol
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -29,8 +30,9 @@ from keras_charrnn.sampling import DEFAULT_CHUNK, MAX_CHARS_PER_CALL, SamplingPa
 class Runner(Protocol):
     """What a session calls: one signature of one model run on NumPy inputs, and the facts of a version."""
 
-    def run(self, signature: str, inputs: dict[str, np.ndarray],
-            version: int | None) -> tuple[dict[str, np.ndarray], int | None]:
+    def run(
+        self, signature: str, inputs: dict[str, np.ndarray], version: int | None
+    ) -> tuple[dict[str, np.ndarray], int | None]:
         """Runs ``signature`` on ``inputs`` (a batch of one row).
 
         Args:
@@ -42,7 +44,7 @@ class Runner(Protocol):
             The outputs, and the version that answered (None: unknown).
         """
 
-    def model_info(self, version: int | None) -> "ModelInfo":
+    def model_info(self, version: int | None) -> ModelInfo:
         """The facts of one version of the model (its states, sizes and limits).
 
         Args:
@@ -80,8 +82,9 @@ class ModelInfo:
     limits: dict = field(default_factory=dict)
 
     @classmethod
-    def from_config(cls, name: str, config: dict, version: int | None = None, limits: dict | None = None
-                    ) -> "ModelInfo":
+    def from_config(
+        cls, name: str, config: dict, version: int | None = None, limits: dict | None = None
+    ) -> ModelInfo:
         """Reads the facts from a model's ``metadata`` config.
 
         Args:
@@ -104,9 +107,16 @@ class ModelInfo:
         cap = int(config.get("max_chars_per_call", MAX_CHARS_PER_CALL))
         if "max_chars_per_call" in limits:
             cap = min(cap, limits["max_chars_per_call"])
-        return cls(name=name, state_names=list(config["state_names"]), state_size=int(config["state_size"]),
-                   vocab_size=int(config["vocab_size"]), max_chars_per_call=cap, config=config, version=version,
-                   limits=limits)
+        return cls(
+            name=name,
+            state_names=list(config["state_names"]),
+            state_size=int(config["state_size"]),
+            vocab_size=int(config["vocab_size"]),
+            max_chars_per_call=cap,
+            config=config,
+            version=version,
+            limits=limits,
+        )
 
     @property
     def max_prime_chars(self) -> int | None:
@@ -163,8 +173,10 @@ class Session:
         left = n
         while left:
             take = min(chunk, left)
-            yield "".join(self._call(min(self.info.max_chars_per_call, take - done))
-                          for done in range(0, take, self.info.max_chars_per_call))
+            yield "".join(
+                self._call(min(self.info.max_chars_per_call, take - done))
+                for done in range(0, take, self.info.max_chars_per_call)
+            )
             left -= take
 
     def feed(self, text: str) -> None:
@@ -174,11 +186,16 @@ class Session:
     def _run(self, text: str, n: int) -> dict[str, np.ndarray]:
         """One ``generate_text`` call: feeds ``text``, samples ``n``; keeps the states and the version."""
         p = self.params
-        inputs = {"prime": np.array([text.encode("utf-8")], dtype=object),
-                  **self.states,
-                  "num_chars": np.array([n], np.int32), "temperature": np.array([p.temperature], np.float32),
-                  "top_k": np.array([p.top_k], np.int32), "top_p": np.array([p.top_p], np.float32),
-                  "seed": np.array([p.seed], np.int64), "position": np.array([self.position], np.int64)}
+        inputs = {
+            "prime": np.array([text.encode("utf-8")], dtype=object),
+            **self.states,
+            "num_chars": np.array([n], np.int32),
+            "temperature": np.array([p.temperature], np.float32),
+            "top_k": np.array([p.top_k], np.int32),
+            "top_p": np.array([p.top_p], np.float32),
+            "seed": np.array([p.seed], np.int64),
+            "position": np.array([self.position], np.int64),
+        }
         outputs, version = self.runner.run("generate_text", inputs, self.version)
         if version is not None:
             if version != self.info.version:
@@ -200,20 +217,28 @@ class Session:
         self.position += n
         return text
 
-    def fork(self) -> "Session":
+    def fork(self) -> Session:
         """An independent copy: both continue identically from here unless fed differently."""
         return Session.from_json(self.to_json(), self.runner, self.info)
 
     def to_json(self) -> str:
         """Everything needed to continue this session later, elsewhere (JSON)."""
-        return json.dumps({
-            "model": self.info.name, "version": self.version, "position": self.position, "pending": self.pending,
-            "temperature": self.params.temperature, "top_k": self.params.top_k, "top_p": self.params.top_p,
-            "seed": self.params.seed, "states": {k: v.reshape(-1).tolist() for k, v in self.states.items()},
-        })
+        return json.dumps(
+            {
+                "model": self.info.name,
+                "version": self.version,
+                "position": self.position,
+                "pending": self.pending,
+                "temperature": self.params.temperature,
+                "top_k": self.params.top_k,
+                "top_p": self.params.top_p,
+                "seed": self.params.seed,
+                "states": {k: v.reshape(-1).tolist() for k, v in self.states.items()},
+            }
+        )
 
     @classmethod
-    def from_json(cls, data: str, runner: Runner, info: ModelInfo) -> "Session":
+    def from_json(cls, data: str, runner: Runner, info: ModelInfo) -> Session:
         """Restores a session saved by ``to_json`` onto ``runner``, checking every field.
 
         Args:
@@ -246,13 +271,16 @@ class Session:
         if model != info.name:
             raise InputError(f"saved session field 'model': saved from model {model!r}, not {info.name!r}")
         if version is not None and not (_is_int(version) and version >= 1):
-            raise InputError(f"saved session field 'version': must be a version number (1 or more) or null, "
-                             f"got {version!r}")
+            raise InputError(
+                f"saved session field 'version': must be a version number (1 or more) or null, got {version!r}"
+            )
         if not (_is_int(position) and 0 <= position <= INT64_MAX):
             raise InputError(f"saved session field 'position': must be an integer, 0 or more, got {position!r}")
         if not isinstance(pending, str) or not pending:
-            raise InputError(f"saved session field 'pending': must be a non-empty string (the text still to feed, "
-                             f"as a prime is), got {pending!r}")
+            raise InputError(
+                f"saved session field 'pending': must be a non-empty string (the text still to feed, "
+                f"as a prime is), got {pending!r}"
+            )
         params = _saved_params(obj, info)
         states = _saved_states(obj["states"], info)
         session = cls(runner, info, pending, params)
@@ -262,7 +290,7 @@ class Session:
 
 
 SAVED_FIELDS = ("temperature", "top_k", "top_p", "seed", "pending", "states", "position", "version", "model")
-INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 def _is_int(value) -> bool:
@@ -278,8 +306,10 @@ def _saved_params(obj: dict, info: ModelInfo) -> SamplingParams:
     if not (_is_number(temperature) and temperature >= 0):
         raise InputError(f"saved session field 'temperature': must be a finite number, 0 or more, got {temperature!r}")
     if not (_is_int(top_k) and 0 <= top_k <= info.vocab_size - 1):
-        raise InputError(f"saved session field 'top_k': must be an integer in 0..{info.vocab_size - 1} "
-                         f"(0: off; at most the vocabulary size), got {top_k!r}")
+        raise InputError(
+            f"saved session field 'top_k': must be an integer in 0..{info.vocab_size - 1} "
+            f"(0: off; at most the vocabulary size), got {top_k!r}"
+        )
     if not (_is_number(top_p) and 0 < top_p <= 1):
         raise InputError(f"saved session field 'top_p': must be in (0, 1], got {top_p!r}")
     if not (_is_int(seed) and INT64_MIN <= seed <= INT64_MAX):
@@ -289,11 +319,13 @@ def _saved_params(obj: dict, info: ModelInfo) -> SamplingParams:
 
 def _saved_states(saved, info: ModelInfo) -> dict[str, np.ndarray]:
     if not isinstance(saved, dict):
-        raise InputError(f"not a saved session: field 'states' must map state names to values, "
-                         f"got {type(saved).__name__}")
+        raise InputError(
+            f"not a saved session: field 'states' must map state names to values, got {type(saved).__name__}"
+        )
     if set(saved) != set(info.state_names):
-        raise InputError(f"saved session field 'states': names {sorted(saved)} do not match the model's "
-                         f"{info.state_names}")
+        raise InputError(
+            f"saved session field 'states': names {sorted(saved)} do not match the model's {info.state_names}"
+        )
     states = {}
     for name in info.state_names:
         where = f"saved session field 'states' ({name!r})"
@@ -304,8 +336,10 @@ def _saved_states(saved, info: ModelInfo) -> dict[str, np.ndarray]:
         if value.dtype.kind not in "iuf":  # strings, booleans, ragged lists (object) are not states
             raise InputError(f"{where}: must hold numbers, got {value.dtype.name} values")
         if value.shape not in ((info.state_size,), (1, info.state_size)):
-            raise InputError(f"{where}: must be 1 row of width {info.state_size} (the model's state_size), "
-                             f"got shape {list(value.shape)}")
+            raise InputError(
+                f"{where}: must be 1 row of width {info.state_size} (the model's state_size), "
+                f"got shape {list(value.shape)}"
+            )
         with np.errstate(over="ignore"):
             value = value.astype(np.float32).reshape(1, info.state_size)
         if not np.isfinite(value).all():

@@ -98,8 +98,10 @@ class TBPTTBatches(keras.utils.PyDataset):
         if not 0 <= k < self.num_batches_total:
             raise IndexError(index)
         window = slice(k * self.seq_len, (k + 1) * self.seq_len)
-        return (np.ascontiguousarray(self.x_streams[:, window], dtype=np.int32),
-                np.ascontiguousarray(self.y_streams[:, window], dtype=np.int32))
+        return (
+            np.ascontiguousarray(self.x_streams[:, window], dtype=np.int32),
+            np.ascontiguousarray(self.y_streams[:, window], dtype=np.int32),
+        )
 
     def from_batch(self, start: int) -> TBPTTBatches:
         """The same batches, starting at batch ``start`` (for resuming mid-epoch)."""

@@ -15,8 +15,7 @@ import keras
 import numpy as np
 
 from keras_charrnn.budget import plan_budget
-from keras_charrnn.callbacks import (CharMetrics, EpochSummary, PlotCurves, ResetStates, SampleText,
-                                     TrainingCheckpoint)
+from keras_charrnn.callbacks import CharMetrics, EpochSummary, PlotCurves, ResetStates, SampleText, TrainingCheckpoint
 from keras_charrnn.checkpoint import Progress, load_checkpoint
 from keras_charrnn.config import SAMPLE_TEMPERATURES, TrainConfig
 from keras_charrnn.corpus import Corpus, CorpusScan, encode, scan
@@ -37,8 +36,9 @@ class TrainingDiverged(ConfigError):
     """
 
 
-def prepare_data(text: str, config: TrainConfig, vocab: Vocabulary | None = None,
-                 name: str = "corpus") -> tuple[Vocabulary, TBPTTBatches, TBPTTBatches | None]:
+def prepare_data(
+    text: str, config: TrainConfig, vocab: Vocabulary | None = None, name: str = "corpus"
+) -> tuple[Vocabulary, TBPTTBatches, TBPTTBatches | None]:
     """Encodes a corpus and lays it out for truncated BPTT.
 
     Args:
@@ -61,13 +61,15 @@ def _layout(ids: np.ndarray, config: TrainConfig, name: str) -> tuple[TBPTTBatch
     train = TBPTTBatches(train_ids, config.batch_size, config.seq_len, name=f"{name} (training part)")
     val = None
     if len(val_ids):
-        val = TBPTTBatches(val_ids, config.batch_size, config.seq_len,
-                           name=f"{name} (validation part, val_frac {config.val_frac})")
+        val = TBPTTBatches(
+            val_ids, config.batch_size, config.seq_len, name=f"{name} (validation part, val_frac {config.val_frac})"
+        )
     return train, val
 
 
-def load_data(corpus: str | os.PathLike, config: TrainConfig, vocab: Vocabulary | None = None,
-              strict: bool = False) -> tuple[Corpus, TBPTTBatches, TBPTTBatches | None]:
+def load_data(
+    corpus: str | os.PathLike, config: TrainConfig, vocab: Vocabulary | None = None, strict: bool = False
+) -> tuple[Corpus, TBPTTBatches, TBPTTBatches | None]:
     """Reads a corpus in blocks, encodes it and lays it out for truncated BPTT.
 
     Peak memory is the id array (1-4 bytes per character, see ``corpus.py``) plus a few blocks.
@@ -85,8 +87,9 @@ def load_data(corpus: str | os.PathLike, config: TrainConfig, vocab: Vocabulary 
     return _encoded(found, vocab or Vocabulary(found.chars_seen), config)
 
 
-def _encoded(found: CorpusScan, vocab: Vocabulary,
-             config: TrainConfig) -> tuple[Corpus, TBPTTBatches, TBPTTBatches | None]:
+def _encoded(
+    found: CorpusScan, vocab: Vocabulary, config: TrainConfig
+) -> tuple[Corpus, TBPTTBatches, TBPTTBatches | None]:
     data = Corpus(encode(found, vocab), vocab, found.record())
     return (data, *_layout(data.ids, config, found.spec))
 
@@ -100,8 +103,11 @@ def _check_same_corpus(run: RunFolder, found: CorpusScan) -> None:
     if "files" in saved:
         added = [n for n in found.names if n not in set(saved["files"])]
         missing = [n for n in saved["files"] if n not in set(found.names)]
-        parts = [f"{label}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
-                 for label, names in (("new files", added), ("missing files", missing)) if names]
+        parts = [
+            f"{label}: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
+            for label, names in (("new files", added), ("missing files", missing))
+            if names
+        ]
         why = "; ".join(parts) or "the same files with different text"
         why = f" ({why})"
     raise InputError(f"{found.spec}: not the corpus this run was trained on ({saved.get('path')}){why}")
@@ -131,18 +137,32 @@ def _distribution(strategy: Any) -> Any:
     return None if strategy is None else distribute.Distribution(strategy)
 
 
-def _callbacks(run: RunFolder, config: TrainConfig, progress: Progress, chars_per_batch: int,
-               vocab: Vocabulary) -> tuple[TrainingCheckpoint, list[keras.callbacks.Callback]]:
+def _callbacks(
+    run: RunFolder, config: TrainConfig, progress: Progress, chars_per_batch: int, vocab: Vocabulary
+) -> tuple[TrainingCheckpoint, list[keras.callbacks.Callback]]:
     """The package's callbacks for a run, metrics before the loggers that record them.
 
     Returns:
         ``(checkpoint, callbacks)``; ``checkpoint.diverged`` tells whether training blew up.
     """
     checkpoint = TrainingCheckpoint(run, progress, every=config.checkpoint_every)
-    ours = [CharMetrics(), checkpoint, keras.callbacks.CSVLogger(str(run.log_path), append=True),
-            PlotCurves(run.curves_path, progress), EpochSummary(chars_per_batch, config.epochs),
-            SampleText(run.samples_path, vocab, progress, chars=config.sample_chars, every=config.sample_every,
-                       prime=DEFAULT_PRIME, temperatures=SAMPLE_TEMPERATURES, seed=config.seed)]
+    ours = [
+        CharMetrics(),
+        checkpoint,
+        keras.callbacks.CSVLogger(str(run.log_path), append=True),
+        PlotCurves(run.curves_path, progress),
+        EpochSummary(chars_per_batch, config.epochs),
+        SampleText(
+            run.samples_path,
+            vocab,
+            progress,
+            chars=config.sample_chars,
+            every=config.sample_every,
+            prime=DEFAULT_PRIME,
+            temperatures=SAMPLE_TEMPERATURES,
+            seed=config.seed,
+        ),
+    ]
     if config.tensorboard:
         try:
             import tensorboard  # noqa: F401
@@ -152,23 +172,37 @@ def _callbacks(run: RunFolder, config: TrainConfig, progress: Progress, chars_pe
     return checkpoint, ours
 
 
-def _fit(model: keras.Model, train_batches: TBPTTBatches, val_batches: TBPTTBatches | None,
-         progress: Progress, epochs: int, checkpoint: TrainingCheckpoint,
-         callbacks: list[keras.callbacks.Callback], verbose: int | str) -> None:
+def _fit(
+    model: keras.Model,
+    train_batches: TBPTTBatches,
+    val_batches: TBPTTBatches | None,
+    progress: Progress,
+    epochs: int,
+    checkpoint: TrainingCheckpoint,
+    callbacks: list[keras.callbacks.Callback],
+    verbose: int | str,
+) -> None:
     """Trains from ``progress`` to ``epochs``: first the rest of a half-done epoch, then whole epochs."""
     common = dict(validation_data=val_batches, shuffle=False, verbose=verbose)
     if progress.step > 0:
         # Killed part-way through an epoch: finish it from the saved batch,
         # keeping the restored hidden state, then train the remaining epochs.
-        model.fit(train_batches.from_batch(progress.step), initial_epoch=progress.epoch, epochs=progress.epoch + 1,
-                  callbacks=[ResetStates(skip_first_epoch_reset=True)] + callbacks, **common)
+        model.fit(
+            train_batches.from_batch(progress.step),
+            initial_epoch=progress.epoch,
+            epochs=progress.epoch + 1,
+            callbacks=[ResetStates(skip_first_epoch_reset=True)] + callbacks,
+            **common,
+        )
     if checkpoint.diverged is None and progress.epoch < epochs:
-        model.fit(train_batches, initial_epoch=progress.epoch, epochs=epochs,
-                  callbacks=[ResetStates()] + callbacks, **common)
+        model.fit(
+            train_batches, initial_epoch=progress.epoch, epochs=epochs, callbacks=[ResetStates()] + callbacks, **common
+        )
 
 
-def _resume(run: RunFolder, model: keras.Model, config: TrainConfig, dist: Any, changed: dict[str, tuple],
-            write_config: bool) -> Progress:
+def _resume(
+    run: RunFolder, model: keras.Model, config: TrainConfig, dist: Any, changed: dict[str, tuple], write_config: bool
+) -> Progress:
     """Restores a run's last checkpoint into ``model``, records the config changes and says where it resumes.
 
     Args:
@@ -193,15 +227,25 @@ def _resume(run: RunFolder, model: keras.Model, config: TrainConfig, dist: Any, 
         run.update_record(backend=keras.backend.backend())
     what = "; ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
     where = f", {progress.step} batches into epoch {progress.epoch + 1}" if progress.step else ""
-    print(f"resuming {run.path}: {progress.epoch} of {config.epochs} epochs done{where}"
-          + (f"; changed: {what}" if what else ""), flush=True)
+    print(
+        f"resuming {run.path}: {progress.epoch} of {config.epochs} epochs done{where}"
+        + (f"; changed: {what}" if what else ""),
+        flush=True,
+    )
     return progress
 
 
-def train(corpus: str | os.PathLike, run_dir: str | os.PathLike, config: TrainConfig | None = None,
-          resume: bool = False, callbacks: list[keras.callbacks.Callback] | None = None,
-          verbose: int | str = "auto", strict: bool = False,
-          changes: Mapping[str, Any] | None = None, strategy: Any = None) -> keras.Model:
+def train(
+    corpus: str | os.PathLike,
+    run_dir: str | os.PathLike,
+    config: TrainConfig | None = None,
+    resume: bool = False,
+    callbacks: list[keras.callbacks.Callback] | None = None,
+    verbose: int | str = "auto",
+    strict: bool = False,
+    changes: Mapping[str, Any] | None = None,
+    strategy: Any = None,
+) -> keras.Model:
     """Trains a character model on a corpus, writing the run folder.
 
     Args:
@@ -259,9 +303,12 @@ def train(corpus: str | os.PathLike, run_dir: str | os.PathLike, config: TrainCo
     data, train_batches, val_batches = _encoded(found, vocab, config)
     model = _build(config, vocab, len(train_batches), dist)
     if dist is not None:
-        print(f"distributed: {dist.replicas} replicas, batch_size {config.batch_size} = {dist.replicas} x "
-              f"{config.batch_size // dist.replicas}" + ("" if dist.is_chief else "; this worker writes to a temporary "
-                                                         "folder, the chief to the run folder"), flush=True)
+        print(
+            f"distributed: {dist.replicas} replicas, batch_size {config.batch_size} = {dist.replicas} x "
+            f"{config.batch_size // dist.replicas}"
+            + ("" if dist.is_chief else "; this worker writes to a temporary folder, the chief to the run folder"),
+            flush=True,
+        )
 
     if resume:
         progress = _resume(run, model, config, dist, changed, write_config=writes is run)
@@ -277,8 +324,10 @@ def train(corpus: str | os.PathLike, run_dir: str | os.PathLike, config: TrainCo
     checkpoint, ours = _callbacks(writes, config, progress, train_batches.chars_per_batch, vocab)
     _fit(model, train_batches, val_batches, progress, config.epochs, checkpoint, ours + list(callbacks or []), verbose)
     if checkpoint.diverged:
-        raise TrainingDiverged(f"training diverged: {checkpoint.diverged}; the last good checkpoint is kept "
-                               f"in {run.path} (lower lr or clip_norm, then resume)")
+        raise TrainingDiverged(
+            f"training diverged: {checkpoint.diverged}; the last good checkpoint is kept "
+            f"in {run.path} (lower lr or clip_norm, then resume)"
+        )
     reset_states(model)
     if dist is not None:
         dist.cleanup()

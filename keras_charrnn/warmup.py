@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -51,8 +51,10 @@ def check_batch_sizes(batch_sizes: Iterable[int], signatures: Sequence[str]) -> 
     if not sizes or any(not isinstance(b, (int, np.integer)) or isinstance(b, bool) or b < 1 for b in sizes):
         raise ConfigError(f"warmup_batch_sizes must be positive integers, got {list(batch_sizes)}")
     if len(sizes) * len(signatures) > MAX_RECORDS:
-        raise ConfigError(f"warmup_batch_sizes: {len(sizes)} sizes x {len(signatures)} signatures is over "
-                          f"TF Serving's limit of {MAX_RECORDS} warm-up records")
+        raise ConfigError(
+            f"warmup_batch_sizes: {len(sizes)} sizes x {len(signatures)} signatures is over "
+            f"TF Serving's limit of {MAX_RECORDS} warm-up records"
+        )
     return [int(b) for b in sizes]
 
 
@@ -79,8 +81,11 @@ def _tensor_proto(value: np.ndarray):
     return tf.make_tensor_proto(value)
 
 
-def warmup_requests(signature_defs: Mapping, batch_sizes: Iterable[int] = DEFAULT_BATCH_SIZES,
-                    signatures: Sequence[str] = WARMUP_SIGNATURES) -> list[predict_pb2.PredictRequest]:
+def warmup_requests(
+    signature_defs: Mapping,
+    batch_sizes: Iterable[int] = DEFAULT_BATCH_SIZES,
+    signatures: Sequence[str] = WARMUP_SIGNATURES,
+) -> list[predict_pb2.PredictRequest]:
     """One PredictRequest per (signature, batch size), with inputs made from the SignatureDefs.
 
     Args:

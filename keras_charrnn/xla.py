@@ -144,5 +144,8 @@ def must_compile_signatures(meta_graph) -> set[str]:
     Returns:
         Their names.
     """
-    return {name for name in meta_graph.signature_def
-            if not name.startswith("__") and must_compile_functions(meta_graph, name)}
+    return {
+        name
+        for name in meta_graph.signature_def
+        if not name.startswith("__") and must_compile_functions(meta_graph, name)
+    }

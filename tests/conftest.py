@@ -21,8 +21,10 @@ from servers import ServerProcess
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 CELLS = ("lstm", "gru", "rnn")
-WORDS = ("the quick brown fox jumps over a lazy dog while seven cats sit on warm mats and "
-         "\"quoted words\" (in brackets) appear now and then").split()
+WORDS = (
+    "the quick brown fox jumps over a lazy dog while seven cats sit on warm mats and "
+    '"quoted words" (in brackets) appear now and then'
+).split()
 
 
 def make_corpus(n_words: int = 5000, seed: int = 0) -> str:
@@ -45,8 +47,18 @@ def corpus_file(tmp_path_factory) -> Path:
 def tiny_config(cell: str, **overrides):
     from keras_charrnn.config import TrainConfig
 
-    values = dict(cell=cell, units=24, layers=2, embedding_dim=16, batch_size=8, seq_len=16, epochs=2,
-                  dropout=0.0, checkpoint_every=20, lr=5e-3)
+    values = dict(
+        cell=cell,
+        units=24,
+        layers=2,
+        embedding_dim=16,
+        batch_size=8,
+        seq_len=16,
+        epochs=2,
+        dropout=0.0,
+        checkpoint_every=20,
+        lr=5e-3,
+    )
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -76,8 +88,9 @@ def model_base(tmp_path_factory, trained_runs) -> Path:
 
 
 def write_models_config(path: Path, base: Path, names, policy: str = "") -> Path:
-    entries = "".join(f'  config {{ name: "{n}" base_path: "{base / n}" model_platform: "tensorflow" {policy} }}\n'
-                      for n in names)
+    entries = "".join(
+        f'  config {{ name: "{n}" base_path: "{base / n}" model_platform: "tensorflow" {policy} }}\n' for n in names
+    )
     path.write_text(f"model_config_list {{\n{entries}}}\n")
     return path
 
@@ -96,8 +109,14 @@ def server(model_base, tmp_path_factory):
 
 def run_cli(*args, input: str | None = None, timeout: float = 300, cwd=None):
     """Runs ``charrnn ARGS`` in a subprocess; returns the CompletedProcess."""
-    return subprocess.run([sys.executable, "-m", "keras_charrnn.cli", *map(str, args)], capture_output=True,
-                          text=True, input=input, timeout=timeout, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "keras_charrnn.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        input=input,
+        timeout=timeout,
+        cwd=cwd,
+    )
 
 
 def side_by_side(*calls):

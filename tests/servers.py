@@ -62,8 +62,18 @@ class ServerProcess:
     """
 
     def __init__(self, args: list[str], cwd: str | os.PathLike | None = None, debug: bool = False):
-        cmd = [sys.executable, "-m", "keras_charrnn.cli", "serve", "--port", "0", "--host", "127.0.0.1",
-               *(["--log_level", "debug"] if debug else []), *map(str, args)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "keras_charrnn.cli",
+            "serve",
+            "--port",
+            "0",
+            "--host",
+            "127.0.0.1",
+            *(["--log_level", "debug"] if debug else []),
+            *map(str, args),
+        ]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd)
         self.log: list[str] = []
         self._log_changed = threading.Condition()
@@ -111,8 +121,9 @@ class ServerProcess:
                         return match
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise AssertionError(f"no server log line matches {pattern!r} after {timeout}s; "
-                                         f"last lines: {self.log[-5:]}")
+                    raise AssertionError(
+                        f"no server log line matches {pattern!r} after {timeout}s; last lines: {self.log[-5:]}"
+                    )
                 self._log_changed.wait(left)
 
     def log_matches(self, pattern: str) -> list[re.Match]:
@@ -157,8 +168,12 @@ def poll(condition, timeout: float = 60.0, every: float = 0.1):
 def http_call(url: str, body=None, method: str | None = None, timeout: float = 120) -> tuple[int, dict]:
     """Sends JSON (if ``body``) with urllib; returns the status and the JSON answer, errors included."""
     data = json.dumps(body).encode() if body is not None and not isinstance(body, bytes) else body
-    request = urllib.request.Request(url, data=data, method=method or ("POST" if data is not None else "GET"),
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url,
+        data=data,
+        method=method or ("POST" if data is not None else "GET"),
+        headers={"Content-Type": "application/json"},
+    )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, json.loads(response.read())

@@ -21,8 +21,27 @@ from conftest import make_corpus, run_cli, side_by_side
 
 HAS_JAX = importlib.util.find_spec("jax") is not None
 BACKENDS = ["tensorflow", pytest.param("jax", marks=pytest.mark.skipif(not HAS_JAX, reason="jax is not installed"))]
-FLAGS = ["--units", "16", "--embedding-dim", "8", "--batch-size", "8", "--seq-len", "10", "--epochs", "3",
-         "--checkpoint-every", "10", "--dropout", "0.1", "--lr", "3e-3", "--sample-chars", "0", "--quiet"]
+FLAGS = [
+    "--units",
+    "16",
+    "--embedding-dim",
+    "8",
+    "--batch-size",
+    "8",
+    "--seq-len",
+    "10",
+    "--epochs",
+    "3",
+    "--checkpoint-every",
+    "10",
+    "--dropout",
+    "0.1",
+    "--lr",
+    "3e-3",
+    "--sample-chars",
+    "0",
+    "--quiet",
+]
 
 # Runs in the backend's own process: the trained model's logits and final states on a fixed batch.
 LOGITS_SCRIPT = """
@@ -95,8 +114,18 @@ def test_fit_trains_and_carries_the_hidden_state_on_each_backend(full_runs, back
 def test_resume_after_sigkill_ends_with_the_same_weights_on_each_backend(full_runs, corpus, tmp_path, backend):
     full = full_runs(backend)
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "keras_charrnn.cli", "train", str(corpus), "--out", str(out), "--backend", backend,
-           *FLAGS]
+    cmd = [
+        sys.executable,
+        "-m",
+        "keras_charrnn.cli",
+        "train",
+        str(corpus),
+        "--out",
+        str(out),
+        "--backend",
+        backend,
+        *FLAGS,
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = out / "state.npz"
     deadline = time.monotonic() + 240
@@ -122,15 +151,20 @@ def test_resume_after_sigkill_ends_with_the_same_weights_on_each_backend(full_ru
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_savedmodel_exported_from_each_backends_run_computes_the_trained_models_logits(full_runs, tmp_path,
-                                                                                       backend):
+def test_savedmodel_exported_from_each_backends_run_computes_the_trained_models_logits(full_runs, tmp_path, backend):
     run = full_runs(backend)
     batch = tmp_path / "batch.npz"
     np.savez(batch, x=np.random.RandomState(0).randint(0, 20, size=(8, 10)).astype(np.int32))
     done, exported = side_by_side(  # the logits in the backend's own process, and the export beside it
-        lambda: subprocess.run([sys.executable, "-c", LOGITS_SCRIPT, str(run), str(batch), backend],
-                               env=_env(backend), capture_output=True, text=True, timeout=300),
-        lambda: run_cli("export", run, "--name", "m", "--base-path", tmp_path / "models"))
+        lambda: subprocess.run(
+            [sys.executable, "-c", LOGITS_SCRIPT, str(run), str(batch), backend],
+            env=_env(backend),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        ),
+        lambda: run_cli("export", run, "--name", "m", "--base-path", tmp_path / "models"),
+    )
     assert done.returncode == 0, done.stderr
     assert exported.returncode == 0, exported.stderr
 
@@ -156,7 +190,12 @@ train(sys.argv[1], sys.argv[2], TrainConfig(units=16, embedding_dim=8, batch_siz
 @pytest.mark.skipif(not HAS_JAX, reason="jax is not installed")
 def test_training_on_jax_needs_no_tensorflow(corpus, tmp_path):
     # The training path is plain Keras: on JAX it runs where TensorFlow is not installed (a JAX-only GPU box).
-    done = subprocess.run([sys.executable, "-c", NO_TENSORFLOW_SCRIPT, str(corpus), str(tmp_path / "run")],
-                          env=_env("jax"), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", NO_TENSORFLOW_SCRIPT, str(corpus), str(tmp_path / "run")],
+        env=_env("jax"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert _progress(tmp_path / "run" / "state.npz")["epoch"] == 1

@@ -49,8 +49,9 @@ def random_module(cell: str, units: int = 48, seed: int = 0) -> CharRNNModule:
     """
     chars = list("abcdefghijklmnopqrstuvwxyz .,;!?\n")
     keras.utils.set_random_seed(seed)
-    model = build_model(len(chars) + 1, cell, units=units, layers=2, embedding_dim=16, batch_size=None, seq_len=None,
-                        stateful=False)
+    model = build_model(
+        len(chars) + 1, cell, units=units, layers=2, embedding_dim=16, batch_size=None, seq_len=None, stateful=False
+    )
     model.set_weights([w * 2.0 for w in model.get_weights()])
     return CharRNNModule(model, Vocabulary(chars))
 
@@ -84,10 +85,13 @@ def make_sessions(module: CharRNNModule, count: int, chars: int, seed: int = 12)
     rng = np.random.default_rng(seed)
     alphabet = _vocabulary(module)[1:]
     first = chars // 2
-    return {"primes": ["".join(rng.choice(alphabet, rng.integers(1, 13))) for _ in range(count)],
-            "first": rng.integers(max(1, first - 8), first + 1, count).astype(np.int32),
-            "second": rng.integers(max(1, chars - first - 8), chars - first + 1, count).astype(np.int32),
-            "seeds": rng.integers(0, 2**62, count), "positions": rng.integers(0, 10**6, count)}
+    return {
+        "primes": ["".join(rng.choice(alphabet, rng.integers(1, 13))) for _ in range(count)],
+        "first": rng.integers(max(1, first - 8), first + 1, count).astype(np.int32),
+        "second": rng.integers(max(1, chars - first - 8), chars - first + 1, count).astype(np.int32),
+        "seeds": rng.integers(0, 2**62, count),
+        "positions": rng.integers(0, 10**6, count),
+    }
 
 
 def run_together(module: CharRNNModule, flavour: str, sessions: dict, rows: list[int]) -> list[dict]:
@@ -110,34 +114,59 @@ def run_together(module: CharRNNModule, flavour: str, sessions: dict, rows: list
     index = {c: i for i, c in enumerate(_vocabulary(module))}
     names, b = module.state_names, len(rows)
     pick = lambda key: tf.constant(sessions[key][rows])  # noqa: E731
-    sampling = {"temperature": tf.ones([b]), "top_k": tf.zeros([b], tf.int32), "top_p": tf.ones([b]),
-                "seed": pick("seeds")}
+    sampling = {
+        "temperature": tf.ones([b]),
+        "top_k": tf.zeros([b], tf.int32),
+        "top_p": tf.ones([b]),
+        "seed": pick("seeds"),
+    }
     zero = {n: tf.zeros([b, module.units]) for n in names}
-    first = signatures[text_name](prime=tf.constant([sessions["primes"][r] for r in rows]), **zero, **sampling,
-                                  num_chars=pick("first"), position=pick("positions"))
+    first = signatures[text_name](
+        prime=tf.constant([sessions["primes"][r] for r in rows]),
+        **zero,
+        **sampling,
+        num_chars=pick("first"),
+        position=pick("positions"),
+    )
     texts = [t.decode("utf-8") for t in first["text"].numpy()]
     last = tf.constant([[index[t[-1]]] for t in texts], tf.int32)
-    second = signatures[ids_name](ids=last, **{n: first[n] for n in names}, **sampling, num_chars=pick("second"),
-                                  position=pick("positions") + tf.cast(pick("first"), tf.int64))
+    second = signatures[ids_name](
+        ids=last,
+        **{n: first[n] for n in names},
+        **sampling,
+        num_chars=pick("second"),
+        position=pick("positions") + tf.cast(pick("first"), tf.int64),
+    )
     ids = second["ids"].numpy()
     lengths = sessions["second"][rows]
     last = tf.constant([[ids[i, n - 1]] for i, n in enumerate(lengths)], tf.int32)
     third = signatures["step"](ids=last, **{n: second[n] for n in names})
-    return [{"text": texts[i], "ids": ids[i], "logits": third["logits"].numpy()[i],
-             "states": [out[n].numpy()[i] for out in (first, second, third) for n in names]}
-            for i in range(b)]
+    return [
+        {
+            "text": texts[i],
+            "ids": ids[i],
+            "logits": third["logits"].numpy()[i],
+            "states": [out[n].numpy()[i] for out in (first, second, third) for n in names],
+        }
+        for i in range(b)
+    ]
 
 
 def same_bits(got: dict, alone: dict) -> bool:
     """Whether a row's results equal the session's results alone, bit for bit (padding ids past its end are 0)."""
     n = len(alone["ids"])
-    return (got["text"] == alone["text"] and np.array_equal(got["ids"][:n], alone["ids"])
-            and not got["ids"][n:].any() and np.array_equal(got["logits"], alone["logits"])
-            and all(np.array_equal(g, a) for g, a in zip(got["states"], alone["states"])))
+    return (
+        got["text"] == alone["text"]
+        and np.array_equal(got["ids"][:n], alone["ids"])
+        and not got["ids"][n:].any()
+        and np.array_equal(got["logits"], alone["logits"])
+        and all(np.array_equal(g, a) for g, a in zip(got["states"], alone["states"]))
+    )
 
 
-def invariance_failures(module: CharRNNModule, flavour: str, batch_sizes, chars: int, pool: int = 64,
-                        seed: int = 12, log=None) -> list[int]:
+def invariance_failures(
+    module: CharRNNModule, flavour: str, batch_sizes, chars: int, pool: int = 64, seed: int = 12, log=None
+) -> list[int]:
     """The batch sizes at which some row differs from its session run alone.
 
     Args:
@@ -200,10 +229,13 @@ def test_a_matmul_row_has_the_same_bits_whatever_the_row_count(xla):
     counts = [*range(1, 10), 25, 28, 31, 32, 33, 49, 63, 64, 65, 100] + ([] if xla else [257, 1000, 4096])
     for k, n in [(512, 2048), (64, 2048), (512, 66)]:
         w = tf.constant(rng.normal(0, 0.05, (k, n)).astype(np.float32))
-        product = tf.function(lambda x: cells.matmul(x, w), jit_compile=xla,  # noqa: B023
-                              input_signature=[tf.TensorSpec([None, k])])
+        product = tf.function(
+            lambda x: cells.matmul(x, w),
+            jit_compile=xla,  # noqa: B023
+            input_signature=[tf.TensorSpec([None, k])],
+        )
         pool = rng.uniform(-1, 1, (64, k)).astype(np.float32)
-        alone = np.concatenate([product(pool[r:r + 1]).numpy() for r in range(64)])
+        alone = np.concatenate([product(pool[r : r + 1]).numpy() for r in range(64)])
         for count in counts:
             rows = rng.integers(0, 64, count)
             assert np.array_equal(product(pool[rows]).numpy(), alone[rows]), (k, n, count)
@@ -218,8 +250,10 @@ class LoadedSavedModel:
         self.state_names, self.units = config["state_names"], config["state_size"]
 
     def named_signatures(self) -> dict:
-        return {name: (lambda function: lambda **inputs: function(**inputs))(function)
-                for name, function in self.loaded.signatures.items()}
+        return {
+            name: (lambda function: lambda **inputs: function(**inputs))(function)
+            for name, function in self.loaded.signatures.items()
+        }
 
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
@@ -235,8 +269,11 @@ MACHINES = {
     "oneDNN off": {"TF_ENABLE_ONEDNN_OPTS": "0"},
     "AVX2 only": {"ONEDNN_MAX_CPU_ISA": "AVX2", "XLA_FLAGS": "--xla_cpu_max_isa=AVX2"},
     "1 thread": {"TF_NUM_INTRAOP_THREADS": "1", "OMP_NUM_THREADS": "1"},
-    "2 threads, oneDNN off, AVX2": {"TF_NUM_INTRAOP_THREADS": "2", "TF_ENABLE_ONEDNN_OPTS": "0",
-                                    "XLA_FLAGS": "--xla_cpu_max_isa=AVX2"},
+    "2 threads, oneDNN off, AVX2": {
+        "TF_NUM_INTRAOP_THREADS": "2",
+        "TF_ENABLE_ONEDNN_OPTS": "0",
+        "XLA_FLAGS": "--xla_cpu_max_isa=AVX2",
+    },
 }
 MACHINE_SIZES = [1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 24, 25, 31, 32, 33, 48, 49, 63, 64]
 MACHINE_CHECK = """
@@ -250,8 +287,13 @@ print(json.dumps({f: invariance_failures(module, f, MACHINE_SIZES, chars=10, poo
 
 def test_the_bundled_model_is_bitwise_batch_invariant_with_other_kernels_isas_and_thread_counts():
     def check(env):
-        done = subprocess.run([sys.executable, "-c", MACHINE_CHECK, str(Path(__file__).parent)], capture_output=True,
-                              text=True, timeout=900, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **env})
+        done = subprocess.run(
+            [sys.executable, "-c", MACHINE_CHECK, str(Path(__file__).parent)],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **env},
+        )
         assert done.returncode == 0, done.stderr[-2000:]
         return json.loads(done.stdout.strip().splitlines()[-1])
 

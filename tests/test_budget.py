@@ -12,8 +12,10 @@ from keras_charrnn.config import TrainConfig, parse_duration
 from keras_charrnn.errors import ConfigError
 
 
-@pytest.mark.parametrize("text, seconds", [("90s", 90.0), ("10m", 600.0), ("1.5h", 5400.0), ("600", 600.0),
-                                           (" 2M ", 120.0), ("1d", 86400.0), (45, 45.0)])
+@pytest.mark.parametrize(
+    "text, seconds",
+    [("90s", 90.0), ("10m", 600.0), ("1.5h", 5400.0), ("600", 600.0), (" 2M ", 120.0), ("1d", 86400.0), (45, 45.0)],
+)
 def test_durations_read_in_seconds(text, seconds):
     assert parse_duration(text) == seconds
 
@@ -30,16 +32,29 @@ def test_a_budget_too_short_for_a_probe_is_refused():
 
 
 def _size(layers, units, chars_per_s):
-    return {"layers": layers, "units": units, "params": count_params("lstm", layers, units, 64, 66),
-            "batch_size": 32, "seq_len": 100, "first_step_s": 1.0, "step_s": 3200 / chars_per_s,
-            "chars_per_s": chars_per_s, "measured": True}
+    return {
+        "layers": layers,
+        "units": units,
+        "params": count_params("lstm", layers, units, 64, 66),
+        "batch_size": 32,
+        "seq_len": 100,
+        "first_step_s": 1.0,
+        "step_s": 3200 / chars_per_s,
+        "chars_per_s": chars_per_s,
+        "measured": True,
+    }
 
 
 def test_the_rule_picks_the_largest_model_that_sees_enough_characters_per_parameter():
     # tinyshakespeare-like: 1M training characters, 10 minutes, the speeds on a 2-core CPU.
     config, train_chars = TrainConfig(), 1_000_000
-    sizes = [_size(1, 128, 60_000), _size(2, 128, 40_000), _size(2, 256, 22_000), _size(2, 384, 13_000),
-             _size(2, 512, 7_500)]
+    sizes = [
+        _size(1, 128, 60_000),
+        _size(2, 128, 40_000),
+        _size(2, 256, 22_000),
+        _size(2, 384, 13_000),
+        _size(2, 512, 7_500),
+    ]
     judged = [_judge(s, 600.0, 10.0, train_chars, 100_000, config) for s in sizes]
     assert [j["fits"] for j in judged] == [True, True, True, False, False]
     choice, pick = plan(config, judged, train_chars, fixed=set())
@@ -79,10 +94,18 @@ def test_sizes_are_probed_at_batch_64_and_a_run_of_few_steps_falls_back_to_32(tm
         measured.append((config.units, config.batch_size))
         chars_per_s = 4e9 / count_params("lstm", config.layers, config.units, 64, vocab_size)
         chars_per_s *= 1.0 if config.batch_size == 64 else 1 / 1.5
-        return {"layers": config.layers, "units": config.units, "batch_size": config.batch_size,
-                "params": count_params("lstm", config.layers, config.units, 64, vocab_size), "seq_len": config.seq_len,
-                "first_step_s": 0.5, "step_s": config.batch_size * config.seq_len / chars_per_s, "steps_timed": 3,
-                "chars_per_s": chars_per_s, "measured": True}
+        return {
+            "layers": config.layers,
+            "units": config.units,
+            "batch_size": config.batch_size,
+            "params": count_params("lstm", config.layers, config.units, 64, vocab_size),
+            "seq_len": config.seq_len,
+            "first_step_s": 0.5,
+            "step_s": config.batch_size * config.seq_len / chars_per_s,
+            "steps_timed": 3,
+            "chars_per_s": chars_per_s,
+            "measured": True,
+        }
 
     monkeypatch.setattr(budget, "_measure", fake_measure)
     corpus = tmp_path / "corpus.txt"
@@ -105,8 +128,11 @@ def cli_budget_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cli_budget")
     corpus = tmp / "corpus.txt"
     corpus.write_text(make_corpus(3000), encoding="utf-8")
-    with in_background(lambda: run_cli("train", corpus, "--out", tmp / "run", "--time-budget", "20s", "--layers", "1",
-                                       "--units", "48", "--quiet")) as result:
+    with in_background(
+        lambda: run_cli(
+            "train", corpus, "--out", tmp / "run", "--time-budget", "20s", "--layers", "1", "--units", "48", "--quiet"
+        )
+    ) as result:
         yield tmp / "run", result
 
 
@@ -146,8 +172,13 @@ def test_cli_budget_keeps_the_model_flags_given(cli_budget_run):
     assert "time budget" in result.stdout
 
 
-@pytest.mark.parametrize("flags, message", [(["--time-budget", "5 minutes"], "time_budget must be a duration"),
-                                            (["--time-budget", "3s"], "time_budget must be between")])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--time-budget", "5 minutes"], "time_budget must be a duration"),
+        (["--time-budget", "3s"], "time_budget must be between"),
+    ],
+)
 def test_cli_refuses_a_bad_budget_in_one_line(tmp_path, flags, message):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(make_corpus(200), encoding="utf-8")

@@ -19,10 +19,26 @@ from keras_charrnn import cli
 
 
 def test_sample_piped_into_head_stops_quietly_with_status_0(model_base):
-    sampler = subprocess.Popen([sys.executable, "-m", "keras_charrnn.cli", "sample",
-                                "--model", str(model_base / "lstm"),
-                                "--prime", "the ", "-n", "100000", "--chunk", "8", "--seed", "1"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    sampler = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "keras_charrnn.cli",
+            "sample",
+            "--model",
+            str(model_base / "lstm"),
+            "--prime",
+            "the ",
+            "-n",
+            "100000",
+            "--chunk",
+            "8",
+            "--seed",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     head = subprocess.Popen(["head", "-c", "20"], stdin=sampler.stdout, stdout=subprocess.PIPE)
     sampler.stdout.close()  # head holds the only read end: when it exits, the sampler's next write fails
     shown, _ = head.communicate(timeout=300)
@@ -41,16 +57,33 @@ def test_the_jax_backend_without_jax_installed_is_a_one_line_config_error(monkey
     assert len(error.strip().splitlines()) == 1
 
 
-TINY = ["--units", "16", "--embedding-dim", "8", "--batch-size", "8", "--seq-len", "10", "--epochs", "2",
-        "--sample-chars", "12", "--checkpoint-every", "50"]
+TINY = [
+    "--units",
+    "16",
+    "--embedding-dim",
+    "8",
+    "--batch-size",
+    "8",
+    "--seq-len",
+    "10",
+    "--epochs",
+    "2",
+    "--sample-chars",
+    "12",
+    "--checkpoint-every",
+    "50",
+]
 EPOCH_LINE = re.compile(r"epoch [12]/2: loss \d+\.\d{4}  bpc \d+\.\d{4}  val_loss .* chars/s  \d+s")
 
 
 def _train_in_a_terminal(corpus, out) -> tuple[int, str]:
     """``charrnn train`` with standard output on a pseudo-terminal; returns its exit status and what it showed."""
     leader, follower = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "keras_charrnn.cli", "train", str(corpus), "--out", str(out),
-                             *TINY], stdout=follower, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "keras_charrnn.cli", "train", str(corpus), "--out", str(out), *TINY],
+        stdout=follower,
+        stderr=subprocess.DEVNULL,
+    )
     os.close(follower)
     shown = b""
     while True:
@@ -68,7 +101,8 @@ def _train_in_a_terminal(corpus, out) -> tuple[int, str]:
 def test_train_writes_plain_lines_into_a_log_and_keeps_the_bar_in_a_terminal(tmp_path, corpus_file):
     piped, (status, terminal) = side_by_side(
         lambda: run_cli("train", corpus_file, "--out", tmp_path / "log", *TINY),
-        lambda: _train_in_a_terminal(corpus_file, tmp_path / "tty"))
+        lambda: _train_in_a_terminal(corpus_file, tmp_path / "tty"),
+    )
     assert piped.returncode == 0 and status == 0, piped.stderr
     log = piped.stdout
     assert not re.search(r"[\x1b\r\x08]", log) and "━" not in log and "Epoch 1/2" not in log
@@ -99,8 +133,9 @@ def fresh_process(monkeypatch):
 
     def installed(*names):
         find_spec = importlib.util.find_spec
-        monkeypatch.setattr(importlib.util, "find_spec",
-                            lambda name, *a: find_spec(name, *a) if name in names else None)
+        monkeypatch.setattr(
+            importlib.util, "find_spec", lambda name, *a: find_spec(name, *a) if name in names else None
+        )
 
     return installed
 
@@ -117,8 +152,9 @@ def test_auto_backend_picks_jax_where_it_is_installed_and_faster_and_tensorflow_
     assert cli.auto_backend(_args()) == ("tensorflow", "jax is not installed")
 
 
-def test_a_resumed_run_keeps_its_recorded_backend_or_names_it_when_it_is_missing(fresh_process, tmp_path,
-                                                                                 corpus_file, capsys):
+def test_a_resumed_run_keeps_its_recorded_backend_or_names_it_when_it_is_missing(
+    fresh_process, tmp_path, corpus_file, capsys
+):
     from keras_charrnn.config import TrainConfig
 
     run = tmp_path / "run"

@@ -90,11 +90,16 @@ def test_server_errors_surface_as_serving_errors_with_code_and_message(client):
     with pytest.raises(ConfigError, match="top_p"):  # checked before any call
         client.session("lstm", top_p=0)
     info = client.model_info("lstm")
-    inputs = {"prime": np.array([b"the "], dtype=object), "num_chars": np.array([5], np.int32),
-              "temperature": np.array([1.0], np.float32), "top_k": np.array([0], np.int32),
-              "top_p": np.array([0.0], np.float32), "seed": np.array([1], np.int64),
-              "position": np.array([0], np.int64),
-              **{name: np.zeros([1, info.state_size], np.float32) for name in info.state_names}}
+    inputs = {
+        "prime": np.array([b"the "], dtype=object),
+        "num_chars": np.array([5], np.int32),
+        "temperature": np.array([1.0], np.float32),
+        "top_k": np.array([0], np.int32),
+        "top_p": np.array([0.0], np.float32),
+        "seed": np.array([1], np.int64),
+        "position": np.array([0], np.int64),
+        **{name: np.zeros([1, info.state_size], np.float32) for name in info.state_names},
+    }
     with pytest.raises(ServerError) as raised:  # the server's own check, for clients that skip the local one
         client.predict("lstm", "generate_text", inputs)
     assert raised.value.status == grpc.StatusCode.INVALID_ARGUMENT and "top_p must be in (0, 1]" in raised.value.details
@@ -117,11 +122,14 @@ def test_client_configuration_problems_raise_config_error(tmp_path):
 
 def test_client_import_is_light_and_does_not_load_tensorflow():
     # Peak RSS from /proc (VmHWM): getrusage's ru_maxrss keeps the forking pytest process's peak across exec.
-    code = ("import re, sys, time; t = time.perf_counter(); import keras_charrnn.serving.client; "
-            "print(time.perf_counter() - t, 'tensorflow' in sys.modules, "
-            "re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1))")
-    seconds, has_tensorflow, peak_kib = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                                       check=True).stdout.split()
+    code = (
+        "import re, sys, time; t = time.perf_counter(); import keras_charrnn.serving.client; "
+        "print(time.perf_counter() - t, 'tensorflow' in sys.modules, "
+        "re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1))"
+    )
+    seconds, has_tensorflow, peak_kib = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
     assert has_tensorflow == "False"
     assert int(peak_kib) < 100 * 1024  # MB: NumPy and gRPC only (TensorFlow alone takes several hundred)
     assert float(seconds) < 2.0  # about 0.2 s when idle; TensorFlow's import takes several seconds
@@ -129,17 +137,42 @@ def test_client_import_is_light_and_does_not_load_tensorflow():
 
 def test_sample_cli_over_grpc_matches_in_process(server, model_base):
     result, bad = side_by_side(  # independent commands: they run side by side
-        lambda: run_cli("sample", "--server", f"127.0.0.1:{server}", "--name", "rnn", "--prime", "the ", "-n", "100",
-                        "--seed", "4", "--chunk", "30"),
-        lambda: run_cli("sample", "--server", f"127.0.0.1:{server}", "--name", "nope", "-n", "10"))
+        lambda: run_cli(
+            "sample",
+            "--server",
+            f"127.0.0.1:{server}",
+            "--name",
+            "rnn",
+            "--prime",
+            "the ",
+            "-n",
+            "100",
+            "--seed",
+            "4",
+            "--chunk",
+            "30",
+        ),
+        lambda: run_cli("sample", "--server", f"127.0.0.1:{server}", "--name", "nope", "-n", "10"),
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout == "the " + load(model_base / "rnn").generate("the ", 100, seed=4) + "\n"
     assert bad.returncode == 2 and "NOT_FOUND" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_interactive_sampling_over_grpc_continues_each_line_as_an_in_process_session(server, model_base):
-    result = run_cli("sample", "--server", f"127.0.0.1:{server}", "--name", "gru", "--interactive", "-n", "20",
-                     "--seed", "1", input="the lazy\nseven cats\n")
+    result = run_cli(
+        "sample",
+        "--server",
+        f"127.0.0.1:{server}",
+        "--name",
+        "gru",
+        "--interactive",
+        "-n",
+        "20",
+        "--seed",
+        "1",
+        input="the lazy\nseven cats\n",
+    )
     assert result.returncode == 0, result.stderr
     session = load(model_base / "gru").session("the lazy\n", seed=1)
     first = session.generate(20)
@@ -149,8 +182,21 @@ def test_interactive_sampling_over_grpc_continues_each_line_as_an_in_process_ses
 
 
 def test_demo_streams_the_in_process_sessions_text_and_stops_the_server_cleanly(model_base):
-    result = run_cli("demo", "--base-path", model_base, "--name", "lstm", "--prime", "the ", "--calls", "3",
-                     "--chunk", "32", "--seed", "1")
+    result = run_cli(
+        "demo",
+        "--base-path",
+        model_base,
+        "--name",
+        "lstm",
+        "--prime",
+        "the ",
+        "--calls",
+        "3",
+        "--chunk",
+        "32",
+        "--seed",
+        "1",
+    )
     assert result.returncode == 0, result.stderr
     streamed = re.search(r"state carried by the client ---\n(.*)\n--- served by version", result.stdout, re.S)
     expected = load(model_base / "lstm").session("the ", temperature=DEFAULT_TEMPERATURE, seed=1).generate(32 * 3)
@@ -160,58 +206,104 @@ def test_demo_streams_the_in_process_sessions_text_and_stops_the_server_cleanly(
 
 # ----- Session.from_json: every field checked (no server) ------------------------------------
 
+
 def _info(**changes):
-    return ModelInfo(**{"name": "m", "state_names": ["h_0", "c_0"], "state_size": 3, "vocab_size": 10,
-                        "max_chars_per_call": 64, **changes})
+    return ModelInfo(
+        **{
+            "name": "m",
+            "state_names": ["h_0", "c_0"],
+            "state_size": 3,
+            "vocab_size": 10,
+            "max_chars_per_call": 64,
+            **changes,
+        }
+    )
 
 
 def _saved(**changes):
-    obj = {"model": "m", "version": 1, "position": 5, "pending": "a", "temperature": 0.8, "top_k": 0, "top_p": 1.0,
-           "seed": 1, "states": {"h_0": [0.5] * 3, "c_0": [[0.25] * 3]}}
+    obj = {
+        "model": "m",
+        "version": 1,
+        "position": 5,
+        "pending": "a",
+        "temperature": 0.8,
+        "top_k": 0,
+        "top_p": 1.0,
+        "seed": 1,
+        "states": {"h_0": [0.5] * 3, "c_0": [[0.25] * 3]},
+    }
     return json.dumps({**obj, **changes})
 
 
 def test_from_json_restores_a_valid_record_exactly():
-    session = Session.from_json(_saved(version=None, seed=-(2 ** 63), top_k=9, temperature=0, position=2 ** 40),
-                                None, _info())
-    assert (session.version, session.params.seed, session.params.top_k, session.position) == (None, -(2 ** 63), 9,
-                                                                                              2 ** 40)
+    session = Session.from_json(
+        _saved(version=None, seed=-(2**63), top_k=9, temperature=0, position=2**40), None, _info()
+    )
+    assert (session.version, session.params.seed, session.params.top_k, session.position) == (None, -(2**63), 9, 2**40)
     assert session.states["c_0"].shape == (1, 3) and session.states["c_0"].dtype == np.float32
     assert Session.from_json(session.to_json(), None, _info()).to_json() == session.to_json()
 
 
-@pytest.mark.parametrize("field, value", [
-    ("states", {"h_0": [math.nan, 0, 0], "c_0": [0, 0, 0]}),
-    ("states", {"h_0": [math.inf, 0, 0], "c_0": [0, 0, 0]}),
-    ("states", {"h_0": [1e39, 0, 0], "c_0": [0, 0, 0]}),  # finite in JSON, infinite as float32
-    ("states", {"h_0": [0, 0], "c_0": [0, 0]}),
-    ("states", {"h_0": [[0, 0, 0], [0, 0, 0]], "c_0": [0, 0, 0]}),  # two rows
-    ("states", {"h_0": ["0", "0", "0"], "c_0": [0, 0, 0]}),
-    ("states", {"h_0": [True, False, True], "c_0": [0, 0, 0]}),
-    ("states", {"h_0": [[0], [0, 0]], "c_0": [0, 0, 0]}),  # ragged
-    ("states", {"h_0": [0, 0, 0], "h_1": [0, 0, 0]}),  # another model's state names
-    ("states", [0, 0, 0]),
-    ("temperature", math.nan), ("temperature", math.inf), ("temperature", -0.1), ("temperature", "0.8"),
-    ("temperature", True),
-    ("top_k", -1), ("top_k", 10), ("top_k", 1.5), ("top_k", True),
-    ("top_p", 0), ("top_p", 1.5), ("top_p", math.nan), ("top_p", None),
-    ("seed", 2 ** 63), ("seed", -(2 ** 63) - 1), ("seed", 1.5), ("seed", "1"),
-    ("position", -1), ("position", 1.0), ("position", 2 ** 63),
-    ("version", 0), ("version", -1), ("version", 1.5), ("version", "1"),
-    ("pending", ""), ("pending", 3), ("pending", None),
-    ("model", "other"), ("model", None),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("states", {"h_0": [math.nan, 0, 0], "c_0": [0, 0, 0]}),
+        ("states", {"h_0": [math.inf, 0, 0], "c_0": [0, 0, 0]}),
+        ("states", {"h_0": [1e39, 0, 0], "c_0": [0, 0, 0]}),  # finite in JSON, infinite as float32
+        ("states", {"h_0": [0, 0], "c_0": [0, 0]}),
+        ("states", {"h_0": [[0, 0, 0], [0, 0, 0]], "c_0": [0, 0, 0]}),  # two rows
+        ("states", {"h_0": ["0", "0", "0"], "c_0": [0, 0, 0]}),
+        ("states", {"h_0": [True, False, True], "c_0": [0, 0, 0]}),
+        ("states", {"h_0": [[0], [0, 0]], "c_0": [0, 0, 0]}),  # ragged
+        ("states", {"h_0": [0, 0, 0], "h_1": [0, 0, 0]}),  # another model's state names
+        ("states", [0, 0, 0]),
+        ("temperature", math.nan),
+        ("temperature", math.inf),
+        ("temperature", -0.1),
+        ("temperature", "0.8"),
+        ("temperature", True),
+        ("top_k", -1),
+        ("top_k", 10),
+        ("top_k", 1.5),
+        ("top_k", True),
+        ("top_p", 0),
+        ("top_p", 1.5),
+        ("top_p", math.nan),
+        ("top_p", None),
+        ("seed", 2**63),
+        ("seed", -(2**63) - 1),
+        ("seed", 1.5),
+        ("seed", "1"),
+        ("position", -1),
+        ("position", 1.0),
+        ("position", 2**63),
+        ("version", 0),
+        ("version", -1),
+        ("version", 1.5),
+        ("version", "1"),
+        ("pending", ""),
+        ("pending", 3),
+        ("pending", None),
+        ("model", "other"),
+        ("model", None),
+    ],
+)
 def test_from_json_refuses_an_invalid_field_naming_it(field, value):
     with pytest.raises(InputError, match=field) as raised:
         Session.from_json(_saved(**{field: value}), None, _info())
     assert isinstance(raised.value, CharRNNError)
 
 
-@pytest.mark.parametrize("data, message", [
-    ("{not json", "not a saved session"), ("[1, 2]", "JSON object"), ('"text"', "JSON object"),
-    (json.dumps({"pending": "a"}), "no 'temperature' field"),
-    (json.dumps({k: v for k, v in json.loads(_saved()).items() if k != "model"}), "no 'model' field"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ("{not json", "not a saved session"),
+        ("[1, 2]", "JSON object"),
+        ('"text"', "JSON object"),
+        (json.dumps({"pending": "a"}), "no 'temperature' field"),
+        (json.dumps({k: v for k, v in json.loads(_saved()).items() if k != "model"}), "no 'model' field"),
+    ],
+)
 def test_from_json_refuses_what_is_not_a_saved_session(data, message):
     with pytest.raises(InputError, match=message):
         Session.from_json(data, None, _info())
@@ -249,8 +341,11 @@ class _VersionedClient:
         if version is not None and version not in self.served:
             raise VersionGoneError(grpc.StatusCode.NOT_FOUND, f"version {version} is gone", "t")
         n = int(inputs["num_chars"][0])
-        return {"text": np.array([b"x" * n], dtype=object), "h_0": np.ones([1, 3], np.float32),
-                "c_0": np.ones([1, 3], np.float32)}, version or max(self.served)
+        return {
+            "text": np.array([b"x" * n], dtype=object),
+            "h_0": np.ones([1, 3], np.float32),
+            "c_0": np.ones([1, 3], np.float32),
+        }, version or max(self.served)
 
     def forget_latest(self, model, version):
         self.forgotten.append(version)
@@ -263,8 +358,9 @@ def test_a_session_goes_out_pinned_to_the_version_its_model_info_came_from():
     from keras_charrnn.serving.client import _GrpcRunner
 
     fake = _VersionedClient({1, 2})
-    session = Session(_GrpcRunner(fake, "m", follow_newest=True), dataclasses.replace(_info(), version=1), "a",
-                      SamplingParams(seed=1))
+    session = Session(
+        _GrpcRunner(fake, "m", follow_newest=True), dataclasses.replace(_info(), version=1), "a", SamplingParams(seed=1)
+    )
     assert session.version == 1
     session.generate(3)
     session.generate(3)
@@ -290,6 +386,7 @@ def test_a_version_gone_before_the_first_answer_gives_way_to_the_newest_unless_t
 
 # ----- several replicas: balance, failover, versions, deadlines --------------------------------
 
+
 class Replicas:
     """Two ``charrnn serve`` replicas of model "lstm", each on its own base path (so versions may differ)."""
 
@@ -303,9 +400,23 @@ class Replicas:
 
     @staticmethod
     def _start(base, port: int = 0) -> ServerProcess:
-        return ServerProcess(["--model_name", "lstm", "--model_base_path", base, "--file_system_poll_wait_seconds",
-                              "0.3", "--max_prime_chars", "8", "--max_chars_per_call", "48", "--port", port],
-                             debug=True)
+        return ServerProcess(
+            [
+                "--model_name",
+                "lstm",
+                "--model_base_path",
+                base,
+                "--file_system_poll_wait_seconds",
+                "0.3",
+                "--max_prime_chars",
+                "8",
+                "--max_chars_per_call",
+                "48",
+                "--port",
+                port,
+            ],
+            debug=True,
+        )
 
     @property
     def targets(self) -> list[str]:
@@ -377,7 +488,7 @@ def test_a_killed_replica_is_skipped_and_gets_traffic_again_once_restarted(repli
         for _ in range(6):
             text += session.generate(8)
         assert [replicas.predicts(0) - before[0], replicas.predicts(1) - before[1]] == [3, 3]  # balanced again
-    assert text == expected[:len(text)] and served > 80
+    assert text == expected[: len(text)] and served > 80
 
 
 def _wait_until_unloaded(target: str, version: int) -> None:

@@ -30,7 +30,8 @@ def test_folder_joins_every_utf8_file_in_sorted_order_with_the_separator(tree, c
     with caplog.at_level(logging.WARNING, logger="charrnn.corpus"):
         found = scan(tree)
     assert [r.getMessage() for r in caplog.records] == [
-        f"warning: {tree / 'pkg' / 'logo.png'}: not valid UTF-8 (bad byte 0x89 at byte offset 0); skipped"]
+        f"warning: {tree / 'pkg' / 'logo.png'}: not valid UTF-8 (bad byte 0x89 at byte offset 0); skipped"
+    ]
     assert found.names == ["b.py", "pkg/a.py", "pkg/sub/c.txt"]  # hidden, binary and empty files left out
     text = SEPARATOR.join(["print('b')\n", "naïve = '春'\n", "see 😀"])
     assert read_text(tree) == text

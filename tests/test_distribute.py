@@ -23,14 +23,38 @@ from conftest import in_background, make_corpus, side_by_side
 from keras_charrnn.export import export_run
 from servers import free_ports
 
-TINY = ["--units", "16", "--embedding-dim", "8", "--batch-size", "8", "--seq-len", "10", "--epochs", "2",
-        "--dropout", "0", "--lr", "0.01", "--clip-norm", "0.05", "--sample-chars", "0", "--quiet"]
+TINY = [
+    "--units",
+    "16",
+    "--embedding-dim",
+    "8",
+    "--batch-size",
+    "8",
+    "--seq-len",
+    "10",
+    "--epochs",
+    "2",
+    "--dropout",
+    "0",
+    "--lr",
+    "0.01",
+    "--clip-norm",
+    "0.05",
+    "--sample-chars",
+    "0",
+    "--quiet",
+]
 # clip_norm 0.05 clips every step, so a per-replica clip (stock Keras under a strategy) would show.
 
 
 def _cli(*args, env=None, timeout=600):
-    return subprocess.run([sys.executable, "-m", "keras_charrnn.cli", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "keras_charrnn.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def _checkpoint(run):
@@ -51,8 +75,9 @@ def _assert_same_run(got, want, state_atol=1e-3, resumed_epoch=None):
             assert h[key] == pytest.approx(r[key], rel=1e-5), (key, progress["history"], ref_progress["history"])
     assert arrays.keys() == ref_arrays.keys()
     for key, value in arrays.items():
-        np.testing.assert_allclose(value, ref_arrays[key], atol=state_atol if key.startswith("state_") else 1e-4,
-                                   err_msg=key)
+        np.testing.assert_allclose(
+            value, ref_arrays[key], atol=state_atol if key.startswith("state_") else 1e-4, err_msg=key
+        )
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +91,21 @@ def corpus(tmp_path_factory):
 def test_mirrored_on_two_devices_matches_one_device_with_the_same_global_batch(corpus, tmp_path, cell):
     one, two = side_by_side(
         lambda: _cli("train", corpus, "--out", tmp_path / "one", "--cell", cell, "--checkpoint-every", "0", *TINY),
-        lambda: _cli("train", corpus, "--out", tmp_path / "two", "--cell", cell, "--checkpoint-every", "0", *TINY,
-                     "--distribute", "mirrored", env={"CHARRNN_LOGICAL_CPUS": "2"}))
+        lambda: _cli(
+            "train",
+            corpus,
+            "--out",
+            tmp_path / "two",
+            "--cell",
+            cell,
+            "--checkpoint-every",
+            "0",
+            *TINY,
+            "--distribute",
+            "mirrored",
+            env={"CHARRNN_LOGICAL_CPUS": "2"},
+        ),
+    )
     assert one.returncode == 0, one.stderr
     assert two.returncode == 0, two.stderr
     assert "distributed: 2 replicas, batch_size 8 = 2 x 4" in two.stdout
@@ -77,13 +115,47 @@ def test_mirrored_on_two_devices_matches_one_device_with_the_same_global_batch(c
 
 
 def test_distributed_training_errors_name_the_parameter(corpus, tmp_path):
-    calls = [lambda: _cli("train", corpus, "--out", tmp_path / "odd", *TINY, "--batch-size", "7", "--distribute",
-                          "mirrored", env={"CHARRNN_LOGICAL_CPUS": "2"}, timeout=300),
-             lambda: _cli("train", corpus, "--out", tmp_path / "mw", *TINY, "--distribute", "multi-worker",
-                          env={"TF_CONFIG": ""}, timeout=300)]
+    calls = [
+        lambda: _cli(
+            "train",
+            corpus,
+            "--out",
+            tmp_path / "odd",
+            *TINY,
+            "--batch-size",
+            "7",
+            "--distribute",
+            "mirrored",
+            env={"CHARRNN_LOGICAL_CPUS": "2"},
+            timeout=300,
+        ),
+        lambda: _cli(
+            "train",
+            corpus,
+            "--out",
+            tmp_path / "mw",
+            *TINY,
+            "--distribute",
+            "multi-worker",
+            env={"TF_CONFIG": ""},
+            timeout=300,
+        ),
+    ]
     if importlib.util.find_spec("jax") is not None:
-        calls.append(lambda: _cli("train", corpus, "--out", tmp_path / "jax", *TINY, "--distribute", "mirrored",
-                                  "--backend", "jax", timeout=300))
+        calls.append(
+            lambda: _cli(
+                "train",
+                corpus,
+                "--out",
+                tmp_path / "jax",
+                *TINY,
+                "--distribute",
+                "mirrored",
+                "--backend",
+                "jax",
+                timeout=300,
+            )
+        )
     odd, no_config, *jax = side_by_side(*calls)  # independent commands: they run side by side
     assert odd.returncode == 2 and "batch_size 7 must be a multiple of the 2 replicas" in odd.stderr, odd.stderr
     assert no_config.returncode == 2 and "needs TF_CONFIG" in no_config.stderr, no_config.stderr
@@ -98,9 +170,14 @@ def _start_workers(corpus, out, logs, *extra):
     for i in range(2):
         tf_config = json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}})
         log = open(logs / f"worker{i}_{int(time.time() * 1000)}.log", "w")
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "keras_charrnn.cli", "train", str(corpus), "--out", str(out), *extra],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TF_CONFIG": tf_config}))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "keras_charrnn.cli", "train", str(corpus), "--out", str(out), *extra],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "TF_CONFIG": tf_config},
+            )
+        )
     return procs
 
 

@@ -60,7 +60,7 @@ def _this_package(model, stdout: str) -> None:
     session = model.session("JULIET:", SamplingParams(top_k=5, seed=2))
     texts = model.generate("ROMEO:", 100, temperature=0.8, seed=1) + "\n" + session.generate(100) + "\n"
     assert stdout.startswith(texts)
-    printed = ast.literal_eval(stdout[len(texts):])
+    printed = ast.literal_eval(stdout[len(texts) :])
     expected = model.score("To be, or not to be, that is the question.")
     assert printed.keys() == expected.keys() and printed["chars"] == expected["chars"]
     assert printed["loss"] == pytest.approx(expected["loss"], rel=1e-5)
@@ -89,8 +89,9 @@ def test_savedmodel_doc_saved_model_cli_commands_run(bundled):
     if not cli.exists():
         pytest.skip("saved_model_cli is not installed beside this Python")
     script = _sections(DOC, "bash")["With saved_model_cli"].replace("saved_model_cli", str(cli))
-    result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], capture_output=True, text=True, cwd=ROOT,
-                            timeout=300)
+    result = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "inputs['prime'] tensor_info" in result.stdout  # 'show' lists the signature's inputs
     text = result.stdout.split("Result for output key text:\n", 1)[1].splitlines()[0]

@@ -19,22 +19,27 @@ from keras_charrnn.run_folder import RunFolder
 from keras_charrnn.sampling import SamplingParams
 from keras_charrnn.session import ModelInfo, Session
 
-TEXT = "the lazy dog sits (on a mat) while \"seven\" cats jump"
+TEXT = 'the lazy dog sits (on a mat) while "seven" cats jump'
 
 
 def _rows(n=1, num_chars=20, temperature=0.8, top_k=0, top_p=1.0, seed=1, position=0):
-    return {"num_chars": tf.fill([n], num_chars), "temperature": tf.fill([n], float(temperature)),
-            "top_k": tf.fill([n], top_k), "top_p": tf.fill([n], float(top_p)),
-            "seed": tf.constant([seed] * n if np.isscalar(seed) else seed, tf.int64),
-            "position": tf.fill([n], tf.constant(position, tf.int64))}
+    return {
+        "num_chars": tf.fill([n], num_chars),
+        "temperature": tf.fill([n], float(temperature)),
+        "top_k": tf.fill([n], top_k),
+        "top_p": tf.fill([n], float(top_p)),
+        "seed": tf.constant([seed] * n if np.isscalar(seed) else seed, tf.int64),
+        "position": tf.fill([n], tf.constant(position, tf.int64)),
+    }
 
 
 @pytest.mark.parametrize("cell", CELLS)
 def test_step_equals_the_stateful_keras_model_char_by_char(trained_runs, model_base, cell):
     run = RunFolder(trained_runs[cell])
     vocab, c = run.vocab(), run.config()
-    stateful = build_model(vocab.size, cell=cell, units=c.units, layers=c.layers,
-                           embedding_dim=c.embedding_dim, batch_size=1, seq_len=1)
+    stateful = build_model(
+        vocab.size, cell=cell, units=c.units, layers=c.layers, embedding_dim=c.embedding_dim, batch_size=1, seq_len=1
+    )
     stateful.set_weights(run.load_model().get_weights())
     model = load(model_base / cell)
     step = model.signatures["step"]
@@ -82,8 +87,11 @@ def test_a_row_does_not_depend_on_the_rest_of_the_batch(model_base):
     zero3 = {k: tf.constant(v) for k, v in model.zero_state(3).items()}
     gen = model.signatures["generate_text"]
     alone = gen(prime=tf.constant(["the "]), **zero1, **_rows(1, num_chars=60, seed=11, temperature=1.0))
-    mixed = gen(prime=tf.constant(["a much longer prime here", "the ", "x"]), **zero3,
-                **_rows(3, num_chars=60, seed=[5, 11, 9], temperature=1.0))
+    mixed = gen(
+        prime=tf.constant(["a much longer prime here", "the ", "x"]),
+        **zero3,
+        **_rows(3, num_chars=60, seed=[5, 11, 9], temperature=1.0),
+    )
     assert mixed["text"].numpy()[1] == alone["text"].numpy()[0]
     for name in model.info.state_names:
         np.testing.assert_allclose(mixed[name].numpy()[1], alone[name].numpy()[0], atol=1e-5)
@@ -145,8 +153,19 @@ def test_export_is_tf_serving_shaped(model_base):
     sigs = graph.signature_def
     assert {"step", "generate", "generate_text", "serving_default", "metadata"} <= set(sigs)
     gen = sigs["generate"]
-    assert set(gen.inputs) == {"ids", "h_0", "c_0", "h_1", "c_1", "num_chars", "temperature", "top_k", "top_p",
-                               "seed", "position"}
+    assert set(gen.inputs) == {
+        "ids",
+        "h_0",
+        "c_0",
+        "h_1",
+        "c_1",
+        "num_chars",
+        "temperature",
+        "top_k",
+        "top_p",
+        "seed",
+        "position",
+    }
     assert set(gen.outputs) == {"ids", "h_0", "c_0", "h_1", "c_1"}
     for info in list(gen.inputs.values()) + list(gen.outputs.values()):
         assert info.tensor_shape.dim[0].size == -1  # batch first, any batch size
@@ -160,7 +179,8 @@ def test_export_versions_count_up_and_never_overwrite(tmp_path, trained_runs):
     assert export_run(trained_runs["gru"], "m", tmp_path) == tmp_path / "m" / "1"  # in this process: no start-up
     second, again = side_by_side(  # version 1 exists now: the next export counts up, asking for 1 again is refused
         lambda: run_cli("export", trained_runs["gru"], "--name", "m", "--base-path", tmp_path),
-        lambda: run_cli("export", trained_runs["gru"], "--name", "m", "--base-path", tmp_path, "--version", "1"))
+        lambda: run_cli("export", trained_runs["gru"], "--name", "m", "--base-path", tmp_path, "--version", "1"),
+    )
     assert second.returncode == 0, second.stderr
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["1", "2"]
     assert again.returncode == 2 and "already exists" in again.stderr
@@ -169,7 +189,7 @@ def test_export_versions_count_up_and_never_overwrite(tmp_path, trained_runs):
 def test_a_fresh_process_with_tensorflow_alone_gets_the_same_outputs(model_base):
     script = f"""
 import tensorflow as tf
-m = tf.saved_model.load({str(model_base / 'lstm' / '1')!r})
+m = tf.saved_model.load({str(model_base / "lstm" / "1")!r})
 f = m.signatures["generate_text"]
 zero = {{k: tf.zeros([1, 24]) for k in ("h_0", "c_0", "h_1", "c_1")}}
 out = f(prime=tf.constant(["the "]), **zero, num_chars=tf.constant([50]), temperature=tf.constant([0.8]),
@@ -177,8 +197,9 @@ out = f(prime=tf.constant(["the "]), **zero, num_chars=tf.constant([50]), temper
         position=tf.constant([0], tf.int64))
 print(out["text"].numpy()[0].decode())
 """
-    with in_background(lambda: subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                                              timeout=120)) as result:
+    with in_background(
+        lambda: subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    ) as result:
         model = load(model_base / "lstm")
         zero = {k: tf.constant(v) for k, v in model.zero_state().items()}
         expected = model.signatures["generate_text"](prime=tf.constant(["the "]), **zero, **_rows(num_chars=50, seed=4))
@@ -187,12 +208,15 @@ print(out["text"].numpy()[0].decode())
     assert result.stdout.rstrip("\n") == expected["text"].numpy()[0].decode()
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"temperature": -0.5}, "temperature"),
-    ({"top_k": 10_000}, "top_k"),
-    ({"top_p": 0.0}, "top_p"),
-    ({"top_p": 1.5}, "top_p"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"temperature": -0.5}, "temperature"),
+        ({"top_k": 10_000}, "top_k"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+    ],
+)
 def test_bad_sampling_arguments_get_clear_errors(model_base, kwargs, message):
     model = load(model_base / "lstm")
     with pytest.raises(CharRNNError, match=message):
@@ -235,8 +259,21 @@ def test_export_refuses_bad_names_and_versions_naming_the_parameter(trained_runs
 
 
 def test_interactive_cli_continues_as_an_in_process_session_fed_the_same_lines(model_base):
-    with in_background(lambda: run_cli("sample", "--model", model_base / "gru", "--interactive", "-n", "20", "--seed",
-                                       "1", "--temperature", "1.0", input="the lazy\n\nseven cats\n")) as result:
+    with in_background(
+        lambda: run_cli(
+            "sample",
+            "--model",
+            model_base / "gru",
+            "--interactive",
+            "-n",
+            "20",
+            "--seed",
+            "1",
+            "--temperature",
+            "1.0",
+            input="the lazy\n\nseven cats\n",
+        )
+    ) as result:
         session = load(model_base / "gru").session("the lazy\n", temperature=1.0, seed=1)
         turns = [session.generate(20), session.generate(20)]  # a line, then an empty line: it continues on its own
         session.feed("seven cats\n")
@@ -266,8 +303,17 @@ def _info():
 
 
 def _saved(**changes):
-    obj = {"model": "m", "version": 1, "position": 5, "pending": "a", "temperature": 0.8, "top_k": 0, "top_p": 1.0,
-           "seed": 1, "states": {"h_0": [0.0] * 3, "c_0": [0.0] * 3}}
+    obj = {
+        "model": "m",
+        "version": 1,
+        "position": 5,
+        "pending": "a",
+        "temperature": 0.8,
+        "top_k": 0,
+        "top_p": 1.0,
+        "seed": 1,
+        "states": {"h_0": [0.0] * 3, "c_0": [0.0] * 3},
+    }
     return json.dumps({**obj, **changes})
 
 
@@ -275,28 +321,44 @@ def test_session_from_json_round_trips_and_refuses_what_is_not_a_saved_session()
     session = Session.from_json(_saved(), None, _info())
     assert (session.position, session.pending, session.version, session.params) == (5, "a", 1, SamplingParams(seed=1))
     assert Session.from_json(session.to_json(), None, _info()).to_json() == session.to_json()
-    for data, message in [("{not json", "not a saved session"),
-                          (json.dumps({"pending": "a"}), "no 'temperature' field"),
-                          (_saved(states={"h_0": [0.0] * 3}), "do not match"),
-                          (_saved(states={"h_0": [0.0] * 2, "c_0": [0.0] * 2}), "width 3"),
-                          (_saved(top_p=2.0), "top_p"),
-                          (_saved(pending=""), "prime"),
-                          (_saved(position=-1), "position"),
-                          (_saved(states=[1, 2]), "not a saved session")]:
+    for data, message in [
+        ("{not json", "not a saved session"),
+        (json.dumps({"pending": "a"}), "no 'temperature' field"),
+        (_saved(states={"h_0": [0.0] * 3}), "do not match"),
+        (_saved(states={"h_0": [0.0] * 2, "c_0": [0.0] * 2}), "width 3"),
+        (_saved(top_p=2.0), "top_p"),
+        (_saved(pending=""), "prime"),
+        (_saved(position=-1), "position"),
+        (_saved(states=[1, 2]), "not a saved session"),
+    ]:
         with pytest.raises(InputError, match=message):
             Session.from_json(data, None, _info())
 
 
 def test_sample_and_eval_cli(model_base, corpus_file, tmp_path):
-    errors = [(("sample", "--model", tmp_path / "none"), "no such model"),
-              (("sample", "--model", model_base / "lstm", "--top-p", "2"), "top_p"),
-              (("sample", "--model", model_base / "lstm", "--prime", ""), "prime"),
-              (("eval", "--model", model_base / "lstm", tmp_path / "none.txt"), "no such file")]
+    errors = [
+        (("sample", "--model", tmp_path / "none"), "no such model"),
+        (("sample", "--model", model_base / "lstm", "--top-p", "2"), "top_p"),
+        (("sample", "--model", model_base / "lstm", "--prime", ""), "prime"),
+        (("eval", "--model", model_base / "lstm", tmp_path / "none.txt"), "no such file"),
+    ]
     out, ev, *results = side_by_side(  # independent commands: they run side by side
-        lambda: run_cli("sample", "--model", model_base / "lstm", "--prime", "the ", "-n", "120", "--seed", "5",
-                        "--temperature", "0.9"),
+        lambda: run_cli(
+            "sample",
+            "--model",
+            model_base / "lstm",
+            "--prime",
+            "the ",
+            "-n",
+            "120",
+            "--seed",
+            "5",
+            "--temperature",
+            "0.9",
+        ),
         lambda: run_cli("eval", "--model", model_base / "lstm", corpus_file),
-        *(lambda args=args: run_cli(*args) for args, _ in errors))
+        *(lambda args=args: run_cli(*args) for args, _ in errors),
+    )
     model = load(model_base / "lstm")
     assert out.returncode == 0, out.stderr
     assert out.stdout == "the " + model.generate("the ", 120, temperature=0.9, seed=5) + "\n"
@@ -349,13 +411,16 @@ def test_the_xla_twins_give_the_same_text_and_states_as_the_default_signatures(m
     for name in model.info.state_names:
         np.testing.assert_allclose(plain[name].numpy(), xla[name].numpy(), atol=1e-5)
     ids = tf.constant(model.vocab.encode("the ")[None, :].repeat(3, axis=0))
-    assert (model.signatures["generate"](ids=ids, **zero3, **rows)["ids"].numpy().tolist()
-            == model.signatures["generate_xla"](ids=ids, **zero3, **rows)["ids"].numpy().tolist())
+    assert (
+        model.signatures["generate"](ids=ids, **zero3, **rows)["ids"].numpy().tolist()
+        == model.signatures["generate_xla"](ids=ids, **zero3, **rows)["ids"].numpy().tolist()
+    )
 
 
 def test_export_without_xla_has_no_twins_and_the_same_text(trained_runs, model_base, tmp_path):
-    with in_background(lambda: run_cli("export", trained_runs["gru"], "--name", "m", "--base-path", tmp_path,
-                                       "--no-xla")) as result:
+    with in_background(
+        lambda: run_cli("export", trained_runs["gru"], "--name", "m", "--base-path", tmp_path, "--no-xla")
+    ) as result:
         expected = load(model_base / "gru").generate("the ", 80, seed=2)
     result = result.result()
     assert result.returncode == 0, result.stderr

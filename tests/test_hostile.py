@@ -16,8 +16,13 @@ import pytest
 import tensorflow as tf
 from google.protobuf import struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc,
-                                     predict_pb2, prediction_service_pb2_grpc)
+from tensorflow_serving.apis import (
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+)
 from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
 from conftest import tiny_config
@@ -54,11 +59,26 @@ def model(model_dir):
 @pytest.fixture(scope="module")
 def hostile(model_dir, tmp_path_factory):
     params = tmp_path_factory.mktemp("batching") / "batching.txt"
-    params.write_text(f"max_batch_size {{ value: 8 }}\nbatch_timeout_micros {{ value: {int(BATCH_TIMEOUT_S * 1e6)} }}\n"
-                      "num_batch_threads { value: 1 }\nmax_enqueued_batches { value: 8 }\n")
-    with ServerProcess(["--model_name", "m", "--model_base_path", model_dir.parent, "--enable_batching",
-                        "--batching_parameters_file", params, "--grpc_max_threads", "8",
-                        "--max_concurrent_requests", str(MAX_CONCURRENT)], debug=True) as server:
+    params.write_text(
+        f"max_batch_size {{ value: 8 }}\nbatch_timeout_micros {{ value: {int(BATCH_TIMEOUT_S * 1e6)} }}\n"
+        "num_batch_threads { value: 1 }\nmax_enqueued_batches { value: 8 }\n"
+    )
+    with ServerProcess(
+        [
+            "--model_name",
+            "m",
+            "--model_base_path",
+            model_dir.parent,
+            "--enable_batching",
+            "--batching_parameters_file",
+            params,
+            "--grpc_max_threads",
+            "8",
+            "--max_concurrent_requests",
+            str(MAX_CONCURRENT),
+        ],
+        debug=True,
+    ) as server:
         channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
         server.stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
         server.health = health_pb2_grpc.HealthStub(channel)
@@ -76,10 +96,16 @@ def _request(inputs: dict, signature: str = "generate_text") -> predict_pb2.Pred
 
 
 def _gen(model, prime="the ", n=40, seed=3, temperature=1.0) -> dict:
-    return {"prime": np.array([prime.encode()], dtype=object), **model.zero_state(1),
-            "num_chars": np.array([n], np.int32), "temperature": np.array([temperature], np.float32),
-            "top_k": np.zeros([1], np.int32), "top_p": np.ones([1], np.float32),
-            "seed": np.array([seed], np.int64), "position": np.zeros([1], np.int64)}
+    return {
+        "prime": np.array([prime.encode()], dtype=object),
+        **model.zero_state(1),
+        "num_chars": np.array([n], np.int32),
+        "temperature": np.array([temperature], np.float32),
+        "top_k": np.zeros([1], np.int32),
+        "top_p": np.ones([1], np.float32),
+        "seed": np.array([seed], np.int64),
+        "position": np.zeros([1], np.int64),
+    }
 
 
 def _text(response) -> bytes:
@@ -104,13 +130,15 @@ def _refused(server, request, timeout=10.0):
 
 
 def _batches(server) -> list[tuple[int, int]]:
-    return [(int(m.group(1)), int(m.group(2)))
-            for m in server.log_matches(r"ran a batch of (\d+) rows from (\d+) calls .* generate_text")]
+    return [
+        (int(m.group(1)), int(m.group(2)))
+        for m in server.log_matches(r"ran a batch of (\d+) rows from (\d+) calls .* generate_text")
+    ]
 
 
 def test_a_tiny_request_claiming_a_huge_tensor_is_refused_fast_and_costs_no_memory(hostile, model):
     step = {"ids": np.array([[1, 2]], np.int32), **model.zero_state(1)}
-    for claimed in ([1, 300_000_000], [2 ** 40, 2 ** 40], [1, 20_000]):
+    for claimed in ([1, 300_000_000], [2**40, 2**40], [1, 20_000]):
         request = _request(step, "step")
         ids = request.inputs["ids"]
         ids.ClearField("tensor_content")
@@ -172,18 +200,26 @@ def _read_log_so_far(server) -> None:
 
 
 def test_a_bad_call_batched_with_honest_ones_leaves_their_text_exactly_as_alone(hostile, model):
-    honest = [_request(_gen(model, prime=p, seed=s, n=n))
-              for s, (p, n) in enumerate([("the ", 40), ("a lazy", 12), ("(", 300)])]
-    bad_requests = [_request(_gen(model, temperature=-1.0)), _request({**_gen(model), "top_p": np.zeros([1], np.float32)})]
+    honest = [
+        _request(_gen(model, prime=p, seed=s, n=n))
+        for s, (p, n) in enumerate([("the ", 40), ("a lazy", 12), ("(", 300)])
+    ]
+    bad_requests = [
+        _request(_gen(model, temperature=-1.0)),
+        _request({**_gen(model), "top_p": np.zeros([1], np.float32)}),
+    ]
     alone, together, bad, batches = _alone_and_together(
-        hostile, honest, [lambda r=r: hostile.stub.Predict.future(r, timeout=30) for r in bad_requests])
+        hostile, honest, [lambda r=r: hostile.stub.Predict.future(r, timeout=30) for r in bad_requests]
+    )
     assert together == alone
     for future, fragment in zip(bad, ["temperature", "top_p"]):
         assert future.exception().code() == grpc.StatusCode.INVALID_ARGUMENT
         assert fragment in future.exception().details()
     assert max(calls for _, calls in batches) == 3, batches  # the honest calls shared a batch, the bad ones never ran
     # 300 characters ran as two segments, and equal one call of the model in this process.
-    local = model.signatures["generate_text"](**{k: tf.constant(v) for k, v in _gen(model, prime="(", seed=2, n=300).items()})
+    local = model.signatures["generate_text"](
+        **{k: tf.constant(v) for k, v in _gen(model, prime="(", seed=2, n=300).items()}
+    )
     assert alone[2] == local["text"].numpy()[0] and len(alone[2].decode()) == 300
 
 
@@ -199,7 +235,8 @@ def test_callers_that_give_up_in_the_queue_are_dropped_and_their_neighbours_get_
         return future
 
     alone, together, bad, batches = _alone_and_together(
-        hostile, honest, [lambda: hostile.stub.Predict.future(quitter, timeout=0.1), cancel_soon])
+        hostile, honest, [lambda: hostile.stub.Predict.future(quitter, timeout=0.1), cancel_soon]
+    )
     assert together == alone
     assert bad[0].exception().code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert bad[1].cancelled()
@@ -209,11 +246,16 @@ def test_callers_that_give_up_in_the_queue_are_dropped_and_their_neighbours_get_
 
 def test_calls_over_the_concurrency_cap_are_refused_at_once_while_health_and_metadata_answer(hostile, model):
     received = len(hostile.log_matches(r"Predict: model m version 1 signature generate_text"))
-    long_calls = [hostile.stub.Predict.future(_request(_gen(model, n=4000, seed=s)), timeout=120)
-                  for s in range(MAX_CONCURRENT)]
+    long_calls = [
+        hostile.stub.Predict.future(_request(_gen(model, n=4000, seed=s)), timeout=120) for s in range(MAX_CONCURRENT)
+    ]
     try:  # all of them are in flight: checked, and generating segment after segment for seconds
-        poll(lambda: len(hostile.log_matches(r"Predict: model m version 1 signature generate_text"))
-              == received + MAX_CONCURRENT)
+        poll(
+            lambda: (
+                len(hostile.log_matches(r"Predict: model m version 1 signature generate_text"))
+                == received + MAX_CONCURRENT
+            )
+        )
         code, details, seconds, _ = _refused(hostile, _request(_gen(model)))
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_concurrent_requests" in details, details
         assert seconds < 1.0
@@ -225,9 +267,12 @@ def test_calls_over_the_concurrency_cap_are_refused_at_once_while_health_and_met
         metadata = hostile.stub.GetModelMetadata(request, timeout=5)
         limits = struct_pb2.Struct()
         assert metadata.metadata["limits"].Unpack(limits)
-        assert dict(limits) == {**{k: float(v) for k, v in ServingLimits().advertised().items()},
-                                "max_message_bytes": 4194304.0, "max_concurrent_requests": float(MAX_CONCURRENT),
-                                "segment_chars": 256.0}
+        assert dict(limits) == {
+            **{k: float(v) for k, v in ServingLimits().advertised().items()},
+            "max_message_bytes": 4194304.0,
+            "max_concurrent_requests": float(MAX_CONCURRENT),
+            "segment_chars": 256.0,
+        }
         assert all(not f.done() for f in long_calls)
     finally:
         for future in long_calls:
@@ -245,9 +290,8 @@ def _try_predict(server, model) -> bool:
         return False
 
 
-
-
 # ----- lifecycle ------------------------------------------------------------------------------
+
 
 def _copy_slowly(source: Path, target: Path, pause: float = 0.4) -> None:
     """Copies a version folder file by file, as a plain cp into the base path does, with pauses."""
@@ -266,8 +310,9 @@ def _copy_slowly(source: Path, target: Path, pause: float = 0.4) -> None:
 def test_health_follows_versions_as_they_arrive_and_a_corrupt_version_never_replaces_a_good_one(model_dir, tmp_path):
     base = tmp_path / "m"
     base.mkdir()
-    with ServerProcess(["--model_name", "m", "--model_base_path", base,
-                        "--file_system_poll_wait_seconds", "0.2"], debug=True) as server:
+    with ServerProcess(
+        ["--model_name", "m", "--model_base_path", base, "--file_system_poll_wait_seconds", "0.2"], debug=True
+    ) as server:
         channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
         health = health_pb2_grpc.HealthStub(channel)
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
@@ -282,8 +327,13 @@ def test_health_follows_versions_as_they_arrive_and_a_corrupt_version_never_repl
         SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
         assert health_of("") == NOT_SERVING and health_of("m") == NOT_SERVING
         _copy_slowly(model_dir, base / "1")  # not atomic: an empty folder first, then file by file
-        poll(lambda: health_of("") == SERVING and health_of("m") == SERVING
-              and health_of("tensorflow.serving.PredictionService") == SERVING)
+        poll(
+            lambda: (
+                health_of("") == SERVING
+                and health_of("m") == SERVING
+                and health_of("tensorflow.serving.PredictionService") == SERVING
+            )
+        )
         assert served_version() == 1
 
         (tmp_path / "staging").mkdir()
@@ -291,8 +341,13 @@ def test_health_follows_versions_as_they_arrive_and_a_corrupt_version_never_repl
         (tmp_path / "staging").rename(base / "2")  # this one arrives whole
         request = get_model_status_pb2.GetModelStatusRequest()
         request.model_spec.name = "m"
-        statuses = poll(lambda: {s.version: s for s in status_stub.GetModelStatus(request).model_version_status}
-                         if server.log_matches(r"refused version 2") else None)
+        statuses = poll(
+            lambda: (
+                {s.version: s for s in status_stub.GetModelStatus(request).model_version_status}
+                if server.log_matches(r"refused version 2")
+                else None
+            )
+        )
         assert statuses[2].state == ModelVersionStatus.END and statuses[2].status.error_message
         assert str(tmp_path) not in statuses[2].status.error_message  # no server path reaches clients
         assert statuses[1].state == ModelVersionStatus.AVAILABLE
@@ -316,6 +371,7 @@ def test_health_follows_versions_as_they_arrive_and_a_corrupt_version_never_repl
 
 # ----- the batcher and the wire on their own (no server process) --------------------------------
 
+
 def test_a_busy_group_never_holds_another_group_past_its_timeout_plus_one_batch_run():
     run_seconds = 0.15
     runs: list[tuple[str, float]] = []  # (group, start), in the order the one batch thread ran them
@@ -325,8 +381,10 @@ def test_a_busy_group_never_holds_another_group_past_its_timeout_plus_one_batch_
         time.sleep(run_seconds)
         return {"y": inputs["x"]}
 
-    batcher = Batcher(slow_run, BatchingOptions(max_batch_size=2, batch_timeout_micros=20_000, num_batch_threads=1,
-                                                max_enqueued_batches=100))
+    batcher = Batcher(
+        slow_run,
+        BatchingOptions(max_batch_size=2, batch_timeout_micros=20_000, num_batch_threads=1, max_enqueued_batches=100),
+    )
     target = LoadedVersion("m", 1, None, None, {})
     busy = [batcher.submit(target, "busy", {"x": np.ones([2, 1])}) for _ in range(20)]  # always a full batch ready
     time.sleep(0.05)
@@ -351,8 +409,12 @@ def test_a_cancelled_call_is_left_out_of_its_batch_and_the_others_get_their_rows
     batcher = Batcher(run, BatchingOptions(max_batch_size=8, batch_timeout_micros=200_000, num_batch_threads=1))
     target = LoadedVersion("m", 1, None, None, {})
     gone = threading.Event()
-    calls = [batcher.submit(target, "s", {"x": np.full([1, 1], float(i))}, alive=None if i != 1 else
-                            (lambda: not gone.is_set())) for i in range(4)]
+    calls = [
+        batcher.submit(
+            target, "s", {"x": np.full([1, 1], float(i))}, alive=None if i != 1 else (lambda: not gone.is_set())
+        )
+        for i in range(4)
+    ]
     calls[2].cancel()
     gone.set()
     assert [calls[i].result(5)["y"][0, 0] for i in (0, 3)] == [0.0, 6.0]
@@ -364,7 +426,7 @@ def test_a_cancelled_call_is_left_out_of_its_batch_and_the_others_get_their_rows
 
 def test_the_wire_refuses_claimed_shapes_before_allocating():
     proto = wire.TensorProto(dtype=wire.DT_INT32, int_val=[7])
-    proto.tensor_shape.dim.add(size=2 ** 40)
+    proto.tensor_shape.dim.add(size=2**40)
     started = time.perf_counter()
     with pytest.raises(ValueError, match="claims"):
         wire.from_tensor_proto(proto, max_elements=1000)
@@ -380,10 +442,16 @@ def test_each_call_is_checked_on_its_own_as_the_graph_would_before_it_can_join_a
     from keras_charrnn.serving.limits import check_call
 
     limits = ServingLimits(max_prime_chars=5)
-    good = {"prime": np.array([b"ab"], dtype=object), "h_0": np.zeros([1, 4], np.float32),
-            "num_chars": np.array([3], np.int32), "temperature": np.array([0.5], np.float32),
-            "top_k": np.array([0], np.int32), "top_p": np.array([1.0], np.float32),
-            "seed": np.array([1], np.int64), "position": np.array([0], np.int64)}
+    good = {
+        "prime": np.array([b"ab"], dtype=object),
+        "h_0": np.zeros([1, 4], np.float32),
+        "num_chars": np.array([3], np.int32),
+        "temperature": np.array([0.5], np.float32),
+        "top_k": np.array([0], np.int32),
+        "top_p": np.array([1.0], np.float32),
+        "seed": np.array([1], np.int64),
+        "position": np.array([0], np.int64),
+    }
     check_call(good, 30, limits)
     cases = [
         ({"h_0": np.full([1, 4], np.nan, np.float32)}, "h_0 must be finite"),

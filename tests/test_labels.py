@@ -12,8 +12,13 @@ import grpc
 import numpy as np
 import pytest
 from google.protobuf import text_format
-from tensorflow_serving.apis import (get_model_status_pb2, model_management_pb2, model_service_pb2_grpc,
-                                     predict_pb2, prediction_service_pb2_grpc)
+from tensorflow_serving.apis import (
+    get_model_status_pb2,
+    model_management_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+)
 from tensorflow_serving.config import model_server_config_pb2
 
 from keras_charrnn.errors import ConfigError, InputError, ServingError
@@ -29,8 +34,10 @@ def config_text(base, models: dict[str, dict[str, int]], note: str = "") -> str:
     entries = ""
     for name, labels in models.items():
         label_lines = "".join(f'    version_labels {{ key: "{k}" value: {v} }}\n' for k, v in labels.items())
-        entries += (f'  config {{\n    name: "{name}"\n    base_path: "{base / name}"\n    model_platform: "tensorflow"\n'
-                    f"    model_version_policy {{ all {{}} }}\n{label_lines}  }}\n")
+        entries += (
+            f'  config {{\n    name: "{name}"\n    base_path: "{base / name}"\n    model_platform: "tensorflow"\n'
+            f"    model_version_policy {{ all {{}} }}\n{label_lines}  }}\n"
+        )
     return f"# {note}\nmodel_config_list {{\n{entries}}}\n"
 
 
@@ -75,8 +82,6 @@ class Deployment:
         return self.predict_stub.Predict(request, timeout=60).model_spec.version.value
 
 
-
-
 @pytest.fixture(scope="module")
 def deployment(model_base, tmp_path_factory):
     base = tmp_path_factory.mktemp("labelled")
@@ -85,9 +90,19 @@ def deployment(model_base, tmp_path_factory):
     shutil.copytree(model_base / "rnn" / "1", base / "extra" / "1")  # on disk, not in the config at start
     config = base / "models.config"
     config.write_text(config_text(base, {"chars": {"stable": 1, "canary": 2}}))
-    rest_port, = free_ports(1)
-    with ServerProcess(["--model_config_file", config, "--model_config_file_poll_wait_seconds", POLL,
-                        "--rest_api_port", rest_port, "--log_level", "debug"]) as server:
+    (rest_port,) = free_ports(1)
+    with ServerProcess(
+        [
+            "--model_config_file",
+            config,
+            "--model_config_file_poll_wait_seconds",
+            POLL,
+            "--rest_api_port",
+            rest_port,
+            "--log_level",
+            "debug",
+        ]
+    ) as server:
         deployment = Deployment(base, config, server, rest_port)
         deployment.current = {"chars": {"stable": 1, "canary": 2}}
         yield deployment
@@ -145,14 +160,20 @@ def test_models_added_and_removed_by_the_config_file(deployment):
     rows, chars = 16, 4000
     with SamplingClient(f"127.0.0.1:{deployment.server.port}", timeout=300) as client:
         info = client.model_info("extra", 1)
-        inputs = {"prime": np.array([b"A"] * rows, dtype=object), "num_chars": np.full([rows], chars, np.int32),
-                  **{name: np.zeros([rows, info.state_size], np.float32) for name in info.state_names},
-                  "temperature": np.full([rows], 0.8, np.float32), "top_k": np.zeros([rows], np.int32),
-                  "top_p": np.ones([rows], np.float32), "seed": np.arange(rows, dtype=np.int64),
-                  "position": np.zeros([rows], np.int64)}
+        inputs = {
+            "prime": np.array([b"A"] * rows, dtype=object),
+            "num_chars": np.full([rows], chars, np.int32),
+            **{name: np.zeros([rows, info.state_size], np.float32) for name in info.state_names},
+            "temperature": np.full([rows], 0.8, np.float32),
+            "top_k": np.zeros([rows], np.int32),
+            "top_p": np.ones([rows], np.float32),
+            "seed": np.arange(rows, dtype=np.int64),
+            "position": np.zeros([rows], np.int64),
+        }
         result: dict = {}
-        call = threading.Thread(target=lambda: result.update(
-            answer=client.predict("extra", "generate_text", inputs, version=1)))
+        call = threading.Thread(
+            target=lambda: result.update(answer=client.predict("extra", "generate_text", inputs, version=1))
+        )
         pattern = r"Predict: model extra version 1 signature generate_text"
         received = len(deployment.server.log_matches(pattern))
         call.start()
@@ -170,8 +191,9 @@ def test_models_added_and_removed_by_the_config_file(deployment):
         deployment.version_of("extra")
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     with pytest.raises(grpc.RpcError) as caught:
-        deployment.model_stub.GetModelStatus(get_model_status_pb2.GetModelStatusRequest(
-            model_spec={"name": "extra"}), timeout=60)
+        deployment.model_stub.GetModelStatus(
+            get_model_status_pb2.GetModelStatusRequest(model_spec={"name": "extra"}), timeout=60
+        )
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
     assert deployment.server.log_matches(r"model extra: removed from the config")
 
@@ -210,7 +232,7 @@ def test_reload_config_request_applies_a_config_and_refuses_a_bad_label(deployme
 
 def test_broken_config_file_keeps_the_config_in_force(deployment):
     deployment.apply({"chars": {"stable": 1, "canary": 2}})
-    deployment.write("model_config_list { config { name: \"chars\" base_path: ")  # a half-written file
+    deployment.write('model_config_list { config { name: "chars" base_path: ')  # a half-written file
     deployment.server.wait_for_log(r"model config file .* not applied: not a valid ModelServerConfig", timeout=60)
     assert deployment.version_of("chars", label="canary") == 2
     deployment.write(config_text(deployment.base, {"chars": {"stable": 9}}, note="label on a missing version"))
@@ -233,8 +255,9 @@ def test_label_rules_for_versions_not_available(model_base, tmp_path):
     with pytest.raises(ConfigError, match="'next' points to version 2, which is not available"):
         strict.start()
 
-    lenient = ModelManager(config({"stable": 1, "next": 2}), poll_seconds=0,
-                           allow_version_labels_for_unavailable_models=True)
+    lenient = ModelManager(
+        config({"stable": 1, "next": 2}), poll_seconds=0, allow_version_labels_for_unavailable_models=True
+    )
     lenient.start()
     assert lenient.resolve("m", label="stable").version == 1
     with pytest.raises(ServingError) as caught:

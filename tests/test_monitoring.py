@@ -40,9 +40,18 @@ def monitored(model_base, tmp_path_factory):
     folder = tmp_path_factory.mktemp("monitoring")
     config = write_models_config(folder / "models.config", model_base, ["lstm"])
     (folder / "monitoring.config").write_text('prometheus_config {\n  enable: true\n  path: "/metrics"\n}\n')
-    port, = free_ports(1)
-    with ServerProcess(["--model_config_file", config, "--rest_api_port", port, "--enable_batching",
-                        "--monitoring_config_file", folder / "monitoring.config"]) as server:
+    (port,) = free_ports(1)
+    with ServerProcess(
+        [
+            "--model_config_file",
+            config,
+            "--rest_api_port",
+            port,
+            "--enable_batching",
+            "--monitoring_config_file",
+            folder / "monitoring.config",
+        ]
+    ) as server:
         url = f"http://127.0.0.1:{port}"
         model = load(model_base / "lstm")
         inputs = generate_inputs(model, "the ", 10, seed=3)
@@ -121,8 +130,11 @@ def test_histogram_buckets_are_cumulative_with_tf_serving_bounds():
         metrics.record_request("m", "predict", "REST", "OK", seconds)
     metrics.record_request("m", "predict", "REST", "NOT_FOUND", 0.1)
     page = metrics.exposition().decode()
-    buckets = re.findall(r':tensorflow:serving:request_latency_bucket\{model_name="m",API="predict",'
-                         r'entrypoint="REST",le="([^"]+)"\} (\d+)', page)
+    buckets = re.findall(
+        r':tensorflow:serving:request_latency_bucket\{model_name="m",API="predict",'
+        r'entrypoint="REST",le="([^"]+)"\} (\d+)',
+        page,
+    )
     bounds = [float(b) for b, _ in buckets]
     counts = [int(c) for _, c in buckets]
     assert bounds[:3] == [10.0, 18.0, 32.4] and bounds[-1] == np.inf and len(bounds) == 34

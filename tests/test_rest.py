@@ -29,13 +29,11 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shuti
 SAMPLING = {"temperature": 0.8, "top_k": 0, "top_p": 1.0}
 
 
-
-
 @pytest.fixture(scope="module")
 def rest(model_base, tmp_path_factory):
     """A server for the lstm and gru models with the REST API on; yields its base URL and gRPC port."""
     config = write_models_config(tmp_path_factory.mktemp("rest") / "models.config", model_base, ["lstm", "gru"])
-    port, = free_ports(1)
+    (port,) = free_ports(1)
     with ServerProcess(["--model_config_file", config, "--rest_api_port", port, "--max_chars_per_call", 500]) as server:
         yield f"http://127.0.0.1:{port}", server.port
 
@@ -46,10 +44,16 @@ def lstm(model_base):
 
 
 def generate_inputs(model, prime: str, n: int, seed: int, rows: int = 1) -> dict[str, np.ndarray]:
-    return {"prime": np.array([prime.encode()] * rows, dtype=object), **model.zero_state(rows),
-            "num_chars": np.full([rows], n, np.int32), "temperature": np.full([rows], 0.8, np.float32),
-            "top_k": np.zeros([rows], np.int32), "top_p": np.ones([rows], np.float32),
-            "seed": np.arange(seed, seed + rows, dtype=np.int64), "position": np.zeros([rows], np.int64)}
+    return {
+        "prime": np.array([prime.encode()] * rows, dtype=object),
+        **model.zero_state(rows),
+        "num_chars": np.full([rows], n, np.int32),
+        "temperature": np.full([rows], 0.8, np.float32),
+        "top_k": np.zeros([rows], np.int32),
+        "top_p": np.ones([rows], np.float32),
+        "seed": np.arange(seed, seed + rows, dtype=np.int64),
+        "position": np.zeros([rows], np.int64),
+    }
 
 
 def as_json(arrays: dict[str, np.ndarray]) -> dict:
@@ -64,8 +68,11 @@ def in_process(model, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def test_model_status_answers_tf_serving_json(rest):
     url, _ = rest
-    expected = {"model_version_status": [{"version": "1", "state": "AVAILABLE",
-                                          "status": {"error_code": "OK", "error_message": ""}}]}
+    expected = {
+        "model_version_status": [
+            {"version": "1", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}
+        ]
+    }
     assert http_call(f"{url}/v1/models/lstm") == (200, expected)
     assert http_call(f"{url}/v1/models/lstm/versions/1") == (200, expected)
     status, answer = http_call(f"{url}/v1/models/lstm/versions/7")
@@ -96,8 +103,9 @@ def test_predict_row_and_columnar_formats_equal_the_in_process_model(rest, lstm)
     columns = as_json(inputs)
 
     instances = [{k: v[i] for k, v in columns.items()} for i in range(2)]
-    status, answer = http_call(f"{url}/v1/models/lstm:predict",
-                               {"signature_name": "generate_text", "instances": instances})
+    status, answer = http_call(
+        f"{url}/v1/models/lstm:predict", {"signature_name": "generate_text", "instances": instances}
+    )
     assert status == 200, answer
     rows = answer["predictions"]
     assert [r["text"] for r in rows] == [t.decode() for t in expected["text"]]
@@ -105,8 +113,9 @@ def test_predict_row_and_columnar_formats_equal_the_in_process_model(rest, lstm)
         # the server may run the XLA-compiled twin: the same text, states equal to float32 rounding
         np.testing.assert_allclose(np.array([r[name] for r in rows], np.float32), expected[name], atol=1e-5)
 
-    status, answer = http_call(f"{url}/v1/models/lstm/versions/1:predict",
-                               {"signature_name": "generate_text", "inputs": columns})
+    status, answer = http_call(
+        f"{url}/v1/models/lstm/versions/1:predict", {"signature_name": "generate_text", "inputs": columns}
+    )
     assert status == 200, answer
     assert answer["outputs"]["text"] == [t.decode() for t in expected["text"]]
     for name in lstm.info.state_names:
@@ -140,10 +149,19 @@ def test_a_text_continued_over_rest_by_passing_the_states_back_equals_the_in_pro
     states = {name: [[0.0] * lstm.info.state_size] for name in lstm.info.state_names}
     pending, position, text = prime, 0, ""
     for _ in range(3):  # what the README's curl example does
-        body = {"signature_name": "generate_text",
-                "inputs": {"prime": [pending], **states, "num_chars": [n], "temperature": [SAMPLING["temperature"]],
-                           "top_k": [SAMPLING["top_k"]], "top_p": [SAMPLING["top_p"]], "seed": [seed],
-                           "position": [position]}}
+        body = {
+            "signature_name": "generate_text",
+            "inputs": {
+                "prime": [pending],
+                **states,
+                "num_chars": [n],
+                "temperature": [SAMPLING["temperature"]],
+                "top_k": [SAMPLING["top_k"]],
+                "top_p": [SAMPLING["top_p"]],
+                "seed": [seed],
+                "position": [position],
+            },
+        }
         status, answer = http_call(f"{url}/v1/models/lstm/versions/1:predict", body)
         assert status == 200, answer
         chunk = answer["outputs"]["text"][0]
@@ -159,10 +177,14 @@ def test_readme_curl_example_continues_the_text_as_the_in_process_session_does(r
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     section = readme.split("## REST API, playground and metrics\n", 1)[1].split("\n## ", 1)[0]
     script = next(b for b in re.findall(r"```bash\n(.*?)```", section, re.S) if "for call" in b)
-    script = (script.replace("localhost:8501", url.removeprefix("http://")).replace("shakespeare", "lstm")
-              .replace("range(512)", f"range({lstm.info.state_size})"))
-    result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], capture_output=True, text=True, cwd=tmp_path,
-                            timeout=300)
+    script = (
+        script.replace("localhost:8501", url.removeprefix("http://"))
+        .replace("shakespeare", "lstm")
+        .replace("range(512)", f"range({lstm.info.state_size})")
+    )
+    result = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     session = lstm.session("ROMEO:", seed=1, **SAMPLING)
     assert result.stdout == "".join(session.generate(100) for _ in range(3))
@@ -183,21 +205,28 @@ def test_rest_and_grpc_refuse_a_request_with_the_same_message(rest, lstm):
     assert http_call(f"{url}/v1/models/lstm:predict", body) == (400, {"error": caught.value.details()})
 
 
-@pytest.mark.parametrize("path, body, status, message", [
-    ("lstm:predict", b"{not json", 400, "JSON Parse error"),
-    ("lstm:predict", [1, 2], 400, "Is not object"),
-    ("lstm:predict", {"instances": [{"ids": [[1]]}], "inputs": {}}, 400, "exactly one of"),
-    ("lstm:predict", {"signature_name": "nope", "inputs": {}}, 400, 'signature name: "nope" not found'),
-    ("lstm:predict", {"signature_name": "step", "inputs": {"ids": [[1]]}}, 400, "missing named input"),
-    ("lstm:predict", {"signature_name": "step", "inputs": {"ids": [[1]], "idz": [1]}}, 400, "unexpected input"),
-    ("lstm:predict", {"signature_name": "step", "instances": [[1]]}, 400, "give a list of objects"),
-    ("lstm:predict", b'{"signature_name": "step", "inputs": {"ids": ' + b"[" * 40 + b"1" + b"]" * 40 + b"}}", 400,
-     "nested deeper"),
-    ("nosuchmodel:predict", {"inputs": {}}, 404, "nosuchmodel"),
-    ("lstm/versions/9:predict", {"inputs": {}}, 404, "lstm"),
-    ("lstm:classify", {"examples": []}, 501, "classify"),
-    ("lstm:explain", {"inputs": {}}, 400, "Malformed request"),
-])
+@pytest.mark.parametrize(
+    "path, body, status, message",
+    [
+        ("lstm:predict", b"{not json", 400, "JSON Parse error"),
+        ("lstm:predict", [1, 2], 400, "Is not object"),
+        ("lstm:predict", {"instances": [{"ids": [[1]]}], "inputs": {}}, 400, "exactly one of"),
+        ("lstm:predict", {"signature_name": "nope", "inputs": {}}, 400, 'signature name: "nope" not found'),
+        ("lstm:predict", {"signature_name": "step", "inputs": {"ids": [[1]]}}, 400, "missing named input"),
+        ("lstm:predict", {"signature_name": "step", "inputs": {"ids": [[1]], "idz": [1]}}, 400, "unexpected input"),
+        ("lstm:predict", {"signature_name": "step", "instances": [[1]]}, 400, "give a list of objects"),
+        (
+            "lstm:predict",
+            b'{"signature_name": "step", "inputs": {"ids": ' + b"[" * 40 + b"1" + b"]" * 40 + b"}}",
+            400,
+            "nested deeper",
+        ),
+        ("nosuchmodel:predict", {"inputs": {}}, 404, "nosuchmodel"),
+        ("lstm/versions/9:predict", {"inputs": {}}, 404, "lstm"),
+        ("lstm:classify", {"examples": []}, 501, "classify"),
+        ("lstm:explain", {"inputs": {}}, 400, "Malformed request"),
+    ],
+)
 def test_bad_requests_get_a_json_error_with_tf_serving_http_status(rest, path, body, status, message):
     url, _ = rest
     got_status, answer = http_call(f"{url}/v1/models/{path}", body, method="POST")
@@ -207,15 +236,22 @@ def test_bad_requests_get_a_json_error_with_tf_serving_http_status(rest, path, b
 def test_tensor_values_are_checked_against_the_signature(rest, lstm):
     url, _ = rest
     zero = {name: [[0.0] * lstm.info.state_size] for name in lstm.info.state_names}
-    cases = [({"ids": [[1.5]]}, "not of expected type int32"), ({"ids": [[True]]}, "not of expected type int32"),
-             ({"ids": [[2 ** 40]]}, "not of expected type int32"), ({"ids": [[1, 2], [3]]}, "not a dense tensor"),
-             ({"ids": [1, [2]]}, "not a dense tensor"), ({"ids": [[1]], "h_0": [[0.0]]}, "expects shape")]
+    cases = [
+        ({"ids": [[1.5]]}, "not of expected type int32"),
+        ({"ids": [[True]]}, "not of expected type int32"),
+        ({"ids": [[2**40]]}, "not of expected type int32"),
+        ({"ids": [[1, 2], [3]]}, "not a dense tensor"),
+        ({"ids": [1, [2]]}, "not a dense tensor"),
+        ({"ids": [[1]], "h_0": [[0.0]]}, "expects shape"),
+    ]
     for change, message in cases:
-        status, answer = http_call(f"{url}/v1/models/lstm:predict",
-                                   {"signature_name": "step", "inputs": {**zero, **change}})
+        status, answer = http_call(
+            f"{url}/v1/models/lstm:predict", {"signature_name": "step", "inputs": {**zero, **change}}
+        )
         assert status == 400 and message in answer["error"], (change, answer)
-    status, answer = http_call(f"{url}/v1/models/lstm:predict",
-                               {"signature_name": "step", "inputs": {**zero, "ids": [[1, 2]]}})
+    status, answer = http_call(
+        f"{url}/v1/models/lstm:predict", {"signature_name": "step", "inputs": {**zero, "ids": [[1, 2]]}}
+    )
     assert status == 200 and np.array(answer["outputs"]["logits"]).shape == (1, 2, lstm.vocab.size)
 
 
@@ -224,7 +260,7 @@ def test_oversized_deeply_nested_and_chunked_bodies_are_refused_before_reading(r
     host, port = url.removeprefix("http://").split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=30)
     connection.putrequest("POST", "/v1/models/lstm:predict")
-    connection.putheader("Content-Length", str(10 ** 9))  # and no body follows
+    connection.putheader("Content-Length", str(10**9))  # and no body follows
     connection.endheaders()
     response = connection.getresponse()
     assert response.status == 413 and "limit" in json.loads(response.read())["error"]
@@ -232,8 +268,11 @@ def test_oversized_deeply_nested_and_chunked_bodies_are_refused_before_reading(r
 
     # Sent in one piece: http.client sends a chunked body's last chunk after the server may have answered
     # 411 and closed the connection (a broken pipe in the client, not a wrong answer).
-    status, answer = raw_http(url, b"POST /v1/models/lstm:predict HTTP/1.1\r\nHost: x\r\n"
-                                   b"Transfer-Encoding: chunked\r\n\r\ne\r\n{\"inputs\": {}}\r\n0\r\n\r\n")
+    status, answer = raw_http(
+        url,
+        b"POST /v1/models/lstm:predict HTTP/1.1\r\nHost: x\r\n"
+        b'Transfer-Encoding: chunked\r\n\r\ne\r\n{"inputs": {}}\r\n0\r\n\r\n',
+    )
     assert status == 411 and "Content-Length" in answer["error"]
 
     deep = b'{"inputs": ' + b"[" * 100000 + b"]" * 100000 + b"}"
@@ -256,16 +295,18 @@ def raw_http(url: str, request: bytes) -> tuple[int, dict]:
 
 def test_a_content_length_of_unicode_digits_is_refused_with_400(rest):
     url, _ = rest
-    status, answer = raw_http(url, b"POST /v1/models/lstm:predict HTTP/1.1\r\nHost: x\r\n"
-                                   b"Content-Length: \xb2\r\nConnection: close\r\n\r\n{}")  # latin-1 "²"
+    status, answer = raw_http(
+        url, b"POST /v1/models/lstm:predict HTTP/1.1\r\nHost: x\r\nContent-Length: \xb2\r\nConnection: close\r\n\r\n{}"
+    )  # latin-1 "²"
     assert status == 400 and "Content-Length" in answer["error"], answer
 
 
 @pytest.mark.parametrize("version", [b"\xb2", b"\xb9", b"9" * 20])  # latin-1 "²" and "¹"; over int64
 def test_a_version_that_is_not_an_int64_of_ascii_digits_is_a_malformed_request(rest, version):
     url, _ = rest
-    status, answer = raw_http(url, b"GET /v1/models/lstm/versions/" + version + b" HTTP/1.1\r\nHost: x\r\n"
-                                   b"Connection: close\r\n\r\n")
+    status, answer = raw_http(
+        url, b"GET /v1/models/lstm/versions/" + version + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
     assert status == 400 and "Malformed request" in answer["error"], answer
 
 
@@ -275,9 +316,19 @@ def test_unknown_pages_answer_404_and_metrics_are_off_without_a_monitoring_confi
     assert http_call(f"{url}/monitoring/prometheus/metrics")[0] == 404
 
 
-@pytest.mark.parametrize("code, status", [("INVALID_ARGUMENT", 400), ("FAILED_PRECONDITION", 400), ("NOT_FOUND", 404),
-                                          ("RESOURCE_EXHAUSTED", 429), ("UNAVAILABLE", 503),
-                                          ("DEADLINE_EXCEEDED", 504), ("INTERNAL", 500), ("DATA_LOSS", 500)])
+@pytest.mark.parametrize(
+    "code, status",
+    [
+        ("INVALID_ARGUMENT", 400),
+        ("FAILED_PRECONDITION", 400),
+        ("NOT_FOUND", 404),
+        ("RESOURCE_EXHAUSTED", 429),
+        ("UNAVAILABLE", 503),
+        ("DEADLINE_EXCEEDED", 504),
+        ("INTERNAL", 500),
+        ("DATA_LOSS", 500),
+    ],
+)
 def test_each_error_code_maps_to_tf_serving_http_status(code, status):
     reply = error_reply(ServingError(code, "why"))
     assert reply.status == status and json.loads(reply.body) == {"error": "why"}
@@ -285,10 +336,23 @@ def test_each_error_code_maps_to_tf_serving_http_status(code, status):
 
 # ----- the playground ---------------------------------------------------------------------
 
+
 def _playground_dom(url: str, tmp_path, query: str) -> str:
-    result = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=60000",
-                             f"--user-data-dir={tmp_path / 'chrome'}", "--dump-dom", f"{url}/playground?{query}"],
-                            capture_output=True, text=True, timeout=180)
+    result = subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--virtual-time-budget=60000",
+            f"--user-data-dir={tmp_path / 'chrome'}",
+            "--dump-dom",
+            f"{url}/playground?{query}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout
 
@@ -334,8 +398,11 @@ def test_rest_predict_resolves_once_and_runs_on_arrays_without_tensor_protos(in_
     api, prediction = in_process_api
     inputs = generate_inputs(lstm, "the ", 20, seed=3)
     resolves, lookups = monitor_calls
-    reply = api.handle("POST", "/v1/models/lstm:predict",
-                       json.dumps({"signature_name": "generate_text", "inputs": as_json(inputs)}).encode())
+    reply = api.handle(
+        "POST",
+        "/v1/models/lstm:predict",
+        json.dumps({"signature_name": "generate_text", "inputs": as_json(inputs)}).encode(),
+    )
     assert reply.status == 200, reply.body
     assert (len(resolves), len(lookups)) == (1, 1)  # one resolve, one signature lookup per call
     assert json.loads(reply.body)["outputs"]["text"] == [in_process(lstm, inputs)["text"][0].decode()]
@@ -386,8 +453,11 @@ def test_rest_and_grpc_predicts_refuse_with_one_message_naming_the_setting_not_a
         request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
     with pytest.raises(ServingError) as grpc_refusal:
         prediction.predict(request)
-    reply = api.handle("POST", "/v1/models/lstm:predict",
-                       json.dumps({"signature_name": "generate_text", "inputs": as_json(inputs)}).encode())
+    reply = api.handle(
+        "POST",
+        "/v1/models/lstm:predict",
+        json.dumps({"signature_name": "generate_text", "inputs": as_json(inputs)}).encode(),
+    )
     assert reply.status == 400 and json.loads(reply.body)["error"] == grpc_refusal.value.message
     assert grpc_refusal.value.setting == "max_rows_per_call" and "max_rows_per_call=2" in grpc_refusal.value.message
     assert "charrnn" not in grpc_refusal.value.message and "--" not in grpc_refusal.value.message

@@ -17,8 +17,13 @@ from google.protobuf import text_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tensorflow.core.protobuf import error_codes_pb2
-from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc,
-                                     predict_pb2, prediction_service_pb2_grpc)
+from tensorflow_serving.apis import (
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+)
 from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 from tensorflow_serving.config import model_server_config_pb2
 
@@ -47,10 +52,16 @@ def _request(model, signature, inputs, version=None):
 
 
 def _gen_inputs(model, prime="the ", n=40, seed=3, temperature=0.8, rows=1):
-    inputs = {"prime": np.array([prime.encode()] * rows, dtype=object), **model.zero_state(rows),
-              "num_chars": np.full([rows], n, np.int32), "temperature": np.full([rows], temperature, np.float32),
-              "top_k": np.zeros([rows], np.int32), "top_p": np.ones([rows], np.float32),
-              "seed": np.full([rows], seed, np.int64), "position": np.zeros([rows], np.int64)}
+    inputs = {
+        "prime": np.array([prime.encode()] * rows, dtype=object),
+        **model.zero_state(rows),
+        "num_chars": np.full([rows], n, np.int32),
+        "temperature": np.full([rows], temperature, np.float32),
+        "top_k": np.zeros([rows], np.int32),
+        "top_p": np.ones([rows], np.float32),
+        "seed": np.full([rows], seed, np.int64),
+        "position": np.zeros([rows], np.int64),
+    }
     return inputs
 
 
@@ -65,8 +76,10 @@ def stub(server):
 def test_predict_on_each_signature_equals_in_process(stub, model_base, cell):
     model = load(model_base / cell)
     inputs = _gen_inputs(model)
-    expected = {k: v.numpy() for k, v in model.signatures["generate_text"](
-        **{k: tf.constant(v) for k, v in inputs.items()}).items()}
+    expected = {
+        k: v.numpy()
+        for k, v in model.signatures["generate_text"](**{k: tf.constant(v) for k, v in inputs.items()}).items()
+    }
     for signature in ("generate_text", "serving_default"):
         response = stub.Predict(_request(cell, signature, inputs))
         assert response.model_spec.version.value == 1 and response.model_spec.signature_name == signature
@@ -99,7 +112,8 @@ def test_model_metadata_and_status_answer_as_tf_serving_does(server, stub):
 
     channel = grpc.insecure_channel(f"127.0.0.1:{server}")
     status = model_service_pb2_grpc.ModelServiceStub(channel).GetModelStatus(
-        get_model_status_pb2.GetModelStatusRequest(model_spec={"name": "gru"}))
+        get_model_status_pb2.GetModelStatusRequest(model_spec={"name": "gru"})
+    )
     assert [(s.version, s.state) for s in status.model_version_status] == [(1, ModelVersionStatus.AVAILABLE)]
     health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
     assert health.status == health_pb2.HealthCheckResponse.SERVING
@@ -154,8 +168,14 @@ def test_every_bad_request_gets_its_status_code_and_the_server_keeps_serving(stu
     huge = _request("lstm", "generate_text", {**good, "prime": np.array([b"x" * (5 * 1024 * 1024)], dtype=object)})
     assert _code(lambda: stub.Predict(huge))[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
 
-    assert _code(lambda: stub.Predict(_request("lstm", "generate_text", {**good, "num_chars": np.array([4000], np.int32)}),
-                                      timeout=0.001))[0] == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert (
+        _code(
+            lambda: stub.Predict(
+                _request("lstm", "generate_text", {**good, "num_chars": np.array([4000], np.int32)}), timeout=0.001
+            )
+        )[0]
+        == grpc.StatusCode.DEADLINE_EXCEEDED
+    )
 
     response = stub.Predict(_request("lstm", "generate_text", good))  # still serving
     assert tf.make_ndarray(response.outputs["text"]).shape == (1,)
@@ -166,13 +186,12 @@ def _version_states(status_stub, name):
     return {s.version: s for s in response.model_version_status}
 
 
-
-
 def test_new_version_is_served_and_a_corrupt_one_is_refused(tmp_path, model_base):
     base = tmp_path / "m"
     shutil.copytree(model_base / "lstm" / "1", base / "1")
-    with ServerProcess(["--model_name", "m", "--model_base_path", base,
-                        "--file_system_poll_wait_seconds", "0.5"]) as server:
+    with ServerProcess(
+        ["--model_name", "m", "--model_base_path", base, "--file_system_poll_wait_seconds", "0.5"]
+    ) as server:
         channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
         status_stub = model_service_pb2_grpc.ModelServiceStub(channel)
@@ -182,8 +201,13 @@ def test_new_version_is_served_and_a_corrupt_one_is_refused(tmp_path, model_base
 
         (base / "3").mkdir()
         (base / "3" / "saved_model.pb").write_bytes(b"this is not a SavedModel")
-        statuses = poll(lambda: (found := _version_states(status_stub, "m")).get(3) and
-                         found[3].state == ModelVersionStatus.END and found)
+        statuses = poll(
+            lambda: (
+                (found := _version_states(status_stub, "m")).get(3)
+                and found[3].state == ModelVersionStatus.END
+                and found
+            )
+        )
         assert statuses[3].status.error_code == error_codes_pb2.INVALID_ARGUMENT and statuses[3].status.error_message
         assert statuses[1].state == ModelVersionStatus.AVAILABLE
         assert stub.Predict(_request("m", "generate_text", inputs)).model_spec.version.value == 1
@@ -196,14 +220,28 @@ def test_new_version_is_served_and_a_corrupt_one_is_refused(tmp_path, model_base
 
 def test_batched_concurrent_calls_form_multi_row_batches_and_equal_the_calls_alone(model_base, tmp_path):
     params = tmp_path / "batching.txt"
-    params.write_text("max_batch_size { value: 16 }\nbatch_timeout_micros { value: 100000 }\n"
-                      "num_batch_threads { value: 2 }\nmax_enqueued_batches { value: 4 }\n")
-    with ServerProcess(["--model_name", "lstm", "--model_base_path", model_base / "lstm",
-                        "--enable_batching", "--batching_parameters_file", params], debug=True) as server:
+    params.write_text(
+        "max_batch_size { value: 16 }\nbatch_timeout_micros { value: 100000 }\n"
+        "num_batch_threads { value: 2 }\nmax_enqueued_batches { value: 4 }\n"
+    )
+    with ServerProcess(
+        [
+            "--model_name",
+            "lstm",
+            "--model_base_path",
+            model_base / "lstm",
+            "--enable_batching",
+            "--batching_parameters_file",
+            params,
+        ],
+        debug=True,
+    ) as server:
         stub = prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
         model = load(model_base / "lstm")
-        requests = [_request("lstm", "generate_text", _gen_inputs(model, prime=p, seed=s, n=48, temperature=1.0))
-                    for s, p in enumerate(["the ", "a", "lazy dog ", "(", "\"q", "cats sit", "x", "seven "] * 2)]
+        requests = [
+            _request("lstm", "generate_text", _gen_inputs(model, prime=p, seed=s, n=48, temperature=1.0))
+            for s, p in enumerate(["the ", "a", "lazy dog ", "(", '"q', "cats sit", "x", "seven "] * 2)
+        ]
         alone = [tf.make_ndarray(stub.Predict(r).outputs["text"])[0] for r in requests]
         batch = r"ran a batch of (\d+) rows from (\d+) calls .* generate_text"
         assert [m.group(1, 2) for m in server.log_matches(batch)] == [("1", "1")] * 16  # one at a time: no batching
@@ -234,30 +272,73 @@ def _make_certs(tmp_path):
     def run(*args):
         subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=tmp_path)
 
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-        "-subj", "/CN=test-ca")
+    run(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test-ca",
+    )
     for name in ("server", "client", "rogue"):
-        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-            "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1")
+        run(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        )
         signer = ["-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial"] if name != "rogue" else ["-key", "rogue.key"]
-        run("x509", "-req", "-in", f"{name}.csr", "-out", f"{name}.pem", "-days", "2", "-copy_extensions", "copy",
-            *signer)
+        run(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-out",
+            f"{name}.pem",
+            "-days",
+            "2",
+            "-copy_extensions",
+            "copy",
+            *signer,
+        )
     return {p.name: p.read_bytes() for p in tmp_path.iterdir()}
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl to make test certificates")
 def test_mutual_tls_serves_known_clients_and_refuses_others(tmp_path, model_base):
     certs = _make_certs(tmp_path)
-    ssl = SSLConfig(server_key=certs["server.key"].decode(), server_cert=certs["server.pem"].decode(),
-                    custom_ca=certs["ca.pem"].decode(), client_verify=True)
+    ssl = SSLConfig(
+        server_key=certs["server.key"].decode(),
+        server_cert=certs["server.pem"].decode(),
+        custom_ca=certs["ca.pem"].decode(),
+        client_verify=True,
+    )
     (tmp_path / "ssl.config").write_text(text_format.MessageToString(ssl))
-    with ServerProcess(["--model_name", "gru", "--model_base_path", model_base / "gru",
-                        "--ssl_config_file", tmp_path / "ssl.config"]) as server:
+    with ServerProcess(
+        ["--model_name", "gru", "--model_base_path", model_base / "gru", "--ssl_config_file", tmp_path / "ssl.config"]
+    ) as server:
+
         def call(key, cert):
             creds = grpc.ssl_channel_credentials(certs["ca.pem"], key and certs[key], cert and certs[cert])
             channel = grpc.secure_channel(f"localhost:{server.port}", creds)
             return prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(
-                _request("gru", "metadata", {}), timeout=10)
+                _request("gru", "metadata", {}), timeout=10
+            )
 
         assert call("client.key", "client.pem").model_spec.name == "gru"
         for key, cert in ((None, None), ("rogue.key", "rogue.pem")):
@@ -269,8 +350,12 @@ def test_served_versions_follow_the_version_policy(tmp_path, model_base):
     base = tmp_path / "m"
     for v in (1, 2, 3):
         shutil.copytree(model_base / "rnn" / "1", base / str(v))
-    config = write_models_config(tmp_path / "models.config", tmp_path, ["m"],
-                                 policy="model_version_policy { specific { versions: 1 versions: 3 } }")
+    config = write_models_config(
+        tmp_path / "models.config",
+        tmp_path,
+        ["m"],
+        policy="model_version_policy { specific { versions: 1 versions: 3 } }",
+    )
     with ServerProcess(["--model_config_file", config]) as server:
         stub = prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
         assert stub.Predict(_request("m", "metadata", {}, version=1)).model_spec.version.value == 1
@@ -290,7 +375,9 @@ def test_every_config_file_in_serving_parses_with_tf_serving_messages():
     # The Kubernetes ConfigMap carries the same two files as block scalars.
     configmap = (root / "k8s" / "configmap.yaml").read_text()
     blocks = dict(re.findall(r"^  (\S+): \|\n((?:    .*\n|\n)+)", configmap, flags=re.M))
-    k8s_models = text_format.Parse(textwrap.dedent(blocks["models.config"]), model_server_config_pb2.ModelServerConfig())
+    k8s_models = text_format.Parse(
+        textwrap.dedent(blocks["models.config"]), model_server_config_pb2.ModelServerConfig()
+    )
     assert k8s_models == config
     k8s_batching = text_format.Parse(textwrap.dedent(blocks["batching_parameters.txt"]), BatchingParameters())
     assert k8s_batching == batching
@@ -303,8 +390,16 @@ def test_embedded_server_serves_from_the_repo_serving_files():
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    with ServerProcess(["--model_config_file", "serving/models.config", "--enable_batching",
-                        "--batching_parameters_file", "serving/batching_parameters.txt"], cwd=root) as server:
+    with ServerProcess(
+        [
+            "--model_config_file",
+            "serving/models.config",
+            "--enable_batching",
+            "--batching_parameters_file",
+            "serving/batching_parameters.txt",
+        ],
+        cwd=root,
+    ) as server:
         stub = prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
         assert stub.Predict(_request("shakespeare", "metadata", {})).model_spec.name == "shakespeare"
     assert server.proc.returncode == 0
@@ -319,8 +414,15 @@ def test_the_client_works_against_real_tensorflow_serving(model_base):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen(["tensorflow_model_server", f"--port={port}", "--model_name=lstm",
-                             f"--model_base_path={model_base / 'lstm'}", "--xla_cpu_compilation_enabled=true"])
+    proc = subprocess.Popen(
+        [
+            "tensorflow_model_server",
+            f"--port={port}",
+            "--model_name=lstm",
+            f"--model_base_path={model_base / 'lstm'}",
+            "--xla_cpu_compilation_enabled=true",
+        ]
+    )
     try:
         client = SamplingClient(f"127.0.0.1:{port}", timeout=60, retries=20, backoff=0.5)
         text = client.session("lstm", prime="the ", seed=3).generate(100)
@@ -338,8 +440,9 @@ def test_a_full_batching_queue_answers_unavailable():
         release.wait(10)
         return {"y": inputs["x"] * 2}
 
-    batcher = Batcher(slow_run, BatchingOptions(max_batch_size=2, batch_timeout_micros=0, num_batch_threads=1,
-                                                max_enqueued_batches=1))
+    batcher = Batcher(
+        slow_run, BatchingOptions(max_batch_size=2, batch_timeout_micros=0, num_batch_threads=1, max_enqueued_batches=1)
+    )
     target = LoadedVersion("m", 1, None, None, {})
     first = batcher.submit(target, "s", {"x": np.ones([2, 1])})
     assert running.wait(10)  # taken by the one batch thread
@@ -396,19 +499,23 @@ def test_a_partial_batch_is_held_no_longer_than_the_last_batch_took_and_a_lone_c
 
 # ----- fast unit tests: no server process ------------------------------------------------------
 
+
 def _policy(text: str = "") -> model_server_config_pb2.ModelConfig:
     return text_format.Parse(text, model_server_config_pb2.ModelConfig())
 
 
-@pytest.mark.parametrize("policy, on_disk, wanted", [
-    ("", [1, 3, 2], [3]),  # default: the latest one
-    ("model_version_policy { latest { num_versions: 2 } }", [1, 3, 2], [3, 2]),
-    ("model_version_policy { latest { num_versions: 5 } }", [2, 1], [2, 1]),
-    ("model_version_policy { all {} }", [1, 3, 2], [3, 2, 1]),
-    ("model_version_policy { specific { versions: 1 versions: 3 } }", [1, 2, 3, 4], [3, 1]),
-    ("model_version_policy { specific { versions: 7 } }", [1, 2], []),
-    ("", [], []),
-])
+@pytest.mark.parametrize(
+    "policy, on_disk, wanted",
+    [
+        ("", [1, 3, 2], [3]),  # default: the latest one
+        ("model_version_policy { latest { num_versions: 2 } }", [1, 3, 2], [3, 2]),
+        ("model_version_policy { latest { num_versions: 5 } }", [2, 1], [2, 1]),
+        ("model_version_policy { all {} }", [1, 3, 2], [3, 2, 1]),
+        ("model_version_policy { specific { versions: 1 versions: 3 } }", [1, 2, 3, 4], [3, 1]),
+        ("model_version_policy { specific { versions: 7 } }", [1, 2], []),
+        ("", [], []),
+    ],
+)
 def test_version_policy_picks_the_wanted_versions_newest_first(policy, on_disk, wanted):
     assert wanted_versions(_policy(policy), on_disk) == wanted
 
@@ -443,20 +550,32 @@ def test_server_configuration_problems_raise_config_error(tmp_path):
         (ServerOptions(model_config_file=str(tmp_path / "missing.config")), "no such file"),
         (ServerOptions(model_config_file=str(tmp_path), model_base_path=str(tmp_path / "m")), "not both"),
         (ServerOptions(model_config_file=str(tmp_path)), "cannot read"),
-        (ServerOptions(model_base_path=str(tmp_path / "m"), enable_batching=True,
-                       batching_parameters_file=str(tmp_path / "missing.txt")), "no such file"),
+        (
+            ServerOptions(
+                model_base_path=str(tmp_path / "m"),
+                enable_batching=True,
+                batching_parameters_file=str(tmp_path / "missing.txt"),
+            ),
+            "no such file",
+        ),
     ]
     (tmp_path / "empty.config").write_text("model_config_list {}\n")
     cases.append((ServerOptions(model_config_file=str(tmp_path / "empty.config")), "holds no model"))
-    (tmp_path / "other.config").write_text('model_config_list { config { name: "m" base_path: "/x" '
-                                           'model_platform: "pytorch" } }\n')
+    (tmp_path / "other.config").write_text(
+        'model_config_list { config { name: "m" base_path: "/x" model_platform: "pytorch" } }\n'
+    )
     cases.append((ServerOptions(model_config_file=str(tmp_path / "other.config")), "model_platform"))
     for options, fragment in cases:
         with pytest.raises(ConfigError, match=fragment):
             ModelServer(options)
     (tmp_path / "ssl.config").write_text('server_key: "k"\n')
-    server = ModelServer(ServerOptions(model_base_path=str(tmp_path / "none"), ssl_config_file=str(tmp_path / "ssl.config"),
-                                       file_system_poll_wait_seconds=0))
+    server = ModelServer(
+        ServerOptions(
+            model_base_path=str(tmp_path / "none"),
+            ssl_config_file=str(tmp_path / "ssl.config"),
+            file_system_poll_wait_seconds=0,
+        )
+    )
     with pytest.raises(ConfigError, match="server_cert"):
         server.start()
 
@@ -476,7 +595,7 @@ def test_a_zero_padded_version_folder_is_not_served_as_that_number(tmp_path):
     config.model_config_list.config[0].model_version_policy.all.SetInParent()
     manager = ModelManager(config, poll_seconds=0)
     manager.poll()
-    (version, status), = manager.statuses("m")  # 2 was tried; 007 was never read as version 7
+    ((version, status),) = manager.statuses("m")  # 2 was tried; 007 was never read as version 7
     assert version == 2 and status.state == ModelVersionStatus.END and status.error_code == "INVALID_ARGUMENT"
     with pytest.raises(ServingError) as raised:
         manager.resolve("m", 7)
@@ -484,13 +603,17 @@ def test_a_zero_padded_version_folder_is_not_served_as_that_number(tmp_path):
 
 
 def test_graph_error_message_keeps_the_models_own_sentence():
-    report = ("Graph execution error:\n\nDetected at node assert/Assert defined at (most recent call last):\n"
-              "  File ...\nassertion failed: [top_p must be in (0, 1]] [Condition x > 0 did not hold]\n"
-              "\t [[{{node assert/Assert}}]] [Op:__inference_generate_123]")
+    report = (
+        "Graph execution error:\n\nDetected at node assert/Assert defined at (most recent call last):\n"
+        "  File ...\nassertion failed: [top_p must be in (0, 1]] [Condition x > 0 did not hold]\n"
+        "\t [[{{node assert/Assert}}]] [Op:__inference_generate_123]"
+    )
     assert graph_error_message(report) == "top_p must be in (0, 1]"  # the message's own "]" is kept
     assert graph_error_message("assertion failed: [the batch is empty]") == "the batch is empty"
-    assert graph_error_message("Graph execution error:\n\nDetected at node x\nindices[0] = 99 is not in [0, 65)") \
+    assert (
+        graph_error_message("Graph execution error:\n\nDetected at node x\nindices[0] = 99 is not in [0, 65)")
         == "indices[0] = 99 is not in [0, 65)"
+    )
     assert graph_error_message("Graph execution error:\n") == "Graph execution error:"
     assert graph_error_message("") == "model error"
 
@@ -503,16 +626,23 @@ def test_serving_limits_are_the_options_of_their_names():
     for f in dataclasses.fields(ServingLimits):  # one default each: the option's is the limit's
         assert getattr(ServerOptions(), f.name) == f.default, f.name
     options = ServerOptions(max_prime_chars=7, max_rows_per_call=3, max_chars_per_call=9)
-    assert ServingLimits.from_options(options) == ServingLimits(max_prime_chars=7, max_rows_per_call=3,
-                                                                max_chars_per_call=9)
+    assert ServingLimits.from_options(options) == ServingLimits(
+        max_prime_chars=7, max_rows_per_call=3, max_chars_per_call=9
+    )
     with pytest.raises(ConfigError, match="^max_ids_length must be a positive integer, got 0"):
         ServingLimits.from_options(ServerOptions(max_ids_length=0))
 
 
 def test_the_server_hands_its_settings_to_the_manager_when_it_builds_it(tmp_path):
-    server = ModelServer(ServerOptions(model_name="m", model_base_path=str(tmp_path),
-                                       xla_cpu_compilation_enabled=False,
-                                       allow_version_labels_for_unavailable_models=True, max_prime_chars=11))
+    server = ModelServer(
+        ServerOptions(
+            model_name="m",
+            model_base_path=str(tmp_path),
+            xla_cpu_compilation_enabled=False,
+            allow_version_labels_for_unavailable_models=True,
+            max_prime_chars=11,
+        )
+    )
     manager = server.manager
     assert (manager.xla, manager.allow_version_labels_for_unavailable_models) == (False, True)
     assert manager.on_change == server._after_poll and manager.on_remove == server._models_removed
@@ -532,16 +662,37 @@ def test_serve_flags_come_from_server_options_with_their_defaults_and_help():
     for f in dataclasses.fields(ServerOptions):
         assert flags[f.name].option_strings == ["--" + f.name] and flags[f.name].default == f.default, f.name
         assert flags[f.name].help.startswith(f.metadata["help"]), f.name
-    args = serve.parse_args(["--model_name", "m", "--model_base_path", "b", "--rest_api_num_threads", "3",
-                             "--xla_cpu_compilation_enabled=false", "--enable_batching"])
+    args = serve.parse_args(
+        [
+            "--model_name",
+            "m",
+            "--model_base_path",
+            "b",
+            "--rest_api_num_threads",
+            "3",
+            "--xla_cpu_compilation_enabled=false",
+            "--enable_batching",
+        ]
+    )
     given = ServerOptions(**{k: v for k, v in vars(args).items() if k in ServerOptions.__dataclass_fields__})
-    assert given == ServerOptions(model_name="m", model_base_path="b", rest_api_num_threads=3,
-                                  xla_cpu_compilation_enabled=False, enable_batching=True)
+    assert given == ServerOptions(
+        model_name="m",
+        model_base_path="b",
+        rest_api_num_threads=3,
+        xla_cpu_compilation_enabled=False,
+        enable_batching=True,
+    )
     rest_defaults = {k: p.default for k, p in inspect.signature(RestServer).parameters.items()}
     assert (rest_defaults["host"], rest_defaults["max_body_bytes"], rest_defaults["num_threads"]) == (
-        ServerOptions.host, ServerOptions.max_message_bytes, ServerOptions.rest_api_num_threads)
-    tf_free = subprocess.run([sys.executable, "-c", "import sys, keras_charrnn.serving.options; "
-                              "sys.exit('tensorflow' in sys.modules)"], capture_output=True, text=True)
+        ServerOptions.host,
+        ServerOptions.max_message_bytes,
+        ServerOptions.rest_api_num_threads,
+    )
+    tf_free = subprocess.run(
+        [sys.executable, "-c", "import sys, keras_charrnn.serving.options; sys.exit('tensorflow' in sys.modules)"],
+        capture_output=True,
+        text=True,
+    )
     assert tf_free.returncode == 0, tf_free.stderr  # charrnn serve --help stays instant
 
 

@@ -24,9 +24,16 @@ def _serve_meta_graph(path: Path):
 def _inputs(specs: dict, seed: int) -> dict:
     """Two rows of valid inputs for a signature of the bundled model, by input name."""
     rng = np.random.default_rng(seed)
-    values = {"prime": [b"ROMEO:", b"To be, or"], "ids": [[5, 12, 30], [40, 2, 9]], "num_chars": [6, 3],
-              "temperature": [1.0, 0.7], "top_k": [0, 5], "top_p": [1.0, 0.9],
-              "seed": [seed, seed + 101], "position": [0, 4]}
+    values = {
+        "prime": [b"ROMEO:", b"To be, or"],
+        "ids": [[5, 12, 30], [40, 2, 9]],
+        "num_chars": [6, 3],
+        "temperature": [1.0, 0.7],
+        "top_k": [0, 5],
+        "top_p": [1.0, 0.9],
+        "seed": [seed, seed + 101],
+        "position": [0, 4],
+    }
     inputs = {}
     for name, spec in specs.items():
         if name in values:
@@ -78,8 +85,11 @@ class _WithTable(tf.Module):
     def __init__(self, vocab_file: str):
         super().__init__()
         self.table = tf.lookup.StaticHashTable(
-            tf.lookup.TextFileInitializer(vocab_file, tf.string, tf.lookup.TextFileIndex.WHOLE_LINE,
-                                          tf.int64, tf.lookup.TextFileIndex.LINE_NUMBER), -1)
+            tf.lookup.TextFileInitializer(
+                vocab_file, tf.string, tf.lookup.TextFileIndex.WHOLE_LINE, tf.int64, tf.lookup.TextFileIndex.LINE_NUMBER
+            ),
+            -1,
+        )
         self.scale = tf.Variable(10, dtype=tf.int64)
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="words")])
@@ -148,8 +158,9 @@ def _with_other_weights(src: Path, dst: Path) -> Path:
     values = [v * 0.5 if isinstance(v, np.ndarray) and v.dtype == np.float32 else v for v in values]
     for f in (dst / "variables").iterdir():
         f.unlink()
-    tf.raw_ops.SaveV2(prefix=prefix, tensor_names=keys, shape_and_slices=[""] * len(keys),
-                      tensors=[tf.constant(v) for v in values])
+    tf.raw_ops.SaveV2(
+        prefix=prefix, tensor_names=keys, shape_and_slices=[""] * len(keys), tensors=[tf.constant(v) for v in values]
+    )
     return dst
 
 
@@ -187,8 +198,11 @@ def test_loading_leaves_the_parsed_savedmodel_to_reference_counting_not_to_the_c
         model = load_signatures(BUNDLED, _serve_meta_graph(BUNDLED))
         assert isinstance(model, SignatureModel)
         gc.collect()
-        held = [o for o in gc.garbage if isinstance(o, dict) and o
-                and all(type(v).__name__ == "FunctionDef" for v in o.values())]
+        held = [
+            o
+            for o in gc.garbage
+            if isinstance(o, dict) and o and all(type(v).__name__ == "FunctionDef" for v in o.values())
+        ]
         assert not held, "the SavedModel's function library was left in a reference cycle"
     finally:
         gc.set_debug(0)
@@ -208,8 +222,10 @@ def test_functions_are_registered_callees_first_and_a_missing_callee_is_not_load
             f.node_def.add(name=f"n{i}", op=callee)
         return f
 
-    library = {f.signature.name: f for f in (fdef("a", "b", "c"), fdef("b", "c"), fdef("c"), fdef("d", "a"),
-                                             fdef("loop", "loop"))}
+    library = {
+        f.signature.name: f
+        for f in (fdef("a", "b", "c"), fdef("b", "c"), fdef("c"), fdef("d", "a"), fdef("loop", "loop"))
+    }
     assert signature_loader._callees_first(["a", "d", "loop"], library) == ["c", "b", "a", "d", "loop"]
     library["e"] = fdef("e")
     library["e"].node_def.add(name="x", op="StatefulPartitionedCall").attr["f"].func.name = "gone"

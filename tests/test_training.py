@@ -37,10 +37,11 @@ def test_state_after_fit_equals_stepping_the_streams_by_hand(cell):
     batches = TBPTTBatches(vocab.encode(text), batch_size=4, seq_len=12)
     k = 5
     model = build_model(vocab.size, cell=cell, units=16, batch_size=4, seq_len=12)
-    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.0),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    model.fit(_first(batches, k), shuffle=False, verbose=0,
-              callbacks=[ResetStates()])
+    model.compile(
+        optimizer=keras.optimizers.SGD(learning_rate=0.0),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    model.fit(_first(batches, k), shuffle=False, verbose=0, callbacks=[ResetStates()])
     fitted = get_states(model)
 
     # By hand: each row's whole stream (k windows) through the stateless exported math, from zeros.
@@ -119,8 +120,25 @@ def _progress(path):
 def test_resume_after_sigkill_ends_with_the_same_weights(tmp_path):
     corpus = tmp_path / "c.txt"
     corpus.write_text(make_corpus(6000, seed=3))
-    flags = ["--units", "16", "--embedding-dim", "8", "--batch-size", "8", "--seq-len", "16", "--epochs", "2",
-             "--checkpoint-every", "10", "--dropout", "0.1", "--lr", "3e-3", "--quiet"]
+    flags = [
+        "--units",
+        "16",
+        "--embedding-dim",
+        "8",
+        "--batch-size",
+        "8",
+        "--seq-len",
+        "16",
+        "--epochs",
+        "2",
+        "--checkpoint-every",
+        "10",
+        "--dropout",
+        "0.1",
+        "--lr",
+        "3e-3",
+        "--quiet",
+    ]
     cmd = [sys.executable, "-m", "keras_charrnn.cli", "train", str(corpus), "--out", str(tmp_path / "killed"), *flags]
     with in_background(lambda: run_cli("train", corpus, "--out", tmp_path / "full", *flags)) as full:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -181,19 +199,24 @@ def test_cli_bad_inputs_get_one_line_errors(tmp_path, corpus_file):
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"abc\x80def")
     (tmp_path / "a_file").write_text("")
-    cases = [(tmp_path / "missing.txt", "r1", (), ("missing.txt",)),
-             (bad, "r2", (), ("bad.txt", "byte offset 3")),
-             (corpus_file, "r3", ("--batch-size", "4096"), ("too short",)),
-             (corpus_file, "r4", ("--lr", "-1"), ("lr must be positive",)),
-             (corpus_file, "r5", ("--units", "many"), ("--units",)),
-             (corpus_file, "r6", ("--val-frac", "1.5"), ("val_frac must be in [0, 1)",)),
-             (corpus_file, "nothing", ("--resume",), ("nothing to resume",)),
-             (corpus_file, "r8", ("--cell", "transformer"), ("--cell",)),
-             (corpus_file, "a_file", ("--batch-size", "4", "--seq-len", "8"), ("a_file: cannot write the run folder",))]
+    cases = [
+        (tmp_path / "missing.txt", "r1", (), ("missing.txt",)),
+        (bad, "r2", (), ("bad.txt", "byte offset 3")),
+        (corpus_file, "r3", ("--batch-size", "4096"), ("too short",)),
+        (corpus_file, "r4", ("--lr", "-1"), ("lr must be positive",)),
+        (corpus_file, "r5", ("--units", "many"), ("--units",)),
+        (corpus_file, "r6", ("--val-frac", "1.5"), ("val_frac must be in [0, 1)",)),
+        (corpus_file, "nothing", ("--resume",), ("nothing to resume",)),
+        (corpus_file, "r8", ("--cell", "transformer"), ("--cell",)),
+        (corpus_file, "a_file", ("--batch-size", "4", "--seq-len", "8"), ("a_file: cannot write the run folder",)),
+    ]
     # Each case has its own --out folder, so the commands run side by side.
-    results = side_by_side(*(lambda corpus=corpus, out=out, flags=flags: run_cli("train", corpus, "--out",
-                                                                                 tmp_path / out, *flags)
-                             for corpus, out, flags, _ in cases))
+    results = side_by_side(
+        *(
+            lambda corpus=corpus, out=out, flags=flags: run_cli("train", corpus, "--out", tmp_path / out, *flags)
+            for corpus, out, flags, _ in cases
+        )
+    )
     for result, (*_, fragments) in zip(results, cases):
         _one_line_error(result, *fragments)
 
@@ -309,12 +332,17 @@ def test_samples_txt_grows_each_epoch_with_the_exported_models_text(tmp_path, co
     run = RunFolder(tmp_path / "run")
     sizes = []
     watch = keras.callbacks.LambdaCallback(
-        on_epoch_end=lambda epoch, logs: sizes.append(run.samples_path.stat().st_size))
+        on_epoch_end=lambda epoch, logs: sizes.append(run.samples_path.stat().st_size)
+    )
     train(corpus_file, run.path, tiny_config("gru", sample_chars=40, sample_every=100), callbacks=[watch], verbose=0)
     assert len(sizes) == 2 and 0 < sizes[0] < sizes[1]
     text = run.samples_path.read_text(encoding="utf-8")
-    for title in ("=== epoch 1, batch 100 ===", "=== epoch 1 end, val_loss", "=== epoch 2, batch 100 ===",
-                  "=== epoch 2 end, val_loss"):
+    for title in (
+        "=== epoch 1, batch 100 ===",
+        "=== epoch 1 end, val_loss",
+        "=== epoch 2, batch 100 ===",
+        "=== epoch 2 end, val_loss",
+    ):
         assert text.count(title) == 1, title
     # The last sample is what the exported model of the final weights generates with the same settings.
     final = text.split("=== epoch 2 end")[1]
@@ -338,14 +366,39 @@ def test_progress_line_and_keras_bar_do_not_print_the_same_facts_twice(tmp_path,
 
 def test_resume_applies_flags_that_may_change_and_refuses_the_rest(trained_runs, corpus_file, tmp_path):
     run = _copy_run(trained_runs, tmp_path)
-    refused = run_cli("train", corpus_file, "--out", run.path, "--resume", "--units", "32", "--cell", "gru",
-                      "--epochs", "3", "--seq-len", "16")
+    refused = run_cli(
+        "train",
+        corpus_file,
+        "--out",
+        run.path,
+        "--resume",
+        "--units",
+        "32",
+        "--cell",
+        "gru",
+        "--epochs",
+        "3",
+        "--seq-len",
+        "16",
+    )
     _one_line_error(refused, "cell (lstm -> gru)", "units (24 -> 32)", "may change epochs")
     assert "seq_len" not in refused.stderr  # given, but the same as the run's
     assert run.config() == tiny_config("lstm")
 
-    resumed = run_cli("train", corpus_file, "--out", run.path, "--resume", "--epochs", "3", "--batch-size", "8",
-                      "--sample-chars", "0", "--quiet")
+    resumed = run_cli(
+        "train",
+        corpus_file,
+        "--out",
+        run.path,
+        "--resume",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "8",
+        "--sample-chars",
+        "0",
+        "--quiet",
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert "2 of 3 epochs done; changed: epochs 2 -> 3; sample_chars 200 -> 0" in resumed.stdout
     assert run.config() == tiny_config("lstm", epochs=3, sample_chars=0)

@@ -22,15 +22,24 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shuti
 def handmade_model(tmp_path):
     """A 1-layer SimpleRNN whose unit 0 is +1 inside “quotes” and -1 after them, and unit 1 fires on 'a'."""
     vocab = Vocabulary.from_text(TEXT)
-    model = build_model(vocab.size, cell="rnn", units=2, layers=1, embedding_dim=3, batch_size=1, seq_len=None,
-                        stateful=False)
+    model = build_model(
+        vocab.size, cell="rnn", units=2, layers=1, embedding_dim=3, batch_size=1, seq_len=None, stateful=False
+    )
     emb = np.zeros((vocab.size, 3), np.float32)
     for ch, col in (("“", 0), ("”", 1), ("a", 2)):
         emb[vocab.encode(ch)[0], col] = 1.0
     kernel = np.array([[4.0, 0.0], [-4.0, 0.0], [0.0, 3.0]], np.float32)
     recurrent = np.array([[3.0, 0.0], [0.0, 0.0]], np.float32)
-    model.set_weights([emb, kernel, recurrent, np.zeros(2, np.float32),
-                       np.zeros((2, vocab.size), np.float32), np.zeros(vocab.size, np.float32)])
+    model.set_weights(
+        [
+            emb,
+            kernel,
+            recurrent,
+            np.zeros(2, np.float32),
+            np.zeros((2, vocab.size), np.float32),
+            np.zeros(vocab.size, np.float32),
+        ]
+    )
     path = save_savedmodel(model, vocab, tmp_path / "handmade" / "1")
     return load(path)
 
@@ -78,16 +87,31 @@ def test_exported_model_and_training_run_give_the_same_activations(trained_runs,
 
 
 def _dump_dom(page, tmp_path, fragment="", profile="chrome"):
-    result = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=3000",
-                             f"--user-data-dir={tmp_path / profile}", "--dump-dom", page.resolve().as_uri() + fragment],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--virtual-time-budget=3000",
+            f"--user-data-dir={tmp_path / profile}",
+            "--dump-dom",
+            page.resolve().as_uri() + fragment,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout
 
 
 def _span_colors(dom):
-    return re.findall(r'<span class="ch" data-i="(\d+)" data-value="([-\d.]+)" '
-                      r'style="background-color: ([^;"]+);?"', dom)
+    return re.findall(
+        r'<span class="ch" data-i="(\d+)" data-value="([-\d.]+)" '
+        r'style="background-color: ([^;"]+);?"',
+        dom,
+    )
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium package")
@@ -106,10 +130,22 @@ def test_page_in_chromium_colors_each_character_and_switches_units(tmp_path):
     dom, dom_unit1, _ = side_by_side(
         lambda: _dump_dom(page, tmp_path),
         lambda: _dump_dom(page, tmp_path, "#unit=0:1", profile="chrome_unit1"),  # the selector: the 'a' detector
-        lambda: subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
-                                f"--user-data-dir={tmp_path / 'chrome_shot'}", f"--screenshot={shot}",
-                                "--window-size=1200,900", page.resolve().as_uri() + "#unit=0:1"],
-                               capture_output=True, timeout=120, check=True))
+        lambda: subprocess.run(
+            [
+                CHROMIUM,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                f"--user-data-dir={tmp_path / 'chrome_shot'}",
+                f"--screenshot={shot}",
+                "--window-size=1200,900",
+                page.resolve().as_uri() + "#unit=0:1",
+            ],
+            capture_output=True,
+            timeout=120,
+            check=True,
+        ),
+    )
     spans = _span_colors(dom)
     assert len(spans) == len(TEXT)
     unit0 = expected_unit0(TEXT)
@@ -131,12 +167,23 @@ def test_visualize_bad_inputs_get_one_line_errors(tmp_path, model_base):
     bad.write_bytes(b"ab\xffcd")
     good = tmp_path / "good.txt"
     good.write_text("the lazy dog")
-    cases = [((empty,), "empty"), ((bad,), "byte offset 2"), ((good, "--layer", "5"), "layer 5 does not exist"),
-             ((good, "--units", "0,999"), "999"), ((good, "--units", "x"), "--units"),
-             ((good, "--out", good / "r.html"), "cannot write the page"),
-             ((good, "--model", tmp_path), "no SavedModel")]
-    results = side_by_side(*(lambda extra=extra: run_cli("visualize", "--model", model_base / "lstm", "--out",
-                                                         tmp_path / "r.html", *extra) for extra, _ in cases))
+    cases = [
+        ((empty,), "empty"),
+        ((bad,), "byte offset 2"),
+        ((good, "--layer", "5"), "layer 5 does not exist"),
+        ((good, "--units", "0,999"), "999"),
+        ((good, "--units", "x"), "--units"),
+        ((good, "--out", good / "r.html"), "cannot write the page"),
+        ((good, "--model", tmp_path), "no SavedModel"),
+    ]
+    results = side_by_side(
+        *(
+            lambda extra=extra: run_cli(
+                "visualize", "--model", model_base / "lstm", "--out", tmp_path / "r.html", *extra
+            )
+            for extra, _ in cases
+        )
+    )
     for result, (_, fragment) in zip(results, cases):
         assert result.returncode == 2, result.stderr
         lines = result.stderr.strip().splitlines()

@@ -39,15 +39,27 @@ def _batch(request):
 def test_export_writes_a_generate_text_record_per_batch_size_the_batching_parameters_allow(trained_runs, tmp_path):
     params = tmp_path / "batching.txt"
     params.write_text("max_batch_size { value: 6 }\nallowed_batch_sizes: 2\nallowed_batch_sizes: 6\n")
-    result = run_cli("export", trained_runs["lstm"], "--name", "m", "--base-path", tmp_path,
-                     "--batching-parameters-file", params)
+    result = run_cli(
+        "export", trained_runs["lstm"], "--name", "m", "--base-path", tmp_path, "--batching-parameters-file", params
+    )
     assert result.returncode == 0, result.stderr
     logs = _records(tmp_path / "m" / "1")
     assert [log.WhichOneof("log_type") for log in logs] == ["predict_log"] * 2
     requests = [log.predict_log.request for log in logs]
     assert [(r.model_spec.signature_name, _batch(r)) for r in requests] == [("generate_text", 2), ("generate_text", 6)]
-    assert set(requests[0].inputs) == {"prime", "h_0", "c_0", "h_1", "c_1", "num_chars", "temperature", "top_k",
-                                       "top_p", "seed", "position"}
+    assert set(requests[0].inputs) == {
+        "prime",
+        "h_0",
+        "c_0",
+        "h_1",
+        "c_1",
+        "num_chars",
+        "temperature",
+        "top_k",
+        "top_p",
+        "seed",
+        "position",
+    }
     assert tf.make_ndarray(requests[1].inputs["h_1"]).shape == (6, 24)
 
 
@@ -63,9 +75,9 @@ def test_warmup_batch_sizes_default_and_from_the_repos_batching_parameters(model
 
 def test_warmup_xla_adds_the_twins_records(trained_runs, tmp_path):
     path = export_run(trained_runs["rnn"], "m", tmp_path, warmup_batch_sizes=[1, 3], warmup_xla=True)
-    assert [(log.predict_log.request.model_spec.signature_name, _batch(log.predict_log.request))
-            for log in _records(path)] == [("generate_text", 1), ("generate_text", 3),
-                                           ("generate_text_xla", 1), ("generate_text_xla", 3)]
+    assert [
+        (log.predict_log.request.model_spec.signature_name, _batch(log.predict_log.request)) for log in _records(path)
+    ] == [("generate_text", 1), ("generate_text", 3), ("generate_text_xla", 1), ("generate_text_xla", 3)]
 
 
 def test_every_record_replays_through_a_real_servers_grpc_predict(model_base):
@@ -116,8 +128,11 @@ def test_a_version_whose_warmup_fails_is_not_loaded(model_base, tmp_path):
                 request.model_spec.name = name
                 status[name] = stub.GetModelStatus(request, timeout=10).model_version_status[0]
     assert status["ok"].state == get_model_status_pb2.ModelVersionStatus.AVAILABLE
-    for name, message in [("failing", "num_chars must be at least 1"), ("many", "exceeds the maximum (1000)"),
-                          ("xla_records", "XLA compilation disabled")]:
+    for name, message in [
+        ("failing", "num_chars must be at least 1"),
+        ("many", "exceeds the maximum (1000)"),
+        ("xla_records", "XLA compilation disabled"),
+    ]:
         assert status[name].state == get_model_status_pb2.ModelVersionStatus.END, name
         assert message in status[name].status.error_message, (name, status[name].status.error_message)
 

@@ -7,8 +7,13 @@ from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2
 
 from keras_charrnn.serving import wire
 
-ARRAYS = [np.array([[1.5, -2.0]], np.float32), np.array([3, -4], np.int32), np.array([2**40, -1], np.int64),
-          np.array([b"ROMEO:", "ünïcode 😀".encode()], dtype=object), np.array([True, False])]
+ARRAYS = [
+    np.array([[1.5, -2.0]], np.float32),
+    np.array([3, -4], np.int32),
+    np.array([2**40, -1], np.int64),
+    np.array([b"ROMEO:", "ünïcode 😀".encode()], dtype=object),
+    np.array([True, False]),
+]
 
 
 def test_the_light_dtype_numbers_are_tensorflows():

@@ -99,8 +99,11 @@ class TLS:
         Raises:
             ConfigError: a file cannot be read.
         """
-        return grpc.ssl_channel_credentials(_read_pem(self.ca_cert, "ca_cert"), _read_pem(self.client_key, "client_key"),
-                                            _read_pem(self.client_cert, "client_cert"))
+        return grpc.ssl_channel_credentials(
+            _read_pem(self.ca_cert, "ca_cert"),
+            _read_pem(self.client_key, "client_key"),
+            _read_pem(self.client_cert, "client_cert"),
+        )
 
 
 def _read_pem(path: str | None, parameter: str) -> bytes | None:
@@ -144,9 +147,17 @@ class SamplingClient:
     >>> client.session("shakespeare", prime="ROMEO:", seed=1).generate(100)     # doctest: +SKIP
     """
 
-    def __init__(self, targets: str | list[str], tls: TLS | None = None, timeout: float = 30.0,
-                 retries: int = 8, backoff: float = 0.05, down_time: float = 1.0,
-                 attempt_timeout: float | None = None, limits: dict[str, int] | None = None):
+    def __init__(
+        self,
+        targets: str | list[str],
+        tls: TLS | None = None,
+        timeout: float = 30.0,
+        retries: int = 8,
+        backoff: float = 0.05,
+        down_time: float = 1.0,
+        attempt_timeout: float | None = None,
+        limits: dict[str, int] | None = None,
+    ):
         self.targets = [targets] if isinstance(targets, str) else list(targets)
         if not self.targets:
             raise ConfigError("targets must hold at least one server address")
@@ -161,20 +172,35 @@ class SamplingClient:
             raise ConfigError(f"limits must be positive integers, got {limits}")
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
         self.down_time, self.attempt_timeout, self.limits = down_time, attempt_timeout, dict(limits or {})
-        options = [("grpc.max_receive_message_length", 64 * 1024 * 1024),
-                   # Reconnect soon after a replica comes back (gRPC's default backoff grows to 2 minutes).
-                   ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
-                   ("grpc.max_reconnect_backoff_ms", 2000)]
+        options = [
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            # Reconnect soon after a replica comes back (gRPC's default backoff grows to 2 minutes).
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.min_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", 2000),
+        ]
         if tls and tls.server_name:
             options.append(("grpc.ssl_target_name_override", tls.server_name))
-        self._channels = [grpc.secure_channel(t, tls.credentials(), options) if tls else grpc.insecure_channel(t, options)
-                          for t in self.targets]
-        self._predict = [c.unary_unary(wire.PREDICT, request_serializer=wire.PredictRequest.SerializeToString,
-                                       response_deserializer=wire.PredictResponse.FromString) for c in self._channels]
-        self._metadata = [c.unary_unary(wire.GET_MODEL_METADATA,
-                                        request_serializer=wire.GetModelMetadataRequest.SerializeToString,
-                                        response_deserializer=wire.GetModelMetadataResponse.FromString)
-                          for c in self._channels]
+        self._channels = [
+            grpc.secure_channel(t, tls.credentials(), options) if tls else grpc.insecure_channel(t, options)
+            for t in self.targets
+        ]
+        self._predict = [
+            c.unary_unary(
+                wire.PREDICT,
+                request_serializer=wire.PredictRequest.SerializeToString,
+                response_deserializer=wire.PredictResponse.FromString,
+            )
+            for c in self._channels
+        ]
+        self._metadata = [
+            c.unary_unary(
+                wire.GET_MODEL_METADATA,
+                request_serializer=wire.GetModelMetadataRequest.SerializeToString,
+                response_deserializer=wire.GetModelMetadataResponse.FromString,
+            )
+            for c in self._channels
+        ]
         self._lock = threading.Lock()
         self.failed_attempts: Counter[str] = Counter()  # status code name -> attempts that failed (retried or not)
         self._next = 0  # round robin
@@ -231,10 +257,13 @@ class SamplingClient:
                 raise last
             left = deadline - time.monotonic()
             if left <= 0:
-                raise ServerError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                  f"no answer within the call's timeout of {self.timeout:g} s ({attempts} attempt(s)"
-                                  + (f"; last: {last.code}: {last.details}" if last else "") + ")",
-                                  ", ".join(self.targets))
+                raise ServerError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"no answer within the call's timeout of {self.timeout:g} s ({attempts} attempt(s)"
+                    + (f"; last: {last.code}: {last.details}" if last else "")
+                    + ")",
+                    ", ".join(self.targets),
+                )
             try:
                 response = stubs[index](request, timeout=min(left, self.attempt_timeout or left))
             except grpc.RpcError as exc:
@@ -262,8 +291,9 @@ class SamplingClient:
 
     # ----- calls -----------------------------------------------------------------------------
 
-    def predict(self, model: str, signature: str, inputs: dict[str, np.ndarray], version: int | None = None
-                ) -> tuple[dict[str, np.ndarray], int]:
+    def predict(
+        self, model: str, signature: str, inputs: dict[str, np.ndarray], version: int | None = None
+    ) -> tuple[dict[str, np.ndarray], int]:
         """Calls Predict; returns the outputs as NumPy arrays and the version that answered.
 
         Args:
@@ -315,8 +345,9 @@ class SamplingClient:
             if known is not None and known[0] == version:
                 del self._latest[model]
 
-    def predict_preferring_xla(self, model: str, signature: str, inputs: dict[str, np.ndarray],
-                               version: int | None = None) -> tuple[dict[str, np.ndarray], int]:
+    def predict_preferring_xla(
+        self, model: str, signature: str, inputs: dict[str, np.ndarray], version: int | None = None
+    ) -> tuple[dict[str, np.ndarray], int]:
         """Calls ``signature``'s XLA twin (``generate_text_xla``) when the model has one, else ``signature``.
 
         A server without XLA JIT (a stock ``tensorflow_model_server``) answers the twin
@@ -341,8 +372,9 @@ class SamplingClient:
                 if not is_xla_unavailable(exc.details):
                     raise
                 self._without_xla.add(model)
-                log.warning("model %s: the server has no XLA JIT (%s); calling %s from now on",
-                            model, exc.details, signature)
+                log.warning(
+                    "model %s: the server has no XLA JIT (%s); calling %s from now on", model, exc.details, signature
+                )
         return self.predict(model, signature, inputs, version)
 
     def signature_defs(self, model: str, version: int | None = None) -> dict:
@@ -403,8 +435,11 @@ class SamplingClient:
         self._signature_names[model] = set(sigs)
         if "generate_text" not in sigs or "metadata" not in sigs:
             raise InputError(f"model {model!r} is not a keras-charrnn model (no generate_text/metadata signature)")
-        states = {k: v.tensor_shape.dim[1].size for k, v in sigs["generate_text"].inputs.items()
-                  if k != "prime" and k not in SAMPLING_ROWS}
+        states = {
+            k: v.tensor_shape.dim[1].size
+            for k, v in sigs["generate_text"].inputs.items()
+            if k != "prime" and k not in SAMPLING_ROWS
+        }
         outputs, _ = self.predict(model, "metadata", {}, version)
         config = json.loads(outputs["config"].reshape(-1)[0].decode("utf-8"))
         limits = {**advertised, **_limits_dict(config.get("limits"))}
@@ -419,8 +454,15 @@ class SamplingClient:
                 self._model_infos.popitem(last=False)
         return info
 
-    def session(self, model: str, prime: str = DEFAULT_PRIME, params: SamplingParams | None = None,
-                version: int | None = None, version_label: str | None = None, **fields) -> Session:
+    def session(
+        self,
+        model: str,
+        prime: str = DEFAULT_PRIME,
+        params: SamplingParams | None = None,
+        version: int | None = None,
+        version_label: str | None = None,
+        **fields,
+    ) -> Session:
         """A session on ``model``, pinned to the version its model info comes from.
 
         Args:
@@ -443,8 +485,9 @@ class SamplingClient:
         params = SamplingParams.of(params, **fields)
         if version_label is not None:
             version = self._label_version(model, version_label, version)
-        return Session(_GrpcRunner(self, model, follow_newest=version is None), self.model_info(model, version),
-                       prime, params)
+        return Session(
+            _GrpcRunner(self, model, follow_newest=version is None), self.model_info(model, version), prime, params
+        )
 
     def restore(self, saved: str) -> Session:
         """Continues a session saved with ``Session.to_json`` (possibly by another process).
@@ -467,13 +510,15 @@ class SamplingClient:
             raise InputError("not a saved session: no 'model' field naming the model")
         version = obj.get("version")
         if version is not None and not (_is_int(version) and version >= 1):
-            raise InputError(f"saved session field 'version': must be a version number (1 or more) or null, "
-                             f"got {version!r}")
+            raise InputError(
+                f"saved session field 'version': must be a version number (1 or more) or null, got {version!r}"
+            )
         model = obj["model"]
         if version is not None:
             self._fetch_metadata(model, version)  # still served somewhere? (the facts may be cached)
-        return Session.from_json(saved, _GrpcRunner(self, model, follow_newest=version is None),
-                                 self.model_info(model, version))
+        return Session.from_json(
+            saved, _GrpcRunner(self, model, follow_newest=version is None), self.model_info(model, version)
+        )
 
     def _label_version(self, model: str, label: str, version: int | None = None) -> int:
         """The version a label of ``model`` names now (GetModelMetadata with ``version_label``).
@@ -495,7 +540,7 @@ class SamplingClient:
         for channel in self._channels:
             channel.close()
 
-    def __enter__(self) -> "SamplingClient":
+    def __enter__(self) -> SamplingClient:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -519,8 +564,9 @@ class _GrpcRunner:
     def __init__(self, client: SamplingClient, model: str, follow_newest: bool = False):
         self.client, self.model, self.follow_newest = client, model, follow_newest
 
-    def run(self, signature: str, inputs: dict[str, np.ndarray],
-            version: int | None) -> tuple[dict[str, np.ndarray], int]:
+    def run(
+        self, signature: str, inputs: dict[str, np.ndarray], version: int | None
+    ) -> tuple[dict[str, np.ndarray], int]:
         """Runs ``signature`` on ``version`` (see the class docstring for a version gone before the first answer)."""
         try:
             answer = self.client.predict_preferring_xla(self.model, signature, inputs, version)
@@ -541,9 +587,13 @@ def _version_gone(error: ServerError, model: str, version: int | None) -> Server
     """NOT_FOUND (from every replica) for a pinned version becomes ``VersionGoneError``."""
     if version is None or error.status != grpc.StatusCode.NOT_FOUND:
         return error
-    return VersionGoneError(error.status, f"version {version} of model {model!r}, which this session is pinned to, "
-                            f"is no longer served by any replica (its state belongs to those weights; start a new "
-                            f"session): {error.details}", error.target)
+    return VersionGoneError(
+        error.status,
+        f"version {version} of model {model!r}, which this session is pinned to, "
+        f"is no longer served by any replica (its state belongs to those weights; start a new "
+        f"session): {error.details}",
+        error.target,
+    )
 
 
 def _limits_dict(value) -> dict[str, int]:
@@ -555,8 +605,11 @@ def _limits_dict(value) -> dict[str, int]:
             return {}
     if not isinstance(value, dict):
         return {}
-    return {k: int(v) for k, v in value.items()
-            if k in LIMIT_NAMES and isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 1}
+    return {
+        k: int(v)
+        for k, v in value.items()
+        if k in LIMIT_NAMES and isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 1
+    }
 
 
 def _advertised_limits(response) -> dict[str, int]:

@@ -21,7 +21,8 @@ from keras_charrnn.errors import ConfigError
 from keras_charrnn.serving.schema import make_messages
 
 _messages = make_messages(
-    "keras_charrnn/tf_serving_config.proto", "tensorflow.serving",
+    "keras_charrnn/tf_serving_config.proto",
+    "tensorflow.serving",
     {
         "BatchingParameters": [
             ("max_batch_size", 1, ".google.protobuf.Int64Value", False),

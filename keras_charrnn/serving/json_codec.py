@@ -23,7 +23,7 @@ __all__ = ["MAX_JSON_DEPTH", "json_to_array", "parse_json", "request_arrays", "r
 MAX_JSON_DEPTH = 32  # deeper JSON is refused before it is walked
 _NUMPY = {DT_FLOAT: np.float32, DT_INT32: np.int32, DT_INT64: np.int64, DT_BOOL: np.bool_, DT_STRING: object}
 _DTYPE_NAME = {DT_FLOAT: "float", DT_INT32: "int32", DT_STRING: "string", DT_INT64: "int64", DT_BOOL: "bool"}
-_INT_RANGE = {DT_INT32: (-2 ** 31, 2 ** 31 - 1), DT_INT64: (-2 ** 63, 2 ** 63 - 1)}
+_INT_RANGE = {DT_INT32: (-(2**31), 2**31 - 1), DT_INT64: (-(2**63), 2**63 - 1)}
 
 
 def _invalid(message: str) -> ServingError:
@@ -36,6 +36,7 @@ def _short(value) -> str:
 
 
 # ----- JSON -> NumPy, typed by the signature -------------------------------------------------
+
 
 def _is_b64(value) -> bool:
     return isinstance(value, dict) and len(value) == 1 and isinstance(value.get("b64"), str)
@@ -146,8 +147,10 @@ def request_arrays(body: dict, input_infos) -> tuple[dict[str, np.ndarray], str]
         value = body["inputs"]
         if not isinstance(value, dict) or _is_b64(value):
             if len(names) != 1:
-                raise _invalid(f"inputs is a plain value/list, but the signature takes {len(names)} named inputs "
-                               f"{names}: give an object")
+                raise _invalid(
+                    f"inputs is a plain value/list, but the signature takes {len(names)} named inputs "
+                    f"{names}: give an object"
+                )
             value = {names[0]: value}
         unknown = sorted(set(value) - set(names))
         if unknown:
@@ -161,11 +164,13 @@ def request_arrays(body: dict, input_infos) -> tuple[dict[str, np.ndarray], str]
     if not isinstance(rows, list) or not rows:
         raise _invalid("'instances' must be a non-empty list")
     if not names:
-        raise _invalid("the signature takes no inputs: use the columnar format, {\"inputs\": {}}")
+        raise _invalid('the signature takes no inputs: use the columnar format, {"inputs": {}}')
     as_objects = isinstance(rows[0], dict) and not _is_b64(rows[0])
     if not as_objects and len(names) > 1:
-        raise _invalid(f"instances is a plain list, but the signature takes {len(names)} named inputs {names}: "
-                       f"give a list of objects")
+        raise _invalid(
+            f"instances is a plain list, but the signature takes {len(names)} named inputs {names}: "
+            f"give a list of objects"
+        )
     columns: dict[str, list[np.ndarray]] = {n: [] for n in names}
     for i, row in enumerate(rows):
         if as_objects:
@@ -178,13 +183,16 @@ def request_arrays(body: dict, input_infos) -> tuple[dict[str, np.ndarray], str]
         for n in names:
             array = json_to_array(row[n] if as_objects else row, input_infos[n].dtype, n)
             if columns[n] and array.shape != columns[n][0].shape:
-                raise _invalid(f"input {n!r}: item {i} of 'instances' has shape {list(array.shape)}, "
-                               f"item 0 has {list(columns[n][0].shape)}")
+                raise _invalid(
+                    f"input {n!r}: item {i} of 'instances' has shape {list(array.shape)}, "
+                    f"item 0 has {list(columns[n][0].shape)}"
+                )
             columns[n].append(array)
     return {n: np.stack(columns[n]) for n in names}, "row"
 
 
 # ----- NumPy -> JSON ------------------------------------------------------------------------
+
 
 def _jsonable(array: np.ndarray, name: str):
     if array.dtype != object:

@@ -64,7 +64,7 @@ class ServingLimits:
                 raise ConfigError(f"{f.name} must be a positive integer, got {value!r}")
 
     @classmethod
-    def from_options(cls, options) -> "ServingLimits":
+    def from_options(cls, options) -> ServingLimits:
         """The limits a server's options set: each field is read from the option of its name.
 
         Args:
@@ -99,8 +99,11 @@ def refuse(limit: str, value: int, what: str) -> ServingError:
     >>> refuse("max_rows_per_call", 64, "input 'ids' has 65 rows").message
     "input 'ids' has 65 rows, over this server's limit max_rows_per_call=64; split the work into smaller calls"
     """
-    return ServingError("INVALID_ARGUMENT", f"{what}, over this server's limit {limit}={value}; split the work "
-                                            f"into smaller calls", setting=limit)
+    return ServingError(
+        "INVALID_ARGUMENT",
+        f"{what}, over this server's limit {limit}={value}; split the work into smaller calls",
+        setting=limit,
+    )
 
 
 def claimed_shape(key: str, proto) -> list[int]:
@@ -143,21 +146,29 @@ def check_shapes(shapes: dict[str, list[int]], prime_bytes: int, limits: Serving
     for key in sorted(shapes):
         shape = shapes[key]
         if len(shape) > MAX_RANK:
-            raise ServingError("INVALID_ARGUMENT", f"input {key!r}: {len(shape)} dimensions, more than any "
-                                                   f"signature takes ({MAX_RANK})")
+            raise ServingError(
+                "INVALID_ARGUMENT",
+                f"input {key!r}: {len(shape)} dimensions, more than any signature takes ({MAX_RANK})",
+            )
         count = math.prod(shape)
         total += count
         if total > limits.max_request_elements:
-            raise refuse("max_request_elements", limits.max_request_elements,
-                         f"the request's tensors claim {total if count < 1 << 62 else 'over 2**62'} elements "
-                         f"(input {key!r} has shape {shape})")
+            raise refuse(
+                "max_request_elements",
+                limits.max_request_elements,
+                f"the request's tensors claim {total if count < 1 << 62 else 'over 2**62'} elements "
+                f"(input {key!r} has shape {shape})",
+            )
         if shape and shape[0] > limits.max_rows_per_call:
             raise refuse("max_rows_per_call", limits.max_rows_per_call, f"input {key!r} has {shape[0]} rows")
         if key == "ids" and len(shape) == 2 and shape[1] > limits.max_ids_length:
             raise refuse("max_ids_length", limits.max_ids_length, f"ids has {shape[1]} ids per row")
     if prime_bytes > UTF8_MAX_BYTES * limits.max_prime_chars:
-        raise refuse("max_prime_chars", limits.max_prime_chars,
-                     f"prime holds {prime_bytes} bytes (more than {UTF8_MAX_BYTES} per character allowed)")
+        raise refuse(
+            "max_prime_chars",
+            limits.max_prime_chars,
+            f"prime holds {prime_bytes} bytes (more than {UTF8_MAX_BYTES} per character allowed)",
+        )
 
 
 def check_request_tensors(request_inputs, limits: ServingLimits) -> None:
@@ -183,12 +194,16 @@ def check_request_tensors(request_inputs, limits: ServingLimits) -> None:
             content_bytes = len(proto.tensor_content)  # read once: each read of a bytes field copies it
             if content_bytes:
                 if content_bytes != count * ITEM_BYTES[dtype]:
-                    raise ServingError("INVALID_ARGUMENT", f"input {key!r}: tensor_content holds "
-                                                           f"{content_bytes} bytes, but shape {shape} "
-                                                           f"needs {count * ITEM_BYTES[dtype]}")
+                    raise ServingError(
+                        "INVALID_ARGUMENT",
+                        f"input {key!r}: tensor_content holds "
+                        f"{content_bytes} bytes, but shape {shape} "
+                        f"needs {count * ITEM_BYTES[dtype]}",
+                    )
             elif _carried_values(proto) > max(count, 1):
-                raise ServingError("INVALID_ARGUMENT", f"input {key!r}: {_carried_values(proto)} values for "
-                                                       f"shape {shape}")
+                raise ServingError(
+                    "INVALID_ARGUMENT", f"input {key!r}: {_carried_values(proto)} values for shape {shape}"
+                )
         elif len(proto.string_val) > max(count, 1):
             raise ServingError("INVALID_ARGUMENT", f"input {key!r}: {len(proto.string_val)} values for shape {shape}")
 
@@ -204,8 +219,11 @@ def check_request_arrays(arrays: dict[str, np.ndarray], limits: ServingLimits) -
         ServingError: INVALID_ARGUMENT naming the input, or the limit.
     """
     prime = arrays["prime"].reshape(-1) if "prime" in arrays and arrays["prime"].dtype == object else ()
-    check_shapes({key: list(value.shape) for key, value in arrays.items()},
-                 max((len(v) for v in prime if isinstance(v, bytes)), default=0), limits)
+    check_shapes(
+        {key: list(value.shape) for key, value in arrays.items()},
+        max((len(v) for v in prime if isinstance(v, bytes)), default=0),
+        limits,
+    )
 
 
 def _rows(arrays: dict[str, np.ndarray]) -> int:
@@ -232,8 +250,9 @@ def check_call(arrays: dict[str, np.ndarray], vocab_size: int | None, limits: Se
     n = _rows(arrays)
     for key, value in arrays.items():
         if value.ndim == 0 or value.shape[0] != n:
-            raise ServingError("INVALID_ARGUMENT", f"{key} must have one row per row of the input ({n}), "
-                                                   f"got shape {list(value.shape)}")
+            raise ServingError(
+                "INVALID_ARGUMENT", f"{key} must have one row per row of the input ({n}), got shape {list(value.shape)}"
+            )
     if n == 0:
         raise ServingError("INVALID_ARGUMENT", "the batch is empty")
 

@@ -24,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import tensorflow as tf
 from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
@@ -82,7 +82,6 @@ def _fingerprint(path: Path) -> tuple:
     return tuple(sorted(items))
 
 
-
 def wanted_versions(policy: model_server_config_pb2.ModelConfig, on_disk: list[int]) -> list[int]:
     """The versions a model's version policy asks for, out of those on disk.
 
@@ -126,10 +125,15 @@ class ModelManager:
             without a name or base_path, a platform other than tensorflow, a bad version label).
     """
 
-    def __init__(self, config: model_server_config_pb2.ModelServerConfig, poll_seconds: float = 1.0,
-                 xla: bool = True, allow_version_labels_for_unavailable_models: bool = False,
-                 on_change: Callable[[], None] | None = None,
-                 on_remove: Callable[[list[str]], None] | None = None):
+    def __init__(
+        self,
+        config: model_server_config_pb2.ModelServerConfig,
+        poll_seconds: float = 1.0,
+        xla: bool = True,
+        allow_version_labels_for_unavailable_models: bool = False,
+        on_change: Callable[[], None] | None = None,
+        on_remove: Callable[[list[str]], None] | None = None,
+    ):
         problem = model_config_problem(config)
         if problem:
             raise ConfigError(problem)
@@ -188,8 +192,9 @@ class ModelManager:
             # Try the newest wanted versions first; a failed one falls back to an older one under `latest`.
             tried: set[int] = set()
             while True:
-                target = [v for v in self._targets(model, on_disk, retry=retry)
-                          if v not in model.loaded and v not in tried]
+                target = [
+                    v for v in self._targets(model, on_disk, retry=retry) if v not in model.loaded and v not in tried
+                ]
                 if not target:
                     break
                 tried.add(target[0])
@@ -224,8 +229,9 @@ class ModelManager:
                 ready.add(version)
         return ready
 
-    def _targets(self, model: ManagedModel, on_disk: list[int], only_loaded: bool = False,
-                 retry: set[int] = frozenset()) -> list[int]:
+    def _targets(
+        self, model: ManagedModel, on_disk: list[int], only_loaded: bool = False, retry: set[int] = frozenset()
+    ) -> list[int]:
         """Wanted versions, skipping ones that failed to load (and, under `latest`, reaching past them)."""
         usable = [v for v in on_disk if v in retry or not (model.status.get(v) and model.status[v].error)]
         if only_loaded:
@@ -250,12 +256,18 @@ class ModelManager:
             monitoring.record_load(path, False, time.perf_counter() - started)
             error = load_error_message(exc, path)  # clients see this: no server paths
             code = "NOT_FOUND" if isinstance(exc, (tf.errors.NotFoundError, FileNotFoundError)) else "INVALID_ARGUMENT"
-            backoff = min(max(self.poll_seconds, 0.1) * 2 ** failures, MAX_RETRY_BACKOFF_SECONDS)
-            model.status[version] = VersionStatus(State.END, error, code, fingerprint, failures + 1,
-                                                  time.monotonic() + backoff)
+            backoff = min(max(self.poll_seconds, 0.1) * 2**failures, MAX_RETRY_BACKOFF_SECONDS)
+            model.status[version] = VersionStatus(
+                State.END, error, code, fingerprint, failures + 1, time.monotonic() + backoff
+            )
             model.seen[version] = fingerprint
-            log.error("model %s: refused version %d (%s: %s); retried when its files change",
-                      name, version, type(exc).__name__, str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+            log.error(
+                "model %s: refused version %d (%s: %s); retried when its files change",
+                name,
+                version,
+                type(exc).__name__,
+                str(exc).strip().splitlines()[0] if str(exc).strip() else "",
+            )
             return
         monitoring.record_load(path, True, time.perf_counter() - started)
         with self._lock:
@@ -294,8 +306,11 @@ class ModelManager:
                     raise ServingError("NOT_FOUND", f"model {name}: no version is loaded")
                 return model.loaded[max(model.loaded)]
             if version not in model.loaded:
-                raise ServingError("NOT_FOUND", f"Servable not found for request: Specific({name}, {version})"
-                                   f"; loaded versions: {sorted(model.loaded) or 'none'}")
+                raise ServingError(
+                    "NOT_FOUND",
+                    f"Servable not found for request: Specific({name}, {version})"
+                    f"; loaded versions: {sorted(model.loaded) or 'none'}",
+                )
             return model.loaded[version]
 
     def statuses(self, name: str, version: int | None = None) -> list[tuple[int, VersionStatus]]:
@@ -321,7 +336,6 @@ class ModelManager:
             if not items:
                 raise ServingError("NOT_FOUND", f"Could not find version {version} of model {name}")
         return items
-
 
     # ----- version labels and live config (TF Serving's ReloadConfig) ---------------------------
 
@@ -374,9 +388,14 @@ class ModelManager:
                     "FAILED_PRECONDITION",
                     f"Request to assign label to version {version} of model {mc.name}, which is not currently "
                     f"available for inference (label {label!r}; available versions: {sorted(available) or 'none'}"
-                    + ("; moving an existing label needs its new version available even with "
-                       "allow_version_labels_for_unavailable_models" if moving and
-                       self.allow_version_labels_for_unavailable_models else "") + ")")
+                    + (
+                        "; moving an existing label needs its new version available even with "
+                        "allow_version_labels_for_unavailable_models"
+                        if moving and self.allow_version_labels_for_unavailable_models
+                        else ""
+                    )
+                    + ")",
+                )
 
     def check_labels_at_start(self) -> None:
         """Checks the starting config's labels once its versions have loaded.
@@ -395,10 +414,12 @@ class ModelManager:
         for mc in self.config.model_config_list.config:
             for label, version in sorted(mc.version_labels.items()):
                 if version not in loaded.get(mc.name, ()):
-                    raise ConfigError(f"model {mc.name}: version_labels {label!r} points to version {version}, "
-                                      f"which is not available (loaded: {loaded.get(mc.name) or 'none'}); set "
-                                      f"allow_version_labels_for_unavailable_models to label a version before "
-                                      f"it loads")
+                    raise ConfigError(
+                        f"model {mc.name}: version_labels {label!r} points to version {version}, "
+                        f"which is not available (loaded: {loaded.get(mc.name) or 'none'}); set "
+                        f"allow_version_labels_for_unavailable_models to label a version before "
+                        f"it loads"
+                    )
 
     def reload_config(self, config: model_server_config_pb2.ModelServerConfig) -> None:
         """Applies a new ``ModelServerConfig`` without a restart, as TF Serving's ReloadConfig.
@@ -447,15 +468,24 @@ class ModelManager:
                     model.loaded.clear()  # calls in flight keep their LoadedVersion until they finish
                 self.config.CopyFrom(config)
             for name, model in removed.items():
-                log.info("model %s: %s", name, "base_path changed: starting afresh" if name in models
-                         else "removed from the config; new calls get NOT_FOUND")
+                log.info(
+                    "model %s: %s",
+                    name,
+                    "base_path changed: starting afresh"
+                    if name in models
+                    else "removed from the config; new calls get NOT_FOUND",
+                )
             gone = [name for name in removed if name not in models]
             if gone and self.on_remove is not None:
                 self.on_remove(gone)
             self.poll()  # loads the new models and versions, unloads what the new policies drop
-        log.info("model config reloaded: %s", ", ".join(
-            f"{mc.name}" + (f" (labels {dict(sorted(mc.version_labels.items()))})" if mc.version_labels else "")
-            for mc in config.model_config_list.config))
+        log.info(
+            "model config reloaded: %s",
+            ", ".join(
+                f"{mc.name}" + (f" (labels {dict(sorted(mc.version_labels.items()))})" if mc.version_labels else "")
+                for mc in config.model_config_list.config
+            ),
+        )
 
     def watch_config_file(self, path: str | Path, poll_seconds: float) -> None:
         """Rereads the config file every ``poll_seconds`` and applies it when it changed.
@@ -493,8 +523,9 @@ class ModelManager:
         try:
             text = Path(path).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
-            self._refuse_config_file(path, f"cannot read it ({exc.strerror if isinstance(exc, OSError) else exc})",
-                                     None)
+            self._refuse_config_file(
+                path, f"cannot read it ({exc.strerror if isinstance(exc, OSError) else exc})", None
+            )
             return False
         if text == self._config_file_text:
             return False

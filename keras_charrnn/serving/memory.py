@@ -12,10 +12,16 @@ import ctypes
 import os
 import sys
 import types
-from typing import Iterator
+from collections.abc import Iterator
 
-__all__ = ["SERVE_STUBBED_MODULES", "SERVE_UNUSED_MODULES", "NotLoaded", "lean_server_process",
-           "release_freed_memory", "source_lines_unread"]
+__all__ = [
+    "SERVE_STUBBED_MODULES",
+    "SERVE_UNUSED_MODULES",
+    "NotLoaded",
+    "lean_server_process",
+    "release_freed_memory",
+    "source_lines_unread",
+]
 
 SERVE_UNUSED_MODULES = ("jax", "keras", "h5py", "scipy")  # imported by `import tensorflow`, unused by `serve`
 # Imported by `import tensorflow` without a guard, used only inside functions `serve` never calls: the profiler
@@ -29,8 +35,9 @@ class NotLoaded(types.ModuleType):
     """A module ``charrnn serve`` never loads: importing it works, using it raises AttributeError."""
 
     def __getattr__(self, name: str):
-        raise AttributeError(f"module {self.__name__!r} is not loaded in `charrnn serve` (to save memory); "
-                             f"{name!r} is not available")
+        raise AttributeError(
+            f"module {self.__name__!r} is not loaded in `charrnn serve` (to save memory); {name!r} is not available"
+        )
 
 
 def lean_server_process() -> None:

@@ -36,7 +36,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, generate_latest
 from prometheus_client.utils import floatToGoString
@@ -65,7 +65,7 @@ def exponential_buckets(scale: float, growth: float, count: int) -> tuple[float,
     >>> exponential_buckets(10, 1.8, 4)
     (10.0, 18.0, 32.4, 58.32)
     """
-    return tuple(float(f"{scale * growth ** i:.6g}") for i in range(count))  # 6 digits, as TF Serving prints them
+    return tuple(float(f"{scale * growth**i:.6g}") for i in range(count))  # 6 digits, as TF Serving prints them
 
 
 LATENCY_BUCKETS = exponential_buckets(10, 1.8, 33)  # request_latency: 10 us .. ~20 minutes
@@ -95,29 +95,73 @@ class _Family:
     bounds: tuple[float, ...] = ()
 
 
-REQUEST_COUNT = _Family(":tensorflow:serving:request_count", "counter", "The total number of requests.",
-                        ("model_name", "status"))
-REQUEST_LATENCY = _Family(":tensorflow:serving:request_latency", "histogram",
-                          "Distribution of wall time (in microseconds) for Tensorflow Serving request.",
-                          ("model_name", "API", "entrypoint"), LATENCY_BUCKETS)
-LOAD_ATTEMPT_COUNT = _Family(":tensorflow:cc:saved_model:load_attempt_count", "counter",
-                             "The number of times a SavedModel was successfully loaded.", ("model_path", "status"))
-LOAD_LATENCY = _Family(":tensorflow:cc:saved_model:load_latency", "counter",
-                       "Latency in microseconds for SavedModels that were successfully loaded.", ("model_path",))
-QUEUING_LATENCY = _Family(":tensorflow:serving:batching_session:queuing_latency", "histogram",
-                          "Distribution of wall time spent (in microseconds) in queuing", ("thread_pool_name",),
-                          QUEUING_BUCKETS)
-INPUT_BATCH_SIZE = _Family(":tensorflow:serving:batching_session:input_batch_size", "histogram",
-                           "Tracks the batch size distribution on the inputs.", (), BATCH_SIZE_BUCKETS)
-PROCESSED_BATCH_SIZE = _Family(":tensorflow:serving:batching_session:processed_batch_size", "histogram",
-                               "Tracks the batch size distribution on processing.", (), BATCH_SIZE_BUCKETS)
-PADDING_SIZE = _Family(":tensorflow:serving:batching_session:padding_size", "histogram",
-                       "Tracks the padding size distribution on batches.", ("execution_batch_size",),
-                       BATCH_SIZE_BUCKETS)
-WRAPPED_RUN_COUNT = _Family(":tensorflow:serving:batching_session:wrapped_run_count", "counter",
-                            "Total count of run calls on the wrapped session", ())
-FAMILIES = (REQUEST_COUNT, REQUEST_LATENCY, LOAD_ATTEMPT_COUNT, LOAD_LATENCY, QUEUING_LATENCY, INPUT_BATCH_SIZE,
-            PROCESSED_BATCH_SIZE, PADDING_SIZE, WRAPPED_RUN_COUNT)
+REQUEST_COUNT = _Family(
+    ":tensorflow:serving:request_count", "counter", "The total number of requests.", ("model_name", "status")
+)
+REQUEST_LATENCY = _Family(
+    ":tensorflow:serving:request_latency",
+    "histogram",
+    "Distribution of wall time (in microseconds) for Tensorflow Serving request.",
+    ("model_name", "API", "entrypoint"),
+    LATENCY_BUCKETS,
+)
+LOAD_ATTEMPT_COUNT = _Family(
+    ":tensorflow:cc:saved_model:load_attempt_count",
+    "counter",
+    "The number of times a SavedModel was successfully loaded.",
+    ("model_path", "status"),
+)
+LOAD_LATENCY = _Family(
+    ":tensorflow:cc:saved_model:load_latency",
+    "counter",
+    "Latency in microseconds for SavedModels that were successfully loaded.",
+    ("model_path",),
+)
+QUEUING_LATENCY = _Family(
+    ":tensorflow:serving:batching_session:queuing_latency",
+    "histogram",
+    "Distribution of wall time spent (in microseconds) in queuing",
+    ("thread_pool_name",),
+    QUEUING_BUCKETS,
+)
+INPUT_BATCH_SIZE = _Family(
+    ":tensorflow:serving:batching_session:input_batch_size",
+    "histogram",
+    "Tracks the batch size distribution on the inputs.",
+    (),
+    BATCH_SIZE_BUCKETS,
+)
+PROCESSED_BATCH_SIZE = _Family(
+    ":tensorflow:serving:batching_session:processed_batch_size",
+    "histogram",
+    "Tracks the batch size distribution on processing.",
+    (),
+    BATCH_SIZE_BUCKETS,
+)
+PADDING_SIZE = _Family(
+    ":tensorflow:serving:batching_session:padding_size",
+    "histogram",
+    "Tracks the padding size distribution on batches.",
+    ("execution_batch_size",),
+    BATCH_SIZE_BUCKETS,
+)
+WRAPPED_RUN_COUNT = _Family(
+    ":tensorflow:serving:batching_session:wrapped_run_count",
+    "counter",
+    "Total count of run calls on the wrapped session",
+    (),
+)
+FAMILIES = (
+    REQUEST_COUNT,
+    REQUEST_LATENCY,
+    LOAD_ATTEMPT_COUNT,
+    LOAD_LATENCY,
+    QUEUING_LATENCY,
+    INPUT_BATCH_SIZE,
+    PROCESSED_BATCH_SIZE,
+    PADDING_SIZE,
+    WRAPPED_RUN_COUNT,
+)
 
 
 def _escape(value: str) -> str:

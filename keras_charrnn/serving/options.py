@@ -14,8 +14,15 @@ from dataclasses import dataclass, field
 
 from keras_charrnn.serving.limits import ServingLimits
 
-__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "DEFAULT_REST_NUM_THREADS", "DEFAULT_REST_PORT", "DEFAULT_REST_TIMEOUT_MS",
-           "MAX_MESSAGE_BYTES", "ServerOptions"]
+__all__ = [
+    "DEFAULT_HOST",
+    "DEFAULT_PORT",
+    "DEFAULT_REST_NUM_THREADS",
+    "DEFAULT_REST_PORT",
+    "DEFAULT_REST_TIMEOUT_MS",
+    "MAX_MESSAGE_BYTES",
+    "ServerOptions",
+]
 
 DEFAULT_PORT = 8500  # tensorflow_model_server's --port
 DEFAULT_HOST = "0.0.0.0"
@@ -57,35 +64,60 @@ class ServerOptions:
     batching_parameters_file: str | None = _option(None, "BatchingParameters text file")
     file_system_poll_wait_seconds: float = _option(1.0, "how often to look for new versions (0: only at start)")
     ssl_config_file: str | None = _option(None, "SSLConfig text file (TLS, mutual TLS)")
-    grpc_max_threads: int = _option(32, "gRPC threads answering calls (with batching on, raised to the automatic "
-                                        "max_concurrent_requests + 8 when that is more)", positive=True)
-    max_message_bytes: int = _option(MAX_MESSAGE_BYTES, "largest request accepted (larger: RESOURCE_EXHAUSTED)",
-                                     positive=True)
-    max_chars_per_call: int = _option(ServingLimits.max_chars_per_call, "cap on num_chars of one row of a call",
-                                      positive=True)
-    max_prime_chars: int = _option(ServingLimits.max_prime_chars, "cap on the characters of one row's prime "
-                                   "(its UTF-8 bytes are checked first)", positive=True)
-    max_ids_length: int = _option(ServingLimits.max_ids_length,
-                                  "cap on ids per row (T) of step, inspect and generate calls", positive=True)
-    max_rows_per_call: int = _option(ServingLimits.max_rows_per_call, "cap on the rows (batch dimension) of one call",
-                                     positive=True)
-    max_request_elements: int = _option(ServingLimits.max_request_elements,
-                                        "cap on the elements all of a request's tensors claim together", positive=True)
-    max_concurrent_requests: int = _option(0, "Predict calls answered at once; more get RESOURCE_EXHAUSTED at once "
-                                              "(0: grpc_max_threads - 8, at least 1, leaving threads for health "
-                                              "and status; with batching on, at least max_batch_size x "
-                                              "(num_batch_threads + 1), since a queued call holds its thread)")
+    grpc_max_threads: int = _option(
+        32,
+        "gRPC threads answering calls (with batching on, raised to the automatic "
+        "max_concurrent_requests + 8 when that is more)",
+        positive=True,
+    )
+    max_message_bytes: int = _option(
+        MAX_MESSAGE_BYTES, "largest request accepted (larger: RESOURCE_EXHAUSTED)", positive=True
+    )
+    max_chars_per_call: int = _option(
+        ServingLimits.max_chars_per_call, "cap on num_chars of one row of a call", positive=True
+    )
+    max_prime_chars: int = _option(
+        ServingLimits.max_prime_chars,
+        "cap on the characters of one row's prime (its UTF-8 bytes are checked first)",
+        positive=True,
+    )
+    max_ids_length: int = _option(
+        ServingLimits.max_ids_length, "cap on ids per row (T) of step, inspect and generate calls", positive=True
+    )
+    max_rows_per_call: int = _option(
+        ServingLimits.max_rows_per_call, "cap on the rows (batch dimension) of one call", positive=True
+    )
+    max_request_elements: int = _option(
+        ServingLimits.max_request_elements,
+        "cap on the elements all of a request's tensors claim together",
+        positive=True,
+    )
+    max_concurrent_requests: int = _option(
+        0,
+        "Predict calls answered at once; more get RESOURCE_EXHAUSTED at once "
+        "(0: grpc_max_threads - 8, at least 1, leaving threads for health "
+        "and status; with batching on, at least max_batch_size x "
+        "(num_batch_threads + 1), since a queued call holds its thread)",
+    )
     shutdown_grace_seconds: float = _option(30.0, "on SIGTERM, how long calls in flight may take to finish")
     rest_api_port: int = _option(0, "port of TF Serving's REST API, /playground and the metrics (0: no REST API)")
     rest_api_num_threads: int = _option(DEFAULT_REST_NUM_THREADS, "REST requests answered at once", positive=True)
-    rest_api_timeout_in_ms: int = _option(DEFAULT_REST_TIMEOUT_MS,
-                                          "longest a REST predict waits for the batching queue (0: no limit)")
-    monitoring_config_file: str | None = _option(None, "MonitoringConfig text file (prometheus_config "
-                                                       "{ enable: true }: metrics on the REST port)")
-    xla_cpu_compilation_enabled: bool = _option(True, "run the XLA twins of the generating signatures (false: "
-                                                      "answer them 'XLA compilation disabled', as a stock "
-                                                      "tensorflow_model_server does)", true_false=True)
-    model_config_file_poll_wait_seconds: float = _option(0.0, "reread model_config_file this often: models added, "
-                                                              "removed or relabelled live (0: read only at start)")
+    rest_api_timeout_in_ms: int = _option(
+        DEFAULT_REST_TIMEOUT_MS, "longest a REST predict waits for the batching queue (0: no limit)"
+    )
+    monitoring_config_file: str | None = _option(
+        None, "MonitoringConfig text file (prometheus_config { enable: true }: metrics on the REST port)"
+    )
+    xla_cpu_compilation_enabled: bool = _option(
+        True,
+        "run the XLA twins of the generating signatures (false: "
+        "answer them 'XLA compilation disabled', as a stock "
+        "tensorflow_model_server does)",
+        true_false=True,
+    )
+    model_config_file_poll_wait_seconds: float = _option(
+        0.0, "reread model_config_file this often: models added, removed or relabelled live (0: read only at start)"
+    )
     allow_version_labels_for_unavailable_models: bool = _option(
-        False, "let a new version label name a version that is not loaded yet", true_false=True)
+        False, "let a new version label name a version that is not loaded yet", true_false=True
+    )

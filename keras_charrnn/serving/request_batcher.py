@@ -37,7 +37,7 @@ import time
 from collections import Counter, deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -124,8 +124,9 @@ def padded_sizes(max_batch_size: int, allowed: list[int] | None = None) -> list[
     """
     if allowed:
         if any(b <= a for a, b in zip(allowed, allowed[1:])) or allowed[0] < 1 or allowed[-1] != max_batch_size:
-            raise ConfigError(f"allowed_batch_sizes must increase and end with max_batch_size ({max_batch_size}), "
-                              f"got {list(allowed)}")
+            raise ConfigError(
+                f"allowed_batch_sizes must increase and end with max_batch_size ({max_batch_size}), got {list(allowed)}"
+            )
         return list(allowed)
     sizes, b = [], 1
     while b < max_batch_size:
@@ -164,13 +165,20 @@ class Batcher:
         self._cond = threading.Condition()
         self._running = 0  # batches taken whose model run has not ended
         self._closed = False
-        self._threads = [threading.Thread(target=self._work, name=f"batch-{i}", daemon=True)
-                         for i in range(options.num_batch_threads)]
+        self._threads = [
+            threading.Thread(target=self._work, name=f"batch-{i}", daemon=True)
+            for i in range(options.num_batch_threads)
+        ]
         for t in self._threads:
             t.start()
 
-    def submit(self, loaded: LoadedVersion, signature: str, inputs: dict[str, np.ndarray],
-               alive: Callable[[], bool] | None = None) -> Future:
+    def submit(
+        self,
+        loaded: LoadedVersion,
+        signature: str,
+        inputs: dict[str, np.ndarray],
+        alive: Callable[[], bool] | None = None,
+    ) -> Future:
         """Queues one call.
 
         Args:
@@ -331,8 +339,10 @@ class Batcher:
             size = next(b for b in self.allowed_batch_sizes if b >= rows)
             # Pad with copies of the last row up to an allowed size: the model is compiled
             # (XLA) once per batch size, so a few sizes keep compilation off the hot path.
-            merged = {k: np.concatenate([c.inputs[k] for c in batch] + [batch[-1].inputs[k][-1:]] * (size - rows))
-                      for k in batch[0].inputs}
+            merged = {
+                k: np.concatenate([c.inputs[k] for c in batch] + [batch[-1].inputs[k][-1:]] * (size - rows))
+                for k in batch[0].inputs
+            }
             started = time.monotonic()
             monitoring.record_batch([c.rows for c in batch], [started - c.enqueued for c in batch], size)
             try:
@@ -349,12 +359,19 @@ class Batcher:
                 run_ended()
             if first:  # a new batch size was compiled (XLA): the compiler's freed heap goes back to the system
                 release_freed_memory()
-            log.debug("ran a batch of %d rows from %d calls (padded to %d) on %s version %d %s",
-                      rows, len(batch), size, loaded.name, loaded.version, signature)
+            log.debug(
+                "ran a batch of %d rows from %d calls (padded to %d) on %s version %d %s",
+                rows,
+                len(batch),
+                size,
+                loaded.name,
+                loaded.version,
+                signature,
+            )
             start = 0
             for call in batch:
                 if not call.future.done():
-                    call.future.set_result({k: v[start:start + call.rows] for k, v in outputs.items()})
+                    call.future.set_result({k: v[start : start + call.rows] for k, v in outputs.items()})
                 start += call.rows
         except BaseException as exc:  # every caller of the batch gets the error
             for call in batch:

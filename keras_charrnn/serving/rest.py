@@ -48,8 +48,13 @@ from keras_charrnn import sampling
 from keras_charrnn.errors import ConfigError, ServingError
 from keras_charrnn.serving import monitoring
 from keras_charrnn.serving.json_codec import parse_json, request_arrays, response_json
-from keras_charrnn.serving.options import (DEFAULT_HOST, DEFAULT_REST_NUM_THREADS, DEFAULT_REST_PORT,
-                                           DEFAULT_REST_TIMEOUT_MS, MAX_MESSAGE_BYTES)
+from keras_charrnn.serving.options import (
+    DEFAULT_HOST,
+    DEFAULT_REST_NUM_THREADS,
+    DEFAULT_REST_PORT,
+    DEFAULT_REST_TIMEOUT_MS,
+    MAX_MESSAGE_BYTES,
+)
 from keras_charrnn.serving.servicers import ModelStatusServicer, PredictionServicer, SettingNamer, error_text
 
 log = logging.getLogger("charrnn.serve")
@@ -60,10 +65,23 @@ PLAYGROUND_PATH = "/playground"
 
 # TF Serving's status code -> HTTP status (tensorflow_serving/model_servers/http_server.cc).
 HTTP_STATUS = {
-    "OK": 200, "CANCELLED": 499, "UNKNOWN": 500, "INVALID_ARGUMENT": 400, "DEADLINE_EXCEEDED": 504,
-    "NOT_FOUND": 404, "ALREADY_EXISTS": 409, "PERMISSION_DENIED": 403, "RESOURCE_EXHAUSTED": 429,
-    "FAILED_PRECONDITION": 400, "ABORTED": 409, "OUT_OF_RANGE": 400, "UNIMPLEMENTED": 501, "INTERNAL": 500,
-    "UNAVAILABLE": 503, "DATA_LOSS": 500, "UNAUTHENTICATED": 401,
+    "OK": 200,
+    "CANCELLED": 499,
+    "UNKNOWN": 500,
+    "INVALID_ARGUMENT": 400,
+    "DEADLINE_EXCEEDED": 504,
+    "NOT_FOUND": 404,
+    "ALREADY_EXISTS": 409,
+    "PERMISSION_DENIED": 403,
+    "RESOURCE_EXHAUSTED": 429,
+    "FAILED_PRECONDITION": 400,
+    "ABORTED": 409,
+    "OUT_OF_RANGE": 400,
+    "UNIMPLEMENTED": 501,
+    "INTERNAL": 500,
+    "UNAVAILABLE": 503,
+    "DATA_LOSS": 500,
+    "UNAUTHENTICATED": 401,
 }
 
 # The URL patterns of TF Serving's REST API (tensorflow_serving/model_servers/http_rest_api_util.cc).
@@ -79,6 +97,7 @@ def _invalid(message: str) -> ServingError:
 
 
 # ----- the API, transport aside -------------------------------------------------------------
+
 
 @dataclass
 class Reply:
@@ -117,8 +136,13 @@ class RestApi:
         name_setting: how the server's operator sets a setting, added to the errors a setting causes.
     """
 
-    def __init__(self, prediction: PredictionServicer, model_status: ModelStatusServicer,
-                 timeout_s: float | None = DEFAULT_TIMEOUT_MS / 1000, name_setting: SettingNamer | None = None):
+    def __init__(
+        self,
+        prediction: PredictionServicer,
+        model_status: ModelStatusServicer,
+        timeout_s: float | None = DEFAULT_TIMEOUT_MS / 1000,
+        name_setting: SettingNamer | None = None,
+    ):
         self.prediction = prediction
         self.model_status = model_status
         self.timeout_s = timeout_s
@@ -187,8 +211,13 @@ class RestApi:
         sig_map = get_model_metadata_pb2.SignatureDefMap()
         response.metadata["signature_def"].Unpack(sig_map)
         options = dict(always_print_fields_with_no_presence=True, preserving_proto_field_name=True)
-        return _json_reply(200, {"model_spec": json_format.MessageToDict(response.model_spec, **options),
-                                 "metadata": {"signature_def": json_format.MessageToDict(sig_map, **options)}})
+        return _json_reply(
+            200,
+            {
+                "model_spec": json_format.MessageToDict(response.model_spec, **options),
+                "metadata": {"signature_def": json_format.MessageToDict(sig_map, **options)},
+            },
+        )
 
     def _predict(self, spec, body: bytes) -> Reply:
         document = parse_json(body)
@@ -203,6 +232,7 @@ class RestApi:
 
 # ----- the playground page ------------------------------------------------------------------
 
+
 def playground_page(model_names: list[str], max_chars_per_call: int) -> bytes:
     """The playground HTML with this server's models and the sampling defaults filled in.
 
@@ -213,10 +243,17 @@ def playground_page(model_names: list[str], max_chars_per_call: int) -> bytes:
     Returns:
         The page, UTF-8.
     """
-    settings = {"models": model_names, "maxCharsPerCall": max_chars_per_call,
-                "defaults": {"temperature": sampling.DEFAULT_TEMPERATURE, "top_k": sampling.DEFAULT_TOP_K,
-                             "top_p": sampling.DEFAULT_TOP_P, "prime": sampling.DEFAULT_PRIME,
-                             "num_chars": sampling.DEFAULT_CHUNK}}
+    settings = {
+        "models": model_names,
+        "maxCharsPerCall": max_chars_per_call,
+        "defaults": {
+            "temperature": sampling.DEFAULT_TEMPERATURE,
+            "top_k": sampling.DEFAULT_TOP_K,
+            "top_p": sampling.DEFAULT_TOP_P,
+            "prime": sampling.DEFAULT_PRIME,
+            "num_chars": sampling.DEFAULT_CHUNK,
+        },
+    }
     template = resources.files("keras_charrnn.serving").joinpath("playground.html").read_text(encoding="utf-8")
     script_safe = json.dumps(settings).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
     return template.replace("/*SETTINGS*/null", script_safe).encode("utf-8")
@@ -224,11 +261,12 @@ def playground_page(model_names: list[str], max_chars_per_call: int) -> bytes:
 
 # ----- HTTP ---------------------------------------------------------------------------------
 
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive; every reply carries Content-Length
     server_version = "charrnn-rest"
     timeout = 30  # seconds a connection may sit idle or trickle its request
-    server: "_HTTPServer"
+    server: _HTTPServer
 
     def log_message(self, format, *args):  # noqa: A002  (the base class's name)
         log.debug("REST %s: " + format, self.client_address[0], *args)
@@ -261,8 +299,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._refuse(HTTPStatus.BAD_REQUEST, f"invalid Content-Length {length!r}")
             return None
         if int(length) > self.server.max_body_bytes:
-            self._refuse(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the body ({length} bytes) is over this server's "
-                                                              f"limit of {self.server.max_body_bytes} bytes")
+            self._refuse(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                f"the body ({length} bytes) is over this server's limit of {self.server.max_body_bytes} bytes",
+            )
             return None
         return self.rfile.read(int(length))
 
@@ -314,8 +354,9 @@ class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True  # idle keep-alive connections do not hold up shutdown
     allow_reuse_address = True
 
-    def __init__(self, address, api: RestApi, max_body_bytes: int, metrics_path: str | None, playground,
-                 num_threads: int):
+    def __init__(
+        self, address, api: RestApi, max_body_bytes: int, metrics_path: str | None, playground, num_threads: int
+    ):
         super().__init__(address, _Handler)
         self.api = api
         self.max_body_bytes = max_body_bytes
@@ -343,10 +384,17 @@ class RestServer:
     >>> rest.start(); rest.stop(grace=5)                                 # doctest: +SKIP
     """
 
-    def __init__(self, api: RestApi, host: str = DEFAULT_HOST, port: int = DEFAULT_REST_PORT,
-                 max_body_bytes: int = MAX_MESSAGE_BYTES,
-                 metrics_path: str | None = None, model_names: list[str] = (),
-                 max_chars_per_call: int = sampling.MAX_CHARS_PER_CALL, num_threads: int = DEFAULT_NUM_THREADS):
+    def __init__(
+        self,
+        api: RestApi,
+        host: str = DEFAULT_HOST,
+        port: int = DEFAULT_REST_PORT,
+        max_body_bytes: int = MAX_MESSAGE_BYTES,
+        metrics_path: str | None = None,
+        model_names: list[str] = (),
+        max_chars_per_call: int = sampling.MAX_CHARS_PER_CALL,
+        num_threads: int = DEFAULT_NUM_THREADS,
+    ):
         if num_threads < 1:
             raise ConfigError(f"rest_api_num_threads must be at least 1, got {num_threads}")
         page = playground_page(list(model_names), max_chars_per_call)

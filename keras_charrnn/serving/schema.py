@@ -14,14 +14,26 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 _F = descriptor_pb2.FieldDescriptorProto
 TYPES = {
-    "int32": _F.TYPE_INT32, "int64": _F.TYPE_INT64, "uint32": _F.TYPE_UINT32, "uint64": _F.TYPE_UINT64,
-    "bool": _F.TYPE_BOOL, "string": _F.TYPE_STRING, "bytes": _F.TYPE_BYTES, "float": _F.TYPE_FLOAT,
+    "int32": _F.TYPE_INT32,
+    "int64": _F.TYPE_INT64,
+    "uint32": _F.TYPE_UINT32,
+    "uint64": _F.TYPE_UINT64,
+    "bool": _F.TYPE_BOOL,
+    "string": _F.TYPE_STRING,
+    "bytes": _F.TYPE_BYTES,
+    "float": _F.TYPE_FLOAT,
     "double": _F.TYPE_DOUBLE,
 }
 
 
-def make_messages(file_name: str, package: str, messages: dict, enums: dict | None = None,
-                  dependencies: tuple[str, ...] = (), pool: descriptor_pool.DescriptorPool | None = None) -> dict:
+def make_messages(
+    file_name: str,
+    package: str,
+    messages: dict,
+    enums: dict | None = None,
+    dependencies: tuple[str, ...] = (),
+    pool: descriptor_pool.DescriptorPool | None = None,
+) -> dict:
     """Builds message classes from a compact description.
 
     Args:
@@ -46,8 +58,9 @@ def make_messages(file_name: str, package: str, messages: dict, enums: dict | No
             copy = descriptor_pb2.FileDescriptorProto()
             descriptor_pool.Default().FindFileByName(dependency).CopyToProto(copy)
             pool.Add(copy)
-    proto = descriptor_pb2.FileDescriptorProto(name=file_name, package=package, syntax="proto3",
-                                               dependency=list(dependencies))
+    proto = descriptor_pb2.FileDescriptorProto(
+        name=file_name, package=package, syntax="proto3", dependency=list(dependencies)
+    )
     enums = enums or {}
     for name, values in enums.items():
         enum = proto.enum_type.add(name=name)
@@ -56,8 +69,9 @@ def make_messages(file_name: str, package: str, messages: dict, enums: dict | No
     for name, fields in messages.items():
         message = proto.message_type.add(name=name)
         for field_name, number, ftype, repeated in fields:
-            field = message.field.add(name=field_name, number=number,
-                                      label=_F.LABEL_REPEATED if repeated else _F.LABEL_OPTIONAL)
+            field = message.field.add(
+                name=field_name, number=number, label=_F.LABEL_REPEATED if repeated else _F.LABEL_OPTIONAL
+            )
             if isinstance(ftype, tuple):  # a map: a repeated nested entry message
                 _, key_type, value_type = ftype
                 entry_name = "".join(p.capitalize() for p in field_name.split("_")) + "Entry"
@@ -71,8 +85,7 @@ def make_messages(file_name: str, package: str, messages: dict, enums: dict | No
             else:
                 _set_type(field, ftype, package)
     pool.Add(proto)
-    return {name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{package}.{name}"))
-            for name in messages}
+    return {name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{package}.{name}")) for name in messages}
 
 
 def _set_type(field, ftype: str, package: str) -> None:
@@ -80,6 +93,6 @@ def _set_type(field, ftype: str, package: str) -> None:
         field.type = TYPES[ftype]
         return
     is_enum = ftype.startswith("enum:")
-    name = ftype[len("enum:"):] if is_enum else ftype
+    name = ftype[len("enum:") :] if is_enum else ftype
     field.type = _F.TYPE_ENUM if is_enum else _F.TYPE_MESSAGE
     field.type_name = name if name.startswith(".") else f".{package}.{name}"

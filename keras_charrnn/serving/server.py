@@ -22,8 +22,12 @@ from concurrent import futures
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from tensorflow_serving.apis import (model_service_pb2, model_service_pb2_grpc, prediction_service_pb2,
-                                     prediction_service_pb2_grpc)
+from tensorflow_serving.apis import (
+    model_service_pb2,
+    model_service_pb2_grpc,
+    prediction_service_pb2,
+    prediction_service_pb2_grpc,
+)
 
 from keras_charrnn import warmup
 from keras_charrnn.errors import ConfigError
@@ -41,8 +45,10 @@ __all__ = ["ModelServer", "ServerOptions"]
 
 log = logging.getLogger("charrnn.serve")
 
-HEALTH_SERVICES = (prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"].full_name,
-                   model_service_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name)
+HEALTH_SERVICES = (
+    prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"].full_name,
+    model_service_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,
+)
 IDLE_TRIM_SECONDS = 1.0  # after this long with no model call, the heap the calls freed goes back to the system
 
 
@@ -74,17 +80,23 @@ class ModelServer:
             self.batcher = Batcher(run_batch, batching)
             log.info("batching on: %s", ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(batching).items()))
             if self.settings.grpc_threads > options.grpc_max_threads:
-                log.info("gRPC threads raised to %d (max_concurrent_requests %d + %d): batches of max_batch_size "
-                         "need that many calls waiting", self.settings.grpc_threads,
-                         self.settings.max_concurrent_requests, HEALTH_THREADS)
+                log.info(
+                    "gRPC threads raised to %d (max_concurrent_requests %d + %d): batches of max_batch_size "
+                    "need that many calls waiting",
+                    self.settings.grpc_threads,
+                    self.settings.max_concurrent_requests,
+                    HEALTH_THREADS,
+                )
         self.health = health.HealthServicer()
         self._warmed: dict[tuple[str, int], weakref.ref] = {}  # versions whose batch sizes are compiled
-        self.manager = ModelManager(self.settings.models, options.file_system_poll_wait_seconds,
-                                    xla=options.xla_cpu_compilation_enabled,
-                                    allow_version_labels_for_unavailable_models=(
-                                        options.allow_version_labels_for_unavailable_models),
-                                    on_change=self._after_poll,  # every poll: new versions warmed, health follows
-                                    on_remove=self._models_removed)
+        self.manager = ModelManager(
+            self.settings.models,
+            options.file_system_poll_wait_seconds,
+            xla=options.xla_cpu_compilation_enabled,
+            allow_version_labels_for_unavailable_models=(options.allow_version_labels_for_unavailable_models),
+            on_change=self._after_poll,  # every poll: new versions warmed, health follows
+            on_remove=self._models_removed,
+        )
         self.port: int | None = None
         self.rest_port: int | None = None
         self._rest: RestServer | None = None
@@ -104,8 +116,11 @@ class ModelServer:
         default); a batched call of another size would otherwise XLA-compile (about a
         second for a 2x512 LSTM) while its batch, and every call behind it, waits.
         """
-        current = {(name, version): loaded for name, model in self.manager.models.items()
-                   for version, loaded in list(model.loaded.items())}
+        current = {
+            (name, version): loaded
+            for name, model in self.manager.models.items()
+            for version, loaded in list(model.loaded.items())
+        }
         self._warmed = {key: ref for key, ref in self._warmed.items() if current.get(key) is ref()}
         compiled = False
         for key, loaded in current.items():
@@ -123,8 +138,13 @@ class ModelServer:
                 log.warning("model %s version %d: warming the batch sizes failed: %s", *key, exc)
                 continue
             compiled = True
-            log.info("model %s version %d: ran %d call(s) to compile batch sizes %s (%.1f s)", *key, len(requests),
-                     self.batcher.allowed_batch_sizes, time.monotonic() - started)
+            log.info(
+                "model %s version %d: ran %d call(s) to compile batch sizes %s (%.1f s)",
+                *key,
+                len(requests),
+                self.batcher.allowed_batch_sizes,
+                time.monotonic() - started,
+            )
         if compiled:
             release_freed_memory()  # the compiler's freed heap goes back to the system
 
@@ -152,13 +172,22 @@ class ModelServer:
         release_freed_memory()  # loading and XLA compiling at warm-up leave much freed heap behind
         self._watch_model_config()
         limit = self.options.max_message_bytes
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.settings.grpc_threads),
-                             options=[("grpc.max_receive_message_length", limit),
-                                      ("grpc.max_send_message_length", limit),
-                                      ("grpc.so_reuseport", 0)])
-        prediction = PredictionServicer(self.manager, self.batcher, self.settings.limits,
-                                        self.settings.max_concurrent_requests, self.options.max_message_bytes,
-                                        self.name_setting)
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=self.settings.grpc_threads),
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        prediction = PredictionServicer(
+            self.manager,
+            self.batcher,
+            self.settings.limits,
+            self.settings.max_concurrent_requests,
+            self.options.max_message_bytes,
+            self.name_setting,
+        )
         model_status = ModelStatusServicer(self.manager, self.name_setting)
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(prediction, server)
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(model_status, server)
@@ -167,20 +196,22 @@ class ModelServer:
         reflection.enable_server_reflection(names, server)
         address = f"{self.options.host}:{self.options.port}"
         try:
-            self.port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+            self.port = (
+                server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+            )
         except RuntimeError:  # grpc's "failed to bind": the port is taken or the host is not this machine's
             self.port = 0
         if not self.port:
             self.manager.stop()
-            raise ConfigError(f"cannot listen on {address} (is the port in use, and is host an address of this "
-                              f"machine?)")
+            raise ConfigError(
+                f"cannot listen on {address} (is the port in use, and is host an address of this machine?)"
+            )
         if self.options.rest_api_port:
             self._start_rest(prediction, model_status)
         server.start()
         self._server = server
         self._update_health()
-        threading.Thread(target=self._trim_when_idle, args=(prediction,), name="charrnn-idle-trim",
-                         daemon=True).start()
+        threading.Thread(target=self._trim_when_idle, args=(prediction,), name="charrnn-idle-trim", daemon=True).start()
         log.info("listening on %s:%d (%s)", self.options.host, self.port, "TLS" if credentials else "plaintext")
         return self.port
 
@@ -204,16 +235,26 @@ class ModelServer:
         api = RestApi(prediction, model_status, timeout_ms / 1000 if timeout_ms > 0 else None, self.name_setting)
         try:
             prometheus = monitoring.read_monitoring_config(self.options.monitoring_config_file)
-            self._rest = RestServer(api, self.options.host, self.options.rest_api_port,
-                                    self.options.max_message_bytes, prometheus.path if prometheus.enable else None,
-                                    list(self.manager.models), self.settings.limits.max_chars_per_call,
-                                    self.options.rest_api_num_threads)
+            self._rest = RestServer(
+                api,
+                self.options.host,
+                self.options.rest_api_port,
+                self.options.max_message_bytes,
+                prometheus.path if prometheus.enable else None,
+                list(self.manager.models),
+                self.settings.limits.max_chars_per_call,
+                self.options.rest_api_num_threads,
+            )
         except BaseException:
             self.manager.stop()
             raise
         self.rest_port = self._rest.start()
-        log.info("REST API on %s:%d%s", self.options.host, self.rest_port,
-                 f", Prometheus metrics at {prometheus.path}" if prometheus.enable else "")
+        log.info(
+            "REST API on %s:%d%s",
+            self.options.host,
+            self.rest_port,
+            f", Prometheus metrics at {prometheus.path}" if prometheus.enable else "",
+        )
 
     def stop(self, grace: float | None = None) -> None:
         """Stops accepting calls, lets the calls in flight finish (up to ``grace`` seconds), then stops."""
@@ -253,8 +294,9 @@ class ModelServer:
         """Rereads ``model_config_file`` every ``model_config_file_poll_wait_seconds`` (models added, removed,
         relabelled live); a removed model's health turns NOT_SERVING (``_models_removed``)."""
         if self.options.model_config_file and self.options.model_config_file_poll_wait_seconds > 0:
-            self.manager.watch_config_file(self.options.model_config_file,
-                                           self.options.model_config_file_poll_wait_seconds)
+            self.manager.watch_config_file(
+                self.options.model_config_file, self.options.model_config_file_poll_wait_seconds
+            )
 
     def _models_removed(self, names: list[str]) -> None:
         """Health of models a config reload removed: NOT_SERVING."""

@@ -13,14 +13,20 @@ import logging
 import threading
 import time
 from concurrent import futures
-from typing import Callable
+from collections.abc import Callable
 
 import grpc
 import numpy as np
 from google.protobuf import struct_pb2
 from tensorflow.core.protobuf import error_codes_pb2
-from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2, model_management_pb2,
-                                     model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc)
+from tensorflow_serving.apis import (
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    model_management_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+)
 
 from keras_charrnn.errors import ServingError
 from keras_charrnn.serving import limits as request_limits
@@ -107,9 +113,15 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             (None: the errors name the setting alone).
     """
 
-    def __init__(self, manager: ModelManager, batcher: Batcher | None, limits: ServingLimits | None = None,
-                 max_concurrent_requests: int = 0, max_message_bytes: int = MAX_MESSAGE_BYTES,
-                 name_setting: SettingNamer | None = None):
+    def __init__(
+        self,
+        manager: ModelManager,
+        batcher: Batcher | None,
+        limits: ServingLimits | None = None,
+        max_concurrent_requests: int = 0,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+        name_setting: SettingNamer | None = None,
+    ):
         self.manager = manager
         self.batcher = batcher
         self.limits = limits or ServingLimits()
@@ -140,20 +152,26 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     @_guarded
     def Predict(self, request: predict_pb2.PredictRequest, context) -> predict_pb2.PredictResponse:
         if self._slots is not None and not self._slots.acquire(blocking=False):
-            raise ServingError("RESOURCE_EXHAUSTED", f"this server is answering {self.max_concurrent_requests} "
-                                                     f"Predict calls already (limit max_concurrent_requests); "
-                                                     f"retry later", setting="max_concurrent_requests")
+            raise ServingError(
+                "RESOURCE_EXHAUSTED",
+                f"this server is answering {self.max_concurrent_requests} "
+                f"Predict calls already (limit max_concurrent_requests); "
+                f"retry later",
+                setting="max_concurrent_requests",
+            )
         try:
             remaining = context.time_remaining()  # huge when the client set no deadline
             with monitoring.track_request(request.model_spec.name, "Predict", "GRPC"):
-                return self.predict(request, None if remaining is None or remaining > 86400 else remaining,
-                                    alive=context.is_active)
+                return self.predict(
+                    request, None if remaining is None or remaining > 86400 else remaining, alive=context.is_active
+                )
         finally:
             if self._slots is not None:
                 self._slots.release()
 
-    def predict(self, request: predict_pb2.PredictRequest, timeout: float | None = None,
-                alive: Callable[[], bool] | None = None) -> predict_pb2.PredictResponse:
+    def predict(
+        self, request: predict_pb2.PredictRequest, timeout: float | None = None, alive: Callable[[], bool] | None = None
+    ) -> predict_pb2.PredictResponse:
         """Predict, transport aside: a PredictRequest answered with a PredictResponse.
 
         Args:
@@ -180,9 +198,14 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             wire.to_tensor_proto(value, response_outputs[key])
         return response
 
-    def predict_arrays(self, call: SignatureCall, inputs: dict[str, np.ndarray], output_filter=(),
-                       timeout: float | None = None, alive: Callable[[], bool] | None = None
-                       ) -> dict[str, np.ndarray]:
+    def predict_arrays(
+        self,
+        call: SignatureCall,
+        inputs: dict[str, np.ndarray],
+        output_filter=(),
+        timeout: float | None = None,
+        alive: Callable[[], bool] | None = None,
+    ) -> dict[str, np.ndarray]:
         """Predict on NumPy arrays (the REST API's): the same checks, batching and segments as ``predict``.
 
         Args:
@@ -201,8 +224,9 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         deadline = None if timeout is None else time.monotonic() + timeout
         return self._serve(call, call.check_arrays(inputs, self.limits), set(output_filter), deadline, alive)
 
-    def _serve(self, call: SignatureCall, inputs: dict[str, np.ndarray], output_filter: set[str],
-               deadline: float | None, alive) -> dict[str, np.ndarray]:
+    def _serve(
+        self, call: SignatureCall, inputs: dict[str, np.ndarray], output_filter: set[str], deadline: float | None, alive
+    ) -> dict[str, np.ndarray]:
         """Runs inputs checked against the signature: first checked as the model's graph would, each call
         on its own, before it runs or joins a batch. Long ``generate`` calls run in segments of
         ``SEGMENT_CHARS`` characters; the work stops between segments once the caller has gone."""
@@ -214,19 +238,24 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             raise ServingError("INVALID_ARGUMENT", f"output_filter names unknown output(s) {sorted(unknown)}")
         size = call.response_bytes(inputs, output_filter)
         if size > self.max_message_bytes:
-            raise ServingError("RESOURCE_EXHAUSTED", f"the response would take about {size} bytes, over this "
-                                                     f"server's limit max_message_bytes={self.max_message_bytes}; "
-                                                     f"ask for fewer rows, ids or characters per call",
-                               setting="max_message_bytes")
+            raise ServingError(
+                "RESOURCE_EXHAUSTED",
+                f"the response would take about {size} bytes, over this "
+                f"server's limit max_message_bytes={self.max_message_bytes}; "
+                f"ask for fewer rows, ids or characters per call",
+                setting="max_message_bytes",
+            )
         if "num_chars" in inputs and int(inputs["num_chars"].max()) > SEGMENT_CHARS:
             outputs = self._run_in_segments(call, inputs, deadline, alive)
         else:
             outputs = self._run(call, inputs, deadline, alive)
         return {k: v for k, v in outputs.items() if not output_filter or k in output_filter}
 
-    def _run(self, call: SignatureCall, inputs: dict[str, np.ndarray], deadline: float | None,
-             alive) -> dict[str, np.ndarray]:
+    def _run(
+        self, call: SignatureCall, inputs: dict[str, np.ndarray], deadline: float | None, alive
+    ) -> dict[str, np.ndarray]:
         """Runs one checked call, alone or in a batch; ``ids`` out of ``generate`` keep the call's own length."""
+
         def caller_waits() -> bool:
             return (alive is None or alive()) and (deadline is None or time.monotonic() < deadline)
 
@@ -238,8 +267,9 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
                     outputs = future.result(timeout=None if deadline is None else max(deadline - time.monotonic(), 0))
                 except futures.TimeoutError:
                     future.cancel()
-                    raise ServingError("DEADLINE_EXCEEDED",
-                                       "deadline exceeded while waiting in the batching queue") from None
+                    raise ServingError(
+                        "DEADLINE_EXCEEDED", "deadline exceeded while waiting in the batching queue"
+                    ) from None
                 except futures.CancelledError:
                     log.debug("stopped a call before its batch ran: its caller went away")
                     raise ServingError("CANCELLED", "the call was cancelled before its batch ran") from None
@@ -248,11 +278,12 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         finally:
             self.ran_at = time.monotonic()
         if "num_chars" in inputs and "ids" in outputs and outputs["ids"].ndim == 2:
-            outputs["ids"] = outputs["ids"][:, :int(inputs["num_chars"].max())]  # a batch pads to its longest row
+            outputs["ids"] = outputs["ids"][:, : int(inputs["num_chars"].max())]  # a batch pads to its longest row
         return outputs
 
-    def _run_in_segments(self, call: SignatureCall, inputs: dict[str, np.ndarray], deadline: float | None,
-                         alive) -> dict[str, np.ndarray]:
+    def _run_in_segments(
+        self, call: SignatureCall, inputs: dict[str, np.ndarray], deadline: float | None, alive
+    ) -> dict[str, np.ndarray]:
         """A long generate call as segments of at most ``SEGMENT_CHARS`` characters per row.
 
         Each segment feeds the last character sampled (its states and position carried
@@ -285,7 +316,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
                     if chars:
                         current["prime"][row] = chars[-1].encode("utf-8")
                 else:
-                    pieces[row].append(outputs["ids"][j, :take[j]])
+                    pieces[row].append(outputs["ids"][j, : take[j]])
                     last_ids[j, 0] = outputs["ids"][j, take[j] - 1]
                 for key in state_keys:
                     current[key][row] = outputs[key][j]
@@ -338,8 +369,14 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             ``max_concurrent_requests`` (0: no cap) and ``segment_chars``.
         """
         limits = struct_pb2.Struct()
-        limits.update({**self.limits.advertised(), "max_message_bytes": self.max_message_bytes,
-                       "max_concurrent_requests": self.max_concurrent_requests, "segment_chars": SEGMENT_CHARS})
+        limits.update(
+            {
+                **self.limits.advertised(),
+                "max_message_bytes": self.max_message_bytes,
+                "max_concurrent_requests": self.max_concurrent_requests,
+                "segment_chars": SEGMENT_CHARS,
+            }
+        )
         return limits
 
     GetModelMetadata = _grpc_method(metadata)

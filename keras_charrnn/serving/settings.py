@@ -22,8 +22,16 @@ from keras_charrnn.serving.options import ServerOptions
 from keras_charrnn.serving.config_files import BatchingParameters, SSLConfig, read_text_proto
 from keras_charrnn.serving.request_batcher import BatchingOptions
 
-__all__ = ["HEALTH_THREADS", "ServerSettings", "batch_sizes_from_batching_parameters", "batching_options",
-           "concurrency_cap", "grpc_threads", "model_server_config", "server_credentials"]
+__all__ = [
+    "HEALTH_THREADS",
+    "ServerSettings",
+    "batch_sizes_from_batching_parameters",
+    "batching_options",
+    "concurrency_cap",
+    "grpc_threads",
+    "model_server_config",
+    "server_credentials",
+]
 
 HEALTH_THREADS = 8  # gRPC threads that Predict calls never take: health, status and metadata always find one
 
@@ -52,7 +60,7 @@ class ServerSettings:
     grpc_threads: int
 
     @classmethod
-    def from_options(cls, options: ServerOptions) -> "ServerSettings":
+    def from_options(cls, options: ServerOptions) -> ServerSettings:
         """Reads the model config and batching files the options name and checks the options together.
 
         Args:
@@ -66,8 +74,13 @@ class ServerSettings:
         """
         batching = batching_options(options.batching_parameters_file) if options.enable_batching else None
         cap = concurrency_cap(options, batching)
-        return cls(models=model_server_config(options), limits=ServingLimits.from_options(options),
-                   batching=batching, max_concurrent_requests=cap, grpc_threads=grpc_threads(options, cap))
+        return cls(
+            models=model_server_config(options),
+            limits=ServingLimits.from_options(options),
+            batching=batching,
+            max_concurrent_requests=cap,
+            grpc_threads=grpc_threads(options, cap),
+        )
 
 
 def concurrency_cap(options: ServerOptions, batching: BatchingOptions | None = None) -> int:
@@ -98,8 +111,10 @@ def concurrency_cap(options: ServerOptions, batching: BatchingOptions | None = N
         fill = batching.max_batch_size * (batching.num_batch_threads + 1) if batching is not None else 0
         return max(1, options.grpc_max_threads - HEALTH_THREADS, fill)
     if cap >= options.grpc_max_threads:
-        raise ConfigError(f"max_concurrent_requests ({cap}) must be less than grpc_max_threads "
-                          f"({options.grpc_max_threads}), so health and status calls always find a thread")
+        raise ConfigError(
+            f"max_concurrent_requests ({cap}) must be less than grpc_max_threads "
+            f"({options.grpc_max_threads}), so health and status calls always find a thread"
+        )
     return cap
 
 
@@ -152,8 +167,11 @@ def batching_options(path: str | os.PathLike | None) -> BatchingOptions:
     if not path:
         return BatchingOptions()
     parsed = read_text_proto(path, BatchingParameters())
-    given = {f.name: getattr(parsed, f.name).value for f in dataclasses.fields(BatchingOptions)
-             if f.name != "allowed_batch_sizes" and parsed.HasField(f.name)}
+    given = {
+        f.name: getattr(parsed, f.name).value
+        for f in dataclasses.fields(BatchingOptions)
+        if f.name != "allowed_batch_sizes" and parsed.HasField(f.name)
+    }
     return BatchingOptions(**given, allowed_batch_sizes=tuple(parsed.allowed_batch_sizes))
 
 
@@ -205,6 +223,8 @@ def server_credentials(path: str | os.PathLike | None) -> grpc.ServerCredentials
         raise ConfigError(f"{Path(path)}: server_key and server_cert are required")
     if ssl.client_verify and not ssl.custom_ca:
         raise ConfigError(f"{Path(path)}: client_verify needs custom_ca")
-    return grpc.ssl_server_credentials([(ssl.server_key.encode(), ssl.server_cert.encode())],
-                                       root_certificates=ssl.custom_ca.encode() if ssl.custom_ca else None,
-                                       require_client_auth=ssl.client_verify)
+    return grpc.ssl_server_credentials(
+        [(ssl.server_key.encode(), ssl.server_cert.encode())],
+        root_certificates=ssl.custom_ca.encode() if ssl.custom_ca else None,
+        require_client_auth=ssl.client_verify,
+    )

@@ -99,8 +99,7 @@ class SignatureFunction:
 
     def _call_flat(self, args, captured_inputs) -> dict:
         """Runs the function on its flat inputs (in ``function_type.parameters`` order), then the captured ones."""
-        outputs = tf_context.context().call_function(self._name, list(args) + list(captured_inputs),
-                                                     len(self._outputs))
+        outputs = tf_context.context().call_function(self._name, list(args) + list(captured_inputs), len(self._outputs))
         return dict(zip(self._outputs, outputs))
 
     def __call__(self, **inputs) -> dict:
@@ -165,8 +164,7 @@ def load_signatures(path: Path, meta_graph) -> object:
     """
     unusable = _eager_functions_unusable()
     if unusable:
-        log.warning("%s: loaded with tf.saved_model.load (this TensorFlow's private APIs changed: %s)",
-                    path, unusable)
+        log.warning("%s: loaded with tf.saved_model.load (this TensorFlow's private APIs changed: %s)", path, unusable)
         return tf.saved_model.load(str(path), tags=["serve"])
     try:
         return _load_signatures(path, meta_graph)
@@ -188,8 +186,10 @@ def _load_signatures(path: Path, meta_graph) -> SignatureModel:
     entries = {}  # signature -> its concrete function's name
     for child in graph.nodes[signature_map].children:
         node = graph.nodes[child.node_id]
-        if node.WhichOneof("kind") != "bare_concrete_function" or \
-                node.bare_concrete_function.concrete_function_name not in library:
+        if (
+            node.WhichOneof("kind") != "bare_concrete_function"
+            or node.bare_concrete_function.concrete_function_name not in library
+        ):
             raise _NotLoadable(f"signature {child.local_name} is not a saved concrete function")
         entries[child.local_name] = node.bare_concrete_function.concrete_function_name
 
@@ -198,24 +198,32 @@ def _load_signatures(path: Path, meta_graph) -> SignatureModel:
         saved, fdef = graph.concrete_functions[name], library[name]
         args, kwargs = nested_structure_coder.decode_proto(saved.canonicalized_input_signature)
         outputs = nested_structure_coder.decode_proto(saved.output_signature)
-        if args or not isinstance(kwargs, dict) or not isinstance(outputs, dict) or \
-                not all(isinstance(s, tf.TensorSpec) for s in [*kwargs.values(), *outputs.values()]):
+        if (
+            args
+            or not isinstance(kwargs, dict)
+            or not isinstance(outputs, dict)
+            or not all(isinstance(s, tf.TensorSpec) for s in [*kwargs.values(), *outputs.values()])
+        ):
             raise _NotLoadable(f"signature {signature} does not take and give named tensors")
-        inputs = {arg.name: kwargs.get(arg.name) for arg in fdef.signature.input_arg[:len(kwargs)]}
+        inputs = {arg.name: kwargs.get(arg.name) for arg in fdef.signature.input_arg[: len(kwargs)]}
         output_names = tuple(sorted(outputs))  # the order TensorFlow flattens a dict in
-        if (set(inputs) != set(kwargs) or len(fdef.signature.input_arg) != len(kwargs) + len(saved.bound_inputs)
-                or any(arg.type != inputs[arg.name].dtype.as_datatype_enum
-                       for arg in fdef.signature.input_arg[:len(kwargs)])
-                or [a.type for a in fdef.signature.output_arg] !=
-                [outputs[n].dtype.as_datatype_enum for n in output_names]):
+        if (
+            set(inputs) != set(kwargs)
+            or len(fdef.signature.input_arg) != len(kwargs) + len(saved.bound_inputs)
+            or any(
+                arg.type != inputs[arg.name].dtype.as_datatype_enum for arg in fdef.signature.input_arg[: len(kwargs)]
+            )
+            or [a.type for a in fdef.signature.output_arg] != [outputs[n].dtype.as_datatype_enum for n in output_names]
+        ):
             raise _NotLoadable(f"signature {signature}: its function's arguments are not its inputs")
         specs[signature] = inputs, output_names
 
     order = _callees_first(entries.values(), library)  # the functions the signatures reach
 
     model = SignatureModel()
-    captured_by_node = _captured_values(path, meta_graph, {i for name in entries.values()
-                                                             for i in graph.concrete_functions[name].bound_inputs})
+    captured_by_node = _captured_values(
+        path, meta_graph, {i for name in entries.values() for i in graph.concrete_functions[name].bound_inputs}
+    )
     model.variables = [v for v in captured_by_node.values() if isinstance(v, tf.Variable)]
     suffix = _name_suffix(order, library)
     renamed = {name: types.SimpleNamespace(name=name + suffix) for name in order}
@@ -236,8 +244,11 @@ def _load_signatures(path: Path, meta_graph) -> SignatureModel:
     for signature, name in entries.items():
         captured = [captured_by_node[i] for i in graph.concrete_functions[name].bound_inputs]
         model.signatures[signature] = SignatureFunction(
-            renamed[name].name, *specs[signature], [v.handle if isinstance(v, tf.Variable) else v for v in captured],
-            model)
+            renamed[name].name,
+            *specs[signature],
+            [v.handle if isinstance(v, tf.Variable) else v for v in captured],
+            model,
+        )
     return model
 
 
@@ -322,7 +333,8 @@ def _captured_values(path: Path, meta_graph, node_ids: set[int]) -> dict:
         return tf.raw_ops.RestoreV2(prefix=prefix, tensor_names=keys, shape_and_slices=[""] * len(keys), dtypes=dtypes)
 
     checkpoint = trackable_object_graph_pb2.TrackableObjectGraph.FromString(
-        restore(["_CHECKPOINTABLE_OBJECT_GRAPH"], [tf.string])[0].numpy())
+        restore(["_CHECKPOINTABLE_OBJECT_GRAPH"], [tf.string])[0].numpy()
+    )
     in_checkpoint = {0: 0}  # object graph id -> checkpoint object graph id, matched by child names from the root
     pending = [0]
     while pending:
@@ -334,8 +346,11 @@ def _captured_values(path: Path, meta_graph, node_ids: set[int]) -> dict:
                 pending.append(child.node_id)
     keys = []
     for i in variables:
-        found = [a.checkpoint_key for a in checkpoint.nodes[in_checkpoint[i]].attributes
-                 if a.name == "VARIABLE_VALUE"] if i in in_checkpoint else []
+        found = (
+            [a.checkpoint_key for a in checkpoint.nodes[in_checkpoint[i]].attributes if a.name == "VARIABLE_VALUE"]
+            if i in in_checkpoint
+            else []
+        )
         if len(found) != 1:
             raise _NotLoadable(f"variable {graph.nodes[i].variable.name} is not in the checkpoint")
         keys.append(found[0])

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import tensorflow as tf
@@ -45,11 +45,14 @@ class _SignatureFacts:
 
     def __init__(self, loaded: LoadedVersion, signature: str, fn):
         sig_def = loaded.signature_defs[signature]
-        self.inputs = tuple((key, sig_def.inputs[key].dtype, tuple(d.size for d in sig_def.inputs[key].tensor_shape.dim))
-                            for key in sorted(sig_def.inputs))
+        self.inputs = tuple(
+            (key, sig_def.inputs[key].dtype, tuple(d.size for d in sig_def.inputs[key].tensor_shape.dim))
+            for key in sorted(sig_def.inputs)
+        )
         self.expected = frozenset(sig_def.inputs)
-        self.outputs = tuple((name, tuple(d.size for d in info.tensor_shape.dim), info.dtype)
-                             for name, info in sig_def.outputs.items())
+        self.outputs = tuple(
+            (name, tuple(d.size for d in info.tensor_shape.dim), info.dtype) for name, info in sig_def.outputs.items()
+        )
         self.output_names = frozenset(sig_def.outputs)
         self.vocab_size = vocab_size(loaded)
         self.flat_order = _flat_order(fn, self.expected)
@@ -71,7 +74,7 @@ def _flat_order(fn, expected: frozenset) -> tuple[str, ...] | None:
     return order if set(order) == expected and len(order) == len(expected) else None
 
 
-_FACTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # loaded function -> {signature: facts}
+_FACTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # loaded function -> {signature: facts}
 _FACTS_LOCK = threading.Lock()
 
 
@@ -158,7 +161,7 @@ class SignatureCall:
         self.facts = _signature_facts(loaded, name, fn)
 
     @classmethod
-    def of(cls, loaded: LoadedVersion, name: str) -> "SignatureCall":
+    def of(cls, loaded: LoadedVersion, name: str) -> SignatureCall:
         """Looks ``name`` up on ``loaded`` (its XLA twin where XLA is on).
 
         Args:
@@ -212,8 +215,9 @@ class SignatureCall:
             ServingError: INVALID_ARGUMENT naming the input (or the limit).
         """
         request_limits.check_request_tensors(request_inputs, limits)
-        self._check_signature({key: (proto.dtype, [d.size for d in proto.tensor_shape.dim])
-                               for key, proto in request_inputs.items()})
+        self._check_signature(
+            {key: (proto.dtype, [d.size for d in proto.tensor_shape.dim]) for key, proto in request_inputs.items()}
+        )
         arrays = {}
         for key, _, _ in self.facts.inputs:
             try:
@@ -244,15 +248,21 @@ class SignatureCall:
         expected, names = self.facts.expected, set(given)
         if names != expected:
             if names - expected:
-                raise ServingError("INVALID_ARGUMENT", f"unexpected input(s) {sorted(names - expected)} for "
-                                                       f"signature {self.name!r}; it takes {sorted(expected)}")
-            raise ServingError("INVALID_ARGUMENT", f"missing input(s) {sorted(expected - names)} for signature "
-                                                   f"{self.name!r}")
+                raise ServingError(
+                    "INVALID_ARGUMENT",
+                    f"unexpected input(s) {sorted(names - expected)} for "
+                    f"signature {self.name!r}; it takes {sorted(expected)}",
+                )
+            raise ServingError(
+                "INVALID_ARGUMENT", f"missing input(s) {sorted(expected - names)} for signature {self.name!r}"
+            )
         for key, dtype, dims in self.facts.inputs:
             given_dtype, shape = given[key]
             if given_dtype != dtype:
-                raise ServingError("INVALID_ARGUMENT", f"input {key!r}: expects dtype {tf.dtypes.as_dtype(dtype).name}, "
-                                                       f"got {_dtype_name(given_dtype)}")
+                raise ServingError(
+                    "INVALID_ARGUMENT",
+                    f"input {key!r}: expects dtype {tf.dtypes.as_dtype(dtype).name}, got {_dtype_name(given_dtype)}",
+                )
             if len(shape) != len(dims) or any(d != -1 and d != s for d, s in zip(dims, shape)):
                 want = "[" + ", ".join("?" if d == -1 else str(d) for d in dims) + "]"
                 raise ServingError("INVALID_ARGUMENT", f"input {key!r}: expects shape {want}, got {shape}")

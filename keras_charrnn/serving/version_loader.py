@@ -11,7 +11,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import tensorflow as tf
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
@@ -53,16 +53,17 @@ class LoadedVersion:
                 must be compiled and XLA is off (as ``tensorflow_model_server`` answers).
         """
         if name not in self.signature_defs or name not in self.module.signatures:
-            raise ServingError("FAILED_PRECONDITION",
-                               f'Serving signature name: "{name}" not found in signature def '
-                               f"(model {self.name} version {self.version} has: {', '.join(sorted(self.signature_defs))})")
+            raise ServingError(
+                "FAILED_PRECONDITION",
+                f'Serving signature name: "{name}" not found in signature def '
+                f"(model {self.name} version {self.version} has: {', '.join(sorted(self.signature_defs))})",
+            )
         if name in self.must_compile and not self.xla:
             raise ServingError("INTERNAL", XLA_DISABLED_MESSAGE)  # what tensorflow_model_server answers without XLA
         twin = xla_twin(name)
         if self.xla and twin in self.signature_defs and twin in self.module.signatures:
             return self.module.signatures[twin]
         return self.module.signatures[name]
-
 
 
 _QUOTED_PATH = re.compile(r"""(['"])(?:[A-Za-z]:)?[/\\][^'"]*\1""")  # '/any/path with spaces'
@@ -128,12 +129,18 @@ def load_version(name: str, version: int, path: Path, xla: bool = True) -> Loade
         if not key.startswith("__"):  # copies: a part of the parsed SavedModel would keep all of it alive
             signature_defs[key] = meta_graph_pb2.SignatureDef()
             signature_defs[key].CopyFrom(sig_def)
-    loaded = LoadedVersion(name, version, path, module, signature_defs, xla,
-                           frozenset(must_compile_signatures(serve[0])))
+    loaded = LoadedVersion(
+        name, version, path, module, signature_defs, xla, frozenset(must_compile_signatures(serve[0]))
+    )
     del meta, serve
     records = warmup.replay(path, lambda signature, inputs: _warm_up(loaded, signature, inputs))
-    log.info("model %s version %d: ran %d warm-up record(s)%s", name, version, records,
-             "" if loaded.xla or not xla else " (without XLA: the XLA twins failed)")
+    log.info(
+        "model %s version %d: ran %d warm-up record(s)%s",
+        name,
+        version,
+        records,
+        "" if loaded.xla or not xla else " (without XLA: the XLA twins failed)",
+    )
     return loaded
 
 
@@ -145,8 +152,11 @@ def _warm_up(loaded: LoadedVersion, signature: str, inputs: dict) -> None:
     except tf.errors.OpError as exc:
         if not (loaded.xla and is_xla_unavailable(exc.message) and signature not in loaded.must_compile):
             raise InputError(f"warm-up record of {signature} failed: {graph_error_message(exc.message)}") from None
-        log.warning("model %s version %d: XLA twin failed (%s); serving the plain signatures",
-                    loaded.name, loaded.version, exc.message.splitlines()[0])
+        log.warning(
+            "model %s version %d: XLA twin failed (%s); serving the plain signatures",
+            loaded.name,
+            loaded.version,
+            exc.message.splitlines()[0],
+        )
         loaded.xla = False
         loaded.signature(signature)(**tensors)
-

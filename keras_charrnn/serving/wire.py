@@ -24,44 +24,78 @@ _pool = descriptor_pool.DescriptorPool()
 DT_FLOAT, DT_INT32, DT_STRING, DT_INT64, DT_BOOL = 1, 3, 7, 9, 10
 
 _tf = make_messages(
-    "keras_charrnn/light_tensorflow.proto", "tensorflow",
+    "keras_charrnn/light_tensorflow.proto",
+    "tensorflow",
     {
         "TensorShapeProto_Dim": [("size", 1, "int64", False), ("name", 2, "string", False)],
         "TensorShapeProto": [("dim", 2, "TensorShapeProto_Dim", True), ("unknown_rank", 3, "bool", False)],
         "TensorProto": [
-            ("dtype", 1, "enum:DataType", False), ("tensor_shape", 2, "TensorShapeProto", False),
-            ("version_number", 3, "int32", False), ("tensor_content", 4, "bytes", False),
-            ("half_val", 13, "int32", True), ("float_val", 5, "float", True), ("double_val", 6, "double", True),
-            ("int_val", 7, "int32", True), ("string_val", 8, "bytes", True), ("int64_val", 10, "int64", True),
+            ("dtype", 1, "enum:DataType", False),
+            ("tensor_shape", 2, "TensorShapeProto", False),
+            ("version_number", 3, "int32", False),
+            ("tensor_content", 4, "bytes", False),
+            ("half_val", 13, "int32", True),
+            ("float_val", 5, "float", True),
+            ("double_val", 6, "double", True),
+            ("int_val", 7, "int32", True),
+            ("string_val", 8, "bytes", True),
+            ("int64_val", 10, "int64", True),
             ("bool_val", 11, "bool", True),
         ],
-        "TensorInfo": [("name", 1, "string", False), ("dtype", 2, "enum:DataType", False),
-                       ("tensor_shape", 3, "TensorShapeProto", False)],
-        "SignatureDef": [("inputs", 1, ("map", "string", "TensorInfo"), False),
-                         ("outputs", 2, ("map", "string", "TensorInfo"), False),
-                         ("method_name", 3, "string", False)],
+        "TensorInfo": [
+            ("name", 1, "string", False),
+            ("dtype", 2, "enum:DataType", False),
+            ("tensor_shape", 3, "TensorShapeProto", False),
+        ],
+        "SignatureDef": [
+            ("inputs", 1, ("map", "string", "TensorInfo"), False),
+            ("outputs", 2, ("map", "string", "TensorInfo"), False),
+            ("method_name", 3, "string", False),
+        ],
     },
-    enums={"DataType": {"DT_INVALID": 0, "DT_FLOAT": DT_FLOAT, "DT_INT32": DT_INT32, "DT_STRING": DT_STRING,
-                        "DT_INT64": DT_INT64, "DT_BOOL": DT_BOOL}},
+    enums={
+        "DataType": {
+            "DT_INVALID": 0,
+            "DT_FLOAT": DT_FLOAT,
+            "DT_INT32": DT_INT32,
+            "DT_STRING": DT_STRING,
+            "DT_INT64": DT_INT64,
+            "DT_BOOL": DT_BOOL,
+        }
+    },
     pool=_pool,
 )
 _serving = make_messages(
-    "keras_charrnn/light_tensorflow_serving.proto", "tensorflow.serving",
+    "keras_charrnn/light_tensorflow_serving.proto",
+    "tensorflow.serving",
     {
-        "ModelSpec": [("name", 1, "string", False), ("version", 2, ".google.protobuf.Int64Value", False),
-                      ("version_label", 4, "string", False), ("signature_name", 3, "string", False)],
-        "PredictRequest": [("model_spec", 1, "ModelSpec", False),
-                           ("inputs", 2, ("map", "string", ".tensorflow.TensorProto"), False),
-                           ("output_filter", 3, "string", True)],
-        "PredictResponse": [("model_spec", 2, "ModelSpec", False),
-                            ("outputs", 1, ("map", "string", ".tensorflow.TensorProto"), False)],
+        "ModelSpec": [
+            ("name", 1, "string", False),
+            ("version", 2, ".google.protobuf.Int64Value", False),
+            ("version_label", 4, "string", False),
+            ("signature_name", 3, "string", False),
+        ],
+        "PredictRequest": [
+            ("model_spec", 1, "ModelSpec", False),
+            ("inputs", 2, ("map", "string", ".tensorflow.TensorProto"), False),
+            ("output_filter", 3, "string", True),
+        ],
+        "PredictResponse": [
+            ("model_spec", 2, "ModelSpec", False),
+            ("outputs", 1, ("map", "string", ".tensorflow.TensorProto"), False),
+        ],
         "GetModelMetadataRequest": [("model_spec", 1, "ModelSpec", False), ("metadata_field", 2, "string", True)],
-        "GetModelMetadataResponse": [("model_spec", 1, "ModelSpec", False),
-                                     ("metadata", 2, ("map", "string", ".google.protobuf.Any"), False)],
+        "GetModelMetadataResponse": [
+            ("model_spec", 1, "ModelSpec", False),
+            ("metadata", 2, ("map", "string", ".google.protobuf.Any"), False),
+        ],
         "SignatureDefMap": [("signature_def", 1, ("map", "string", ".tensorflow.SignatureDef"), False)],
     },
-    dependencies=("keras_charrnn/light_tensorflow.proto", "google/protobuf/wrappers.proto",
-                  "google/protobuf/any.proto"),
+    dependencies=(
+        "keras_charrnn/light_tensorflow.proto",
+        "google/protobuf/wrappers.proto",
+        "google/protobuf/any.proto",
+    ),
     pool=_pool,
 )
 
@@ -106,8 +140,9 @@ def dtype_of(value: np.ndarray) -> int:
     if value.dtype == object or value.dtype.kind in "SU":
         return DT_STRING
     if value.dtype not in _DTYPE_OF:
-        raise InputError(f"value: a {value.dtype} array has no TensorProto dtype here; give float32, int32, "
-                         f"int64, bool or strings")
+        raise InputError(
+            f"value: a {value.dtype} array has no TensorProto dtype here; give float32, int32, int64, bool or strings"
+        )
     return _DTYPE_OF[value.dtype]
 
 
