@@ -45,7 +45,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 from collections.abc import Callable, Iterable
 
@@ -55,7 +54,7 @@ from tensorflow.core.protobuf import saved_model_pb2
 
 from keras_charrnn import cells, decoding, warmup
 from keras_charrnn.errors import ConfigError, InputError
-from keras_charrnn.fileio import atomic_write_dir, fsync_path
+from keras_charrnn.fileio import atomic_write_dir
 from keras_charrnn.metrics import bits_per_char
 from keras_charrnn.model import describe, recurrent_layers, state_names
 from keras_charrnn.run_folder import RunFolder
@@ -439,15 +438,30 @@ def save_savedmodel(
         ConfigError: bad warm-up batch sizes.
         InputError: the folder cannot be written.
     """
-    return _save_module(CharRNNModule(model, vocab, info, jit_compile=xla), path, warmup_batch_sizes, warmup_xla)
+    return save_module(CharRNNModule(model, vocab, info, jit_compile=xla), path, warmup_batch_sizes, warmup_xla)
 
 
-def _save_module(
+def save_module(
     module: CharRNNModule,
     path: str | os.PathLike,
     warmup_batch_sizes: Iterable[int] = warmup.DEFAULT_BATCH_SIZES,
     warmup_xla: bool = False,
 ) -> Path:
+    """Writes a module's SavedModel, with its warm-up records, to the folder ``path`` atomically.
+
+    Args:
+        module: the module (``CharRNNModule``, ``module_from_run``, ``reexport.module_from_savedmodel``).
+        path: the version folder to create; must not exist.
+        warmup_batch_sizes: the batch sizes of the warm-up records.
+        warmup_xla: warm the XLA twins too (see ``save_savedmodel``).
+
+    Returns:
+        ``path``.
+
+    Raises:
+        ConfigError: bad warm-up batch sizes.
+        InputError: the folder cannot be written.
+    """
     signatures = list(warmup.WARMUP_SIGNATURES)
     if warmup_xla and module.jit_compile:
         signatures += [xla_twin(s) for s in warmup.WARMUP_SIGNATURES if s in TWINNED]
@@ -551,91 +565,4 @@ def export_run(
     if target.exists():
         raise InputError(f"{target} already exists; choose another version")
     sizes = warmup.check_batch_sizes(list(warmup_batch_sizes), warmup.WARMUP_SIGNATURES)  # before the slow part
-    return _save_module(module_from_run(run_dir, which, xla), target, sizes, warmup_xla)
-
-
-def module_from_savedmodel(path: str | os.PathLike, xla: bool = True) -> CharRNNModule:
-    """A SavedModel of this package rebuilt by this package's code: its weights, vocabulary and facts.
-
-    The SavedModel's own graph may come from older code; only its variables and its
-    ``metadata`` (vocabulary, architecture, run facts) are taken, so the module computes
-    what this version of the package exports.
-
-    Args:
-        path: a version folder written by ``save_savedmodel`` / ``export_run``.
-        xla: add the XLA-compiled twins of the generating signatures.
-
-    Returns:
-        The module; ``named_signatures()`` runs it as a SavedModel.
-
-    Raises:
-        InputError: the folder holds no SavedModel of this package.
-
-    Example:
-
-    >>> module = module_from_savedmodel("saved_models/shakespeare/1")  # doctest: +SKIP
-    >>> module.cell, module.units                                       # doctest: +SKIP
-    ('lstm', 512)
-    """
-    from keras_charrnn.model import build_model  # the model's layers, only to carry the weights
-
-    try:
-        checkpoint = tf.train.load_checkpoint(str(Path(path) / "variables" / "variables"))
-        metadata = tf.saved_model.load(str(path)).signatures["metadata"]()
-    except (OSError, ValueError, KeyError, tf.errors.OpError) as exc:
-        raise InputError(f"{path}: not a SavedModel of this package ({str(exc).splitlines()[0]})") from None
-    config = json.loads(metadata["config"].numpy())
-    chars = [c.decode("utf-8") for c in metadata["vocabulary"].numpy()[1:]]
-
-    def weight(name):
-        return checkpoint.get_tensor(f"{name}/.ATTRIBUTES/VARIABLE_VALUE")
-
-    model = build_model(
-        len(chars) + 1,
-        config["cell"],
-        units=config["units"],
-        layers=config["layers"],
-        embedding_dim=config["embedding_dim"],
-        dropout=config.get("dropout", 0.0),
-        batch_size=None,
-        seq_len=None,
-        stateful=False,
-    )
-    model.get_layer("embedding").set_weights([weight("embedding")])
-    for i, layer in enumerate(recurrent_layers(model)):
-        layer.set_weights([weight(f"rnn/{i}/{j}") for j in range(3)])
-    model.get_layer("logits").set_weights([weight("logits_kernel"), weight("logits_bias")])
-    info = {key: config[key] for key in RUN_FACTS if key in config}
-    return CharRNNModule(model, Vocabulary(chars), info, jit_compile=xla)
-
-
-def reexport_savedmodel(
-    path: str | os.PathLike, warmup_batch_sizes: Iterable[int] = warmup.DEFAULT_BATCH_SIZES
-) -> Path:
-    """Rewrites a SavedModel in place with this package's graph: same folder, weights, vocabulary and facts.
-
-    For a bundled or long-served version whose graph should gain what a newer package
-    exports, without a new version number. The new folder is written beside the old one
-    and swapped in by renames; a server polling the base path sees either version whole.
-
-    Args:
-        path: the version folder, e.g. ``saved_models/shakespeare/1``.
-        warmup_batch_sizes: the batch sizes of the warm-up records.
-
-    Returns:
-        ``path``.
-
-    Raises:
-        InputError: the folder holds no SavedModel of this package, or cannot be written.
-    """
-    path = Path(path)
-    had = tf.saved_model.load(str(path)).signatures
-    module = module_from_savedmodel(path, xla=any(xla_twin(n) in had for n in TWINNED))
-    fresh = path.with_name(f".{path.name}.new")
-    old = path.with_name(f".{path.name}.old")
-    _save_module(module, fresh, warmup_batch_sizes)
-    os.rename(path, old)
-    os.rename(fresh, path)
-    fsync_path(path.parent)
-    shutil.rmtree(old)
-    return path
+    return save_module(module_from_run(run_dir, which, xla), target, sizes, warmup_xla)

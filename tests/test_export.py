@@ -458,3 +458,44 @@ def test_a_client_uses_the_xla_twin_where_the_server_has_xla(server, model_base)
         text = client.session("gru", prime="the ", temperature=1.0, seed=9).generate(80)
         assert "gru" not in client._without_xla
     assert text == load(model_base / "gru").generate("the ", 80, temperature=1.0, seed=9)
+
+
+def test_reexport_in_place_keeps_the_version_weights_facts_and_outputs(model_base, tmp_path):
+    import shutil
+
+    from keras_charrnn.reexport import reexport_savedmodel
+
+    version = tmp_path / "lstm" / "1"
+    shutil.copytree(model_base / "lstm" / "1", version)
+    before = tf.saved_model.load(str(version))
+    inputs = dict(
+        prime=tf.constant(["the cat"]),
+        num_chars=tf.constant([30]),
+        temperature=tf.constant([1.0]),
+        top_k=tf.constant([0]),
+        top_p=tf.constant([1.0]),
+        seed=tf.constant([5], tf.int64),
+        position=tf.constant([0], tf.int64),
+    )
+    config = json.loads(before.signatures["metadata"]()["config"].numpy())
+    zeros = {name: tf.zeros([1, config["state_size"]]) for name in config["state_names"]}
+    text = before.signatures["generate_text"](**inputs, **zeros)["text"].numpy()
+    weights = (version / "variables" / "variables.data-00000-of-00001").read_bytes()
+
+    assert reexport_savedmodel(version) == version
+    assert sorted(p.name for p in version.parent.iterdir()) == ["1"]  # nothing left beside it
+    after = tf.saved_model.load(str(version))
+    assert json.loads(after.signatures["metadata"]()["config"].numpy()) == config
+    assert sorted(after.signatures) == sorted(before.signatures)
+    assert after.signatures["generate_text"](**inputs, **zeros)["text"].numpy() == text
+    assert (version / "variables" / "variables.data-00000-of-00001").read_bytes() == weights
+    assert (version / "assets.extra" / "tf_serving_warmup_requests").is_file()
+
+
+def test_reexport_refuses_a_folder_that_is_not_a_savedmodel_of_this_package(tmp_path):
+    from keras_charrnn.reexport import reexport_savedmodel
+
+    (tmp_path / "1").mkdir()
+    with pytest.raises(InputError, match="not a SavedModel of this package"):
+        reexport_savedmodel(tmp_path / "1")
+    assert (tmp_path / "1").is_dir()
