@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import os
 import sys
 
 from keras_charrnn import __version__, demo
+from keras_charrnn.backends import JAX_MIN_UNITS, auto_backend, choose_backend
 from keras_charrnn.bundled import bundled_model_path
-from keras_charrnn.config import TrainConfig, parse_duration
+from keras_charrnn.cli_flags import add_config_flags, add_option_flags, positive_int
+from keras_charrnn.config import TrainConfig
 from keras_charrnn.errors import CharRNNError, ConfigError
 from keras_charrnn.sampling import DEFAULT_CHUNK, DEFAULT_PRIME, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P
 from keras_charrnn.serving import memory
@@ -35,75 +36,6 @@ class OneLineParser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def _optional_float(text: str) -> float | None:
-    return None if text.lower() == "none" else float(text)
-
-
-def _optional_int(text: str) -> int | None:
-    return None if text.lower() == "none" else int(text)
-
-
-def _duration(text: str) -> float | None:
-    if text.lower() == "none":
-        return None
-    try:
-        return parse_duration(text)
-    except ConfigError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-# How a TrainConfig field's annotation reads its flag's text (a field named in _FLAG_PARSERS: that parser).
-_FLAG_TYPES = {"int": int, "float": float, "str": str, "float | None": _optional_float, "int | None": _optional_int}
-_FLAG_PARSERS = {"time_budget": _duration}
-
-
-class _StoreGiven(argparse.Action):
-    """Stores a flag's value and notes that it was given (in ``namespace.given``), so ``--resume`` can tell
-    a flag typed on the command line from a default."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
-        namespace.given = frozenset(getattr(namespace, "given", frozenset())) | {self.dest}
-
-
-def _add_config_flags(p, config_class) -> None:
-    """One flag per field of a config dataclass (``batch_size`` -> ``--batch-size``), with its default and help.
-
-    Fields that a resumed run may change say so in their help.
-    """
-    p.set_defaults(given=frozenset())
-    for f in dataclasses.fields(config_class):
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata.get("help", "") + ("; may change on --resume" if f.metadata.get("on_resume") else "")
-        if f.type == "bool":
-            p.add_argument(
-                flag,
-                dest=f.name,
-                action=_StoreGiven,
-                nargs=0,
-                const=True,
-                default=f.default,
-                help=f"{help_text} (default: off)",
-            )
-            continue
-        p.add_argument(
-            flag,
-            dest=f.name,
-            action=_StoreGiven,
-            type=_FLAG_PARSERS.get(f.name, _FLAG_TYPES[str(f.type)]),
-            default=f.default,
-            choices=f.metadata.get("choices"),
-            help=f"{help_text} (default: %(default)s)",
-        )
-
-
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a model on a UTF-8 text file, a folder of them or a glob")
     p.add_argument(
@@ -112,7 +44,7 @@ def _add_train(sub) -> None:
         "or quoted glob pattern such as 'src/**/*.py'; files are joined with a blank line",
     )
     p.add_argument("--out", required=True, help="run folder (checkpoints, logs, samples, best model); required")
-    _add_config_flags(p, TrainConfig)
+    add_config_flags(p, TrainConfig)
     p.add_argument(
         "--strict",
         action="store_true",
@@ -148,76 +80,6 @@ def _add_train(sub) -> None:
     )
 
 
-JAX_MIN_UNITS = 512  # the smallest layer width measured faster on JAX than on TensorFlow (BENCHMARKS.md, CPU)
-
-
-def auto_backend(args: argparse.Namespace) -> tuple[str, str]:
-    """The backend ``charrnn train --backend auto`` trains with, and why, decided before Keras is imported.
-
-    Args:
-        args: ``charrnn train``'s parsed arguments (``resume``, ``out``, ``distribute``, ``units``).
-
-    Returns:
-        ``(backend, reason)``: the run's recorded backend on ``--resume``; else ``$KERAS_BACKEND`` when set;
-        else ``"tensorflow"`` under ``--distribute`` or when JAX is missing or the model is narrower than
-        ``JAX_MIN_UNITS``; else ``"jax"``.
-
-    Raises:
-        ConfigError: a resumed run's recorded backend is not installed.
-        InputError: the run to resume has no readable ``config.json``.
-    """
-    from keras_charrnn.run_folder import RunFolder
-
-    if args.resume:
-        recorded = RunFolder(args.out).backend()
-        if recorded is not None:
-            if importlib.util.find_spec(recorded) is None:
-                raise ConfigError(
-                    f"backend: this run trains on {recorded!r}, which is not installed here: "
-                    f"pip install 'keras-charrnn[{recorded}]', or resume with --backend NAME"
-                )
-            return recorded, "the backend this run trains on"
-    if "keras" in sys.modules:  # train() called in a process that already runs Keras
-        import keras
-
-        return keras.backend.backend(), "Keras already runs on it in this process"
-    if os.environ.get("KERAS_BACKEND"):
-        return os.environ["KERAS_BACKEND"], "$KERAS_BACKEND"
-    if args.resume:
-        return "tensorflow", "no backend recorded in this run: the default before 0.2.0"
-    if args.distribute:
-        return "tensorflow", "--distribute needs TensorFlow"
-    if importlib.util.find_spec("jax") is None:
-        return "tensorflow", "jax is not installed"
-    if args.units < JAX_MIN_UNITS:
-        return "tensorflow", f"faster than jax below {JAX_MIN_UNITS} units"
-    return "jax", f"faster than tensorflow at {JAX_MIN_UNITS}+ units"
-
-
-def _choose_backend(name: str | None) -> None:
-    """Sets KERAS_BACKEND for this process; Keras reads it once, when it is first imported.
-
-    Args:
-        name: "tensorflow" or "jax"; None leaves the environment's choice.
-
-    Raises:
-        ConfigError: the backend's package is not installed, or Keras already runs on another backend.
-    """
-    if not name:
-        return
-    if name == "jax" and importlib.util.find_spec("jax") is None:  # else Keras fails inside its own import
-        raise ConfigError("backend 'jax' needs the jax package: pip install 'keras-charrnn[jax]'")
-    if "keras" in sys.modules:
-        import keras
-
-        if keras.backend.backend() != name:
-            raise ConfigError(
-                f"backend {name!r}: Keras is already running on {keras.backend.backend()!r} in this "
-                f"process; set KERAS_BACKEND={name} before it starts"
-            )
-    os.environ["KERAS_BACKEND"] = name
-
-
 def _run_train(args) -> None:
     from keras_charrnn.run_folder import RunFolder, check_training_inputs
 
@@ -231,7 +93,7 @@ def _run_train(args) -> None:
         backend, why = auto_backend(args)
     else:
         backend, why = args.backend, "--backend"
-    _choose_backend(backend)
+    choose_backend(backend)
     print(f"charrnn train: {args.out}, backend {backend} ({why})", flush=True)
     import_tensorflow_quietly()
     from keras_charrnn.train import train
@@ -264,7 +126,7 @@ def _add_export(sub) -> None:
     p.add_argument("run_dir", help="run folder written by 'charrnn train'")
     p.add_argument("--name", required=True, help="model name (folder under --base-path)")
     p.add_argument("--base-path", default=DEFAULT_BASE_PATH, help="folder of all models (default: %(default)s)")
-    p.add_argument("--version", type=_positive_int, default=None, help="version number (default: next integer)")
+    p.add_argument("--version", type=positive_int, default=None, help="version number (default: next integer)")
     p.add_argument(
         "--which",
         choices=["best", "latest"],
@@ -333,12 +195,12 @@ MODEL_HELP = "SavedModel folder (saved_models/NAME or a version folder) or train
 
 def _add_sampling_flags(p) -> None:
     p.add_argument("--prime", default=DEFAULT_PRIME, help="text to start from (default: a newline)")
-    p.add_argument("-n", "--num-chars", type=_positive_int, default=500, help="characters to generate")
+    p.add_argument("-n", "--num-chars", type=positive_int, default=500, help="characters to generate")
     p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="0 = greedy; higher = more varied")
     p.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help="sample among the k likeliest characters (0 = off)")
     p.add_argument("--top-p", type=float, default=DEFAULT_TOP_P, help="nucleus sampling mass (1 = off)")
     p.add_argument("--seed", type=int, default=None, help="makes the text reproducible")
-    p.add_argument("--chunk", type=_positive_int, default=DEFAULT_CHUNK, help="characters per model call")
+    p.add_argument("--chunk", type=positive_int, default=DEFAULT_CHUNK, help="characters per model call")
 
 
 def _add_sample(sub) -> None:
@@ -347,7 +209,7 @@ def _add_sample(sub) -> None:
     where.add_argument("--model", help=MODEL_HELP + " (default: the bundled Shakespeare model)")
     where.add_argument("--server", help="model server address, e.g. localhost:8500")
     p.add_argument("--name", default=None, help="model name on the server (with --server)")
-    p.add_argument("--version", type=_positive_int, default=None, help="pin this model version (with --server)")
+    p.add_argument("--version", type=positive_int, default=None, help="pin this model version (with --server)")
     p.add_argument("--interactive", action="store_true", help="type a line, the model continues it; state is kept")
     _add_sampling_flags(p)
 
@@ -440,55 +302,15 @@ def _run_eval(args) -> None:
     )
 
 
-def _add_option_flags(p, options_class) -> None:
-    """One flag per field of ``ServerOptions`` (names keep their underscores, as TF Serving's flags do).
-
-    Args:
-        p: the subcommand's parser.
-        options_class: the options dataclass; each field's metadata holds its help, whether it takes
-            a positive integer, and whether a boolean takes ``true``/``false`` (else it is a switch).
-    """
-    for f in dataclasses.fields(options_class):
-        flag, help_text = "--" + f.name, f.metadata.get("help", "")
-        if f.type == "bool" and f.metadata.get("true_false"):
-            p.add_argument(
-                flag,
-                type=_true_false,
-                nargs="?",
-                const=True,
-                default=f.default,
-                help=f"{help_text} (default: {str(f.default).lower()})",
-            )
-        elif f.type == "bool":
-            p.add_argument(flag, action="store_true", help=f"{help_text} (default: off)")
-        else:
-            kind = _positive_int if f.metadata.get("positive") else _FLAG_TYPES[f.type.replace(" | None", "")]
-            p.add_argument(
-                flag,
-                type=kind,
-                default=f.default,
-                help=help_text + ("" if f.default is None else " (default: %(default)s)"),
-            )
-
-
 def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="TF Serving-compatible gRPC model server (tensorflow_model_server's flags)")
-    _add_option_flags(p, ServerOptions)
+    add_option_flags(p, ServerOptions)
     p.add_argument(
         "--log_level",
         choices=["debug", "info", "warning", "error"],
         default="info",
         help="debug also logs every call received and every batch run",
     )
-
-
-def _true_false(text: str) -> bool:
-    """TF Serving's boolean flag values: true/false (also 1/0)."""
-    if text.lower() in ("true", "1"):
-        return True
-    if text.lower() in ("false", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def _serve_flag(setting: str) -> str:
@@ -527,8 +349,8 @@ def _add_demo(sub) -> None:
     )
     p.add_argument("--name", default=None, help="model to sample (default: shakespeare, or the first found)")
     p.add_argument("--prime", default=demo.DEMO_PRIME, help="text to start from (default: %(default)s)")
-    p.add_argument("--calls", type=_positive_int, default=demo.DEMO_CALLS, help="number of gRPC calls")
-    p.add_argument("--chunk", type=_positive_int, default=DEFAULT_CHUNK, help="characters per call")
+    p.add_argument("--calls", type=positive_int, default=demo.DEMO_CALLS, help="number of gRPC calls")
+    p.add_argument("--chunk", type=positive_int, default=DEFAULT_CHUNK, help="characters per call")
     p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE)
     p.add_argument("--seed", type=int, default=demo.DEMO_SEED)
 
@@ -565,8 +387,8 @@ def _add_visualize(sub) -> None:
     p.add_argument(
         "--units", type=_int_list, default=None, help="comma-separated unit numbers (default: best-scoring first)"
     )
-    p.add_argument("--top", type=_positive_int, default=5, help="next-character guesses shown per character")
-    p.add_argument("--max-chars", type=_positive_int, default=5000, help="analyse at most this many characters")
+    p.add_argument("--top", type=positive_int, default=5, help="next-character guesses shown per character")
+    p.add_argument("--max-chars", type=positive_int, default=5000, help="analyse at most this many characters")
 
 
 def _run_visualize(args) -> None:
@@ -661,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if getattr(args, "backend", "auto") != "auto":  # a missing package is answered before anything else
-            _choose_backend(args.backend)
+            choose_backend(args.backend)
         if args.command == "serve":
             memory.lean_server_process()  # before TensorFlow is imported
             with memory.source_lines_unread():
