@@ -255,16 +255,20 @@ def compare_cells(corpora, cells: list[str], layers: int, units: int, seconds: f
             print(f"== {name}: --cell {cell} --layers {layers} --units {units} --time-budget {seconds:g}s", flush=True)
             try:
                 runs[cell] = budget_run(
-                    corpus, seconds, tmp / f"{cell}_{len(lines)}", cell=cell, layers=layers, units=units
+                    corpus, seconds, tmp / f"{cell}_{name[:6]}", cell=cell, layers=layers, units=units
                 )
             except ConfigError as exc:  # a budget too short for this corpus
-                lines.append(f"| {name} | {cell} | refused: {exc} | | | | |")
+                runs[cell] = {"refused": str(exc)}
+        scored = [r for r in runs.values() if "refused" not in r]
         for cell, r in runs.items():
+            if "refused" in r:
+                lines.append(f"| {name} | {cell} | refused: {r['refused']} | | | | |")
+                continue
             c, b = r["config"], r["budget"]
             scores = []
             for key in ("window_val_loss", "stream_val_loss"):
                 score = f"{r[key]:.3f} ({bits_per_char(r[key]):.2f})"
-                scores.append(f"**{score}**" if r[key] == min(other[key] for other in runs.values()) else score)
+                scores.append(f"**{score}**" if r[key] == min(other[key] for other in scored) else score)
             lines.append(
                 f"| {name} | {cell} | {c['layers']}x{c['units']}, {b['picked']['params']:,} params, "
                 f"batch {c['batch_size']}, seq {c['seq_len']}, dropout {c['dropout']:g}, {r['epochs_done']} epochs "
