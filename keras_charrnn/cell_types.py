@@ -248,14 +248,14 @@ def _lnlstm_recur(xw, states, weights):
 CELLS: dict[str, CellSpec] = {
     spec.name: spec
     for spec in (
-        CellSpec("lstm", "LSTM (Keras' LSTM)", "CharLSTM", ("h", "c"), 0, 4, 4, _project_with_bias, _lstm_recur),
-        CellSpec("gru", "GRU (Keras' GRU, reset_after)", "CharGRU", ("h",), 0, 3, 6, _gru_project, _gru_recur),
-        CellSpec("rnn", "SimpleRNN (tanh)", "CharSimpleRNN", ("h",), 0, 1, 1, _project_with_bias, _rnn_recur),
+        CellSpec("lstm", "Keras' LSTM", "CharLSTM", ("h", "c"), 0, 4, 4, _project_with_bias, _lstm_recur),
+        CellSpec("gru", "Keras' GRU, reset_after", "CharGRU", ("h",), 0, 3, 6, _gru_project, _gru_recur),
+        CellSpec("rnn", "Keras' SimpleRNN, tanh", "CharSimpleRNN", ("h",), 0, 1, 1, _project_with_bias, _rnn_recur),
         # Weights: both kernels, the input and recurrent layer norms' gain and bias (4 * units each), the
         # cell state's layer norm gain and bias (units each): 4 + 4 + 4 + 4 + 1 + 1 vectors of units.
         CellSpec(
             "lnlstm",
-            "layer-normalised LSTM (Ba et al. 2016)",
+            "layer-normalised LSTM, Ba et al. 2016",
             "CharLNLSTM",
             ("h", "c"),
             0,
