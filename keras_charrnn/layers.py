@@ -25,7 +25,7 @@ from __future__ import annotations
 import keras
 from keras.src.utils.tracking import no_automatic_dependency_tracking  # what Keras' RNN uses for its states
 
-from keras_charrnn.cell_types import LN_EPSILON, RowOps, lnlstm_input, lnlstm_step
+from keras_charrnn.cell_types import RowOps, lnlstm_input, lnlstm_step
 from keras_charrnn.errors import ConfigError
 
 
@@ -183,15 +183,16 @@ class LNLSTMCell(keras.layers.Layer):
     gate (Keras' ``unit_forget_bias``), every other bias at 0 and every gain at 1. The math is
     ``cell_types.lnlstm_input``/``lnlstm_step``, the same code the exported twin runs on TF ops.
 
+    ``epsilon`` is ``cell_types.LN_EPSILON``, the twin's too.
+
     Args:
         units: the size of ``h`` and ``c``.
-        epsilon: added to each variance.
         **kwargs: ``keras.layers.Layer``'s (``name``, ``dtype``).
 
     Example:
 
     >>> layer = keras.layers.RNN(LNLSTMCell(8), return_sequences=True)
-    >>> layer(keras.ops.ones((2, 5, 3))).shape
+    >>> tuple(layer(keras.ops.ones((2, 5, 3))).shape)
     (2, 5, 8)
 
     Weights (``get_weights()`` order): ``kernel`` [inputs, 4u], ``recurrent_kernel`` [u, 4u],
@@ -199,10 +200,9 @@ class LNLSTMCell(keras.layers.Layer):
     ``cell_bias`` [u].
     """
 
-    def __init__(self, units: int, epsilon: float = LN_EPSILON, **kwargs):
+    def __init__(self, units: int, **kwargs):
         super().__init__(**kwargs)
         self.units = units
-        self.epsilon = epsilon
         self.state_size = [units, units]
         self.output_size = units
 
@@ -236,7 +236,7 @@ class LNLSTMCell(keras.layers.Layer):
         return [keras.ops.zeros((batch_size, d), dtype=self.compute_dtype) for d in self.state_size]
 
     def get_config(self) -> dict:
-        return {**super().get_config(), "units": self.units, "epsilon": self.epsilon}
+        return {**super().get_config(), "units": self.units}
 
 
 @keras.saving.register_keras_serializable(package="keras_charrnn")
@@ -245,18 +245,17 @@ class CharLNLSTM(StatefulStatesMixin, keras.layers.RNN):
 
     Args:
         units: the size of ``h`` and ``c``.
-        epsilon: added to each layer norm's variance.
         **kwargs: ``keras.layers.RNN``'s (``return_sequences``, ``stateful``, ``name``, ...).
 
     Example:
 
     >>> layer = CharLNLSTM(8, return_sequences=True)
-    >>> layer(keras.ops.ones((2, 5, 3))).shape
+    >>> tuple(layer(keras.ops.ones((2, 5, 3))).shape)
     (2, 5, 8)
     """
 
-    def __init__(self, units: int, epsilon: float = LN_EPSILON, **kwargs):
-        super().__init__(LNLSTMCell(units, epsilon=epsilon, name="lnlstm_cell"), **kwargs)
+    def __init__(self, units: int, **kwargs):
+        super().__init__(LNLSTMCell(units, name="lnlstm_cell"), **kwargs)
 
     @property
     def units(self) -> int:
@@ -265,7 +264,7 @@ class CharLNLSTM(StatefulStatesMixin, keras.layers.RNN):
     def get_config(self) -> dict:
         config = super().get_config()
         del config["cell"]
-        return {**config, "units": self.cell.units, "epsilon": self.cell.epsilon}
+        return {**config, "units": self.cell.units}
 
     @classmethod
     def from_config(cls, config):
