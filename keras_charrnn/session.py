@@ -82,7 +82,9 @@ class ModelInfo:
     limits: dict = field(default_factory=dict)
 
     @classmethod
-    def from_config(cls, name: str, config: dict, version: int | None = None, limits: dict | None = None) -> ModelInfo:
+    def from_config(
+        cls, name: str, config: dict, version: int | None = None, limits: dict | None = None
+    ) -> ModelInfo:
         """Reads the facts from a model's ``metadata`` config.
 
         Args:
