@@ -25,8 +25,14 @@ weights (the budget run's ``best.keras``; the baseline's weights kept at its bes
 
 The budget run's own validation loss, as ``charrnn train`` reported it, is shown too.
 
+With ``--cells A,B`` it compares cell types instead (e.g. the layer-normalised LSTM against the plain one):
+each cell gets a ``--time-budget`` run of the same size (``--layers`` x ``--units``, kept by the budget, which
+picks only the batch shape, dropout and schedule) and the same wall-clock budget, one after the other in the
+same process, scored the same two ways.
+
     python bench/quality.py --minutes 10              # writes BENCHMARKS.md's "quality" section
     python bench/quality.py --minutes 0.3 --no-write  # a smoke test
+    python bench/quality.py --cells lstm,lnlstm --layers 2 --units 256 --minutes 10  # "quality_cells"
 """
 
 from __future__ import annotations
@@ -123,8 +129,12 @@ def score_streams(model, ids, seq_len: int) -> float:
     return total / count
 
 
-def budget_run(corpus: Path, seconds: float, out: Path) -> dict:
-    """The package's ``--time-budget`` run on ``corpus``: its wall time, choice and held-out losses."""
+def budget_run(corpus: Path, seconds: float, out: Path, **given) -> dict:
+    """The package's ``--time-budget`` run on ``corpus``: its wall time, choice and held-out losses.
+
+    ``given`` are ``TrainConfig`` fields the budget keeps (``cell``, ``layers``, ``units``), as flags given to
+    ``charrnn train --time-budget`` are; it picks the rest."""
+    from keras_charrnn.budget import plan_budget
     from keras_charrnn.config import TrainConfig
     from keras_charrnn.corpus import load_corpus
     from keras_charrnn.run_folder import RunFolder
@@ -132,7 +142,8 @@ def budget_run(corpus: Path, seconds: float, out: Path) -> dict:
     from keras_charrnn.train import train
 
     start = time.perf_counter()
-    train(corpus, out, TrainConfig(time_budget=seconds, val_frac=VAL_FRAC), verbose=0)
+    config, stop = plan_budget(corpus, out, TrainConfig(time_budget=seconds, val_frac=VAL_FRAC, **given), set(given))
+    train(corpus, out, config, callbacks=[stop], verbose=0)
     elapsed = time.perf_counter() - start
     run = RunFolder(out)
     record = run.record()
@@ -231,12 +242,68 @@ def _versus(ours: dict, base: dict, key: str) -> str:
     return f"**{fa}** / {fb}" if a < b else f"{fa} / **{fb}**"
 
 
+def compare_cells(corpora, cells: list[str], layers: int, units: int, seconds: float, tmp: Path) -> list[str]:
+    """Table rows of one ``--time-budget`` run per cell type and corpus, all of ``layers`` x ``units`` and
+    ``seconds``; the lowest score per corpus in bold."""
+    from keras_charrnn.errors import ConfigError
+    from keras_charrnn.metrics import bits_per_char
+
+    lines = []
+    for name, corpus in corpora:
+        runs = {}
+        for cell in cells:
+            print(f"== {name}: --cell {cell} --layers {layers} --units {units} --time-budget {seconds:g}s", flush=True)
+            try:
+                runs[cell] = budget_run(
+                    corpus, seconds, tmp / f"{cell}_{name[:6]}", cell=cell, layers=layers, units=units
+                )
+            except ConfigError as exc:  # a budget too short for this corpus
+                runs[cell] = {"refused": str(exc)}
+        scored = [r for r in runs.values() if "refused" not in r]
+        for cell, r in runs.items():
+            if "refused" in r:
+                lines.append(f"| {name} | {cell} | refused: {r['refused']} | | | | |")
+                continue
+            c, b = r["config"], r["budget"]
+            scores = []
+            for key in ("window_val_loss", "stream_val_loss"):
+                score = f"{r[key]:.3f} ({bits_per_char(r[key]):.2f})"
+                scores.append(f"**{score}**" if r[key] == min(other[key] for other in scored) else score)
+            lines.append(
+                f"| {name} | {cell} | {c['layers']}x{c['units']}, {b['picked']['params']:,} params, "
+                f"batch {c['batch_size']}, seq {c['seq_len']}, dropout {c['dropout']:g}, {r['epochs_done']} epochs "
+                f"({b['picked']['chars_per_s']:,.0f} chars/s) | {r['seconds']:.0f} s | {scores[0]} | {scores[1]} | "
+                f"{r['own_val_loss']:.3f} |"
+            )
+    return lines
+
+
+def cells_section(lines: list[str], cells: list[str], layers: int, units: int, minutes: float) -> str:
+    """BENCHMARKS.md's "quality_cells" section around ``compare_cells``' rows."""
+    return (
+        "## Cell types under the same time budget\n\n"
+        f"`python bench/quality.py --cells {','.join(cells)} --layers {layers} --units {units} --minutes {minutes:g}`: "
+        f"`charrnn train --cell CELL --layers {layers} --units {units} --time-budget {minutes:g}m` for each cell, one "
+        "after the other on the same machine (the budget keeps the size and picks the batch shape, dropout and "
+        "schedule), last 10% of each corpus held out, each run's best validation epoch, scored as in \"Quality under a "
+        'time budget" (*windows*, *streams*; mean nats/char, bits/char in brackets, the lowest per corpus in bold; '
+        "*own*: the run's validation loss as `charrnn train` reported it).\n\n"
+        "| corpus | cell | model and schedule | wall time | windows | streams | own |\n"
+        "|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=10.0, help="the time budget of each run (default: 10)")
     parser.add_argument("--shakespeare", type=Path, default=SHAKESPEARE, help="tinyshakespeare.txt")
     parser.add_argument("--code-mb", type=float, default=3.0, help="size of the Python source corpus (default: 3)")
     parser.add_argument("--no-write", action="store_true", help="print the table only, not into BENCHMARKS.md")
+    parser.add_argument(
+        "--cells", help="compare these cell types (e.g. lstm,lnlstm) at --layers x --units and the same budget"
+    )
+    parser.add_argument("--layers", type=int, default=2, help="with --cells: recurrent layers (default: 2)")
+    parser.add_argument("--units", type=int, default=256, help="with --cells: units per layer (default: 256)")
     args = parser.parse_args()
     seconds = args.minutes * 60
 
@@ -245,7 +312,21 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         code = make_code_corpus(Path(tmp) / "python_source.txt", args.code_mb)
-        for name, corpus in (("tinyshakespeare", args.shakespeare), (f"Python source ({args.code_mb:g} MB)", code)):
+        corpora = [("tinyshakespeare", args.shakespeare), (f"Python source ({args.code_mb:g} MB)", code)]
+        if args.cells:
+            cells = args.cells.split(",")
+            body = cells_section(
+                compare_cells(corpora, cells, args.layers, args.units, seconds, Path(tmp)),
+                cells,
+                args.layers,
+                args.units,
+                args.minutes,
+            )
+            print(body)
+            if not args.no_write:
+                update_section("quality_cells", body)
+            return
+        for name, corpus in corpora:
             print(f"== {name}: --time-budget {seconds:g}s", flush=True)
             try:
                 ours = budget_run(corpus, seconds, Path(tmp) / f"run_{len(rows)}")

@@ -47,8 +47,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np  # noqa: E402
 
 BATCH, SEQ, EMB, LAYERS, LR, CLIP = 64, 100, 64, 2, 2e-3, 5.0
-CELLS = ("lstm", "gru", "rnn")
-GATES = {"lstm": 4, "gru": 3, "rnn": 1}
+CELLS = ("lstm", "gru", "rnn")  # the cells PyTorch has too
 GOALS = {"lstm": 1.0, "gru": 1.3, "rnn": 1.3}  # issue 13: fastest backend vs PyTorch
 BACKENDS = ("tensorflow", "jax", "keras-torch", "torch")  # "torch" is PyTorch itself, the reference
 CPU_BACKENDS = ("tensorflow", "jax", "torch")
@@ -77,8 +76,11 @@ def train_flop_per_char(cell: str, units: int, vocab: int, layers: int = LAYERS,
     >>> round(train_flop_per_char("lstm", 512, 65) / 1e6, 1)
     19.9
     """
-    macs = sum(GATES[cell] * units * ((emb if i == 0 else units) + units) for i in range(layers)) + units * vocab
-    return 3 * 2 * macs
+    from keras_charrnn.cell_types import cell_spec  # pure Python: no TensorFlow on the GPU machine either
+
+    spec = cell_spec(cell)
+    forward = sum(spec.flops_per_char(emb if i == 0 else units, units) for i in range(layers)) + 2 * units * vocab
+    return 3 * forward
 
 
 # ------------------------------------------------------------------------------------------------- workers

@@ -1,6 +1,7 @@
 """keras-charrnn: character-level RNN language models on Keras, served with TF Serving's gRPC API.
 
-The pipeline, one module each (README.md, "Layout"): ``corpus``, ``vocab`` -> ``tbptt`` -> ``model`` -> ``train``
+The pipeline, one module each (README.md, "Layout"): ``corpus``, ``vocab`` -> ``tbptt`` ->
+``model`` (``cell_types``, ``layers``) -> ``train``
 (``callbacks``, ``checkpoint``) -> ``export`` (``cells``, ``decoding``) ->
 ``serving`` (server and gRPC client) -> ``inprocess`` (``session``, ``sampling``) ->
 ``analysis`` -> ``report``.

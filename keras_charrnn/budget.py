@@ -38,6 +38,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from keras_charrnn.cell_types import cell_spec
 from keras_charrnn.config import TrainConfig
 from keras_charrnn.corpus import load_corpus
 from keras_charrnn.errors import ConfigError
@@ -66,35 +67,29 @@ PROBE_STEPS = 3  # timed steps per candidate after the first (tracing) step
 PROBE_MIN_SECONDS = 0.3  # and at least this long (up to 20 steps)
 SAVE_SECONDS = 1.0  # estimate of writing best.keras, state.npz and the curves at an epoch end
 CHOSEN = ("layers", "units", "batch_size", "seq_len", "epochs", "dropout", "schedule_steps")
-GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 
 
 def count_params(cell: str, layers: int, units: int, embedding_dim: int, vocab_size: int) -> int:
     """Trainable parameters of a ``model.build_model`` model (embedding, recurrent layers, output layer).
 
     Args:
-        cell: ``lstm``, ``gru`` or ``rnn``.
+        cell: a cell type of ``cell_types.CELLS``.
         layers: recurrent layers.
         units: units per layer.
         embedding_dim: the embedding's size.
         vocab_size: ids in the vocabulary.
 
     Returns:
-        The parameter count (Keras' GRU keeps two bias vectors per gate).
+        The parameter count (each layer's as ``CellSpec.params`` counts it).
 
     Example:
 
     >>> count_params("lstm", 2, 256, 64, 66)
     875202
     """
-    gates = GATES[cell]
-    biases = 2 if cell == "gru" else 1
+    spec = cell_spec(cell)
     total = vocab_size * embedding_dim + units * vocab_size + vocab_size
-    inputs = embedding_dim
-    for _ in range(layers):
-        total += gates * (units * (inputs + units) + biases * units)
-        inputs = units
-    return total
+    return total + sum(spec.params(embedding_dim if i == 0 else units, units) for i in range(layers))
 
 
 def _now() -> float:

@@ -1,26 +1,17 @@
-"""The recurrent cells as plain TensorFlow ops on Keras' weights.
+"""The exported model's batch-invariant TensorFlow ops: matrix products, row means, division by a row's scalar.
 
-Each cell is split in two, as cuDNN and PyTorch do it: ``project`` computes
-the input's contribution for every time step at once (one large matmul),
-``recur`` advances the state one step using only the recurrent matmul. The
-math and weight layout are those of ``keras.layers.LSTM``, ``GRU``
-(``reset_after=True``) and ``SimpleRNN``, so the exported stateless model
-computes what the trained stateful model computes; ``tests/test_export.py``
-checks the equality to 1e-5.
-
-``weights`` is ``[kernel, recurrent_kernel, bias]`` as ``layer.get_weights()``
-returns them.
-
-Every matrix product goes through ``matmul``, which makes each row's result
-bitwise independent of how many rows share the product (batch invariance, see
-``matmul``); ``tests/test_batch_invariance.py`` checks it end to end.
+Every matrix product of the exported model goes through ``matmul`` (or
+``matmul_rows``), which makes each row's result bitwise independent of how many
+rows share the product (batch invariance, see ``matmul``), every mean over a
+row through ``row_mean``, a product too, and every division by one number per
+row through ``divide_rows``. The cells' own math, as TF ops on these, is in
+``cell_types.py``; ``tests/test_batch_invariance.py`` checks the invariance end
+to end.
 """
 
 from __future__ import annotations
 
 import tensorflow as tf
-
-from keras_charrnn.errors import ConfigError
 
 try:  # how Keras and TF's own layers tell an XLA-compiled trace from a plain one
     from tensorflow.python.ops.control_flow_util import GraphOrParentsInXlaContext as _in_xla_context
@@ -111,31 +102,49 @@ def matmul_rows(x, w):
     return tf.reshape(y, tf.concat([tf.shape(x)[:-1], [w.shape[1]]], 0))
 
 
-def project(cell: str, x, weights):
-    """The input's share of the pre-activations, for inputs of any leading shape."""
-    kernel, _, bias = weights
-    return matmul_rows(x, kernel) + (bias[0] if cell == "gru" else bias)
+def row_mean(x):
+    """The mean of each row of ``x`` over its last axis, through ``matmul_rows``: batch-invariant like it.
+
+    A reduction op (``tf.reduce_mean``) may pick its code from the whole shape (TensorFlow
+    folds a lone row into a full reduction of one vector); a product of each row with a
+    column of ones is the same ``[1, N] x [N, 1]`` product for every row, whatever the rows
+    beside it.
+
+    Args:
+        x: float32 [..., N] with a static last dimension.
+
+    Returns:
+        float32 [..., 1], ``tf.reduce_mean(x, -1, keepdims=True)`` up to rounding.
+
+    Example:
+
+    >>> row_mean(tf.constant([[1.0, 2.0, 3.0], [4.0, 4.0, 4.0]])).numpy().tolist()
+    [[2.0], [4.0]]
+    """
+    n = x.shape[-1]
+    return matmul_rows(x, tf.ones([n, 1], x.dtype)) / n
 
 
-def recur(cell: str, xw, states, weights):
-    """One step from the projected input ``xw`` [B, G] and ``states``; returns ``(h, states)``."""
-    _, recurrent_kernel, bias = weights
-    if cell == "lstm":
-        h, c = states
-        i, f, g, o = tf.split(xw + matmul(h, recurrent_kernel), 4, axis=-1)
-        c = tf.sigmoid(f) * c + tf.sigmoid(i) * tf.tanh(g)
-        h = tf.sigmoid(o) * tf.tanh(c)
-        return h, (h, c)
-    if cell == "gru":
-        (h,) = states
-        xz, xr, xh = tf.split(xw, 3, axis=-1)
-        hz, hr, hh = tf.split(matmul(h, recurrent_kernel) + bias[1], 3, axis=-1)
-        z = tf.sigmoid(xz + hz)
-        r = tf.sigmoid(xr + hr)
-        h = z * h + (1.0 - z) * tf.tanh(xh + r * hh)
-        return h, (h,)
-    if cell == "rnn":
-        (h,) = states
-        h = tf.tanh(xw + matmul(h, recurrent_kernel))
-        return h, (h,)
-    raise ConfigError(f"cell must be lstm, gru or rnn, got {cell!r}")
+def divide_rows(x, d):
+    """``x / d`` for one divisor per row, batch-invariant: the divisor is broadcast to ``x``'s shape first.
+
+    Grappler and XLA rewrite ``x / sqrt(v)`` as ``x * rsqrt(v)`` (and ``1 / d`` as a
+    reciprocal). On a ``[B, 1]`` column the CPU kernels compute ``rsqrt`` with vector
+    instructions (an approximation refined by a Newton step) for whole vectors of rows
+    and with scalar code (exact) for the rows left over, so a row's bits would depend on
+    ``B``. Divided by its own divisor broadcast to ``[B, N]``, every element is one exact
+    (correctly rounded) division, whatever the rows beside it.
+
+    Args:
+        x: float32 [..., N].
+        d: float32 [..., 1], one divisor per row.
+
+    Returns:
+        float32 [..., N], ``x / d``.
+
+    Example:
+
+    >>> divide_rows(tf.constant([[2.0, 4.0], [3.0, 6.0]]), tf.constant([[2.0], [3.0]])).numpy().tolist()
+    [[1.0, 2.0], [1.0, 2.0]]
+    """
+    return x / tf.broadcast_to(d, tf.shape(x))

@@ -23,10 +23,10 @@ import textwrap
 from dataclasses import dataclass, field
 from typing import Any
 
+from keras_charrnn.cell_types import CELLS, cell_spec
 from keras_charrnn.errors import ConfigError
 from keras_charrnn.sampling import MAX_CHARS_PER_CALL
 
-CELLS = ("lstm", "gru", "rnn")
 LR_SCHEDULES = ("cosine", "constant")
 
 
@@ -111,7 +111,9 @@ class TrainConfig:
     >>> TrainConfig(units=64, epochs=2).validate()
     """
 
-    cell: str = _field("lstm", "recurrent cell", CELLS)
+    cell: str = _field(
+        "lstm", "recurrent cell: " + ", ".join(f"{s.name} ({s.about})" for s in CELLS.values()), tuple(CELLS)
+    )
     layers: int = _field(2, "stacked recurrent layers")
     units: int = _field(512, "units per recurrent layer")
     embedding_dim: int = _field(64, "size of each character's embedding")
@@ -167,8 +169,7 @@ class TrainConfig:
         Raises:
             ConfigError: a field is out of range; the message names it (``lr must be positive``).
         """
-        if self.cell not in CELLS:
-            raise ConfigError(f"cell must be one of {', '.join(CELLS)}, got {self.cell!r}")
+        cell_spec(self.cell)
         for name in ("layers", "units", "embedding_dim", "batch_size", "seq_len", "epochs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")

@@ -8,7 +8,7 @@ How it works (``train(..., strategy="mirrored")`` does all of it):
   per-replica batch ``batch_size // replicas``. Keras' ``fit`` distributes the batches:
   replica r (across workers: worker w's replica r, in order) gets rows
   ``r*B/R ... (r+1)*B/R - 1`` of every batch, so it owns a contiguous share of the streams.
-- Each recurrent layer's hidden states (``model.CharLSTM`` etc.) are
+- Each recurrent layer's hidden states (``layers.CharLSTM`` etc.) are
   ``synchronization="on_read", aggregation="none"`` variables: every replica reads and
   writes its own copy, the state of its own streams, from one batch to the next.
   ``read_states``/``write_states`` gather and split them in stream order, so checkpoints

@@ -36,7 +36,7 @@ records (``keras_charrnn.warmup``).
 Besides the signatures, the object has a ``keras_step`` function (``step`` taking
 one dict) for ``keras.layers.TFSMLayer``.
 
-States are named ``h_0``, ``c_0`` (LSTM only), ``h_1``, ... and are float32
+States are named ``h_0``, ``c_0`` (the LSTMs only), ``h_1``, ... and are float32
 [B, units]; the zero state starts a session.
 """
 
@@ -53,6 +53,7 @@ import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
 from keras_charrnn import cells, decoding, warmup
+from keras_charrnn.cell_types import cell_spec
 from keras_charrnn.errors import ConfigError, InputError
 from keras_charrnn.fileio import atomic_write_dir
 from keras_charrnn.metrics import bits_per_char
@@ -87,6 +88,7 @@ class CharRNNModule(tf.Module):
                 f"give the vocabulary the model was trained with"
             )
         self.cell, self.units, self.num_layers = spec["cell"], spec["units"], spec["layers"]
+        self.cell_spec = cell_spec(self.cell)
         self.vocab_size = vocab.size
         self.state_names = tuple(state_names(self.cell, self.num_layers))
         self.embedding = tf.Variable(model.get_layer("embedding").get_weights()[0], trainable=False, name="embedding")
@@ -161,10 +163,10 @@ class CharRNNModule(tf.Module):
         active = tf.range(steps)[:, None] < lengths[None, :]  # [T, B]
         new_states, layer_outputs = [], []
         for weights, states in zip(self.rnn, self._split_states(flat_states)):
-            xw = cells.project(self.cell, x, weights)  # every step's input projection at once
+            xw = self.cell_spec.project(x, weights)  # every step's input projection at once
 
-            def body(t, states, outputs):
-                h, updated = cells.recur(self.cell, xw[t], states, weights)
+            def body(t, states, outputs, xw=xw, weights=weights):  # this layer's, bound now
+                h, updated = self.cell_spec.recur(xw[t], states, weights)
                 keep = active[t][:, None]
                 updated = tuple(tf.where(keep, new, old) for new, old in zip(updated, states))
                 return t + 1, updated, outputs.write(t, h)
@@ -176,7 +178,7 @@ class CharRNNModule(tf.Module):
             layer_outputs.append(x)
             new_states.extend(states)
         # The top layer's h state is its output after each row's last active step.
-        last_h = new_states[-2] if self.cell == "lstm" else new_states[-1]
+        last_h = self.cell_spec.output(new_states[-len(self.cell_spec.states) :])
         return layer_outputs, self._logits(last_h), new_states
 
     def _step_one(self, ids, flat_states):
@@ -184,7 +186,7 @@ class CharRNNModule(tf.Module):
         x = tf.gather(self.embedding, ids)
         new_states = []
         for weights, states in zip(self.rnn, self._split_states(flat_states)):
-            x, states = cells.recur(self.cell, cells.project(self.cell, x, weights), states, weights)
+            x, states = self.cell_spec.recur(self.cell_spec.project(x, weights), states, weights)
             new_states.extend(states)
         return self._logits(x), new_states
 

@@ -5,162 +5,19 @@ builds (and ``compile_model`` compiles) the one a ``TrainConfig`` describes. The
 name the recurrent layers' hidden states (``h_0``, ``c_0``, ``h_1``, ...), read
 and write them, and reset them; Keras 3 has no ``Model.reset_states()``.
 
-The recurrent layers are the package's own ``CharLSTM``, ``CharGRU`` and
-``CharSimpleRNN``: Keras' ``LSTM``, ``GRU`` and ``SimpleRNN`` with the same math,
-config and weights (``layer.get_weights()`` is Keras' ``[kernel, recurrent_kernel,
-bias]``; a ``.keras`` file holds the same variables), but with hidden-state
-variables that work on every backend and under ``tf.distribute``:
-
-- TensorFlow backend: the states are untracked (as in Keras) and created
-  ``synchronization="on_read", aggregation="none"``. Without a strategy that is a
-  plain variable; under a ``tf.distribute`` strategy each replica owns its own copy,
-  the state of its share of the streams (see ``distribute.py``).
-- JAX backend: Keras' stateful layers keep their states out of the variables the
-  JAX trainer threads through its (pure) train step, so ``fit`` silently drops
-  every state update and trains as if ``stateful=False``. Here the states are
-  tracked non-trainable variables (in ``model.variables``, so ``fit`` carries them),
-  but left out of ``layer.weights`` and of saved ``.keras`` files, so both stay as
-  Keras' layers have them; ``checkpoint.py`` saves them once, as states.
+The recurrent layers are the package's own (``layers.py``), one per cell type of the
+registry (``cell_types.py``).
 """
 
 from __future__ import annotations
 
 import keras
 import numpy as np
-from keras.src.utils.tracking import no_automatic_dependency_tracking  # what Keras' RNN uses for its states
 
+from keras_charrnn.cell_types import CELLS, cell_spec
 from keras_charrnn.config import TrainConfig
 from keras_charrnn.errors import ConfigError, InputError
-
-STOCK_LAYERS = {"lstm": keras.layers.LSTM, "gru": keras.layers.GRU, "rnn": keras.layers.SimpleRNN}
-STATES_PER_LAYER = {"lstm": ("h", "c"), "gru": ("h",), "rnn": ("h",)}
-
-
-def _tf_distribute():
-    """``keras_charrnn.distribute`` on the TensorFlow backend (replica-local states), None on others."""
-    if keras.backend.backend() != "tensorflow":
-        return None
-    from keras_charrnn import distribute
-
-    return distribute
-
-
-class StatefulStatesMixin:
-    """Hidden-state variables for Keras' recurrent layers that work on every backend and under ``tf.distribute``.
-
-    See the module docstring. Mixed into ``keras.layers.LSTM``/``GRU``/``SimpleRNN``;
-    overrides only how the state variables are made, built, read in Keras' symbolic
-    build, reset, listed in ``weights`` and saved.
-    """
-
-    def _create_state_variables(self, batch_size):
-        if keras.backend.backend() == "tensorflow":
-            self._create_replica_local_states(batch_size)
-            return
-        self.states = [
-            self.add_weight(shape=tuple(s.shape), initializer="zeros", trainable=False, name=f"rnn_state_{i}")
-            for i, s in enumerate(self.get_initial_state(batch_size))
-        ]
-
-    @no_automatic_dependency_tracking
-    def _create_replica_local_states(self, batch_size):
-        with keras.name_scope(self.name, caller=self):
-            self.states = [
-                keras.Variable(
-                    value,
-                    trainable=False,
-                    dtype=self.variable_dtype,
-                    name="rnn_state",
-                    synchronization="on_read",
-                    aggregation="none",
-                )
-                for value in self.get_initial_state(batch_size)
-            ]
-
-    def build(self, sequences_shape, initial_state_shape=None):
-        # Keras' RNN.build reads the state (its shape, and zeros_like(state) to reset it); a replica-local
-        # state cannot be read outside its replica, so this uses the static shapes only.
-        if isinstance(self.cell, keras.layers.Layer) and not self.cell.built:
-            self.cell.build((sequences_shape[0],) + tuple(sequences_shape[2:]))
-            self.cell.built = True
-        if self.stateful:
-            if self.states is None:
-                if sequences_shape[0] is None:
-                    raise ConfigError("a stateful model needs a fixed batch_size")
-                self._create_state_variables(sequences_shape[0])
-                self._expected_batch_size = sequences_shape[0]
-            else:
-                self.reset_state()
-
-    def call(self, sequences, initial_state=None, mask=None, training=False):
-        dist = _tf_distribute() if self.stateful and initial_state is None else None
-        if dist is not None and dist.in_cross_replica_context():
-            # Keras' TF trainer builds the model symbolically outside the replicas, where a replica-local
-            # state cannot be read: that build only needs shapes, so it starts from zeros.
-            self.stateful = False
-            try:
-                return super().call(sequences, initial_state=None, mask=mask, training=training)
-            finally:
-                self.stateful = True
-        if self.stateful and initial_state is None and keras.backend.backend() == "torch":
-            # Keras assigns the new state in place at the end of the call, which on torch would change a
-            # tensor that autograd saved for the backward pass: start from a copy of the state.
-            initial_state = [keras.ops.copy(v) for v in self.states]
-        return super().call(sequences, initial_state=initial_state, mask=mask, training=training)
-
-    def reset_state(self):
-        if self.states is None:
-            return
-        dist = _tf_distribute()
-        for v in self.states:
-            if dist is not None:
-                dist.zero_local(v)
-            else:
-                v.assign(keras.ops.zeros(v.shape, v.dtype))
-
-    def _state_ids(self) -> set[int]:
-        return {id(v) for v in self.states or ()} if self.stateful else set()
-
-    @property
-    def weights(self):
-        skip = self._state_ids()
-        return [w for w in super().weights if id(w) not in skip]
-
-    def _own_saved_variables(self) -> list:
-        skip = self._state_ids()
-        variables = self._trainable_variables + self._non_trainable_variables  # type: ignore[attr-defined]
-        return [v for v in variables if id(v) not in skip]
-
-    def save_own_variables(self, store):
-        for i, v in enumerate(self._own_saved_variables()):
-            store[f"{i}"] = v
-
-    def load_own_variables(self, store):
-        own = self._own_saved_variables()
-        if len(store.keys()) != len(own):
-            raise ValueError(
-                f"layer {self.name!r} expects {len(own)} saved variables, the file has {len(store.keys())}"
-            )
-        for i, v in enumerate(own):
-            v.assign(store[f"{i}"])
-
-
-@keras.saving.register_keras_serializable(package="keras_charrnn")
-class CharLSTM(StatefulStatesMixin, keras.layers.LSTM):
-    """``keras.layers.LSTM`` with hidden states for every backend and ``tf.distribute`` (``StatefulStatesMixin``)."""
-
-
-@keras.saving.register_keras_serializable(package="keras_charrnn")
-class CharGRU(StatefulStatesMixin, keras.layers.GRU):
-    """``keras.layers.GRU`` with hidden states for every backend and ``tf.distribute`` (``StatefulStatesMixin``)."""
-
-
-@keras.saving.register_keras_serializable(package="keras_charrnn")
-class CharSimpleRNN(StatefulStatesMixin, keras.layers.SimpleRNN):
-    """``keras.layers.SimpleRNN`` with hidden states for every backend and ``tf.distribute``."""
-
-
-CELL_LAYERS: dict[str, type[keras.layers.RNN]] = {"lstm": CharLSTM, "gru": CharGRU, "rnn": CharSimpleRNN}
+from keras_charrnn.layers import tf_distribute
 
 
 def build_model(
@@ -178,7 +35,8 @@ def build_model(
 
     Args:
         vocab_size: number of ids (``Vocabulary.size``, the unknown id included).
-        cell: ``"lstm"``, ``"gru"`` or ``"rnn"`` (SimpleRNN).
+        cell: a cell type of ``cell_types.CELLS``: ``"lstm"``, ``"gru"``, ``"rnn"`` (SimpleRNN) or
+            ``"lnlstm"`` (layer-normalised LSTM).
         units: hidden units per recurrent layer.
         layers: number of stacked recurrent layers.
         embedding_dim: size of the character embedding.
@@ -197,8 +55,7 @@ def build_model(
     >>> model.output_shape
     (32, 50, 66)
     """
-    if cell not in CELL_LAYERS:
-        raise ConfigError(f"cell must be one of {', '.join(CELL_LAYERS)}, got {cell!r}")
+    layer_class = cell_spec(cell).layer_class()
     for name, value in (
         ("units", units),
         ("layers", layers),
@@ -215,7 +72,7 @@ def build_model(
     ids = keras.Input(batch_shape=(batch_size, seq_len), dtype="int32", name="ids")
     x = keras.layers.Embedding(vocab_size, embedding_dim, name="embedding")(ids)
     for i in range(layers):
-        x = CELL_LAYERS[cell](units, return_sequences=True, stateful=stateful, name=f"rnn_{i}")(x)
+        x = layer_class(units, return_sequences=True, stateful=stateful, name=f"rnn_{i}")(x)
         if dropout > 0:
             x = keras.layers.Dropout(dropout, name=f"dropout_{i}")(x)
     logits = keras.layers.Dense(vocab_size, name="logits")(x)
@@ -232,7 +89,9 @@ def describe(model: keras.Model) -> dict:
     rnns = recurrent_layers(model)
     if not rnns:
         raise InputError(f"model {model.name!r} has no recurrent layers")
-    cell = next(name for name, cls in STOCK_LAYERS.items() if isinstance(rnns[0], cls))
+    cell = next((name for name, spec in CELLS.items() if isinstance(rnns[0], spec.layer_class())), None)
+    if cell is None:
+        raise InputError(f"model {model.name!r}: {type(rnns[0]).__name__} is the layer of no cell type")
     dropouts = [layer.rate for layer in model.layers if isinstance(layer, keras.layers.Dropout)]
     return {
         "cell": cell,
@@ -245,8 +104,8 @@ def describe(model: keras.Model) -> dict:
 
 
 def state_names(cell: str, layers: int) -> list[str]:
-    """Names of the hidden-state tensors, in order: ``h_0, c_0, h_1, c_1`` for LSTM."""
-    return [f"{s}_{i}" for i in range(layers) for s in STATES_PER_LAYER[cell]]
+    """Names of the hidden-state tensors, in order: ``h_0, c_0, h_1, c_1`` for LSTM (the cell's ``states``)."""
+    return [f"{s}_{i}" for i in range(layers) for s in cell_spec(cell).states]
 
 
 def reset_states(model: keras.Model) -> None:
@@ -277,7 +136,7 @@ def get_states(model: keras.Model) -> list[np.ndarray]:
     Under ``MultiWorkerMirroredStrategy`` this is a collective: every worker must call it.
     """
     variables = _state_variables(model)
-    dist = _tf_distribute()
+    dist = tf_distribute()
     if dist is not None:
         return dist.read_states(variables)
     return [np.array(keras.ops.convert_to_numpy(v.value)) for v in variables]
@@ -292,7 +151,7 @@ def set_states(model: keras.Model, values: list[np.ndarray]) -> None:
     variables = _state_variables(model)
     if len(variables) != len(values):
         raise InputError(f"expected {len(variables)} state arrays, got {len(values)}")
-    dist = _tf_distribute()
+    dist = tf_distribute()
     if dist is not None:
         dist.write_states(variables, values)
         return

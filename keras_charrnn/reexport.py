@@ -71,7 +71,7 @@ def module_from_savedmodel(path: str | os.PathLike, xla: bool | None = None) -> 
     )
     model.get_layer("embedding").set_weights([weight("embedding")])
     for i, layer in enumerate(recurrent_layers(model)):
-        layer.set_weights([weight(f"rnn/{i}/{j}") for j in range(3)])
+        layer.set_weights([weight(f"rnn/{i}/{j}") for j in range(len(layer.weights))])
     model.get_layer("logits").set_weights([weight("logits_kernel"), weight("logits_bias")])
     info = {key: config[key] for key in RUN_FACTS if key in config}
     return CharRNNModule(model, Vocabulary(chars), info, jit_compile=config.get("xla", True) if xla is None else xla)

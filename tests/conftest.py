@@ -18,9 +18,14 @@ import pytest
 
 from servers import ServerProcess
 
+from keras_charrnn import cell_types
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+# The cells of the served fixtures (trained, exported and served once per session); the per-cell equality
+# tests (export, batch invariance, backends, resume) take every cell of the registry, ALL_CELLS.
 CELLS = ("lstm", "gru", "rnn")
+ALL_CELLS = tuple(cell_types.CELLS)
 WORDS = (
     "the quick brown fox jumps over a lazy dog while seven cats sit on warm mats and "
     '"quoted words" (in brackets) appear now and then'
@@ -63,17 +68,28 @@ def tiny_config(cell: str, **overrides):
     return TrainConfig(**values)
 
 
+class TrainedRuns(dict):
+    """Tiny trained run folders by cell type: ``CELLS``' trained at once, any other cell's on first use."""
+
+    def __init__(self, tmp_path_factory, corpus_file: Path):
+        super().__init__()
+        self.tmp_path_factory, self.corpus_file = tmp_path_factory, corpus_file
+        for cell in CELLS:  # up front: tests read these from threads
+            self[cell]
+
+    def __missing__(self, cell: str) -> Path:
+        from keras_charrnn.train import train
+
+        run_dir = self.tmp_path_factory.mktemp(f"run_{cell}")
+        train(self.corpus_file, run_dir, tiny_config(cell), verbose=0)
+        self[cell] = run_dir
+        return run_dir
+
+
 @pytest.fixture(scope="session")
 def trained_runs(tmp_path_factory, corpus_file) -> dict[str, Path]:
-    """One tiny trained run folder per cell type."""
-    from keras_charrnn.train import train
-
-    runs = {}
-    for cell in CELLS:
-        run_dir = tmp_path_factory.mktemp(f"run_{cell}")
-        train(corpus_file, run_dir, tiny_config(cell), verbose=0)
-        runs[cell] = run_dir
-    return runs
+    """One tiny trained run folder per cell type (``TrainedRuns``)."""
+    return TrainedRuns(tmp_path_factory, corpus_file)
 
 
 @pytest.fixture(scope="session")
@@ -82,9 +98,27 @@ def model_base(tmp_path_factory, trained_runs) -> Path:
     from keras_charrnn.export import export_run
 
     base = tmp_path_factory.mktemp("saved_models")
-    for cell, run_dir in trained_runs.items():
-        export_run(run_dir, cell, base)
+    for cell in CELLS:
+        export_run(trained_runs[cell], cell, base)
     return base
+
+
+@pytest.fixture(scope="session")
+def model_dir(request, trained_runs, tmp_path_factory):
+    """``model_dir(cell)``: the folder (NAME/1 inside) of the exported tiny run of ``cell``: ``model_base``'s for
+    ``CELLS``, any other cell's exported on first use under a base of its own (no server polls it)."""
+    from keras_charrnn.export import export_run
+
+    more: dict[str, Path] = {}
+
+    def get(cell: str) -> Path:
+        if cell in CELLS:
+            return request.getfixturevalue("model_base") / cell
+        if cell not in more:
+            more[cell] = export_run(trained_runs[cell], cell, tmp_path_factory.mktemp(f"saved_{cell}")).parent
+        return more[cell]
+
+    return get
 
 
 def write_models_config(path: Path, base: Path, names, policy: str = "") -> Path:

@@ -1,5 +1,6 @@
 """The same training code on every Keras backend (TensorFlow, JAX): fit carries the hidden state,
-a run killed with SIGKILL resumes exactly, and the exported SavedModel computes what the trained model computes.
+a run killed with SIGKILL resumes exactly, and the exported SavedModel computes what the trained model computes;
+for Keras' LSTM and for the package's own layer-normalised LSTM (a cell written in ``keras.ops``).
 
 Each backend trains in its own subprocess (``charrnn train --backend ...``), so this pytest
 process stays on TensorFlow; the JAX tests are skipped only if JAX is not installed.
@@ -21,6 +22,10 @@ from conftest import make_corpus, run_cli, side_by_side
 
 HAS_JAX = importlib.util.find_spec("jax") is not None
 BACKENDS = ["tensorflow", pytest.param("jax", marks=pytest.mark.skipif(not HAS_JAX, reason="jax is not installed"))]
+BACKEND_CELLS = ("lstm", "lnlstm")  # a Keras layer and the package's own cell
+# Variables in a run's checkpoint: embedding, per layer its weights (and Keras LSTM's seed state), 2 dropout seed
+# states, 2 logits weights.
+MODEL_VARIABLES = {"lstm": 1 + 2 * (3 + 1) + 2 + 2, "lnlstm": 1 + 2 * 8 + 2 + 2}
 FLAGS = [
     "--units",
     "16",
@@ -75,28 +80,30 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def full_runs(tmp_path_factory, corpus):
-    """One uninterrupted run per installed backend, made side by side on first use."""
+    """``full_runs(backend, cell)``: one uninterrupted run per installed backend and cell, a cell's backends made
+    side by side on its first use."""
     runs = {}
 
-    def train(backend):
-        out = tmp_path_factory.mktemp(f"full_{backend}") / "run"
-        return out, run_cli("train", corpus, "--out", out, "--backend", backend, *FLAGS)
+    def train(backend, cell):
+        out = tmp_path_factory.mktemp(f"full_{backend}_{cell}") / "run"
+        return out, run_cli("train", corpus, "--out", out, "--backend", backend, "--cell", cell, *FLAGS)
 
-    def get(backend):
-        if not runs:
+    def get(backend, cell):
+        if (backend, cell) not in runs:
             backends = ["tensorflow", "jax"] if HAS_JAX else ["tensorflow"]
-            for name, (out, done) in zip(backends, side_by_side(*(lambda b=b: train(b) for b in backends))):
-                runs[name] = (out, done)
-        out, done = runs[backend]
+            done = side_by_side(*(lambda b=b: train(b, cell) for b in backends))
+            runs.update({(name, cell): result for name, result in zip(backends, done)})
+        out, done = runs[backend, cell]
         assert done.returncode == 0, done.stderr
         return out
 
     return get
 
 
+@pytest.mark.parametrize("cell", BACKEND_CELLS)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_fit_trains_and_carries_the_hidden_state_on_each_backend(full_runs, backend):
-    run = full_runs(backend)
+def test_fit_trains_and_carries_the_hidden_state_on_each_backend(full_runs, backend, cell):
+    run = full_runs(backend, cell)
     history = _progress(run / "state.npz")["history"]
     assert len(history) == 3 and history[-1]["loss"] < history[0]["loss"]
     assert json.loads((run / "config.json").read_text())["backend"] == backend  # what --resume keeps
@@ -104,15 +111,15 @@ def test_fit_trains_and_carries_the_hidden_state_on_each_backend(full_runs, back
         # The epoch-end checkpoint holds the training streams' state; a backend whose stateful layer
         # dropped its state updates (Keras' own layers on JAX) would leave zeros here.
         assert all(np.abs(data[k]).mean() > 1e-3 for k in data.files if k.startswith("state_"))
-        # The same checkpoint layout on every backend, states saved once: 13 model variables (embedding,
-        # 2 x (3 LSTM weights + its seed state), 2 dropout seed states, 2 logits weights), 4 states.
-        assert sum(k.startswith("model_") for k in data.files) == 13
+        # The same checkpoint layout on every backend, states saved once (MODEL_VARIABLES), 4 states.
+        assert sum(k.startswith("model_") for k in data.files) == MODEL_VARIABLES[cell]
         assert sum(k.startswith("state_") for k in data.files) == 4
 
 
+@pytest.mark.parametrize("cell", BACKEND_CELLS)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_resume_after_sigkill_ends_with_the_same_weights_on_each_backend(full_runs, corpus, tmp_path, backend):
-    full = full_runs(backend)
+def test_resume_after_sigkill_ends_with_the_same_weights_on_each_backend(full_runs, corpus, tmp_path, backend, cell):
+    full = full_runs(backend, cell)
     out = tmp_path / "killed"
     cmd = [
         sys.executable,
@@ -124,6 +131,8 @@ def test_resume_after_sigkill_ends_with_the_same_weights_on_each_backend(full_ru
         str(out),
         "--backend",
         backend,
+        "--cell",
+        cell,
         *FLAGS,
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -150,9 +159,12 @@ def test_resume_after_sigkill_ends_with_the_same_weights_on_each_backend(full_ru
                 assert np.array_equal(a[key], b[key]), key
 
 
+@pytest.mark.parametrize("cell", BACKEND_CELLS)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_savedmodel_exported_from_each_backends_run_computes_the_trained_models_logits(full_runs, tmp_path, backend):
-    run = full_runs(backend)
+def test_savedmodel_exported_from_each_backends_run_computes_the_trained_models_logits(
+    full_runs, tmp_path, backend, cell
+):
+    run = full_runs(backend, cell)
     batch = tmp_path / "batch.npz"
     np.savez(batch, x=np.random.RandomState(0).randint(0, 20, size=(8, 10)).astype(np.int32))
     done, exported = side_by_side(  # the logits in the backend's own process, and the export beside it

@@ -22,7 +22,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import side_by_side
+from conftest import ALL_CELLS, side_by_side
 
 from keras_charrnn.export import CharRNNModule
 from keras_charrnn.reexport import module_from_savedmodel
@@ -42,7 +42,7 @@ def random_module(cell: str, units: int = 48, seed: int = 0) -> CharRNNModule:
     """A small 2-layer model of ``cell`` with random weights (scaled up so the states move).
 
     Args:
-        cell: ``"lstm"``, ``"gru"`` or ``"rnn"``.
+        cell: a cell type of the registry (``cell_types.CELLS``).
         units: units per layer.
         seed: the weights' seed.
 
@@ -216,7 +216,7 @@ def test_this_codes_graph_of_the_bundled_weights_is_bitwise_batch_invariant(bund
     assert invariance_failures(bundled, flavour, MACHINE_SIZES, chars=40, pool=24) == []
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("cell", ALL_CELLS)
 def test_every_cell_is_bitwise_batch_invariant_in_both_flavours(cell):
     module = random_module(cell)
     for flavour in FLAVOURS:
@@ -240,6 +240,32 @@ def test_a_matmul_row_has_the_same_bits_whatever_the_row_count(xla):
         for count in counts:
             rows = rng.integers(0, 64, count)
             assert np.array_equal(product(pool[rows]).numpy(), alone[rows]), (k, n, count)
+
+
+@pytest.mark.parametrize("xla", [False, True], ids=["plain", "xla"])
+def test_a_rows_layer_norm_has_the_same_bits_whatever_the_row_count(xla):
+    """The layer-normalised LSTM's norms (``cells.row_mean``, ``cells.divide_rows``), at a step's and a prompt's row
+    counts, over widths that are and are not whole vectors of the CPU's float lanes."""
+    from keras_charrnn import cells
+    from keras_charrnn.cell_types import RowOps, layer_norm
+
+    rows = RowOps(cells.row_mean, cells.divide_rows)
+    rng = np.random.default_rng(4)
+    counts = [*range(1, 10), 16, 31, 32, 33, 64, 65, 100] + ([] if xla else [1000])
+    for n in (24, 50, 192, 2048):
+        gain, bias = (tf.constant(rng.normal(m, 0.3, n).astype(np.float32)) for m in (1.0, 0.0))
+        norm = tf.function(
+            lambda z, gain=gain, bias=bias: layer_norm(tf, rows, z, gain, bias),
+            jit_compile=xla,
+            input_signature=[tf.TensorSpec([None, n])],
+        )
+        pool = rng.normal(0.3, 2.0, (64, n)).astype(np.float32)
+        alone = np.concatenate([norm(pool[r : r + 1]).numpy() for r in range(64)])
+        expected = (pool - pool.mean(-1, keepdims=True)) / np.sqrt(pool.var(-1, keepdims=True) + 1e-5)
+        np.testing.assert_allclose(alone, expected * gain.numpy() + bias.numpy(), atol=1e-4)
+        for count in counts:
+            picked = rng.integers(0, 64, count)
+            assert np.array_equal(norm(pool[picked]).numpy(), alone[picked]), (n, count)
 
 
 class LoadedSavedModel:

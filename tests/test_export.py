@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
-from conftest import CELLS, in_background, run_cli, side_by_side
+from conftest import ALL_CELLS, in_background, run_cli, side_by_side
 from keras_charrnn.analysis import inspect
 from keras_charrnn.decoding import filter_logits
 from keras_charrnn.errors import CharRNNError, InputError
@@ -33,15 +33,15 @@ def _rows(n=1, num_chars=20, temperature=0.8, top_k=0, top_p=1.0, seed=1, positi
     }
 
 
-@pytest.mark.parametrize("cell", CELLS)
-def test_step_equals_the_stateful_keras_model_char_by_char(trained_runs, model_base, cell):
+@pytest.mark.parametrize("cell", ALL_CELLS)
+def test_step_equals_the_stateful_keras_model_char_by_char(trained_runs, model_dir, cell):
     run = RunFolder(trained_runs[cell])
     vocab, c = run.vocab(), run.config()
     stateful = build_model(
         vocab.size, cell=cell, units=c.units, layers=c.layers, embedding_dim=c.embedding_dim, batch_size=1, seq_len=1
     )
     stateful.set_weights(run.load_model().get_weights())
-    model = load(model_base / cell)
+    model = load(model_dir(cell))
     step = model.signatures["step"]
     states = {k: tf.constant(v) for k, v in model.zero_state().items()}
     for i in vocab.encode(TEXT):
@@ -51,9 +51,9 @@ def test_step_equals_the_stateful_keras_model_char_by_char(trained_runs, model_b
         np.testing.assert_allclose(out["logits"].numpy(), expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("cell", CELLS)
-def test_greedy_generate_equals_argmax_stepping(model_base, cell):
-    model = load(model_base / cell)
+@pytest.mark.parametrize("cell", ALL_CELLS)
+def test_greedy_generate_equals_argmax_stepping(model_dir, cell):
+    model = load(model_dir(cell))
     prime = model.vocab.encode("the ")
     states = {k: tf.constant(v) for k, v in model.zero_state().items()}
     out = model.signatures["step"](ids=tf.constant(prime[None, :]), **states)
@@ -70,9 +70,9 @@ def test_greedy_generate_equals_argmax_stepping(model_base, cell):
     assert got["ids"].numpy()[0].tolist() == expected
 
 
-@pytest.mark.parametrize("cell", CELLS)
-def test_same_seed_same_text_however_the_calls_are_chunked(model_base, cell):
-    model = load(model_base / cell)
+@pytest.mark.parametrize("cell", ALL_CELLS)
+def test_same_seed_same_text_however_the_calls_are_chunked(model_dir, cell):
+    model = load(model_dir(cell))
     whole = model.generate("the ", 200, temperature=1.0, seed=7)
     session = model.session("the ", temperature=1.0, seed=7)
     assert "".join(session.generate(50) for _ in range(4)) == whole
@@ -120,9 +120,15 @@ def test_a_vocabulary_that_does_not_fit_the_model_is_refused_naming_both():
         CharRNNModule(model, Vocabulary(list("abc")))
 
 
-def test_an_unknown_cell_is_refused_naming_the_parameter():
-    with pytest.raises(CharRNNError, match=r"^cell must be one of lstm, gru, rnn\b.*, got 'xyz'$"):
-        build_model(5, cell="xyz")
+def test_an_unknown_cell_is_refused_naming_the_parameter_and_every_registered_choice():
+    from keras_charrnn.cell_types import CELLS
+    from keras_charrnn.config import TrainConfig
+
+    message = rf"^cell must be one of {', '.join(CELLS)}, got 'xyz'$"
+    assert "lnlstm" in CELLS
+    for refuse in (lambda: build_model(5, cell="xyz"), lambda: TrainConfig(cell="xyz").validate()):
+        with pytest.raises(CharRNNError, match=message):
+            refuse()
 
 
 def test_score_is_the_mean_of_inspects_per_character_losses(model_base, corpus_file):
@@ -385,11 +391,11 @@ def _meta_graph(version_dir):
     return saved_model_pb2.SavedModel.FromString((version_dir / "saved_model.pb").read_bytes()).meta_graphs[0]
 
 
-@pytest.mark.parametrize("cell", CELLS)
-def test_nothing_the_default_signatures_reach_is_marked_must_compile(model_base, cell):
+@pytest.mark.parametrize("cell", ALL_CELLS)
+def test_nothing_the_default_signatures_reach_is_marked_must_compile(model_dir, cell):
     from keras_charrnn.xla import must_compile_functions, reachable_functions
 
-    graph = _meta_graph(model_base / cell / "1")
+    graph = _meta_graph(model_dir(cell) / "1")
     for name in DEFAULT_SIGNATURES:
         assert reachable_functions(graph, name), name  # the walk starts from the signature's call
         assert must_compile_functions(graph, name) == set(), name
@@ -398,9 +404,9 @@ def test_nothing_the_default_signatures_reach_is_marked_must_compile(model_base,
     assert {"generate_xla", "generate_text_xla"} <= set(graph.signature_def)
 
 
-@pytest.mark.parametrize("cell", CELLS)
-def test_the_xla_twins_give_the_same_text_and_states_as_the_default_signatures(model_base, cell):
-    model = load(model_base / cell)
+@pytest.mark.parametrize("cell", ALL_CELLS)
+def test_the_xla_twins_give_the_same_text_and_states_as_the_default_signatures(model_dir, cell):
+    model = load(model_dir(cell))
     zero3 = {k: tf.constant(v) for k, v in model.zero_state(3).items()}
     rows = _rows(3, num_chars=150, temperature=1.0, seed=[1, 2, 3])
     rows["top_k"], rows["top_p"] = tf.constant([0, 5, 0]), tf.constant([1.0, 1.0, 0.9])

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import CELLS, in_background, make_corpus, run_cli, side_by_side, tiny_config
+from conftest import ALL_CELLS, in_background, make_corpus, run_cli, side_by_side, tiny_config
 from keras_charrnn.tbptt import TBPTTBatches
 from keras_charrnn.callbacks import ResetStates
 from keras_charrnn.config import TrainConfig
@@ -30,7 +30,7 @@ from keras_charrnn.train import TrainingDiverged, train
 from keras_charrnn.vocab import Vocabulary
 
 
-@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("cell", ALL_CELLS)
 def test_state_after_fit_equals_stepping_the_streams_by_hand(cell):
     text = make_corpus(800)
     vocab = Vocabulary.from_text(text)
@@ -89,7 +89,7 @@ def test_clip_value_limits_each_gradient_element():
     np.testing.assert_allclose(momentum.numpy(), 0.1 * np.clip(grad, -0.5, 0.5), rtol=1e-5)
 
 
-@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("cell", ALL_CELLS)
 def test_each_cell_drives_the_loss_down(trained_runs, cell):
     rows = list(csv.DictReader(open(trained_runs[cell] / "log.csv")))
     assert len(rows) == 2
