@@ -41,14 +41,14 @@ MODELS = {"2x512": bundled_module, "2x128": lambda: random_module("lstm", units=
 
 def traced(build, plain: bool):
     """A model and its signatures, traced with plain ``tf.matmul`` (the numerics before batch invariance) or not."""
-    invariant = cells.matmul
-    if plain:
-        cells.matmul = lambda x, w: tf.matmul(x, w)
+    invariant, min_rows = cells.matmul, cells.MIN_LOOP_ROWS
+    if plain:  # and a lone row runs alone in the XLA sampling loop (no copy beside it)
+        cells.matmul, cells.MIN_LOOP_ROWS = (lambda x, w: tf.matmul(x, w)), 1
     try:
         module = build()
         return module, module.named_signatures()  # traces now
     finally:
-        cells.matmul = invariant
+        cells.matmul, cells.MIN_LOOP_ROWS = invariant, min_rows
 
 
 def call_seconds(module, signatures, flavour: str, batch: int, chars: int) -> float:
