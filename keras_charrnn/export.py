@@ -164,7 +164,8 @@ class CharRNNModule(tf.Module):
         for weights, states in zip(self.rnn, self._split_states(flat_states)):
             xw = cells.project(self.cell, x, weights)  # every step's input projection at once
 
-            def body(t, states, outputs):
+            # Bound as defaults: tf.while_loop runs body within this iteration, with this layer's xw and weights.
+            def body(t, states, outputs, xw=xw, weights=weights):
                 h, updated = cells.recur(self.cell, xw[t], states, weights)
                 keep = active[t][:, None]
                 updated = tuple(tf.where(keep, new, old) for new, old in zip(updated, states))

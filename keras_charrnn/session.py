@@ -82,9 +82,7 @@ class ModelInfo:
     limits: dict = field(default_factory=dict)
 
     @classmethod
-    def from_config(
-        cls, name: str, config: dict, version: int | None = None, limits: dict | None = None
-    ) -> ModelInfo:
+    def from_config(cls, name: str, config: dict, version: int | None = None, limits: dict | None = None) -> ModelInfo:
         """Reads the facts from a model's ``metadata`` config.
 
         Args:
@@ -99,8 +97,8 @@ class ModelInfo:
 
         Example:
 
-        >>> ModelInfo.from_config("m", {"state_names": ["h_0"], "state_size": 8, "vocab_size": 30,
-        ...                             "max_chars_per_call": 4096}, limits={"max_chars_per_call": 256}).max_chars_per_call
+        >>> config = {"state_names": ["h_0"], "state_size": 8, "vocab_size": 30, "max_chars_per_call": 4096}
+        >>> ModelInfo.from_config("m", config, limits={"max_chars_per_call": 256}).max_chars_per_call
         256
         """
         limits = {k: int(v) for k, v in (limits or {}).items() if isinstance(v, (int, float)) and v > 0}

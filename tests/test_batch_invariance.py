@@ -11,6 +11,7 @@ steps.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -220,20 +221,22 @@ def test_every_cell_is_bitwise_batch_invariant_in_both_flavours(cell):
         assert invariance_failures(module, flavour, [1, 4, 31, 32, 33, 64], chars=24, pool=24) == [], flavour
 
 
+def _compiled_matmul(w, k: int, xla: bool):
+    """``x -> cells.matmul(x, w)`` as a tf.function for x of any row count and k columns."""
+    from keras_charrnn import cells
+
+    return tf.function(lambda x: cells.matmul(x, w), jit_compile=xla, input_signature=[tf.TensorSpec([None, k])])
+
+
 @pytest.mark.parametrize("xla", [False, True], ids=["plain", "xla"])
 def test_a_matmul_row_has_the_same_bits_whatever_the_row_count(xla):
     """Per product, with row counts a whole prompt reaches (the input projection takes T x B rows at once)."""
-    from keras_charrnn import cells
 
     rng = np.random.default_rng(3)
     counts = [*range(1, 10), 25, 28, 31, 32, 33, 49, 63, 64, 65, 100] + ([] if xla else [257, 1000, 4096])
     for k, n in [(512, 2048), (64, 2048), (512, 66)]:
         w = tf.constant(rng.normal(0, 0.05, (k, n)).astype(np.float32))
-        product = tf.function(
-            lambda x: cells.matmul(x, w),
-            jit_compile=xla,  # noqa: B023
-            input_signature=[tf.TensorSpec([None, k])],
-        )
+        product = _compiled_matmul(w, k, xla)
         pool = rng.uniform(-1, 1, (64, k)).astype(np.float32)
         alone = np.concatenate([product(pool[r : r + 1]).numpy() for r in range(64)])
         for count in counts:
@@ -251,7 +254,7 @@ class LoadedSavedModel:
 
     def named_signatures(self) -> dict:
         return {
-            name: (lambda function: lambda **inputs: function(**inputs))(function)
+            name: (lambda signature: lambda **inputs: signature(**inputs))(function)
             for name, function in self.loaded.signatures.items()
         }
 
@@ -297,5 +300,5 @@ def test_the_bundled_model_is_bitwise_batch_invariant_with_other_kernels_isas_an
         assert done.returncode == 0, done.stderr[-2000:]
         return json.loads(done.stdout.strip().splitlines()[-1])
 
-    results = side_by_side(*[(lambda env: lambda: check(env))(env) for env in MACHINES.values()])
+    results = side_by_side(*[functools.partial(check, env) for env in MACHINES.values()])
     assert dict(zip(MACHINES, results)) == {machine: {"plain": [], "xla": []} for machine in MACHINES}

@@ -1,5 +1,6 @@
 """The embedded model server over real gRPC on loopback, started as a subprocess."""
 
+import functools
 import re
 import shutil
 import subprocess
@@ -342,7 +343,7 @@ def test_mutual_tls_serves_known_clients_and_refuses_others(tmp_path, model_base
 
         assert call("client.key", "client.pem").model_spec.name == "gru"
         for key, cert in ((None, None), ("rogue.key", "rogue.pem")):
-            assert _code(lambda: call(key, cert))[0] == grpc.StatusCode.UNAVAILABLE
+            assert _code(functools.partial(call, key, cert))[0] == grpc.StatusCode.UNAVAILABLE
     assert server.proc.returncode == 0
 
 

@@ -1,4 +1,7 @@
-"""The lean SavedModel loader (keras_charrnn.serving.signature_loader): tf.saved_model.load's outputs, or its fallback."""
+"""The lean SavedModel loader (keras_charrnn.serving.signature_loader).
+
+It gives tf.saved_model.load's outputs, or its fallback's.
+"""
 
 import gc
 import shutil

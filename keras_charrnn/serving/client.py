@@ -172,7 +172,7 @@ class SamplingClient:
             raise ConfigError(f"limits must be positive integers, got {limits}")
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
         self.down_time, self.attempt_timeout, self.limits = down_time, attempt_timeout, dict(limits or {})
-        options = [
+        options: list[tuple[str, int | str]] = [
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
             # Reconnect soon after a replica comes back (gRPC's default backoff grows to 2 minutes).
             ("grpc.initial_reconnect_backoff_ms", 200),
@@ -250,10 +250,13 @@ class SamplingClient:
         ``key`` is ``(model, version)`` for a pinned version: replicas that lacked it lately are asked last.
         """
         deadline = time.monotonic() + self.timeout
-        delay, attempts, not_found, last = self.backoff, 0, set(), None
+        delay, attempts = self.backoff, 0
+        not_found: set[int] = set()  # replicas that answered NOT_FOUND
+        last: ServerError | None = None
         while True:
             index = self._pick(not_found, key)
             if index is None:  # every replica answered NOT_FOUND
+                assert last is not None  # a replica is left out only once it has answered
                 raise last
             left = deadline - time.monotonic()
             if left <= 0:

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 
 import tensorflow as tf
 from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
@@ -230,7 +231,7 @@ class ModelManager:
         return ready
 
     def _targets(
-        self, model: ManagedModel, on_disk: list[int], only_loaded: bool = False, retry: set[int] = frozenset()
+        self, model: ManagedModel, on_disk: list[int], only_loaded: bool = False, retry: AbstractSet[int] = frozenset()
     ) -> list[int]:
         """Wanted versions, skipping ones that failed to load (and, under `latest`, reaching past them)."""
         usable = [v for v in on_disk if v in retry or not (model.status.get(v) and model.status[v].error)]
@@ -467,7 +468,7 @@ class ModelManager:
                         model.status[version] = VersionStatus(State.END)
                     model.loaded.clear()  # calls in flight keep their LoadedVersion until they finish
                 self.config.CopyFrom(config)
-            for name, model in removed.items():
+            for name in removed:
                 log.info(
                     "model %s: %s",
                     name,
@@ -602,5 +603,8 @@ def model_config_problem(config: model_server_config_pb2.ModelServerConfig) -> s
             return f"model {mc.name}: model_platform {mc.model_platform!r} is not supported (only tensorflow)"
         for label, version in mc.version_labels.items():
             if not label or version < 1:
-                return f"model {mc.name}: version_labels {label!r}: {version} (a label needs a name and a version of 1 or more)"
+                return (
+                    f"model {mc.name}: version_labels {label!r}: {version} "
+                    "(a label needs a name and a version of 1 or more)"
+                )
     return ""
