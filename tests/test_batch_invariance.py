@@ -208,12 +208,14 @@ def bundled():
     return bundled_module()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flavour", FLAVOURS)
 def test_bundled_model_rows_are_bitwise_the_same_at_every_batch_size(bundled, flavour):
     sizes = range(1, 65) if flavour == "plain" else XLA_SIZES
     assert invariance_failures(bundled, flavour, sizes, chars=40) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 def test_every_cell_is_bitwise_batch_invariant_in_both_flavours(cell):
     module = random_module(cell)
@@ -228,7 +230,7 @@ def _compiled_matmul(w, k: int, xla: bool):
     return tf.function(lambda x: cells.matmul(x, w), jit_compile=xla, input_signature=[tf.TensorSpec([None, k])])
 
 
-@pytest.mark.parametrize("xla", [False, True], ids=["plain", "xla"])
+@pytest.mark.parametrize("xla", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["plain", "xla"])
 def test_a_matmul_row_has_the_same_bits_whatever_the_row_count(xla):
     """Per product, with row counts a whole prompt reaches (the input projection takes T x B rows at once)."""
 
@@ -259,6 +261,7 @@ class LoadedSavedModel:
         }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flavour", FLAVOURS)
 def test_the_shipped_savedmodels_own_graph_is_bitwise_batch_invariant(flavour):
     """What ships holds it: the bundled SavedModel's own graph (not this checkout's code), TensorFlow alone."""
@@ -288,6 +291,7 @@ print(json.dumps({f: invariance_failures(module, f, MACHINE_SIZES, chars=10, poo
 """
 
 
+@pytest.mark.slow
 def test_the_bundled_model_is_bitwise_batch_invariant_with_other_kernels_isas_and_thread_counts():
     def check(env):
         done = subprocess.run(

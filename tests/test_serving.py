@@ -387,6 +387,7 @@ def test_every_config_file_in_serving_parses_with_tf_serving_messages():
         assert (root.parent / path).is_file(), path
 
 
+@pytest.mark.slow
 def test_embedded_server_serves_from_the_repo_serving_files():
     from pathlib import Path
 
@@ -581,6 +582,7 @@ def test_server_configuration_problems_raise_config_error(tmp_path):
         server.start()
 
 
+@pytest.mark.slow
 def test_serve_command_reports_a_config_problem_in_one_line(tmp_path):
     result = run_cli("serve", "--port", "0", "--model_config_file", tmp_path / "missing.config", timeout=120)
     assert result.returncode == 2
@@ -697,6 +699,7 @@ def test_serve_flags_come_from_server_options_with_their_defaults_and_help():
     assert tf_free.returncode == 0, tf_free.stderr  # charrnn serve --help stays instant
 
 
+@pytest.mark.slow
 def test_the_serve_process_imports_tensorflow_without_the_modules_it_never_uses():
     import sys
 

@@ -167,6 +167,7 @@ def _with_other_weights(src: Path, dst: Path) -> Path:
     return dst
 
 
+@pytest.mark.slow
 def test_versions_sharing_a_graph_each_answer_with_their_own_weights(tmp_path):
     other = _with_other_weights(BUNDLED, tmp_path / "2")
     assert (other / "saved_model.pb").read_bytes() == (BUNDLED / "saved_model.pb").read_bytes()

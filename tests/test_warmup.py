@@ -141,6 +141,7 @@ def _signature_defs(version_dir):
     return _signature_defs_graph(version_dir).signature_def
 
 
+@pytest.mark.slow
 def test_the_bundled_model_serves_without_xla_and_carries_warmup_records():
     import json
 
