@@ -38,7 +38,17 @@ WORDS = (
 # Fixtures that train models, start servers or load the bundled 2x512 model (those of one module included):
 # a test using any of them is slow.
 SLOW_FIXTURES = frozenset(
-    {"trained_runs", "model_base", "server", "bundled", "both_loads", "wheel", "full_runs", "cli_budget_run"}
+    {
+        "trained_runs",
+        "model_base",
+        "server",
+        "server_process",
+        "bundled",
+        "both_loads",
+        "wheel",
+        "full_runs",
+        "cli_budget_run",
+    }
 )
 
 
@@ -136,15 +146,21 @@ def write_models_config(path: Path, base: Path, names, policy: str = "") -> Path
 
 
 @pytest.fixture(scope="session")
-def server(model_base, tmp_path_factory):
-    """A model server for every cell's model; yields its port.
+def server_process(model_base, tmp_path_factory) -> ServerProcess:
+    """A model server for every cell's model (``--model_config_file``, defaults otherwise).
 
-    One for the whole session: the tests that use it only call it (its log is not read, nothing is
-    written under model_base), so each test file need not wait for its own to start.
+    One for the whole session: the tests that use it only call it and read its log (nothing is
+    written under model_base, no test stops it), so each test file need not wait for its own to start.
     """
     config = write_models_config(tmp_path_factory.mktemp("cfg") / "models.config", model_base, CELLS)
     with ServerProcess(["--model_config_file", config]) as process:
-        yield process.port
+        yield process
+
+
+@pytest.fixture(scope="session")
+def server(server_process) -> int:
+    """The session's model server (``server_process``): its gRPC port."""
+    return server_process.port
 
 
 def run_cli(*args, input: str | None = None, timeout: float = 300, cwd=None):
