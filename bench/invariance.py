@@ -185,9 +185,9 @@ def main() -> None:
             "|---|---|---|---|---|---|",
             *speed,
             "",
-            f"Across machines, emulated on this one: a digest of 8 seeded sessions' sampled ids and states ({args.chars} "
-            "characters each, one batch) under other kernels, instruction sets and thread counts; equal digests are the "
-            "same bits.",
+            "Across machines, emulated on this one: a digest of 8 seeded sessions' sampled ids and states "
+            f"({args.chars} characters each, one batch) under other kernels, instruction sets and thread counts; "
+            "equal digests are the same bits.",
             "",
             "| machine | plain signatures | XLA twins |",
             "|---|---|---|",

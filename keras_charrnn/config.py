@@ -21,11 +21,16 @@ import re
 from collections.abc import Mapping
 import textwrap
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from keras_charrnn.cell_types import CELLS, cell_spec
 from keras_charrnn.errors import ConfigError
 from keras_charrnn.sampling import MAX_CHARS_PER_CALL
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+_C = TypeVar("_C", bound="DataclassInstance")  # a config dataclass
 
 LR_SCHEDULES = ("cosine", "constant")
 
@@ -73,7 +78,7 @@ def _field(default: Any, help: str, choices: tuple[str, ...] | None = None, on_r
     return field(default=default, metadata={"help": help, "choices": choices, "on_resume": on_resume})
 
 
-def _document_fields(cls):
+def _document_fields(cls: type[_C]) -> type[_C]:
     """Writes a config dataclass's ``Args:`` section (its ``FIELDS`` line) from its fields' help and defaults.
 
     The help text is the one copy (``charrnn train --help`` reads it too); written into

@@ -97,8 +97,8 @@ class ModelInfo:
 
         Example:
 
-        >>> ModelInfo.from_config("m", {"state_names": ["h_0"], "state_size": 8, "vocab_size": 30,
-        ...                             "max_chars_per_call": 4096}, limits={"max_chars_per_call": 256}).max_chars_per_call
+        >>> config = {"state_names": ["h_0"], "state_size": 8, "vocab_size": 30, "max_chars_per_call": 4096}
+        >>> ModelInfo.from_config("m", config, limits={"max_chars_per_call": 256}).max_chars_per_call
         256
         """
         limits = {k: int(v) for k, v in (limits or {}).items() if isinstance(v, (int, float)) and v > 0}

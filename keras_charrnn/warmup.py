@@ -151,7 +151,7 @@ def read_warmup_file(version_dir: str | os.PathLike) -> list[prediction_log_pb2.
     path = warmup_path(version_dir)
     if not path.is_file():
         return []
-    records = []
+    records: list[prediction_log_pb2.PredictionLog] = []
     try:
         for raw in tf.data.TFRecordDataset(str(path)).as_numpy_iterator():
             if len(records) == MAX_RECORDS:

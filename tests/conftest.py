@@ -2,11 +2,19 @@
 
 Everything is made by the tests themselves, small enough that the suite runs
 in a few minutes on two CPU cores.
+
+Two tiers: ``pytest -q`` runs every test; ``pytest -q -m "not slow"`` leaves out the ``slow``
+ones (a model trained, a server or another process started, the bundled 2x512 model loaded)
+for the edit-test loop. A test that uses one of ``SLOW_FIXTURES`` (directly or through
+another fixture) is marked slow here; other slow tests carry ``@pytest.mark.slow``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
+import json
 import os
 import random
 import subprocess
@@ -30,6 +38,29 @@ WORDS = (
     "the quick brown fox jumps over a lazy dog while seven cats sit on warm mats and "
     '"quoted words" (in brackets) appear now and then'
 ).split()
+
+
+# Fixtures that train models, start servers or load the bundled 2x512 model (those of one module included):
+# a test using any of them is slow.
+SLOW_FIXTURES = frozenset(
+    {
+        "trained_runs",
+        "model_base",
+        "server",
+        "server_process",
+        "bundled",
+        "both_loads",
+        "wheel",
+        "full_runs",
+        "cli_budget_run",
+    }
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 def make_corpus(n_words: int = 5000, seed: int = 0) -> str:
@@ -69,13 +100,12 @@ def tiny_config(cell: str, **overrides):
 
 
 class TrainedRuns(dict):
-    """Tiny trained run folders by cell type: ``CELLS``' trained at once, any other cell's on first use."""
+    """Tiny trained run folders by cell type: ``CELLS``' made up front (``_trained_and_exported``), any other
+    cell's trained in this process on first use."""
 
-    def __init__(self, tmp_path_factory, corpus_file: Path):
-        super().__init__()
+    def __init__(self, runs: dict[str, Path], tmp_path_factory, corpus_file: Path):
+        super().__init__(runs)
         self.tmp_path_factory, self.corpus_file = tmp_path_factory, corpus_file
-        for cell in CELLS:  # up front: tests read these from threads
-            self[cell]
 
     def __missing__(self, cell: str) -> Path:
         from keras_charrnn.train import train
@@ -86,21 +116,47 @@ class TrainedRuns(dict):
         return run_dir
 
 
-@pytest.fixture(scope="session")
-def trained_runs(tmp_path_factory, corpus_file) -> dict[str, Path]:
-    """One tiny trained run folder per cell type (``TrainedRuns``)."""
-    return TrainedRuns(tmp_path_factory, corpus_file)
+# Trains one cell's tiny run (train(corpus, run_dir, config)) and exports it as BASE/CELL/1 (export_run).
+TRAIN_AND_EXPORT = """
+import json, sys
+from keras_charrnn.config import TrainConfig
+from keras_charrnn.export import export_run
+from keras_charrnn.train import train
+corpus, run_dir, base, cell, config = sys.argv[1:]
+train(corpus, run_dir, TrainConfig(**json.loads(config)), verbose=0)
+export_run(run_dir, cell, base)
+"""
 
 
 @pytest.fixture(scope="session")
-def model_base(tmp_path_factory, trained_runs) -> Path:
-    """saved_models/-style folder with one exported model per cell: NAME/1."""
-    from keras_charrnn.export import export_run
-
+def _trained_and_exported(tmp_path_factory, corpus_file) -> tuple[dict[str, Path], Path]:
+    """Every cell's tiny run (``tiny_config(cell)``) trained and exported, each cell in its own process, side by
+    side: a tiny model's step is mostly one core's Python, so two cells train in about the time of one."""
     base = tmp_path_factory.mktemp("saved_models")
-    for cell in CELLS:
-        export_run(trained_runs[cell], cell, base)
-    return base
+    runs = {cell: tmp_path_factory.mktemp(f"run_{cell}") for cell in CELLS}
+
+    def make(cell):
+        config = json.dumps(dataclasses.asdict(tiny_config(cell)))
+        args = [corpus_file, runs[cell], base, cell, config]
+        return subprocess.run(
+            [sys.executable, "-c", TRAIN_AND_EXPORT, *map(str, args)], capture_output=True, text=True, timeout=900
+        )
+
+    for cell, done in zip(CELLS, side_by_side(*(functools.partial(make, cell) for cell in CELLS))):
+        assert done.returncode == 0, f"training or exporting the {cell} run failed:\n{done.stderr[-3000:]}"
+    return runs, base
+
+
+@pytest.fixture(scope="session")
+def trained_runs(_trained_and_exported, tmp_path_factory, corpus_file) -> dict[str, Path]:
+    """One tiny trained run folder per cell type (``tiny_config(cell)`` on ``corpus_file``; ``TrainedRuns``)."""
+    return TrainedRuns(_trained_and_exported[0], tmp_path_factory, corpus_file)
+
+
+@pytest.fixture(scope="session")
+def model_base(_trained_and_exported) -> Path:
+    """saved_models/-style folder with one exported model per cell: NAME/1 (``export_run`` of its run)."""
+    return _trained_and_exported[1]
 
 
 @pytest.fixture(scope="session")
@@ -130,15 +186,21 @@ def write_models_config(path: Path, base: Path, names, policy: str = "") -> Path
 
 
 @pytest.fixture(scope="session")
-def server(model_base, tmp_path_factory):
-    """A model server for every cell's model; yields its port.
+def server_process(model_base, tmp_path_factory) -> ServerProcess:
+    """A model server for every cell's model (``--model_config_file``, defaults otherwise).
 
-    One for the whole session: the tests that use it only call it (its log is not read, nothing is
-    written under model_base), so each test file need not wait for its own to start.
+    One for the whole session: the tests that use it only call it and read its log (nothing is
+    written under model_base, no test stops it), so each test file need not wait for its own to start.
     """
     config = write_models_config(tmp_path_factory.mktemp("cfg") / "models.config", model_base, CELLS)
     with ServerProcess(["--model_config_file", config]) as process:
-        yield process.port
+        yield process
+
+
+@pytest.fixture(scope="session")
+def server(server_process) -> int:
+    """The session's model server (``server_process``): its gRPC port."""
+    return server_process.port
 
 
 def run_cli(*args, input: str | None = None, timeout: float = 300, cwd=None):

@@ -20,6 +20,8 @@ import tensorflow as tf
 
 from conftest import make_corpus, run_cli, side_by_side
 
+pytestmark = pytest.mark.slow  # every test here trains or starts processes
+
 HAS_JAX = importlib.util.find_spec("jax") is not None
 BACKENDS = ["tensorflow", pytest.param("jax", marks=pytest.mark.skipif(not HAS_JAX, reason="jax is not installed"))]
 BACKEND_CELLS = ("lstm", "lnlstm")  # a Keras layer and the package's own cell

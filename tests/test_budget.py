@@ -136,6 +136,7 @@ def cli_budget_run(tmp_path_factory):
         yield tmp / "run", result
 
 
+@pytest.mark.slow
 def test_a_budget_run_stops_on_time_records_its_choice_and_keeps_the_best_model(tmp_path, cli_budget_run):
     from keras_charrnn.run_folder import RunFolder
     from keras_charrnn.train import train
@@ -162,6 +163,7 @@ def test_a_budget_run_stops_on_time_records_its_choice_and_keeps_the_best_model(
     assert model.count_params() == record["budget"]["picked"]["params"]
 
 
+@pytest.mark.slow
 def test_cli_budget_keeps_the_model_flags_given(cli_budget_run):
     run, result = cli_budget_run
     result = result.result()
@@ -179,6 +181,7 @@ def test_cli_budget_keeps_the_model_flags_given(cli_budget_run):
         (["--time-budget", "3s"], "time_budget must be between"),
     ],
 )
+@pytest.mark.slow
 def test_cli_refuses_a_bad_budget_in_one_line(tmp_path, flags, message):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(make_corpus(200), encoding="utf-8")
@@ -187,6 +190,7 @@ def test_cli_refuses_a_bad_budget_in_one_line(tmp_path, flags, message):
     assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
 
 
+@pytest.mark.slow
 def test_a_budget_too_short_for_the_corpus_is_refused_saying_how_long_it_should_be(tmp_path, monkeypatch):
     from keras_charrnn import budget
     from keras_charrnn.train import train

@@ -98,6 +98,7 @@ def _train_in_a_terminal(corpus, out) -> tuple[int, str]:
     return proc.wait(timeout=300), shown.decode("utf-8", "replace")
 
 
+@pytest.mark.slow
 def test_train_writes_plain_lines_into_a_log_and_keeps_the_bar_in_a_terminal(tmp_path, corpus_file):
     piped, (status, terminal) = side_by_side(
         lambda: run_cli("train", corpus_file, "--out", tmp_path / "log", *TINY),

@@ -120,6 +120,7 @@ def test_client_configuration_problems_raise_config_error(tmp_path):
         SamplingClient("localhost:1", timeout=0)
 
 
+@pytest.mark.slow
 def test_client_import_is_light_and_does_not_load_tensorflow():
     # Peak RSS from /proc (VmHWM): getrusage's ru_maxrss keeps the forking pytest process's peak across exec.
     code = (

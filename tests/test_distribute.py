@@ -23,6 +23,8 @@ from conftest import in_background, make_corpus, side_by_side
 from keras_charrnn.export import export_run
 from servers import free_ports
 
+pytestmark = pytest.mark.slow  # every test here trains or starts processes
+
 TINY = [
     "--units",
     "16",

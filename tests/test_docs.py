@@ -1,6 +1,7 @@
 """The documented snippets run as written and print what the package computes; the README's CLI examples parse."""
 
 import ast
+import functools
 import re
 import shlex
 import subprocess
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, side_by_side
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "savedmodels.md"
@@ -39,8 +40,33 @@ def bundled():
     return load(BUNDLED)
 
 
-def _run_python(code: str) -> str:
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+SAVED_MODEL_CLI = Path(sys.executable).with_name("saved_model_cli")
+
+
+@pytest.fixture(scope="module")
+def snippet_runs() -> dict:
+    """Every python snippet of the SavedModel doc and its saved_model_cli commands (when installed), each run
+    in its own process, side by side, once: heading (or "saved_model_cli") -> CompletedProcess."""
+    calls = {
+        heading: functools.partial(
+            subprocess.run, [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300
+        )
+        for heading, code in _sections(DOC, "python").items()
+    }
+    if SAVED_MODEL_CLI.exists():
+        script = _sections(DOC, "bash")["With saved_model_cli"].replace("saved_model_cli", str(SAVED_MODEL_CLI))
+        calls["saved_model_cli"] = functools.partial(
+            subprocess.run,
+            ["bash", "-euo", "pipefail", "-c", script],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=300,
+        )
+    return dict(zip(calls, side_by_side(*calls.values())))
+
+
+def _stdout(result: subprocess.CompletedProcess) -> str:
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 
@@ -74,24 +100,23 @@ def test_every_python_snippet_of_the_savedmodel_doc_has_a_check():
     assert set(_sections(DOC, "python")) == set(EXPECTED) | set(CHECKED)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("heading", sorted(EXPECTED))
-def test_savedmodel_doc_snippet_prints_what_the_package_computes(bundled, heading):
-    assert _run_python(_sections(DOC, "python")[heading]) == EXPECTED[heading](bundled)
+def test_savedmodel_doc_snippet_prints_what_the_package_computes(bundled, snippet_runs, heading):
+    assert _stdout(snippet_runs[heading]) == EXPECTED[heading](bundled)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("heading", sorted(CHECKED))
-def test_package_doc_snippet_prints_its_texts_and_score(bundled, heading):
-    CHECKED[heading](bundled, _run_python(_sections(DOC, "python")[heading]))
+def test_package_doc_snippet_prints_its_texts_and_score(bundled, snippet_runs, heading):
+    CHECKED[heading](bundled, _stdout(snippet_runs[heading]))
 
 
-def test_savedmodel_doc_saved_model_cli_commands_run(bundled):
-    cli = Path(sys.executable).with_name("saved_model_cli")
-    if not cli.exists():
+@pytest.mark.slow
+def test_savedmodel_doc_saved_model_cli_commands_run(bundled, snippet_runs):
+    if not SAVED_MODEL_CLI.exists():
         pytest.skip("saved_model_cli is not installed beside this Python")
-    script = _sections(DOC, "bash")["With saved_model_cli"].replace("saved_model_cli", str(cli))
-    result = subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=300
-    )
+    result = snippet_runs["saved_model_cli"]
     assert result.returncode == 0, result.stderr[-3000:]
     assert "inputs['prime'] tensor_info" in result.stdout  # 'show' lists the signature's inputs
     text = result.stdout.split("Result for output key text:\n", 1)[1].splitlines()[0]
@@ -109,6 +134,7 @@ def _readme_commands() -> list[list[str]]:
     return commands
 
 
+@pytest.mark.slow
 def test_readme_cli_examples_parse_and_each_commands_help_lists_the_flags_the_readme_uses():
     from keras_charrnn.cli import build_parser
 

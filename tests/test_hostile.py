@@ -25,7 +25,6 @@ from tensorflow_serving.apis import (
 )
 from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
-from conftest import tiny_config
 from keras_charrnn.errors import ServingError
 from keras_charrnn.serving import wire
 from keras_charrnn.serving.limits import ServingLimits
@@ -38,15 +37,12 @@ MAX_CONCURRENT = 5
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, corpus_file) -> Path:
-    """One tiny LSTM, exported as BASE/m/1; returns BASE/m/1."""
+def model_dir(tmp_path_factory, trained_runs) -> Path:
+    """The session's tiny LSTM, exported as BASE/m/1 (warm-up records for batch size 1 only); returns BASE/m/1."""
     from keras_charrnn.export import export_run
-    from keras_charrnn.train import train
 
-    run_dir = tmp_path_factory.mktemp("hostile_run")
-    train(corpus_file, run_dir, tiny_config("lstm", epochs=1), verbose=0)
     base = tmp_path_factory.mktemp("hostile_models")
-    return export_run(run_dir, "m", base, warmup_batch_sizes=(1,))
+    return export_run(trained_runs["lstm"], "m", base, warmup_batch_sizes=(1,))
 
 
 @pytest.fixture(scope="module")

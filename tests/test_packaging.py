@@ -42,6 +42,7 @@ def wheel(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_the_wheel_holds_the_package_its_data_and_the_latest_bundled_model_only(wheel):
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
@@ -95,6 +96,7 @@ def test_bundled_model_is_a_savedmodel_inside_the_package_and_the_one_copy_in_th
         keras_charrnn.bundled_model_path("nope")
 
 
+@pytest.mark.slow
 def test_bundled_model_loads_with_tensorflow_alone_and_is_what_its_model_card_says():
     import tensorflow as tf
 
@@ -107,6 +109,7 @@ def test_bundled_model_loads_with_tensorflow_alone_and_is_what_its_model_card_sa
     assert f"{config['corpus_chars']:,} characters" in card
 
 
+@pytest.mark.slow
 def test_sample_without_model_uses_the_bundled_model_from_any_folder(tmp_path):
     model = keras_charrnn.load(keras_charrnn.bundled_model_path())
     done = run_cli("sample", "-n", "40", "--seed", "3", "--prime", "ROMEO:", cwd=tmp_path)
@@ -125,6 +128,7 @@ def test_demo_serves_saved_models_here_when_it_holds_one_else_the_bundled_model(
     assert demo.demo_base_path(None) == Path("saved_models")
 
 
+@pytest.mark.slow
 def test_version_flag_and_python_m_keras_charrnn_are_the_charrnn_command():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "keras_charrnn.__version__"}

@@ -383,7 +383,8 @@ def test_playground_continue_grows_the_text_as_the_in_process_session_does(rest,
 @pytest.fixture(scope="module")
 def in_process_api(model_base):
     """The REST API and the gRPC servicer over one manager in this process (no HTTP, no subprocess)."""
-    from keras_charrnn.serving.manager import ModelManager, single_model_config
+    from keras_charrnn.serving.config_files import single_model_config
+    from keras_charrnn.serving.manager import ModelManager
     from keras_charrnn.serving.rest import RestApi
     from keras_charrnn.serving.servicers import ModelStatusServicer, PredictionServicer
 

@@ -1,5 +1,6 @@
 """The embedded model server over real gRPC on loopback, started as a subprocess."""
 
+import functools
 import re
 import shutil
 import subprocess
@@ -30,7 +31,8 @@ from tensorflow_serving.config import model_server_config_pb2
 from conftest import CELLS, run_cli, write_models_config
 from keras_charrnn.errors import ConfigError, ServingError, graph_error_message
 from keras_charrnn.inprocess import load
-from keras_charrnn.serving.manager import ModelManager, single_model_config, wanted_versions
+from keras_charrnn.serving.config_files import single_model_config
+from keras_charrnn.serving.manager import ModelManager, wanted_versions
 from keras_charrnn.serving.options import ServerOptions
 from keras_charrnn.serving.config_files import BatchingParameters, SSLConfig
 from keras_charrnn.serving.request_batcher import Batcher, BatchingOptions, _Call, padded_sizes
@@ -342,7 +344,7 @@ def test_mutual_tls_serves_known_clients_and_refuses_others(tmp_path, model_base
 
         assert call("client.key", "client.pem").model_spec.name == "gru"
         for key, cert in ((None, None), ("rogue.key", "rogue.pem")):
-            assert _code(lambda: call(key, cert))[0] == grpc.StatusCode.UNAVAILABLE
+            assert _code(functools.partial(call, key, cert))[0] == grpc.StatusCode.UNAVAILABLE
     assert server.proc.returncode == 0
 
 
@@ -386,6 +388,7 @@ def test_every_config_file_in_serving_parses_with_tf_serving_messages():
         assert (root.parent / path).is_file(), path
 
 
+@pytest.mark.slow
 def test_embedded_server_serves_from_the_repo_serving_files():
     from pathlib import Path
 
@@ -580,6 +583,7 @@ def test_server_configuration_problems_raise_config_error(tmp_path):
         server.start()
 
 
+@pytest.mark.slow
 def test_serve_command_reports_a_config_problem_in_one_line(tmp_path):
     result = run_cli("serve", "--port", "0", "--model_config_file", tmp_path / "missing.config", timeout=120)
     assert result.returncode == 2
@@ -696,6 +700,7 @@ def test_serve_flags_come_from_server_options_with_their_defaults_and_help():
     assert tf_free.returncode == 0, tf_free.stderr  # charrnn serve --help stays instant
 
 
+@pytest.mark.slow
 def test_the_serve_process_imports_tensorflow_without_the_modules_it_never_uses():
     import sys
 

@@ -1,4 +1,7 @@
-"""The lean SavedModel loader (keras_charrnn.serving.signature_loader): tf.saved_model.load's outputs, or its fallback."""
+"""The lean SavedModel loader (keras_charrnn.serving.signature_loader).
+
+It gives tf.saved_model.load's outputs, or its fallback's.
+"""
 
 import gc
 import shutil
@@ -164,6 +167,7 @@ def _with_other_weights(src: Path, dst: Path) -> Path:
     return dst
 
 
+@pytest.mark.slow
 def test_versions_sharing_a_graph_each_answer_with_their_own_weights(tmp_path):
     other = _with_other_weights(BUNDLED, tmp_path / "2")
     assert (other / "saved_model.pb").read_bytes() == (BUNDLED / "saved_model.pb").read_bytes()

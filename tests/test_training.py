@@ -102,6 +102,7 @@ def test_each_cell_drives_the_loss_down(trained_runs, cell):
     assert (trained_runs[cell] / "best.keras").is_file()
 
 
+@pytest.mark.slow
 def test_run_folder_and_any_keras_callback_work_beside_ours(tmp_path, corpus_file):
     seen = []
     extra = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: seen.append(sorted(logs)))
@@ -117,6 +118,7 @@ def _progress(path):
         return json.loads(str(data["progress"]))
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_ends_with_the_same_weights(tmp_path):
     corpus = tmp_path / "c.txt"
     corpus.write_text(make_corpus(6000, seed=3))
@@ -165,6 +167,7 @@ def test_resume_after_sigkill_ends_with_the_same_weights(tmp_path):
                 assert np.array_equal(a[key], b[key]), key
 
 
+@pytest.mark.slow
 def test_divergence_keeps_the_weights_from_before_the_bad_update(tmp_path, corpus_file):
     good = {}
 
@@ -195,6 +198,7 @@ def _one_line_error(result, *fragments):
         assert fragment in lines[0]
 
 
+@pytest.mark.slow
 def test_cli_bad_inputs_get_one_line_errors(tmp_path, corpus_file):
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"abc\x80def")
@@ -328,6 +332,7 @@ def test_train_help_shows_every_default():
         assert " ".join(action.help.split()).split("(default:")[0].strip()[:30] in text
 
 
+@pytest.mark.slow
 def test_samples_txt_grows_each_epoch_with_the_exported_models_text(tmp_path, corpus_file):
     run = RunFolder(tmp_path / "run")
     sizes = []
@@ -352,6 +357,7 @@ def test_samples_txt_grows_each_epoch_with_the_exported_models_text(tmp_path, co
         assert f"--- temperature {temperature} ---\n\n{expected}\n" in final
 
 
+@pytest.mark.slow
 def test_progress_line_and_keras_bar_do_not_print_the_same_facts_twice(tmp_path, corpus_file, capsys):
     config = tiny_config("rnn", epochs=1, sample_chars=0)
     train(corpus_file, tmp_path / "bar", config, verbose=1)
@@ -405,6 +411,7 @@ def test_resume_applies_flags_that_may_change_and_refuses_the_rest(trained_runs,
     assert len(list(csv.DictReader(open(run.log_path)))) == 3
 
 
+@pytest.mark.slow
 def test_folder_and_glob_corpora_train_and_resume_checks_their_files(tmp_path):
     src = tmp_path / "src"
     src.mkdir()

@@ -44,6 +44,12 @@ def handmade_model(tmp_path):
     return load(path)
 
 
+@pytest.fixture(scope="module")
+def handmade(tmp_path_factory):
+    """``handmade_model``, exported and loaded once for the module's tests (they only read it)."""
+    return handmade_model(tmp_path_factory.mktemp("handmade"))
+
+
 def expected_unit0(text):
     values, h = [], 0.0
     for ch in text:
@@ -52,8 +58,8 @@ def expected_unit0(text):
     return np.array(values)
 
 
-def test_inspect_returns_known_activations_of_a_handmade_model(tmp_path):
-    result = inspect(handmade_model(tmp_path), TEXT, top=3)
+def test_inspect_returns_known_activations_of_a_handmade_model(handmade):
+    result = inspect(handmade, TEXT, top=3)
     np.testing.assert_allclose(result.activations[0][:, 0], expected_unit0(TEXT), atol=1e-5)
     expected = np.tanh(3.0 * np.array([c == "a" for c in TEXT]))
     np.testing.assert_allclose(result.activations[0][:, 1], expected, atol=1e-5)
@@ -61,14 +67,14 @@ def test_inspect_returns_known_activations_of_a_handmade_model(tmp_path):
     assert result.bits_per_char == pytest.approx(np.log2(len(result.chars)), rel=1e-4)  # uniform guesses
 
 
-def test_unit_scoring_finds_the_planted_inside_quotes_unit(tmp_path):
-    best = score_units(inspect(handmade_model(tmp_path), TEXT))[0]
+def test_unit_scoring_finds_the_planted_inside_quotes_unit(handmade):
+    best = score_units(inspect(handmade, TEXT))[0]
     assert (best["layer"], best["unit"], best["feature"]) == (0, 0, "inside quotes")
     assert best["correlation"] > 0.8
 
 
-def test_report_of_a_text_no_feature_scores_offers_every_unit(tmp_path):
-    result = inspect(handmade_model(tmp_path), "\n\n\n\n")
+def test_report_of_a_text_no_feature_scores_offers_every_unit(handmade, tmp_path):
+    result = inspect(handmade, "\n\n\n\n")
     assert score_units(result) == []
     page = write_report(result, tmp_path / "r.html", "handmade").read_text()
     assert re.findall(r'<option value="(\d+:\d+)">', page) == ["0:0", "0:1"]
@@ -114,9 +120,10 @@ def _span_colors(dom):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium package")
-def test_page_in_chromium_colors_each_character_and_switches_units(tmp_path):
-    model = handmade_model(tmp_path)
+def test_page_in_chromium_colors_each_character_and_switches_units(handmade, tmp_path):
+    model = handmade
     text_file = tmp_path / "text.txt"
     text_file.write_text(TEXT)
     page = tmp_path / "report.html"

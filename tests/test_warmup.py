@@ -80,20 +80,20 @@ def test_warmup_xla_adds_the_twins_records(trained_runs, tmp_path):
     ] == [("generate_text", 1), ("generate_text", 3), ("generate_text_xla", 1), ("generate_text_xla", 3)]
 
 
-def test_every_record_replays_through_a_real_servers_grpc_predict(model_base):
+def test_every_record_replays_through_a_real_servers_grpc_predict(model_base, server_process):
     logs = _records(model_base / "lstm" / "1")
-    with ServerProcess(["--model_name", "lstm", "--model_base_path", model_base / "lstm"]) as server:
-        server.wait_for_log(r"model lstm version 1: ran 4 warm-up record\(s\)", timeout=5)
-        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
-            for log in logs:
-                request = predict_pb2.PredictRequest()
-                request.CopyFrom(log.predict_log.request)
-                request.model_spec.name = "lstm"
-                response = stub.Predict(request, timeout=60)
-                text = tf.make_ndarray(response.outputs["text"])
-                assert text.shape == (_batch(request),) and all(len(t.decode()) == 2 for t in text)
-                assert tf.make_ndarray(response.outputs["h_0"]).shape == (_batch(request), 24)
+    server = server_process  # the session's server: it serves model_base/lstm too, and is only called here
+    server.wait_for_log(r"model lstm version 1: ran 4 warm-up record\(s\)", timeout=5)
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        for log in logs:
+            request = predict_pb2.PredictRequest()
+            request.CopyFrom(log.predict_log.request)
+            request.model_spec.name = "lstm"
+            response = stub.Predict(request, timeout=60)
+            text = tf.make_ndarray(response.outputs["text"])
+            assert text.shape == (_batch(request),) and all(len(t.decode()) == 2 for t in text)
+            assert tf.make_ndarray(response.outputs["h_0"]).shape == (_batch(request), 24)
 
 
 def _with_records(src, dst, requests):
@@ -141,6 +141,7 @@ def _signature_defs(version_dir):
     return _signature_defs_graph(version_dir).signature_def
 
 
+@pytest.mark.slow
 def test_the_bundled_model_serves_without_xla_and_carries_warmup_records():
     import json
 

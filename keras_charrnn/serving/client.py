@@ -25,7 +25,6 @@ import random
 import threading
 import time
 from collections import Counter, OrderedDict
-from dataclasses import dataclass
 
 import grpc
 from google.protobuf import struct_pb2, wrappers_pb2
@@ -35,6 +34,7 @@ from keras_charrnn.errors import ConfigError, InputError, ServingError
 from keras_charrnn.sampling import DEFAULT_PRIME, SamplingParams
 from keras_charrnn.serving import wire
 from keras_charrnn.serving.limits import SAMPLING_ROWS, ServingLimits
+from keras_charrnn.serving.tls import TLS
 from keras_charrnn.session import ModelInfo, Session, _is_int
 from keras_charrnn.xla import is_xla_unavailable, xla_twin
 
@@ -75,45 +75,6 @@ class ServerError(ServingError):
 
 class VersionGoneError(ServerError):
     """The model version a session is pinned to is no longer served anywhere."""
-
-
-@dataclass
-class TLS:
-    """TLS settings for the channel.
-
-    Args:
-        ca_cert: PEM file of the certificate authority that signed the server's certificate.
-        client_cert: PEM file of this client's certificate (mutual TLS).
-        client_key: PEM file of this client's private key (mutual TLS).
-        server_name: the name to check the server's certificate against, if not the target's host.
-    """
-
-    ca_cert: str | None = None
-    client_cert: str | None = None
-    client_key: str | None = None
-    server_name: str | None = None
-
-    def credentials(self) -> grpc.ChannelCredentials:
-        """The channel credentials these files make.
-
-        Raises:
-            ConfigError: a file cannot be read.
-        """
-        return grpc.ssl_channel_credentials(
-            _read_pem(self.ca_cert, "ca_cert"),
-            _read_pem(self.client_key, "client_key"),
-            _read_pem(self.client_cert, "client_cert"),
-        )
-
-
-def _read_pem(path: str | None, parameter: str) -> bytes | None:
-    if not path:
-        return None
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as exc:
-        raise ConfigError(f"{parameter}: cannot read {path} ({exc.strerror})") from None
 
 
 class SamplingClient:
@@ -172,7 +133,7 @@ class SamplingClient:
             raise ConfigError(f"limits must be positive integers, got {limits}")
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
         self.down_time, self.attempt_timeout, self.limits = down_time, attempt_timeout, dict(limits or {})
-        options = [
+        options: list[tuple[str, int | str]] = [
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
             # Reconnect soon after a replica comes back (gRPC's default backoff grows to 2 minutes).
             ("grpc.initial_reconnect_backoff_ms", 200),
@@ -250,10 +211,13 @@ class SamplingClient:
         ``key`` is ``(model, version)`` for a pinned version: replicas that lacked it lately are asked last.
         """
         deadline = time.monotonic() + self.timeout
-        delay, attempts, not_found, last = self.backoff, 0, set(), None
+        delay, attempts = self.backoff, 0
+        not_found: set[int] = set()  # replicas that answered NOT_FOUND
+        last: ServerError | None = None
         while True:
             index = self._pick(not_found, key)
             if index is None:  # every replica answered NOT_FOUND
+                assert last is not None  # a replica is left out only once it has answered
                 raise last
             left = deadline - time.monotonic()
             if left <= 0:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from google.protobuf import descriptor_pool, text_format, wrappers_pb2  # noqa: F401  (registers wrappers.proto)
 from google.protobuf.message import Message
+from tensorflow_serving.config import model_server_config_pb2
 
 from keras_charrnn.errors import ConfigError
 from keras_charrnn.serving.schema import make_messages
@@ -99,3 +100,57 @@ def read_text_proto(path: str | os.PathLike, message: Message) -> Message:
         return parse_text_proto(text, message)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+
+
+def single_model_config(name: str, base_path: str) -> model_server_config_pb2.ModelServerConfig:
+    """The config that ``model_name`` and ``model_base_path`` stand for.
+
+    Args:
+        name: the model's name.
+        base_path: the folder of its numbered versions.
+
+    Returns:
+        A ``ModelServerConfig`` with that one model (default version policy: the latest).
+    """
+    config = model_server_config_pb2.ModelServerConfig()
+    mc = config.model_config_list.config.add()
+    mc.name, mc.base_path, mc.model_platform = name, str(Path(base_path).resolve()), "tensorflow"
+    return config
+
+
+def model_config_problem(config: model_server_config_pb2.ModelServerConfig) -> str:
+    """What makes a config unservable, as TF Serving checks it ("" when it is fine).
+
+    Args:
+        config: a ``ModelServerConfig``.
+
+    Returns:
+        The problem, naming the model and field, or "".
+
+    Example:
+
+    >>> model_config_problem(model_server_config_pb2.ModelServerConfig())
+    'the config has no model_config_list (only a ModelConfigList can be served)'
+    """
+    if config.WhichOneof("config") != "model_config_list":
+        return "the config has no model_config_list (only a ModelConfigList can be served)"
+    if not config.model_config_list.config:
+        return "model_config_list holds no model"
+    names: set[str] = set()
+    for mc in config.model_config_list.config:
+        if not mc.name:
+            return "a model of model_config_list has no name"
+        if mc.name in names:
+            return f"Illegal to list model {mc.name} multiple times in config list"
+        names.add(mc.name)
+        if not mc.base_path:
+            return f"model {mc.name}: base_path is empty"
+        if mc.model_platform not in ("", "tensorflow"):
+            return f"model {mc.name}: model_platform {mc.model_platform!r} is not supported (only tensorflow)"
+        for label, version in mc.version_labels.items():
+            if not label or version < 1:
+                return (
+                    f"model {mc.name}: version_labels {label!r}: {version} "
+                    "(a label needs a name and a version of 1 or more)"
+                )
+    return ""

@@ -234,12 +234,13 @@ def response_json(outputs: dict[str, np.ndarray], form: str) -> dict:
             return {"outputs": _jsonable(outputs[names[0]], names[0])}
         return {"outputs": {n: _jsonable(outputs[n], n) for n in names}}
     sizes = {outputs[n].shape[0] if outputs[n].ndim else None for n in names}
-    if len(sizes) != 1 or None in sizes:
+    size = sizes.pop() if len(sizes) == 1 else None
+    if size is None:
         raise _invalid("the outputs do not share one batch size; use the columnar format ('inputs')")
     columns = {n: _jsonable(outputs[n], n) for n in names}
     if len(names) == 1:
         return {"predictions": columns[names[0]]}
-    return {"predictions": [{n: columns[n][i] for n in names} for i in range(sizes.pop())]}
+    return {"predictions": [{n: columns[n][i] for n in names} for i in range(size)]}
 
 
 def parse_json(body: bytes) -> dict:

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 
 import tensorflow as tf
 from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
@@ -32,7 +33,7 @@ from tensorflow_serving.config import model_server_config_pb2
 
 from keras_charrnn.errors import ConfigError, ServingError
 from keras_charrnn.serving import monitoring
-from keras_charrnn.serving.config_files import parse_text_proto
+from keras_charrnn.serving.config_files import model_config_problem, parse_text_proto
 from keras_charrnn.serving.version_loader import LoadedVersion, load_error_message, load_version
 from keras_charrnn.versions import list_versions
 
@@ -230,7 +231,7 @@ class ModelManager:
         return ready
 
     def _targets(
-        self, model: ManagedModel, on_disk: list[int], only_loaded: bool = False, retry: set[int] = frozenset()
+        self, model: ManagedModel, on_disk: list[int], only_loaded: bool = False, retry: AbstractSet[int] = frozenset()
     ) -> list[int]:
         """Wanted versions, skipping ones that failed to load (and, under `latest`, reaching past them)."""
         usable = [v for v in on_disk if v in retry or not (model.status.get(v) and model.status[v].error)]
@@ -467,7 +468,7 @@ class ModelManager:
                         model.status[version] = VersionStatus(State.END)
                     model.loaded.clear()  # calls in flight keep their LoadedVersion until they finish
                 self.config.CopyFrom(config)
-            for name, model in removed.items():
+            for name in removed:
                 log.info(
                     "model %s: %s",
                     name,
@@ -553,54 +554,3 @@ class ModelManager:
         self._config_file_error = reason
         if text is not None:
             self._config_file_text = text
-
-
-def single_model_config(name: str, base_path: str) -> model_server_config_pb2.ModelServerConfig:
-    """The config that ``model_name`` and ``model_base_path`` stand for.
-
-    Args:
-        name: the model's name.
-        base_path: the folder of its numbered versions.
-
-    Returns:
-        A ``ModelServerConfig`` with that one model (default version policy: the latest).
-    """
-    config = model_server_config_pb2.ModelServerConfig()
-    mc = config.model_config_list.config.add()
-    mc.name, mc.base_path, mc.model_platform = name, str(Path(base_path).resolve()), "tensorflow"
-    return config
-
-
-def model_config_problem(config: model_server_config_pb2.ModelServerConfig) -> str:
-    """What makes a config unservable, as TF Serving checks it ("" when it is fine).
-
-    Args:
-        config: a ``ModelServerConfig``.
-
-    Returns:
-        The problem, naming the model and field, or "".
-
-    Example:
-
-    >>> model_config_problem(model_server_config_pb2.ModelServerConfig())
-    'the config has no model_config_list (only a ModelConfigList can be served)'
-    """
-    if config.WhichOneof("config") != "model_config_list":
-        return "the config has no model_config_list (only a ModelConfigList can be served)"
-    if not config.model_config_list.config:
-        return "model_config_list holds no model"
-    names: set[str] = set()
-    for mc in config.model_config_list.config:
-        if not mc.name:
-            return "a model of model_config_list has no name"
-        if mc.name in names:
-            return f"Illegal to list model {mc.name} multiple times in config list"
-        names.add(mc.name)
-        if not mc.base_path:
-            return f"model {mc.name}: base_path is empty"
-        if mc.model_platform not in ("", "tensorflow"):
-            return f"model {mc.name}: model_platform {mc.model_platform!r} is not supported (only tensorflow)"
-        for label, version in mc.version_labels.items():
-            if not label or version < 1:
-                return f"model {mc.name}: version_labels {label!r}: {version} (a label needs a name and a version of 1 or more)"
-    return ""

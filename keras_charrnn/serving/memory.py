@@ -56,7 +56,9 @@ def lean_server_process() -> None:
     """
     for unused in SERVE_UNUSED_MODULES:
         if unused not in sys.modules:
-            sys.modules[unused] = None  # `import keras` raises ImportError, which TensorFlow handles
+            # `import keras` raises ImportError, which TensorFlow handles. typeshed types sys.modules as
+            # dict[str, ModuleType], though None there is the import system's documented way to block a module.
+            sys.modules[unused] = None  # type: ignore[assignment]
     for unused in SERVE_STUBBED_MODULES:
         if unused not in sys.modules:
             sys.modules[unused] = NotLoaded(unused)  # TensorFlow imports them unguarded, uses them in no serve path

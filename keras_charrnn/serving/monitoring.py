@@ -195,9 +195,13 @@ class ServerMetrics:
         with self._lock:
             cells = self._values[family]
             if family.kind == "counter":
-                cells[labels] = cells.get(labels, 0.0) + value
+                count = cells.get(labels, 0.0)
+                assert not isinstance(count, _Histogram)  # a counter's cells are numbers
+                cells[labels] = count + value
             else:
-                cells.setdefault(labels, _Histogram(family.bounds)).add(value)
+                histogram = cells.setdefault(labels, _Histogram(family.bounds))
+                assert isinstance(histogram, _Histogram)  # a histogram's cells are histograms
+                histogram.add(value)
 
     def record_request(self, model_name: str, api: str, entrypoint: str, status: str, seconds: float) -> None:
         """Counts one call by status; its latency too when it succeeded (as TF Serving does).
@@ -273,6 +277,7 @@ class ServerMetrics:
                     if family.kind == "counter":
                         lines.append(f"{family.name}{{{','.join(pairs)}}} {floatToGoString(cell)}")
                         continue
+                    assert isinstance(cell, _Histogram)  # a histogram's cells are histograms
                     cumulative = 0
                     for bound, count in zip(family.bounds + (float("inf"),), cell.counts):
                         cumulative += count

@@ -37,7 +37,8 @@ import time
 from collections import Counter, deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
+from typing import Literal
 
 import numpy as np
 
@@ -161,7 +162,7 @@ class Batcher:
         # (version, signature) -> its last batch: rows, seconds its run took, when the run ended (monotonic)
         self._last_batch: dict[tuple, tuple[int, float, float]] = {}
         self._queues: dict[tuple, deque[_Call]] = {}
-        self._targets: dict[tuple, tuple[LoadedVersion, str]] = {}
+        self._targets: dict[tuple, tuple[LoadedVersion, Hashable]] = {}
         self._cond = threading.Condition()
         self._running = 0  # batches taken whose model run has not ended
         self._closed = False
@@ -175,7 +176,7 @@ class Batcher:
     def submit(
         self,
         loaded: LoadedVersion,
-        signature: str,
+        signature: Hashable,
         inputs: dict[str, np.ndarray],
         alive: Callable[[], bool] | None = None,
     ) -> Future:
@@ -215,7 +216,7 @@ class Batcher:
             self._cond.notify()
         return call.future
 
-    def _take(self) -> tuple[tuple[LoadedVersion, str], list[_Call]] | None:
+    def _take(self) -> tuple[tuple[LoadedVersion, Hashable], list[_Call]] | None:
         """Waits for a batch that is full, or whose oldest call has waited long enough while no batch runs.
 
         The batch threads share the CPU with each other: a batch started beside a running
@@ -233,7 +234,8 @@ class Batcher:
                 if self._closed and not any(self._queues.values()):
                     return None
                 now = time.monotonic()
-                wait, chosen = None, None
+                wait: float | None = None
+                chosen: tuple | Literal[False] | None = None  # a group's key; False: the ready group waits
                 for key, queue in list(self._queues.items()):
                     while queue and not queue[0].wanted():  # gone before its turn: never run it
                         self._drop(queue.popleft())
@@ -273,7 +275,7 @@ class Batcher:
                 # Woken by a new call, a batch ending, or the next timeout (held back: a batch ending).
                 self._cond.wait(timeout=None if chosen is False else wait)
 
-    def _ready_at(self, queue: deque[_Call], target: tuple[LoadedVersion, str]) -> float:
+    def _ready_at(self, queue: deque[_Call], target: tuple[LoadedVersion, Hashable]) -> float:
         """When a group that is not full may close (see the module's docstring).
 
         Its oldest call's timeout; while it holds fewer rows than the last batch of its
@@ -312,7 +314,8 @@ class Batcher:
             (loaded, signature), batch = taken
             ended = threading.Event()
 
-            def run_ended() -> None:  # once per batch: batches held back for the CPU may start
+            # ``ended`` bound as a default: run_ended is called within this iteration (by _run_batch, then below).
+            def run_ended(ended: threading.Event = ended) -> None:  # once per batch: batches held back may start
                 if not ended.is_set():
                     ended.set()
                     with self._cond:
@@ -324,7 +327,7 @@ class Batcher:
             finally:
                 run_ended()
 
-    def _run_batch(self, loaded: LoadedVersion, signature: str, batch: list[_Call], run_ended) -> None:
+    def _run_batch(self, loaded: LoadedVersion, signature: Hashable, batch: list[_Call], run_ended) -> None:
         """Runs one taken batch; every caller gets its rows, or the batch's error.
 
         ``run_ended`` is called once the model has run, before the callers get their rows,

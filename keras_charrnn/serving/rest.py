@@ -35,6 +35,7 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -391,7 +392,7 @@ class RestServer:
         port: int = DEFAULT_REST_PORT,
         max_body_bytes: int = MAX_MESSAGE_BYTES,
         metrics_path: str | None = None,
-        model_names: list[str] = (),
+        model_names: Sequence[str] = (),
         max_chars_per_call: int = sampling.MAX_CHARS_PER_CALL,
         num_threads: int = DEFAULT_NUM_THREADS,
     ):

@@ -106,10 +106,10 @@ class ModelServer:
     def _after_poll(self) -> None:
         """After every version poll: new versions' batch sizes compiled, health following what is loaded."""
         if self.batcher is not None:
-            self._warm_batch_sizes()
+            self._warm_batch_sizes(self.batcher)
         self._update_health()
 
-    def _warm_batch_sizes(self) -> None:
+    def _warm_batch_sizes(self, batcher: Batcher) -> None:
         """Compiles each newly loaded version's XLA twins for every batch size the batcher pads to.
 
         A version's warm-up records cover the sizes given at export (1, 2, 4 and 8 by
@@ -127,7 +127,7 @@ class ModelServer:
             if key in self._warmed:
                 continue
             self._warmed[key] = weakref.ref(loaded)  # weakly: an unloaded version's memory is not held
-            requests = warmup.warmup_requests(loaded.signature_defs, self.batcher.allowed_batch_sizes)
+            requests = warmup.warmup_requests(loaded.signature_defs, batcher.allowed_batch_sizes)
             if not loaded.xla or not requests:  # the plain signatures run any batch size without compiling
                 continue
             started = time.monotonic()
@@ -142,7 +142,7 @@ class ModelServer:
                 "model %s version %d: ran %d call(s) to compile batch sizes %s (%.1f s)",
                 *key,
                 len(requests),
-                self.batcher.allowed_batch_sizes,
+                batcher.allowed_batch_sizes,
                 time.monotonic() - started,
             )
         if compiled:

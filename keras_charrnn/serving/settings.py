@@ -17,9 +17,8 @@ from tensorflow_serving.config import model_server_config_pb2
 
 from keras_charrnn.errors import ConfigError
 from keras_charrnn.serving.limits import ServingLimits
-from keras_charrnn.serving.manager import single_model_config
 from keras_charrnn.serving.options import ServerOptions
-from keras_charrnn.serving.config_files import BatchingParameters, SSLConfig, read_text_proto
+from keras_charrnn.serving.config_files import BatchingParameters, SSLConfig, read_text_proto, single_model_config
 from keras_charrnn.serving.request_batcher import BatchingOptions
 
 __all__ = [

@@ -42,7 +42,9 @@ import threading
 import types
 import weakref
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any, Protocol
 
 import tensorflow as tf
 from tensorflow.core.framework import function_pb2, types_pb2
@@ -65,6 +67,25 @@ log = logging.getLogger("charrnn.serve")
 
 _registered: Counter[str] = Counter()  # function name -> loaded models using it (see the module docstring)
 _registered_lock = threading.Lock()
+
+
+class ServedFunction(Protocol):
+    """A signature's function as the server calls it: TensorFlow's ``ConcreteFunction`` or the lean
+    loader's ``SignatureFunction``; by keywords, or flat (``_call_flat`` with ``captured_inputs``)."""
+
+    @property
+    def captured_inputs(self) -> Sequence[Any]: ...
+
+    def _call_flat(self, args: Any, captured_inputs: Any) -> Any: ...
+
+    def __call__(self, **inputs: Any) -> Any: ...
+
+
+class SignatureModule(Protocol):
+    """A loaded SavedModel as the server reads it: ``tf.saved_model.load``'s object or a ``SignatureModel``."""
+
+    @property
+    def signatures(self) -> Mapping[str, ServedFunction]: ...
 
 
 class SignatureFunction:
@@ -146,7 +167,7 @@ class _NotLoadable(Exception):
     """The SavedModel holds something ``load_signatures`` does not restore itself."""
 
 
-def load_signatures(path: Path, meta_graph) -> object:
+def load_signatures(path: Path, meta_graph) -> SignatureModule:
     """Loads a SavedModel's signatures: only the functions they reach, and their variables and constants.
 
     A SavedModel whose signatures capture anything but variables and constants (tables,
@@ -211,7 +232,7 @@ def _load_signatures(path: Path, meta_graph) -> SignatureModel:
             set(inputs) != set(kwargs)
             or len(fdef.signature.input_arg) != len(kwargs) + len(saved.bound_inputs)
             or any(
-                arg.type != inputs[arg.name].dtype.as_datatype_enum for arg in fdef.signature.input_arg[: len(kwargs)]
+                arg.type != kwargs[arg.name].dtype.as_datatype_enum for arg in fdef.signature.input_arg[: len(kwargs)]
             )
             or [a.type for a in fdef.signature.output_arg] != [outputs[n].dtype.as_datatype_enum for n in output_names]
         ):

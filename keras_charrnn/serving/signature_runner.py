@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Callable
 
 import numpy as np
 import tensorflow as tf
@@ -22,6 +21,7 @@ from keras_charrnn.errors import InputError, ServingError, graph_error_message
 from keras_charrnn.serving import limits as request_limits
 from keras_charrnn.serving import wire
 from keras_charrnn.serving.limits import ServingLimits
+from keras_charrnn.serving.signature_loader import ServedFunction
 from keras_charrnn.serving.version_loader import LoadedVersion
 
 __all__ = ["SignatureCall", "run_signature", "vocab_size"]
@@ -156,7 +156,7 @@ class SignatureCall:
 
     __slots__ = ("loaded", "name", "fn", "facts")
 
-    def __init__(self, loaded: LoadedVersion, name: str, fn: Callable):
+    def __init__(self, loaded: LoadedVersion, name: str, fn: ServedFunction):
         self.loaded, self.name, self.fn = loaded, name, fn
         self.facts = _signature_facts(loaded, name, fn)
 

@@ -11,14 +11,13 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 
 import tensorflow as tf
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 
 from keras_charrnn import warmup
 from keras_charrnn.errors import InputError, ServingError, graph_error_message
-from keras_charrnn.serving.signature_loader import load_signatures
+from keras_charrnn.serving.signature_loader import ServedFunction, SignatureModule, load_signatures
 from keras_charrnn.versions import is_version_dir
 from keras_charrnn.xla import XLA_DISABLED_MESSAGE, is_xla_unavailable, must_compile_signatures, xla_twin
 
@@ -34,12 +33,12 @@ class LoadedVersion:
     name: str
     version: int
     path: Path
-    module: object
+    module: SignatureModule
     signature_defs: dict  # name -> tensorflow.core.protobuf.meta_graph_pb2.SignatureDef
     xla: bool = True  # XLA JIT on: a signature's XLA twin runs in its place (same outputs, faster)
     must_compile: frozenset = frozenset()  # signatures that need XLA JIT (keras_charrnn.xla)
 
-    def signature(self, name: str) -> Callable:
+    def signature(self, name: str) -> ServedFunction:
         """The concrete function that answers signature ``name``: its XLA twin when this server runs XLA.
 
         Args:

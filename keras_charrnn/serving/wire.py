@@ -213,11 +213,11 @@ def from_tensor_proto(proto, max_elements: int | None = None) -> np.ndarray:
     content = proto.tensor_content  # read once: each read of a bytes field copies it
     if content:
         return np.frombuffer(content, dtype=_LITTLE_ENDIAN[dtype_enum]).astype(_NATIVE[dtype_enum]).reshape(shape)
-    values = np.array(getattr(proto, _VALUES_FIELD[dtype_enum]), dtype=_NUMPY_OF[dtype_enum])
-    if values.size > max(count, 1):
-        raise ValueError(f"{values.size} values for shape {shape}")
-    if values.size == 0:
-        values = np.zeros(count, _NUMPY_OF[dtype_enum])
-    elif values.size < count:  # TF's convention: the last value fills the rest
-        values = np.concatenate([values, np.repeat(values[-1:], count - values.size)])
-    return values.reshape(shape)
+    array: np.ndarray = np.array(getattr(proto, _VALUES_FIELD[dtype_enum]), dtype=_NUMPY_OF[dtype_enum])
+    if array.size > max(count, 1):
+        raise ValueError(f"{array.size} values for shape {shape}")
+    if array.size == 0:
+        array = np.zeros(count, _NUMPY_OF[dtype_enum])
+    elif array.size < count:  # TF's convention: the last value fills the rest
+        array = np.concatenate([array, np.repeat(array[-1:], count - array.size)])
+    return array.reshape(shape)
