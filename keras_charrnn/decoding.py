@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from keras_charrnn.generation import BIAS_BAN
+
 _GOLDEN = 0x9E3779B97F4A7C15
 
 
@@ -67,7 +69,14 @@ def filter_logits(logits: tf.Tensor, top_k: tf.Tensor, top_p: tf.Tensor) -> tf.T
 
 
 def choose(
-    logits: tf.Tensor, temperature: tf.Tensor, top_k: tf.Tensor, top_p: tf.Tensor, seed: tf.Tensor, position: tf.Tensor
+    logits: tf.Tensor,
+    temperature: tf.Tensor,
+    top_k: tf.Tensor,
+    top_p: tf.Tensor,
+    seed: tf.Tensor,
+    position: tf.Tensor,
+    min_p: tf.Tensor | None = None,
+    bias: tf.Tensor | None = None,
 ) -> tf.Tensor:
     """Picks the next id of every row.
 
@@ -76,6 +85,10 @@ def choose(
         temperature: float32 [B]; 0 picks the most likely id.
         top_k, top_p: see ``filter_logits``.
         seed, position: int64 [B], the key of each row's randomness.
+        min_p: float32 [B]; drop ids whose probability (after temperature, top-k and top-p) is
+            below ``min_p`` times the most likely one's (0: off). None: not traced.
+        bias: float32 [B, V] added to the logits first; ``BIAS_BAN`` (-100) or less bans the id.
+            None: not traced (0.2's signatures, bit for bit as before).
 
     Returns:
         int32 [B].
@@ -83,6 +96,8 @@ def choose(
     vocab = logits.shape[-1] or tf.shape(logits)[-1]
     never_unknown = tf.concat([tf.fill([tf.shape(logits)[0], 1], -float("inf")), tf.zeros_like(logits[:, 1:])], axis=-1)
     logits = logits + never_unknown
+    if bias is not None:
+        logits = logits + tf.where(bias <= BIAS_BAN, tf.constant(-float("inf"), logits.dtype), bias)
     greedy = tf.argmax(logits, axis=-1, output_type=tf.int32)
     warm = temperature > 0
     scaled = logits / tf.where(warm, temperature, 1.0)[:, None]
@@ -90,6 +105,21 @@ def choose(
     # unchanged, so a batch where no row filters skips it (a row's result is the same either way).
     filtering = tf.reduce_any((top_k > 0) | (top_p < 1.0))
     scaled = tf.cond(filtering, lambda: filter_logits(scaled, top_k, top_p), lambda: scaled)
+    if min_p is not None:
+        scaled = tf.cond(tf.reduce_any(min_p > 0.0), lambda: min_p_filter(scaled, min_p), lambda: scaled)
     gumbel = -tf.math.log(-tf.math.log(keyed_uniform(seed, position, vocab)))
     sampled = tf.argmax(scaled + gumbel, axis=-1, output_type=tf.int32)
     return tf.where(warm, sampled, greedy)
+
+
+def min_p_filter(logits: tf.Tensor, min_p: tf.Tensor) -> tf.Tensor:
+    """Sets to -inf every logit whose probability is below ``min_p`` times its row's largest.
+
+    Args:
+        logits: float32 [B, V], already divided by the temperature and filtered.
+        min_p: float32 [B] in [0, 1]; 0 keeps every id (the row comes out bit for bit unchanged).
+    """
+    top = tf.reduce_max(logits, axis=-1, keepdims=True)
+    floor = top + tf.math.log(tf.maximum(min_p, 1e-30))[:, None]  # p_i >= min_p * p_max <=> l_i >= l_max + log(min_p)
+    cut = tf.where(logits < floor, tf.constant(-float("inf"), logits.dtype), logits)
+    return tf.where((min_p > 0.0)[:, None], cut, logits)

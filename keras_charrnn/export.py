@@ -52,17 +52,27 @@ import keras
 import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
-from keras_charrnn import cells, decoding, warmup
+from keras_charrnn import cells, generation_graph, warmup
 from keras_charrnn.cell_types import cell_spec
 from keras_charrnn.errors import ConfigError, InputError
 from keras_charrnn.fileio import atomic_write_dir
 from keras_charrnn.metrics import bits_per_char
 from keras_charrnn.model import describe, recurrent_layers, state_names
 from keras_charrnn.run_folder import RunFolder
-from keras_charrnn.sampling import MAX_CHARS_PER_CALL
+from keras_charrnn.generation import (
+    CONTROLLED_SIGNATURES,
+    MAX_CHARS_PER_CALL,
+    MAX_LOGPROBS,
+    MAX_STOP_CHARS,
+    MAX_STOPS,
+    PLAIN_SIGNATURES,
+    inputs_of,
+)
 from keras_charrnn.versions import DEFAULT_BASE_PATH, next_version
 from keras_charrnn.vocab import UNKNOWN_CHAR, Vocabulary
 from keras_charrnn.xla import TWINNED, xla_twin
+
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "seed", "position")  # what the loop reads of every row
 
 
 class CharRNNModule(tf.Module):
@@ -90,6 +100,7 @@ class CharRNNModule(tf.Module):
         self.cell, self.units, self.num_layers = spec["cell"], spec["units"], spec["layers"]
         self.cell_spec = cell_spec(self.cell)
         self.vocab_size = vocab.size
+        self.alternatives = min(MAX_LOGPROBS, vocab.size - 1)  # the scores' widest top-N (static: XLA compiles once)
         self.state_names = tuple(state_names(self.cell, self.num_layers))
         self.embedding = tf.Variable(model.get_layer("embedding").get_weights()[0], trainable=False, name="embedding")
         self.rnn = [
@@ -112,6 +123,10 @@ class CharRNNModule(tf.Module):
             "state_names": list(self.state_names),
             "state_size": self.units,
             "max_chars_per_call": MAX_CHARS_PER_CALL,
+            "max_stops": MAX_STOPS,
+            "max_stop_chars": MAX_STOP_CHARS,
+            "max_logprobs": min(MAX_LOGPROBS, vocab.size - 1),
+            "generate_signatures": list(PLAIN_SIGNATURES + CONTROLLED_SIGNATURES),
             "format": "keras-charrnn/1",
             "xla": jit_compile,
             "xla_signatures": [xla_twin(n) for n in TWINNED] if jit_compile else [],
@@ -190,104 +205,66 @@ class CharRNNModule(tf.Module):
             new_states.extend(states)
         return self._logits(x), new_states
 
-    def _generate(
-        self, ids, lengths, flat_states, num_chars, temperature, top_k, top_p, seed, position, xla: bool = False
-    ):
-        """Feeds the input, then samples ``num_chars[b]`` ids for each row b.
+    def _generate(self, signature: str, ids, lengths, flat_states, rows: dict, xla: bool = False) -> dict:
+        """Feeds the input, then samples up to ``num_chars[b]`` ids for each row b.
 
-        Returns ``(ids [B, max(num_chars)], flat_states)``; a row's ids past its own
-        ``num_chars`` are 0 (padding), and its states are those after feeding its
-        input and every sampled id but its last. Rows may ask for different counts, so
-        TF Serving's batching may merge any calls. ``xla`` runs the sampling loop
+        Returns ``generation_graph.sample_loop``'s results cut to the longest row (``ids``
+        [B, n], 0 past a row's end; scores [B, n(, K)]); a row's states are those after
+        feeding its input and every sampled id but its last. Rows may ask for different
+        counts, so TF Serving's batching may merge any calls. ``xla`` runs the sampling loop
         XLA-compiled (the rest, checks included, is the same graph either way).
         """
-        checks = self._check_sampling(ids, lengths, flat_states, num_chars, temperature, top_k, top_p, seed, position)
-        with tf.control_dependencies(checks):  # nothing runs before the inputs pass the checks
-            ids, lengths, num_chars = tf.identity(ids), tf.identity(lengths), tf.identity(num_chars)
-        _, logits, states = self._feed(ids, lengths, flat_states)
-        if xla:
-            out, states = self._sample_loop_xla_rows(
-                num_chars, logits, states, temperature, top_k, top_p, seed, position
+        batch = tf.shape(ids)[0]
+        checks = generation_graph.graph_checks(signature, rows, batch, self.vocab_size) + [
+            tf.debugging.assert_equal(
+                tf.shape(state)[0], batch, message=f"{name} must have one row per row of the input"
             )
-        else:
-            out, states = self._sample_loop(num_chars, logits, states, temperature, top_k, top_p, seed, position)
-        n = tf.reduce_max(num_chars)
-        valid = tf.range(n)[None, :] < num_chars[:, None]
-        return tf.where(valid, out[:, :n], 0), states
+            for name, state in zip(self.state_names, flat_states)
+        ]
+        with tf.control_dependencies(checks):
+            checks.append(
+                tf.debugging.assert_greater(
+                    tf.reduce_min(lengths), 0, message="the input (prime) must hold at least one character"
+                )
+            )
+            stop_checks, controls = generation_graph.controls_of(rows, self._encode, self.vocab_size)
+        with tf.control_dependencies(checks + stop_checks):  # nothing runs before the inputs pass the checks
+            ids, lengths = tf.identity(ids), tf.identity(lengths)
+        _, logits, states = self._feed(ids, lengths, flat_states)
+        args = (rows["num_chars"], logits, states, {k: rows[k] for k in SAMPLING_KEYS}, controls)
+        result = self._sample_loop_xla_rows(*args) if xla else self._sample_loop(*args)
+        n = tf.reduce_max(rows["num_chars"])
+        valid = tf.range(n)[None, :] < result["num_generated"][:, None]
+        result["ids"] = tf.where(valid, result["ids"][:, :n], 0)
+        if controls is not None:
+            k = tf.clip_by_value(tf.reduce_max(controls["logprobs"]), 0, self.alternatives)
+            result["char_logprobs"] = tf.where(valid, result["char_logprobs"][:, :n], 0.0)
+            result["top_ids"] = tf.where(valid[:, :, None], result["top_ids"][:, :n, :k], 0)
+            result["top_logprobs"] = tf.where(valid[:, :, None], result["top_logprobs"][:, :n, :k], 0.0)
+        return result
 
-    def _sample_loop_xla_rows(self, *rows):
+    def _sample_loop_xla_rows(self, *args):
         """The XLA-compiled sampling loop on at least ``cells.MIN_LOOP_ROWS`` rows.
 
         XLA drops a batch dimension of size 1 and compiles the ops of a lone row into other
         code than those of two or more rows (other bits), so a lone row is run beside a copy
         of itself and its results are cut back out.
         """
-        batch = tf.shape(rows[0])[0]
+        batch = tf.shape(args[0])[0]
         take = tf.concat([tf.range(batch), tf.zeros([tf.maximum(cells.MIN_LOOP_ROWS - batch, 0)], tf.int32)], 0)
-        out, states = self._sample_loop_xla(*tf.nest.map_structure(lambda t: tf.gather(t, take), rows))
-        return out[:batch], [state[:batch] for state in states]
+        result = self._sample_loop_xla(*tf.nest.map_structure(lambda t: None if t is None else tf.gather(t, take), args))
+        return tf.nest.map_structure(lambda t: t[:batch], result)
 
-    def _sample_loop_impl(self, num_chars, logits, states, temperature, top_k, top_p, seed, position):
-        n = tf.reduce_max(num_chars)
+    def _input_spec(self, spec) -> tf.TensorSpec:
+        """The ``TensorSpec`` of a generation input (``generation.INPUTS``): a batch of rows of its row shape."""
+        dims = {"stops": None, "vocab": self.vocab_size}
+        dtype = tf.string if spec.dtype == "object" else tf.as_dtype(spec.dtype)
+        return tf.TensorSpec([None] + [dims[d] for d in spec.row_shape], dtype, name=spec.name)
 
-        def body(i, logits, states, out):
-            chosen = decoding.choose(logits, temperature, top_k, top_p, seed, position + tf.cast(i, tf.int64))
-            new_logits, new_states = self._step_one(chosen, states)
-            feeding = (i < num_chars - 1)[:, None]  # a row stops before feeding its last sample
-            states = [tf.where(feeding, new, old) for new, old in zip(new_states, states)]
-            return i + 1, new_logits, states, out.write(i, chosen)
-
-        _, logits, states, out = tf.while_loop(
-            lambda i, *_: i < n - 1,
-            body,
-            # A fixed-size buffer: XLA compiles once, not once per distinct num_chars.
-            (tf.constant(0), logits, states, tf.TensorArray(tf.int32, size=MAX_CHARS_PER_CALL)),
+    def _sample_loop_impl(self, num_chars, logits, states, rows, controls):
+        return generation_graph.sample_loop(
+            self._step_one, num_chars, logits, states, rows, controls, self.alternatives
         )
-        last = decoding.choose(logits, temperature, top_k, top_p, seed, position + tf.cast(n - 1, tf.int64))
-        out = out.write(n - 1, last)
-        return tf.transpose(out.stack()), states
-
-    def _check_sampling(self, ids, lengths, flat_states, num_chars, temperature, top_k, top_p, seed, position):
-        batch = tf.shape(ids)[0]
-        same_batch = [
-            tf.debugging.assert_equal(tf.shape(t)[0], batch, message=f"{name} must have one row per row of the input")
-            for name, t in [
-                ("num_chars", num_chars),
-                ("temperature", temperature),
-                ("top_k", top_k),
-                ("top_p", top_p),
-                ("seed", seed),
-                ("position", position),
-            ]
-            + list(zip(self.state_names, flat_states))
-        ]
-        with tf.control_dependencies(same_batch):
-            return [
-                tf.debugging.assert_greater(batch, 0, message="the batch is empty"),
-                tf.debugging.assert_greater(
-                    tf.reduce_min(lengths), 0, message="the input (prime) must hold at least one character"
-                ),
-                tf.debugging.assert_greater(tf.reduce_min(num_chars), 0, message="num_chars must be at least 1"),
-                tf.debugging.assert_less_equal(
-                    tf.reduce_max(num_chars),
-                    MAX_CHARS_PER_CALL,
-                    message=f"num_chars must be at most {MAX_CHARS_PER_CALL} per call",
-                ),
-                tf.debugging.assert_greater_equal(
-                    tf.reduce_min(temperature), 0.0, message="temperature must be 0 (greedy) or positive"
-                ),
-                tf.debugging.assert_greater_equal(tf.reduce_min(top_k), 0, message="top_k must be 0 (off) or positive"),
-                tf.debugging.assert_less_equal(
-                    tf.reduce_max(top_k),
-                    self.vocab_size - 1,
-                    message=f"top_k must be at most the vocabulary size ({self.vocab_size - 1})",
-                ),
-                tf.debugging.assert_greater(tf.reduce_min(top_p), 0.0, message="top_p must be in (0, 1]"),
-                tf.debugging.assert_less_equal(tf.reduce_max(top_p), 1.0, message="top_p must be in (0, 1]"),
-                tf.debugging.assert_greater_equal(
-                    tf.reduce_min(position), tf.constant(0, tf.int64), message="position must be 0 or more"
-                ),
-            ]
 
     # ----- text <-> ids inside the graph ------------------------------------------------------
 
@@ -309,16 +286,8 @@ class CharRNNModule(tf.Module):
     # ----- signatures -------------------------------------------------------------------------
 
     def _build_signatures(self):
+        ids_spec = tf.TensorSpec([None, None], tf.int32, name="ids")
         state_specs = [tf.TensorSpec([None, self.units], tf.float32, name=n) for n in self.state_names]
-        row = lambda dtype, name: tf.TensorSpec([None], dtype, name=name)  # noqa: E731
-        sampling_specs = [
-            row(tf.int32, "num_chars"),
-            row(tf.float32, "temperature"),
-            row(tf.int32, "top_k"),
-            row(tf.float32, "top_p"),
-            row(tf.int64, "seed"),
-            row(tf.int64, "position"),
-        ]
         k = len(self.state_names)
 
         def named_states(states):
@@ -335,35 +304,43 @@ class CharRNNModule(tf.Module):
             layers = {f"layer_{i}": tf.transpose(out, [1, 0, 2]) for i, out in enumerate(outputs)}
             return {"logits": self._logits(layers[f"layer_{len(outputs) - 1}"]), **layers, **named_states(new_states)}
 
-        def generate_with(xla):
-            def generate(ids, *rest):
-                lengths = tf.fill([tf.shape(ids)[0]], tf.shape(ids)[1])
-                out, states = self._generate(ids, lengths, list(rest[:k]), *rest[k:], xla=xla)
-                return {"ids": out, **named_states(states)}
+        def generating(signature: str, xla: bool):
+            """A generate signature's function: (prime or ids, *states, *its generation inputs) -> outputs."""
+            names = [i.name for i in inputs_of(signature)]
+            text_in = signature.startswith("generate_text")
 
-            return generate
+            def generate(given, *rest):
+                ids, lengths = (
+                    self._encode(given) if text_in else (given, tf.fill([tf.shape(given)[0]], tf.shape(given)[1]))
+                )
+                result = self._generate(signature, ids, lengths, list(rest[:k]), dict(zip(names, rest[k:])), xla=xla)
+                out = {"text": self._decode(result["ids"])} if text_in else {"ids": result["ids"]}
+                if signature in CONTROLLED_SIGNATURES:
+                    stopped = result["stop_index"] >= 0
+                    out.update(
+                        num_generated=result["num_generated"],
+                        stop_index=result["stop_index"],
+                        finish_reason=tf.where(stopped, tf.constant("stop"), tf.constant("length")),
+                        char_logprobs=result["char_logprobs"],
+                        top_ids=result["top_ids"],
+                        top_logprobs=result["top_logprobs"],
+                    )
+                return {**out, **named_states(result["states"])}  # padding (id 0) decodes to ""
 
-        def generate_text_with(xla):
-            def generate_text(prime, *rest):
-                ids, lengths = self._encode(prime)
-                out, states = self._generate(ids, lengths, list(rest[:k]), *rest[k:], xla=xla)
-                return {"text": self._decode(out), **named_states(states)}  # padding (id 0) decodes to ""
-
-            return generate_text
+            given = tf.TensorSpec([None], tf.string, name="prime") if text_in else ids_spec
+            specs = [given] + state_specs + [self._input_spec(i) for i in inputs_of(signature)]
+            return tf.function(generate, input_signature=specs)
 
         def metadata():
             return {"vocabulary": self._chars, "config": self._config_tensor}
 
-        ids_spec = tf.TensorSpec([None, None], tf.int32, name="ids")
         self.step_function = tf.function(step, input_signature=[ids_spec] + state_specs)
         self.inspect_function = tf.function(inspect, input_signature=[ids_spec] + state_specs)
-        generate_specs = [ids_spec] + state_specs + sampling_specs
-        text_specs = [tf.TensorSpec([None], tf.string, name="prime")] + state_specs + sampling_specs
-        self.generate_function = tf.function(generate_with(False), input_signature=generate_specs)
-        self.generate_text_function = tf.function(generate_text_with(False), input_signature=text_specs)
-        if self.jit_compile:
-            self.generate_xla_function = tf.function(generate_with(True), input_signature=generate_specs)
-            self.generate_text_xla_function = tf.function(generate_text_with(True), input_signature=text_specs)
+        # Attributes named ``*_function`` (see ``signatures``), one per generate signature and flavour.
+        for name in PLAIN_SIGNATURES + CONTROLLED_SIGNATURES:
+            setattr(self, f"{name}_function", generating(name, xla=False))
+            if self.jit_compile:
+                setattr(self, f"{xla_twin(name)}_function", generating(name, xla=True))
         self.metadata_function = tf.function(metadata, input_signature=[])
         # For keras.layers.TFSMLayer(path, call_endpoint="keras_step"): Keras passes one
         # positional input, so this endpoint takes step's inputs as one dict.
@@ -383,14 +360,13 @@ class CharRNNModule(tf.Module):
         sigs = {
             "step": self.step_function.get_concrete_function(),
             "inspect": self.inspect_function.get_concrete_function(),
-            "generate": self.generate_function.get_concrete_function(),
-            "generate_text": text,
             "serving_default": text,
             "metadata": self.metadata_function.get_concrete_function(),
         }
-        if self.jit_compile:
-            sigs["generate_xla"] = self.generate_xla_function.get_concrete_function()
-            sigs["generate_text_xla"] = self.generate_text_xla_function.get_concrete_function()
+        for name in PLAIN_SIGNATURES + CONTROLLED_SIGNATURES:
+            sigs[name] = getattr(self, f"{name}_function").get_concrete_function()
+            if self.jit_compile:
+                sigs[xla_twin(name)] = getattr(self, f"{xla_twin(name)}_function").get_concrete_function()
         return sigs
 
     def named_signatures(self) -> dict[str, Callable[..., dict]]:

@@ -22,6 +22,7 @@ import tensorflow as tf
 from keras_charrnn import analysis
 from keras_charrnn.errors import InputError, graph_error_message
 from keras_charrnn.export import module_from_run
+from keras_charrnn.generation import LOGPROBS_OFF, Completion
 from keras_charrnn.metrics import bits_per_char, perplexity
 from keras_charrnn.run_folder import RunFolder
 from keras_charrnn.sampling import DEFAULT_CHUNK, DEFAULT_PRIME, SamplingParams
@@ -101,8 +102,11 @@ class CharRNN:
             raise InputError(f"{self.path}: not a keras-charrnn model (no 'metadata' signature)")
         meta = self._signatures["metadata"]()
         self.config: dict = json.loads(meta["config"].numpy().decode("utf-8"))
-        self.vocab = Vocabulary([c.decode("utf-8") for c in meta["vocabulary"].numpy()[1:]])
-        self.info = ModelInfo.from_config(name, self.config, version)
+        chars = [c.decode("utf-8") for c in meta["vocabulary"].numpy()]
+        self.vocab = Vocabulary(chars[1:])
+        self.info = ModelInfo.from_config(
+            name, self.config, version, signatures=self._signatures.keys(), vocabulary=chars
+        )
         self._runner = _InProcessRunner(self._signatures, self.info)
 
     @property
@@ -120,8 +124,9 @@ class CharRNN:
 
         Args:
             prime: the text to continue (at least one character).
-            params: how characters are chosen; or give its fields as keywords
-                (``temperature=``, ``top_k=``, ``top_p=``, ``seed=``).
+            params: how characters are chosen and when a call stops; or give its fields as keywords
+                (``temperature=``, ``top_k=``, ``top_p=``, ``seed=``, ``min_p=``, ``bias=``, ``stop=``,
+                ``min_chars=``; see ``SamplingParams``).
 
         Returns:
             A new session.
@@ -144,6 +149,50 @@ class CharRNN:
             The generated text (without the prime).
         """
         return self.session(prime, params, **fields).generate(n)
+
+    def complete(
+        self, prime: str, n: int, logprobs: int = LOGPROBS_OFF, params: SamplingParams | None = None, **fields: Any
+    ) -> Completion:
+        """Up to ``n`` characters after ``prime``, with why they ended and (if asked) their scores.
+
+        Args:
+            prime: the text to continue.
+            n: the most characters to generate.
+            logprobs: -1: no scores; 0: each character's log-probability; N: also N alternatives.
+            params: as in ``session``, or its fields as keywords.
+
+        Returns:
+            The ``Completion``.
+
+        Example:
+
+        >>> model.complete("ROMEO:", 200, stop="\n\n", seed=1).finish_reason  # doctest: +SKIP
+        'stop'
+        """
+        return self.session(prime, params, **fields).complete(n, logprobs)
+
+    def samples(
+        self,
+        prime: str,
+        n: int,
+        num_chars: int,
+        logprobs: int = LOGPROBS_OFF,
+        params: SamplingParams | None = None,
+        **fields: Any,
+    ) -> list[Completion]:
+        """``n`` samples after ``prime`` in one batch (see ``Session.samples``: sample 0 is ``generate``'s text).
+
+        Args:
+            prime: the text to continue.
+            n: how many samples.
+            num_chars: the most characters of each.
+            logprobs: as in ``complete``.
+            params: as in ``session``, or its fields as keywords.
+
+        Returns:
+            One ``Completion`` per sample, each with its own ``session`` to continue.
+        """
+        return self.session(prime, params, **fields).samples(n, num_chars, logprobs)
 
     def stream(
         self, prime: str, n: int, chunk: int = DEFAULT_CHUNK, params: SamplingParams | None = None, **fields: Any

@@ -15,15 +15,28 @@ in the ``Runner`` that executes a signature. This module needs NumPy only.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
-from collections.abc import Iterator
 
 import numpy as np
 
 from keras_charrnn.errors import ConfigError, InputError
+from keras_charrnn.generation import (
+    BIAS_BAN,
+    LOGPROBS_OFF,
+    MAX_SAMPLES,
+    MAX_STOP_CHARS,
+    Completion,
+    completions,
+    context,
+    continue_rows,
+    inputs_of,
+    sample_seed,
+)
 from keras_charrnn.sampling import DEFAULT_CHUNK, MAX_CHARS_PER_CALL, SamplingParams
 
 
@@ -70,6 +83,8 @@ class ModelInfo:
         version: the version these facts describe (None: unknown, e.g. in-process).
         limits: the server's advertised request limits (``max_prime_chars``,
             ``max_chars_per_call``, ...); empty when it advertises none.
+        signatures: the model's signature names (empty: unknown, taken as 0.2's).
+        vocabulary: the characters in id order, id 0 (unknown) first (None: unknown).
     """
 
     name: str
@@ -80,9 +95,19 @@ class ModelInfo:
     config: dict = field(default_factory=dict)
     version: int | None = None
     limits: dict = field(default_factory=dict)
+    signatures: frozenset[str] = frozenset()
+    vocabulary: list[str] | None = None
 
     @classmethod
-    def from_config(cls, name: str, config: dict, version: int | None = None, limits: dict | None = None) -> ModelInfo:
+    def from_config(
+        cls,
+        name: str,
+        config: dict,
+        version: int | None = None,
+        limits: dict | None = None,
+        signatures: Iterable[str] = (),
+        vocabulary: list[str] | None = None,
+    ) -> ModelInfo:
         """Reads the facts from a model's ``metadata`` config.
 
         Args:
@@ -91,6 +116,8 @@ class ModelInfo:
             version: the version the config was read from, if known.
             limits: request limits advertised by the server (positive integers by name);
                 ``max_chars_per_call`` lowers the model's own cap.
+            signatures: the model's signature names.
+            vocabulary: the characters in id order, id 0 first (the ``metadata`` signature's).
 
         Returns:
             The model's info.
@@ -114,6 +141,8 @@ class ModelInfo:
             config=config,
             version=version,
             limits=limits,
+            signatures=frozenset(signatures),
+            vocabulary=vocabulary,
         )
 
     @property
@@ -121,24 +150,47 @@ class ModelInfo:
         """The most characters of text one call may feed (None: no advertised limit)."""
         return self.limits.get("max_prime_chars")
 
+    @property
+    def controlled(self) -> bool:
+        """Whether the model has the generation-controls signature (stops, bias, min_p, scores)."""
+        return "generate_text_v2" in self.signatures
+
+    def context(self) -> dict[str, int]:
+        """The numbers the generation inputs' rules read (``generation.context``)."""
+        return context(self.vocab_size, self.limits)
+
+    def require_controls(self, what: str) -> None:
+        """Raises ``InputError`` naming the missing signature when ``what`` needs it and the model lacks it."""
+        if not self.controlled:
+            raise InputError(
+                f"model {self.name!r}{'' if self.version is None else f' version {self.version}'} has no "
+                f"'generate_text_v2' signature (exported before keras-charrnn 0.3), which {what} needs; "
+                f"re-export it with keras_charrnn.reexport.reexport_savedmodel"
+            )
+
 
 class Session:
     """A stream of generated text that continues from call to call.
 
     A session is pinned to the version its ``info`` describes (``info.version``; None:
-    whichever answers, then that one): its hidden state belongs to those weights.
+    whichever answers, then that one): its hidden state belongs to those weights. With stop
+    strings (``params.stop``), a call ends at the first one; the session is then exactly where
+    a session that generated that text and nothing more would be, so ``feed`` and the next
+    call continue from the right place.
 
     Args:
         runner: executes signatures (in-process or over gRPC).
         info: the model's state names and limits.
         prime: text that starts the session (at least one character).
-        params: temperature, top-k, top-p and seed.
+        params: temperature, top-k, top-p, seed, min-p, bias, stops and ``min_chars``.
 
     Example:
 
     >>> model = keras_charrnn.load("saved_models/shakespeare")  # doctest: +SKIP
     >>> s = model.session(prime="ROMEO:", seed=1)               # doctest: +SKIP
     >>> s.generate(100) + s.generate(100)  # == model.generate("ROMEO:", 200, seed=1)  # doctest: +SKIP
+    >>> s.complete(500, stop=["\\n\\n"]).finish_reason           # doctest: +SKIP
+    'stop'
     """
 
     def __init__(self, runner: Runner, info: ModelInfo, prime: str, params: SamplingParams):
@@ -146,74 +198,211 @@ class Session:
             raise ConfigError("prime must hold at least one character")
         if params.top_k > info.vocab_size - 1:
             raise ConfigError(f"top_k must be at most the vocabulary size ({info.vocab_size - 1}), got {params.top_k}")
+        if params.controlled:
+            info.require_controls("stop, min_chars, min_p or bias")
         self.runner = runner
         self.info = info
         self.params = params
+        self._bias_row = _bias_row(params.bias, info) if params.bias else None  # checked now, not at the first call
         self.states = {n: np.zeros((1, info.state_size), np.float32) for n in info.state_names}
         self.pending = prime
         self.position = 0
+        self.tail = ""  # the last characters generated since the last prime or feed: stops match across calls
+        self.min_chars_left = params.min_chars  # counts down from the last prime or feed
         self.version: int | None = info.version  # pinned to the version its facts came from
+        self.last: Completion | None = None  # the result of the last generate, complete or stream
 
-    def generate(self, n: int) -> str:
-        """Returns the next ``n`` characters (in calls of at most ``max_chars_per_call``)."""
-        return "".join(self.stream(n, chunk=self.info.max_chars_per_call))
+    def generate(self, n: int, strip_stop: bool = False) -> str:
+        """Returns the next ``n`` characters, or fewer if a stop string ends them (in calls of at most
+        ``max_chars_per_call``).
+
+        Args:
+            n: the most characters to generate.
+            strip_stop: leave the matched stop string out of the text (the state is past it either way).
+
+        Returns:
+            The text (``self.last`` holds its finish reason).
+        """
+        result = self.complete(n)
+        return result.text_without_stop if strip_stop else result.text
+
+    def complete(self, n: int, logprobs: int = LOGPROBS_OFF) -> Completion:
+        """Generates up to ``n`` characters; returns them with why they ended and, if asked, their scores.
+
+        Args:
+            n: the most characters to generate.
+            logprobs: -1: no scores; 0: each character's log-probability; 1..10: also that many
+                of the most likely alternatives.
+
+        Returns:
+            The ``Completion`` (text, finish reason, matched stop, count, scores).
+        """
+        result = None
+        for piece in self.stream_completions(n, self.info.max_chars_per_call, logprobs):
+            result = piece if result is None else result.extend(piece)
+        assert result is not None
+        self.last = result
+        return result
 
     def stream(self, n: int, chunk: int = DEFAULT_CHUNK) -> Iterator[str]:
-        """Yields the next ``n`` characters, ``chunk`` at a time.
+        """Yields the next ``n`` characters, ``chunk`` at a time, ending early at a stop string.
 
         A chunk over the model's or the server's ``max_chars_per_call`` is made of
         several calls; the text is the same however it is chunked.
+        """
+        for piece in self.stream_completions(n, chunk):
+            yield piece.text
+
+    def stream_completions(
+        self, n: int, chunk: int = DEFAULT_CHUNK, logprobs: int = LOGPROBS_OFF
+    ) -> Iterator[Completion]:
+        """Like ``stream``, yielding each chunk's ``Completion`` (the last one's ``finish_reason`` is the call's).
+
+        Args:
+            n: the most characters to generate.
+            chunk: characters per piece.
+            logprobs: as in ``complete``.
+
+        Yields:
+            One ``Completion`` per chunk.
         """
         if n < 1:
             raise ConfigError(f"n (the number of characters) must be at least 1, got {n}")
         if chunk < 1:
             raise ConfigError(f"chunk must be at least 1, got {chunk}")
-        left = n
+        self._check_logprobs(logprobs)
+        left, total = n, None
         while left:
-            take = min(chunk, left)
-            yield "".join(
-                self._call(min(self.info.max_chars_per_call, take - done))
-                for done in range(0, take, self.info.max_chars_per_call)
-            )
-            left -= take
+            take, piece = min(chunk, left), None
+            for done in range(0, take, self.info.max_chars_per_call):
+                part = self._call(min(self.info.max_chars_per_call, take - done), logprobs)
+                piece = part if piece is None else piece.extend(part)
+                if part.finish_reason == "stop":
+                    break
+            assert piece is not None
+            total = piece if total is None else total.extend(piece)
+            self.last = total
+            yield piece
+            if piece.finish_reason == "stop":
+                return
+            left -= piece.num_chars
+
+    def samples(self, n: int, num_chars: int, logprobs: int = LOGPROBS_OFF) -> list[Completion]:
+        """``n`` samples continuing this session, generated side by side as rows of the same calls.
+
+        Sample i is this session forked with the seed ``generation.sample_seed(seed, i)``
+        (sample 0 keeps the session's own seed, so it is the text ``generate`` would give);
+        each is reproducible alone and continues as a session of its own (``.session``).
+        This session does not move.
+
+        Args:
+            n: how many samples (1..128); calls hold at most ``max_rows_per_call`` rows.
+            num_chars: the most characters of each.
+            logprobs: as in ``complete``.
+
+        Returns:
+            One ``Completion`` per sample, in order, each with its ``index``, ``seed`` and ``session``.
+
+        Example:
+
+        >>> [c.text for c in model.session("ROMEO:", seed=1, stop="\\n").samples(3, 80)]  # doctest: +SKIP
+        """
+        if not 1 <= n <= MAX_SAMPLES:
+            raise ConfigError(f"n (the number of samples) must be in 1..{MAX_SAMPLES}, got {n}")
+        if num_chars < 1:
+            raise ConfigError(f"num_chars must be at least 1, got {num_chars}")
+        self._check_logprobs(logprobs)
+        forks = []
+        for i in range(n):
+            fork = self.fork()
+            fork.params = dataclasses.replace(self.params, seed=sample_seed(int(self.params.seed or 0), i))
+            forks.append(fork)
+        results: list[Completion | None] = [None] * n
+        left = [num_chars] * n
+        rows = max(1, int(self.info.limits.get("max_rows_per_call", 64)))
+        active = list(range(n))
+        while active:
+            for start in range(0, len(active), rows):
+                batch = active[start : start + rows]
+                take = [min(self.info.max_chars_per_call, left[i]) for i in batch]
+                for i, part in zip(batch, _call_rows([forks[i] for i in batch], take, logprobs)):
+                    results[i] = part if results[i] is None else results[i].extend(part)  # type: ignore[union-attr]
+                    left[i] = 0 if part.finish_reason == "stop" else left[i] - part.num_chars
+            active = [i for i in active if left[i] > 0]
+        done = []
+        for i, (fork, result) in enumerate(zip(forks, results)):
+            assert result is not None
+            result.index, result.seed, result.session = i, fork.params.seed, fork
+            fork.last = result
+            done.append(result)
+        return done
 
     def feed(self, text: str) -> None:
-        """Pushes ``text`` into the state: the next characters continue after it."""
+        """Pushes ``text`` into the state: the next characters continue after it (stops and ``min_chars``
+        count from here)."""
         self.pending += text
+        self.tail = ""
+        self.min_chars_left = self.params.min_chars
 
-    def _run(self, text: str, n: int) -> dict[str, np.ndarray]:
-        """One ``generate_text`` call: feeds ``text``, samples ``n``; keeps the states and the version."""
+    def _check_logprobs(self, logprobs: int) -> None:
+        if logprobs == LOGPROBS_OFF:
+            return
+        self.info.require_controls("scores (logprobs)")
+        top = self.info.context()["max_logprobs"]
+        if isinstance(logprobs, bool) or not isinstance(logprobs, int) or not LOGPROBS_OFF <= logprobs <= top:
+            raise ConfigError(f"logprobs must be -1 (off), 0 or up to {top} alternatives, got {logprobs!r}")
+
+    @property
+    def signature(self) -> str:
+        """The signature this session calls: ``generate_text_v2`` when the model has it, else ``generate_text``."""
+        return "generate_text_v2" if self.info.controlled else "generate_text"
+
+    def _row(self, n: int, logprobs: int) -> dict[str, np.ndarray]:
+        """This session's row of a call: its pending text, states and generation inputs."""
         p = self.params
-        inputs = {
-            "prime": np.array([text.encode("utf-8")], dtype=object),
-            **self.states,
-            "num_chars": np.array([n], np.int32),
-            "temperature": np.array([p.temperature], np.float32),
-            "top_k": np.array([p.top_k], np.int32),
-            "top_p": np.array([p.top_p], np.float32),
-            "seed": np.array([p.seed], np.int64),
-            "position": np.array([self.position], np.int64),
+        values = {
+            "num_chars": n,
+            "temperature": p.temperature,
+            "top_k": p.top_k,
+            "top_p": p.top_p,
+            "seed": p.seed,
+            "position": self.position,
+            "min_p": p.min_p,
+            "logit_bias": self._bias_row,
+            "stop": p.stop,
+            "stop_tail": self.tail,
+            "min_chars": self.min_chars_left,
+            "logprobs": logprobs,
         }
-        outputs, version = self.runner.run("generate_text", inputs, self.version)
+        ctx = self.info.context()
+        row = {"prime": np.array([self.pending.encode("utf-8")], dtype=object), **self.states}
+        for spec in inputs_of(self.signature):
+            row[spec.name] = spec.column(1, ctx, values[spec.name])
+        return row
+
+    def _flush_pending(self) -> None:
+        """Feeds pending text longer than the server's ``max_prime_chars`` in pieces it accepts."""
+        limit = self.info.max_prime_chars
+        while limit and len(self.pending) > limit:
+            # A call samples one character it does not feed, so its states are those after the piece
+            # alone; that sample is dropped (the position does not move).
+            row = self._row(1, LOGPROBS_OFF)
+            row["prime"] = np.array([self.pending[:limit].encode("utf-8")], dtype=object)
+            outputs = self._run(row)
+            self.states = {name: np.asarray(outputs[name], np.float32) for name in self.info.state_names}
+            self.pending = self.pending[limit:]
+
+    def _run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One call of this session's signature; keeps the version that answered."""
+        outputs, version = self.runner.run(self.signature, inputs, self.version)
         if version is not None:
             if version != self.info.version:
                 self.info = self.runner.model_info(version)  # the facts of the version that answered
             self.version = version
-        self.states = {name: np.asarray(outputs[name], np.float32) for name in self.info.state_names}
         return outputs
 
-    def _call(self, n: int) -> str:
-        limit = self.info.max_prime_chars
-        while limit and len(self.pending) > limit:
-            # Feed the text in pieces the server accepts: a call samples one character it does not
-            # feed, so its states are those after the piece alone; that sample is dropped.
-            self._run(self.pending[:limit], 1)
-            self.pending = self.pending[limit:]
-        text = self._run(self.pending, n)["text"].reshape(-1)[0]
-        text = text.decode("utf-8") if isinstance(text, bytes) else str(text)
-        self.pending = text[-1]
-        self.position += n
-        return text
+    def _call(self, n: int, logprobs: int = LOGPROBS_OFF) -> Completion:
+        return _call_rows([self], [n], logprobs)[0]
 
     def fork(self) -> Session:
         """An independent copy: both continue identically from here unless fed differently."""
@@ -221,23 +410,32 @@ class Session:
 
     def to_json(self) -> str:
         """Everything needed to continue this session later, elsewhere (JSON)."""
+        p = self.params
         return json.dumps(
             {
                 "model": self.info.name,
                 "version": self.version,
                 "position": self.position,
                 "pending": self.pending,
-                "temperature": self.params.temperature,
-                "top_k": self.params.top_k,
-                "top_p": self.params.top_p,
-                "seed": self.params.seed,
+                "temperature": p.temperature,
+                "top_k": p.top_k,
+                "top_p": p.top_p,
+                "seed": p.seed,
                 "states": {k: v.reshape(-1).tolist() for k, v in self.states.items()},
+                "min_p": p.min_p,
+                "bias": dict(p.bias),
+                "stop": list(p.stop),
+                "min_chars": p.min_chars,
+                "stop_tail": self.tail,
+                "min_chars_left": self.min_chars_left,
             }
         )
 
     @classmethod
     def from_json(cls, data: str, runner: Runner, info: ModelInfo) -> Session:
         """Restores a session saved by ``to_json`` onto ``runner``, checking every field.
+
+        Sessions saved by release 0.2 (without stops, bias and ``min_p``) restore as they were.
 
         Args:
             data: the JSON text from ``to_json``.
@@ -281,10 +479,61 @@ class Session:
             )
         params = _saved_params(obj, info)
         states = _saved_states(obj["states"], info)
+        tail, left = obj.get("stop_tail", ""), obj.get("min_chars_left", params.min_chars)
+        if not isinstance(tail, str) or len(tail) > MAX_STOP_CHARS:
+            raise InputError(
+                f"saved session field 'stop_tail': must be a string of at most {MAX_STOP_CHARS} characters"
+            )
+        if not (_is_int(left) and 0 <= left <= params.min_chars):
+            raise InputError(f"saved session field 'min_chars_left': must be an integer in 0..min_chars, got {left!r}")
         session = cls(runner, info, pending, params)
-        session.states, session.position = states, position
+        session.states, session.position, session.tail, session.min_chars_left = states, position, tail, left
         session.version = version if version is not None else info.version
         return session
+
+
+def _call_rows(sessions: list[Session], take: list[int], logprobs: int) -> list[Completion]:
+    """One generate call for several sessions of one model (a row each): runs it, then moves each session on.
+
+    The continuation rule is ``generation.continue_rows``: each session keeps its row's states,
+    the last character generated as its pending text, its advanced position, its stop tail and
+    its ``min_chars`` countdown.
+    """
+    for session in sessions:
+        session._flush_pending()
+    first = sessions[0]
+    rows = [s._row(n, logprobs) for s, n in zip(sessions, take)]
+    inputs = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
+    outputs = first._run(inputs)
+    nxt = continue_rows(inputs, outputs, first.info.state_names)
+    results = completions(outputs, inputs, first.info.vocabulary)
+    for r, session in enumerate(sessions):
+        if session is not first:
+            session.version, session.info = first.version, first.info
+        session.states = {name: nxt[name][r : r + 1] for name in first.info.state_names}
+        session.pending = nxt["prime"][r].decode("utf-8")
+        session.position = int(nxt["position"][r])
+        if "stop_tail" in nxt:
+            session.tail = nxt["stop_tail"][r].decode("utf-8")
+            session.min_chars_left = int(nxt["min_chars"][r])
+        results[r].seed = session.params.seed
+    return results
+
+
+def _bias_row(bias: Mapping[str, float], info: ModelInfo) -> np.ndarray:
+    """A ``{character: value}`` bias as the model's ``logit_bias`` row (one value per id)."""
+    info.require_controls("bias")
+    if info.vocabulary is None:
+        raise InputError(f"model {info.name!r}: its vocabulary is unknown, so a character bias cannot be applied")
+    index = {c: i for i, c in enumerate(info.vocabulary) if i > 0}
+    row = np.zeros(info.vocab_size, np.float32)
+    for char, value in bias.items():
+        if char not in index:
+            raise ConfigError(f"bias: {char!r} is not in the model's vocabulary (it is never generated)")
+        row[index[char]] = value
+    if (row[1:] <= BIAS_BAN).all():
+        raise ConfigError("bias bans every character of the vocabulary: nothing could be generated")
+    return row
 
 
 SAVED_FIELDS = ("temperature", "top_k", "top_p", "seed", "pending", "states", "position", "version", "model")
@@ -312,7 +561,20 @@ def _saved_params(obj: dict, info: ModelInfo) -> SamplingParams:
         raise InputError(f"saved session field 'top_p': must be in (0, 1], got {top_p!r}")
     if not (_is_int(seed) and INT64_MIN <= seed <= INT64_MAX):
         raise InputError(f"saved session field 'seed': must be an integer in the int64 range, got {seed!r}")
-    return SamplingParams(float(temperature), top_k, float(top_p), seed)
+    min_p, bias, stop, min_chars = (
+        obj.get("min_p", 0.0),
+        obj.get("bias", {}),
+        obj.get("stop", []),
+        obj.get("min_chars", 0),
+    )
+    if not (_is_number(min_p) and 0 <= min_p <= 1):
+        raise InputError(f"saved session field 'min_p': must be in [0, 1], got {min_p!r}")
+    if not isinstance(stop, list) or not isinstance(bias, dict) or not _is_int(min_chars):
+        raise InputError("saved session fields 'stop', 'bias', 'min_chars': must be a list, an object and an integer")
+    try:
+        return SamplingParams(float(temperature), top_k, float(top_p), seed, float(min_p), bias, tuple(stop), min_chars)
+    except ConfigError as exc:
+        raise InputError(f"saved session: {exc}") from None
 
 
 def _saved_states(saved, info: ModelInfo) -> dict[str, np.ndarray]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 XLA_SUFFIX = "_xla"
-TWINNED = ("generate", "generate_text")  # the signatures that get an XLA twin
+TWINNED = ("generate", "generate_text", "generate_v2", "generate_text_v2")  # the signatures with an XLA twin
 XLA_DISABLED_MESSAGE = "XLA compilation disabled"  # TensorFlow's error when XLA JIT is off (code INTERNAL)
 MUST_COMPILE_ATTR = "_XlaMustCompile"
 
