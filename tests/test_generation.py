@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 from keras_charrnn import analysis, load
-from keras_charrnn.errors import CharRNNError, ConfigError, InputError
+from keras_charrnn.errors import CharRNNError, ConfigError
 from keras_charrnn.generation import INPUTS, inputs_of, sample_seed
 
 FIXTURE = Path(__file__).parent / "fixtures" / "models" / "tiny_v0_2"
