@@ -199,7 +199,8 @@ def test_sample_ends_at_a_stop_strips_it_and_prints_samples_and_scores_as_in_pro
     assert expected.finish_reason == "stop"  # the stops occur: the test ends a row early
     assert plain.returncode == 0, plain.stderr
     assert plain.stdout == PRIME + expected.text + "\n"
-    assert plain.stderr.splitlines()[-1] == f"sample 0 (seed {SEED}): stop at {expected.stop!r} after {expected.num_chars} characters"
+    finish = f"sample 0 (seed {SEED}): stop at {expected.stop!r} after {expected.num_chars} characters"
+    assert plain.stderr.splitlines()[-1] == finish  # the finish reason on stderr, one line
     assert stripped.stdout == PRIME + expected.text_without_stop + "\n"
     assert expected.text.endswith(expected.stop) and stripped.returncode == 0
 
