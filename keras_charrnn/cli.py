@@ -14,13 +14,13 @@ import dataclasses
 import os
 import sys
 
-from keras_charrnn import __version__, demo
+from keras_charrnn import __version__, cli_sample, demo
 from keras_charrnn.backends import JAX_MIN_UNITS, auto_backend, choose_backend
 from keras_charrnn.bundled import bundled_model_path
 from keras_charrnn.cli_flags import add_config_flags, add_option_flags, positive_int
 from keras_charrnn.config import TrainConfig
 from keras_charrnn.errors import CharRNNError, ConfigError
-from keras_charrnn.sampling import DEFAULT_CHUNK, DEFAULT_PRIME, DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P
+from keras_charrnn.sampling import DEFAULT_CHUNK, DEFAULT_TEMPERATURE
 from keras_charrnn.serving import memory
 from keras_charrnn.serving.options import ServerOptions
 from keras_charrnn.versions import DEFAULT_BASE_PATH
@@ -193,16 +193,6 @@ def _run_export(args) -> None:
 MODEL_HELP = "SavedModel folder (saved_models/NAME or a version folder) or training run folder"
 
 
-def _add_sampling_flags(p) -> None:
-    p.add_argument("--prime", default=DEFAULT_PRIME, help="text to start from (default: a newline)")
-    p.add_argument("-n", "--num-chars", type=positive_int, default=500, help="characters to generate")
-    p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="0 = greedy; higher = more varied")
-    p.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help="sample among the k likeliest characters (0 = off)")
-    p.add_argument("--top-p", type=float, default=DEFAULT_TOP_P, help="nucleus sampling mass (1 = off)")
-    p.add_argument("--seed", type=int, default=None, help="makes the text reproducible")
-    p.add_argument("--chunk", type=positive_int, default=DEFAULT_CHUNK, help="characters per model call")
-
-
 def _add_sample(sub) -> None:
     p = sub.add_parser("sample", help="generate text from a SavedModel (in-process) or a model server (gRPC)")
     where = p.add_mutually_exclusive_group()
@@ -210,8 +200,13 @@ def _add_sample(sub) -> None:
     where.add_argument("--server", help="model server address, e.g. localhost:8500")
     p.add_argument("--name", default=None, help="model name on the server (with --server)")
     p.add_argument("--version", type=positive_int, default=None, help="pin this model version (with --server)")
-    p.add_argument("--interactive", action="store_true", help="type a line, the model continues it; state is kept")
-    _add_sampling_flags(p)
+    p.add_argument(
+        "--interactive",
+        action="store_true",
+        help="type a line, the model answers until a stop (default: a blank line; --num-chars is the cap), "
+        "your next line is fed into the same session",
+    )
+    cli_sample.add_sample_flags(p)
 
 
 def _check_model_path(path: str) -> None:
@@ -232,16 +227,15 @@ def _check_model_path(path: str) -> None:
 
 
 def _run_sample(args) -> None:
-    from keras_charrnn.sampling import SamplingParams
-
-    params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+    params = cli_sample.sampling_params(args)  # checked before a model is loaded: a bad value is answered at once
     if args.server:
         if not args.name:
             raise ConfigError("sampling from a server needs the model's name there (--name)")
         from keras_charrnn.serving.client import SamplingClient
 
         client = SamplingClient(args.server)
-        make = lambda prime: client.session(args.name, prime, params, version=args.version)  # noqa: E731
+        info = client.model_info(args.name, args.version)
+        open_session = lambda prime, p: client.session(args.name, prime, p, version=info.version)  # noqa: E731
     else:
         path = args.model or str(bundled_model_path())
         _check_model_path(path)
@@ -249,36 +243,16 @@ def _run_sample(args) -> None:
         from keras_charrnn.inprocess import load
 
         model = load(path)
-        make = lambda prime: model.session(prime, params)  # noqa: E731
+        info = model.info
+        open_session = lambda prime, p: model.session(prime, p)  # noqa: E731
     if args.interactive:
-        _interactive(make, args)
+        stops = cli_sample.interactive_stop(args, info)
+        cli_sample.check_stops(stops, info)
+        params = cli_sample.sampling_params(args, default_stop=stops)
+        cli_sample.interactive(lambda prime: open_session(prime, params), args, stops)
         return
-    session = make(args.prime)
-    sys.stdout.write(args.prime)
-    _write_stream(session, args)
-
-
-def _write_stream(session, args) -> None:
-    for text in session.stream(args.num_chars, chunk=args.chunk):
-        sys.stdout.write(text)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
-
-
-def _interactive(make, args) -> None:
-    print("type a line and the model continues it; an empty line continues on its own; Ctrl-D quits")
-    session = None
-    while True:
-        try:
-            line = input("> ")
-        except EOFError:
-            print()
-            return
-        if session is None:
-            session = make((line or args.prime) + "\n")
-        elif line:
-            session.feed(line + "\n")
-        _write_stream(session, args)
+    cli_sample.check_stops(params.stop, info)
+    cli_sample.write_samples(open_session(args.prime, params), args)
 
 
 def _add_eval(sub) -> None:

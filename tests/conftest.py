@@ -215,6 +215,13 @@ def run_cli(*args, input: str | None = None, timeout: float = 300, cwd=None):
     )
 
 
+def interactive_transcript(stdout: str, answers) -> str:
+    """What ``charrnn sample --interactive`` shows for ``answers`` (one per line typed): its first line (the
+    intro), a prompt before each answer, a newline after an answer that does not end with one, a last prompt."""
+    intro = stdout.split("\n", 1)[0]
+    return intro + "\n" + "".join(f"> {a}" + ("" if a.endswith("\n") else "\n") for a in answers) + "> \n"
+
+
 def side_by_side(*calls):
     """Runs zero-argument callables (each starting and waiting for its own subprocess) at the same time, as many
     as there are CPU cores; returns their results in order.

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from conftest import run_cli, side_by_side
+from conftest import interactive_transcript, run_cli, side_by_side
 from keras_charrnn import cli
 
 
@@ -172,3 +172,89 @@ def test_a_resumed_run_keeps_its_recorded_backend_or_names_it_when_it_is_missing
     del record["backend"]  # a run from before 0.2.0: the default it trained on then
     (run / "config.json").write_text(json.dumps(record))
     assert cli.auto_backend(_args(resume=True, out=str(run)))[0] == "tensorflow"
+
+
+# ----- charrnn sample: stops, scores, samples, bias, JSON (issue 24) ------------------------------------------
+
+PRIME, STOPS, SEED = "the ", (" a", "s\n"), 7
+STOP_FLAGS = ["--stop", " a", "--stop", "s\\n"]  # "\n" typed as backslash-n: the CLI reads the escape
+
+
+def _sample(model_dir, *flags):
+    return lambda: run_cli("sample", "--model", model_dir, "--prime", PRIME, "-n", 120, "--seed", SEED, *flags)
+
+
+def test_sample_ends_at_a_stop_strips_it_and_prints_samples_and_scores_as_in_process(model_base):
+    from keras_charrnn.inprocess import load
+
+    lstm = model_base / "lstm"
+    plain, stripped, samples, banned = side_by_side(
+        _sample(lstm, *STOP_FLAGS),
+        _sample(lstm, *STOP_FLAGS, "--strip-stop"),
+        _sample(lstm, *STOP_FLAGS, "--num-samples", 3, "--json", "--top-logprobs", 3),
+        _sample(lstm, "--bias", "aeiou=-100", "--bias", "\\n=-100", "-n", 200),
+    )
+    model = load(lstm)
+    expected = model.complete(PRIME, 120, logprobs=3, stop=STOPS, seed=SEED)
+    assert expected.finish_reason == "stop"  # the stops occur: the test ends a row early
+    assert plain.returncode == 0, plain.stderr
+    assert plain.stdout == PRIME + expected.text + "\n"
+    finish = f"sample 0 (seed {SEED}): stop at {expected.stop!r} after {expected.num_chars} characters"
+    assert plain.stderr.splitlines()[-1] == finish  # the finish reason on stderr, one line
+    assert stripped.stdout == PRIME + expected.text_without_stop + "\n"
+    assert expected.text.endswith(expected.stop) and stripped.returncode == 0
+
+    records = [json.loads(line) for line in samples.stdout.splitlines()]
+    assert samples.returncode == 0 and "sample 0" not in samples.stderr, samples.stderr  # --json: stdout only
+    assert [r["index"] for r in records] == [0, 1, 2] and len({r["seed"] for r in records}) == 3
+    assert records[0]["text"] == expected.text and records[0]["seed"] == SEED  # sample 0: the plain --seed text
+    for record, done in zip(records, model.samples(PRIME, 3, 120, logprobs=3, stop=STOPS, seed=SEED)):
+        want = done.to_dict()
+        assert {k: record[k] for k in ("text", "finish_reason", "stop", "num_chars", "seed")} == {
+            k: want[k] for k in ("text", "finish_reason", "stop", "num_chars", "seed")
+        }
+        assert record["logprobs"] == pytest.approx(want["logprobs"], abs=1e-5)
+        assert len(record["top_logprobs"]) == record["num_chars"]
+        for got, top in zip(record["top_logprobs"], want["top_logprobs"]):
+            assert got.keys() == top.keys() and list(got.values()) == pytest.approx(list(top.values()), abs=1e-5)
+    assert records[0]["logprobs"] == pytest.approx(expected.logprobs, abs=1e-5)
+
+    assert banned.returncode == 0, banned.stderr
+    text = banned.stdout[len(PRIME) : -1]
+    assert len(text) == 200 and not set(text) & set("aeiou\n")
+    assert text == model.generate(PRIME, 200, seed=SEED, bias={c: -100 for c in "aeiou\n"})
+
+
+def test_sample_refuses_bad_stops_and_biases_in_one_line(model_base):
+    lstm = model_base / "lstm"
+    cases = [
+        (["--stop", "Z"], "outside the model's vocabulary"),
+        (["--stop", "a", "--stop", "b", "--stop", "c", "--stop", "d", "--stop", "e"], "at most 4 stop strings"),
+        (["--stop", "x" * 33], "at most 32 characters"),
+        (["--bias", "abc"], "CHARACTERS=VALUE"),
+        (["--bias", "a=-101"], "[-100, 100]"),
+        (["--top-logprobs", "11"], "at most 10"),
+    ]
+    for result, (_, fragment) in zip(side_by_side(*(_sample(lstm, *flags) for flags, _ in cases)), cases):
+        assert result.returncode == 2 and result.stdout == "" and "Traceback" not in result.stderr
+        assert result.stderr.startswith("charrnn: error: ") and len(result.stderr.strip().splitlines()) == 1
+        assert fragment in result.stderr, result.stderr
+
+
+def test_interactive_sample_answers_until_a_blank_line_and_feeds_the_reply_at_the_stop(model_base):
+    from keras_charrnn.inprocess import load
+
+    flags = ["--bias", "\\n=3"]  # newlines likelier: a blank line comes soon
+    result = run_cli(
+        "sample", "--model", model_base / "lstm", "--interactive", "-n", 300, "--seed", 1, *flags,
+        input="the lazy\n\nseven cats\n",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    session = load(model_base / "lstm").session("the lazy\n", seed=1, bias={"\n": 3.0}, stop="\n\n")
+    answers = [session.generate(300)]
+    assert session.last.finish_reason == "stop" and answers[0].endswith("\n\n")
+    answers.append(session.generate(300))  # an empty line: the model goes on, to the next blank line
+    session.feed("seven cats\n")  # the reply goes into the state where the answer stopped
+    answers.append(session.generate(300))
+    assert result.stdout == interactive_transcript(result.stdout, answers)
+    assert "until '\\n\\n'" in result.stdout.split("\n", 1)[0]

@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
-from conftest import ALL_CELLS, in_background, run_cli, side_by_side
+from conftest import ALL_CELLS, in_background, interactive_transcript, run_cli, side_by_side
 from keras_charrnn.analysis import inspect
 from keras_charrnn.decoding import filter_logits
 from keras_charrnn.errors import CharRNNError, InputError
@@ -280,14 +280,14 @@ def test_interactive_cli_continues_as_an_in_process_session_fed_the_same_lines(m
             input="the lazy\n\nseven cats\n",
         )
     ) as result:
-        session = load(model_base / "gru").session("the lazy\n", temperature=1.0, seed=1)
+        # The model answers until a blank line (the default stop), at most -n characters.
+        session = load(model_base / "gru").session("the lazy\n", temperature=1.0, seed=1, stop="\n\n")
         turns = [session.generate(20), session.generate(20)]  # a line, then an empty line: it continues on its own
         session.feed("seven cats\n")
         turns.append(session.generate(20))
     result = result.result()
     assert result.returncode == 0, result.stderr
-    intro = result.stdout.split("\n", 1)[0]
-    assert result.stdout == intro + "\n" + "".join(f"> {t}\n" for t in turns) + "> \n"
+    assert result.stdout == interactive_transcript(result.stdout, turns)
 
 
 def test_top_p_keeps_the_smallest_prefix_whose_mass_reaches_p_exactly():

@@ -6,6 +6,7 @@ import base64
 import html
 import http.client
 import json
+import math
 import re
 import shutil
 import socket
@@ -378,6 +379,50 @@ def test_playground_continue_grows_the_text_as_the_in_process_session_does(rest,
     info = _element_text(twice, "info")
     assert "lstm version 1" in info and "position 60" in info and "seed 5" in info
     assert "http://" not in twice and "https://" not in twice  # the page loads nothing from elsewhere
+
+
+def test_the_playground_reads_its_inputs_from_the_generation_table_not_from_a_list_of_its_own():
+    from keras_charrnn import generation
+    from keras_charrnn.serving.rest import playground_page
+
+    page = playground_page(["lstm"], 500).decode("utf-8")
+    settings = json.loads(re.search(r"const SETTINGS = (\{.*?\});\n", page).group(1))
+    assert settings["schema"] == json.loads(generation.schema_json()) and settings["maxCharsPerCall"] == 500
+    assert "SAMPLING_INPUTS" not in page and "config.state_names" in page  # states by name, never by exclusion
+    script = page.split("const SCHEMA", 1)[1]
+    for name in ("temperature", "top_k", "top_p", "min_p", "min_chars", "position", "stop_tail"):
+        assert name not in script  # fields, defaults and carry rules of these come from the table alone
+
+
+def _marks(dom: str) -> list[tuple[str, float, str]]:
+    """The scored characters of the playground's text: (character, its data-logprob, its title)."""
+    marks = []
+    for attributes, char in re.findall(r"<mark([^>]*)>(.*?)</mark>", dom, re.S):
+        logprob = float(re.search(r'data-logprob="([^"]+)"', attributes).group(1))
+        marks.append((html.unescape(char), logprob, html.unescape(re.search(r'title="([^"]*)"', attributes).group(1))))
+    return marks
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium package")
+def test_playground_stops_shows_finish_reasons_and_shades_characters_by_their_scores(rest, lstm, tmp_path):
+    url, _ = rest
+    stops = [" a", "s\n"]  # typed one per line, the newline as the escape \n
+    query = "model=lstm&prime=the%20&seed=7&num_chars=120&stop=%20a%0As%5Cn&logprobs=2&auto=2"
+    dom = _playground_dom(url, tmp_path, query)
+    assert 'data-auto-done="2"' in dom and _element_text(dom, "error") == ""
+    session = lstm.session("the ", seed=7, stop=stops, **SAMPLING)
+    calls = [session.complete(120, logprobs=2), session.complete(120, logprobs=2)]
+    assert calls[0].finish_reason == "stop"  # the stops occur: each call ends at one
+    reasons = re.findall(r'<li data-finish-reason="(\w+)">(.*?)</li>', dom)
+    assert [r for r, _ in reasons] == [c.finish_reason for c in calls]
+    assert reasons[0][1] == f"stop at {json.dumps(calls[0].stop)} after {calls[0].num_chars} characters"
+    marks = _marks(dom)
+    assert "".join(char for char, _, _ in marks) == calls[0].text + calls[1].text
+    assert [lp for _, lp, _ in marks] == pytest.approx(calls[0].logprobs + calls[1].logprobs, abs=1e-5)
+    top = calls[0].top_logprobs[0]
+    likeliest = ", ".join(f"{json.dumps(c)} {math.exp(v):.3f}" for c, v in top.items())
+    assert marks[0][2].endswith(f"likeliest: {likeliest}")  # the alternatives on hover
+    assert "generate_text_v2" in _element_text(dom, "info")
 
 
 @pytest.fixture(scope="module")

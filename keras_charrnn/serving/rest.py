@@ -45,7 +45,7 @@ from urllib.parse import unquote, urlsplit
 from google.protobuf import json_format
 from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2, predict_pb2
 
-from keras_charrnn import sampling
+from keras_charrnn import generation, sampling
 from keras_charrnn.errors import ConfigError, ServingError
 from keras_charrnn.serving import monitoring
 from keras_charrnn.serving.json_codec import parse_json, request_arrays, response_json
@@ -235,7 +235,7 @@ class RestApi:
 
 
 def playground_page(model_names: list[str], max_chars_per_call: int) -> bytes:
-    """The playground HTML with this server's models and the sampling defaults filled in.
+    """The playground HTML with this server's models and the table of generation inputs filled in.
 
     Args:
         model_names: the models the page offers.
@@ -247,13 +247,8 @@ def playground_page(model_names: list[str], max_chars_per_call: int) -> bytes:
     settings = {
         "models": model_names,
         "maxCharsPerCall": max_chars_per_call,
-        "defaults": {
-            "temperature": sampling.DEFAULT_TEMPERATURE,
-            "top_k": sampling.DEFAULT_TOP_K,
-            "top_p": sampling.DEFAULT_TOP_P,
-            "prime": sampling.DEFAULT_PRIME,
-            "num_chars": sampling.DEFAULT_CHUNK,
-        },
+        "prime": sampling.DEFAULT_PRIME,
+        "schema": json.loads(generation.schema_json()),  # the generation inputs: fields, defaults, carry rules
     }
     template = resources.files("keras_charrnn.serving").joinpath("playground.html").read_text(encoding="utf-8")
     script_safe = json.dumps(settings).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
