@@ -496,7 +496,18 @@ class OpenAIApi:
             start = self.continuations.start(request)
         loaded = self._resolve(start.model or request.model)
         note["model"] = loaded.name
-        call = self.prediction.signature_call(_spec(loaded.name, loaded.version), SIGNATURE)
+        try:
+            call = self.prediction.signature_call(_spec(loaded.name, loaded.version), SIGNATURE)
+        except ServingError as exc:
+            if exc.code != "FAILED_PRECONDITION":
+                raise
+            raise ApiError(
+                400,
+                f"model {loaded.name} version {loaded.version} has no '{SIGNATURE}' signature (exported before "
+                f"keras-charrnn 0.3); re-export it with keras_charrnn.reexport.reexport_savedmodel",
+                "model",
+                "model_not_supported",
+            ) from None
         generation = _Generation(self, request, call, start)
         scores = generation.prompt_scores()
         head = {
