@@ -1,4 +1,4 @@
-"""The OpenAI-compatible endpoint on the REST port, API keys and TLS, with the official ``openai`` package as the client.
+"""The OpenAI-compatible endpoint on the REST port, API keys and TLS, with the official `openai` package as client.
 
 Against real ``charrnn serve`` subprocesses serving the tiny lstm model; each answer is checked
 against what the package computes in-process (sessions, samples, scores).
@@ -75,18 +75,14 @@ def test_n_choices_per_prompt_are_the_sessions_samples_and_stops_end_them(client
         model="lstm/1", prompt=prompts, n=3, max_tokens=40, temperature=1.0, seed=11, stop=["o", "\n"]
     )
     assert [c.index for c in answer.choices] == list(range(6))
-    for p, prompt in enumerate(prompts):
-        samples = lstm.samples(prompt, 3, 40, seed=11, temperature=1.0, stop=("o", "\n"))
-        for i, sample in enumerate(samples):
-            choice = answer.choices[p * 3 + i]
-            assert choice.text == sample.text_without_stop and choice.finish_reason == sample.finish_reason
-            alone = lstm.session(prompt, seed=sample_seed(11, i), temperature=1.0, stop=("o", "\n")).generate(40, True)
-            assert choice.text == alone
+    samples = [s for p in prompts for s in lstm.samples(p, 3, 40, seed=11, temperature=1.0, stop=("o", "\n"))]
+    for choice, sample in zip(answer.choices, samples, strict=True):
+        assert choice.text == sample.text_without_stop and choice.finish_reason == sample.finish_reason
+    alone = lstm.session("a lazy ", seed=sample_seed(11, 2), temperature=1.0, stop=("o", "\n")).generate(40, True)
+    assert answer.choices[5].text == alone  # choice i: a plain session with the seed sample_seed(seed, i)
     reasons = {c.finish_reason for c in answer.choices}
     assert "stop" in reasons and all("o" not in c.text and "\n" not in c.text for c in answer.choices)
-    assert answer.usage.completion_tokens == sum(
-        s.num_chars for p in prompts for s in lstm.samples(p, 3, 40, seed=11, temperature=1.0, stop=("o", "\n"))
-    )
+    assert answer.usage.completion_tokens == sum(s.num_chars for s in samples)
 
 
 def test_logprobs_are_the_packages_scores_and_echo_scores_the_prompt(client, lstm):
@@ -264,7 +260,9 @@ def test_tls_and_mutual_tls_on_the_rest_port(tmp_path, model_base):
             if cert:
                 context.load_cert_chain(tmp_path / f"{cert}.pem", tmp_path / f"{cert}.key")
             http = openai.DefaultHttpxClient(verify=context)
-            return openai.OpenAI(base_url=f"https://localhost:{port}/v1", api_key="none", http_client=http, max_retries=0)
+            return openai.OpenAI(
+                base_url=f"https://localhost:{port}/v1", api_key="none", http_client=http, max_retries=0
+            )
 
         answer = client("client").completions.create(model="lstm", prompt="the ", max_tokens=20, seed=1)
         assert len(answer.choices[0].text) == 20 and "continuation" not in answer.choices[0].model_extra
