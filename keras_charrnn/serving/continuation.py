@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from keras_charrnn.errors import ConfigError
+from keras_charrnn.serving.openai_generation import Generation, Start
 from keras_charrnn.serving.openai_schema import ApiError, CompletionRequest, parse_model_id
 
 __all__ = ["MIN_KEY_BYTES", "Continuations"]
@@ -104,11 +105,11 @@ class Continuations:
             raise _refused("not a continuation token")
         return fields
 
-    def token(self, generation: Any, row: int) -> str:
-        """The token of one choice of a finished ``openai_api._Generation``.
+    def token(self, generation: Generation, row: int) -> str:
+        """The token of one choice of a finished generation.
 
         Args:
-            generation: the call's generation (its inputs, and each row's carry after its last segment).
+            generation: the call's ``Generation`` (its inputs, and each row's carry after its last segment).
             row: the choice's row.
 
         Returns:
@@ -133,8 +134,8 @@ class Continuations:
             }
         )
 
-    def start(self, request: CompletionRequest) -> Any:
-        """Where a call that sends a token starts (``openai_api.Start``), its model pinned to the token's version.
+    def start(self, request: CompletionRequest) -> Start:
+        """Where a call that sends a token starts (a ``Start``), its model pinned to the token's version.
 
         The request's seed, when given, replaces the token's; its prompt is fed after the token's
         pending text (a prompt given restarts stop matching, as ``Session.feed`` does).
@@ -148,8 +149,6 @@ class Continuations:
         Raises:
             ApiError: 400 for a refused token, another model's, or a request of several rows.
         """
-        from keras_charrnn.serving.openai_api import Start  # the endpoint imports this module
-
         fields = self.verify(request.continuation or "")
         if fields.get("v") != TOKEN_VERSION:
             raise _refused("made by another release of this server")

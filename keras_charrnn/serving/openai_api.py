@@ -28,44 +28,25 @@ import json
 import logging
 import re
 import secrets
-import threading
 import time
-import weakref
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
-import numpy as np
-from tensorflow_serving.apis import predict_pb2
-
 from keras_charrnn.errors import ServingError
-from keras_charrnn.generation import (
-    DEFAULT_PRIME,
-    LOGPROBS_OFF,
-    Completion,
-    RuleError,
-    check_rows,
-    completions,
-    context,
-    continue_rows,
-    inputs_of,
-    sample_seed,
-)
 from keras_charrnn.serving import monitoring
 from keras_charrnn.serving.json_codec import parse_json
+from keras_charrnn.serving.openai_generation import SIGNATURE, Generation, Scores, Start, model_facts, model_spec
 from keras_charrnn.serving.openai_schema import ApiError, CompletionRequest, choice_record, parse_model_id
 from keras_charrnn.serving.rest import HTTP_STATUS, Reply
-from keras_charrnn.serving.servicers import SEGMENT_CHARS, PredictionServicer, SettingNamer, error_text
-from keras_charrnn.serving.signature_runner import SignatureCall
+from keras_charrnn.serving.servicers import PredictionServicer, SettingNamer, error_text
 from keras_charrnn.serving.version_loader import LoadedVersion
 
-__all__ = ["ENTRYPOINT", "ModelFacts", "OpenAIApi", "Start", "model_facts"]
+__all__ = ["ENTRYPOINT", "OpenAIApi"]
 
 log = logging.getLogger("charrnn.serve")
 
 ENTRYPOINT = "OPENAI"  # the metrics' entrypoint label of these routes
-SIGNATURE = "generate_text_v2"
 OWNER = "charrnn"
 VOCABULARY_PATH = re.compile(r"/v1/models/(.+)/vocabulary")
 PARAM_OF_SETTING = {
@@ -74,256 +55,7 @@ PARAM_OF_SETTING = {
     "max_rows_per_call": "n",
     "max_request_elements": "n",
     "max_chars_per_call": "max_tokens",
-    "max_message_bytes": "max_tokens",
 }
-Scores = tuple[list, list | None]  # per character: its log-probability (None: none), and its alternatives
-PARAM_OF_INPUT = {"num_chars": "max_tokens", "stop_tail": "continuation", "min_chars": "continuation"}
-
-
-# ----- a version's facts --------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelFacts:
-    """What the endpoint reads of a loaded version, once: its characters and state tensors.
-
-    Args:
-        vocabulary: the characters in id order, id 0 (unknown) first.
-        state_names: the state tensors.
-        state_size: their width.
-    """
-
-    vocabulary: tuple[str, ...]
-    state_names: tuple[str, ...]
-    state_size: int
-
-    def ids(self, text: str) -> np.ndarray:
-        """``text``'s character ids (0 for a character outside the vocabulary)."""
-        index = {c: i for i, c in enumerate(self.vocabulary) if i > 0}
-        return np.array([index.get(c, 0) for c in text], np.int32)
-
-
-_FACTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # a version's module -> its facts
-_FACTS_LOCK = threading.Lock()
-
-
-def model_facts(loaded: LoadedVersion) -> ModelFacts:
-    """A version's ``ModelFacts``, from its ``metadata`` signature (run once per loaded version).
-
-    Args:
-        loaded: the version.
-
-    Returns:
-        The facts.
-    """
-    facts = _FACTS.get(loaded.module)
-    if facts is None:
-        outputs = SignatureCall.of(loaded, "metadata").run({})
-        config = json.loads(bytes(np.asarray(outputs["config"]).reshape(-1)[0]).decode("utf-8"))
-        chars = tuple(c.decode("utf-8") for c in np.asarray(outputs["vocabulary"]).reshape(-1))
-        facts = ModelFacts(chars, tuple(config["state_names"]), int(config["state_size"]))
-        with _FACTS_LOCK:
-            _FACTS[loaded.module] = facts
-    return facts
-
-
-# ----- one completion call ------------------------------------------------------------------
-
-
-@dataclass
-class Start:
-    """Where a row starts: a zero state by default, or a continuation's (see ``continuation``).
-
-    Args:
-        states: each state tensor's row (None: zeros).
-        pending: text the model has not fed yet, before the prompt ("": none).
-        position: characters generated before.
-        tail: the last characters generated since the last feed (stops match across calls).
-        model: the model id it is pinned to (None: the request's).
-    """
-
-    states: dict[str, np.ndarray] | None = None
-    pending: str = ""
-    position: int = 0
-    tail: str = ""
-    model: str | None = None
-
-    def state(self, name: str, size: int) -> np.ndarray:
-        """One state tensor's starting row (zeros for a fresh start)."""
-        if self.states is None:
-            return np.zeros([1, size], np.float32)
-        row = self.states.get(name)
-        if row is None or row.size != size:
-            raise ApiError(400, "the continuation's states do not fit this model", "continuation", "invalid_value")
-        return np.asarray(row, np.float32).reshape(1, size)
-
-
-class _Generation:
-    """The rows of one ``/v1/completions`` call, generated segment by segment, and the choices they make."""
-
-    def __init__(self, api: OpenAIApi, request: CompletionRequest, call: SignatureCall, start: Start):
-        self.api, self.request, self.call, self.start = api, request, call, start
-        self.facts = model_facts(call.loaded)
-        self.deadline = None if api.timeout_s is None else time.monotonic() + api.timeout_s
-        self.hold = max((len(s) for s in request.stop), default=1) - 1  # characters a stream holds back
-        rows, asked = request.rows, request.logprobs
-        self.acc = [
-            Completion("", "length", None, 0, None if asked is None else [], [] if asked else None, r)
-            for r in range(rows)
-        ]
-        self.carry: list[dict[str, Any]] = [{} for _ in range(rows)]
-        self.inputs = self._inputs()
-
-    def prompt(self, row: int) -> str:
-        """The prompt of a row (``n`` rows per prompt)."""
-        return self.request.prompts[row // self.request.n]
-
-    def _inputs(self) -> dict[str, np.ndarray]:
-        """The first call's inputs: every row primed with its prompt, its seed, the request's controls."""
-        request, facts, start = self.request, self.facts, self.start
-        rows = request.rows
-        ctx = context(len(facts.vocabulary), self.api.prediction.limits.advertised())
-        bias = None
-        if request.logit_bias:
-            bias = np.zeros(len(facts.vocabulary), np.float32)
-            for i, value in request.logit_bias.items():
-                if i >= len(facts.vocabulary):
-                    raise ApiError(
-                        400, f"logit_bias: no character id {i} (the model has ids 0..{len(facts.vocabulary) - 1})",
-                        "logit_bias", "invalid_value",
-                    )  # fmt: skip
-                bias[i] = value
-        values = {
-            "temperature": request.temperature,
-            "top_k": request.top_k,
-            "top_p": request.top_p,
-            "position": start.position,
-            "min_p": request.min_p,
-            "logit_bias": bias,
-            "stop": request.stop,
-            "stop_tail": start.tail,
-            "min_chars": 0,
-            "logprobs": LOGPROBS_OFF if request.logprobs is None else request.logprobs,
-            "num_chars": max(request.max_tokens, 1),
-        }
-        primes = [(start.pending + self.prompt(r)) or DEFAULT_PRIME for r in range(rows)]
-        arrays: dict[str, np.ndarray] = {"prime": np.array([p.encode("utf-8") for p in primes], dtype=object)}
-        for name in facts.state_names:
-            arrays[name] = np.repeat(start.state(name, facts.state_size), rows, axis=0)
-        for spec in inputs_of(SIGNATURE):
-            if spec.name == "seed":
-                seeds = [sample_seed(request.seed, r % request.n) for r in range(rows)]
-                arrays["seed"] = np.array(seeds, np.int64)
-            else:
-                arrays[spec.name] = spec.column(rows, ctx, values[spec.name])
-        try:
-            check_rows(arrays, ctx, facts.vocabulary)
-        except RuleError as exc:
-            name = PARAM_OF_INPUT.get(exc.input, exc.input)
-            raise ApiError(400, exc.message.replace(exc.input, name, 1), name, "invalid_value") from None
-        return arrays
-
-    def _time_left(self) -> float | None:
-        if self.deadline is None:
-            return None
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise ServingError("DEADLINE_EXCEEDED", "the completion ran past this server's rest_api_timeout_in_ms")
-        return left
-
-    def segments(self) -> Iterator[list[int]]:
-        """Generates the rows in calls of at most ``SEGMENT_CHARS`` characters; yields the rows each call moved.
-
-        Each call goes through ``predict_arrays`` (the gRPC path's checks, limits and batching);
-        the next one continues by ``generation.continue_rows``; a row that met a stop leaves.
-        """
-        current, active, left = self.inputs, np.arange(self.request.rows), self.request.max_tokens
-        vocabulary, states = list(self.facts.vocabulary), list(self.facts.state_names)
-        while left > 0 and active.size:
-            take = min(left, SEGMENT_CHARS)
-            current["num_chars"] = np.full(active.size, take, np.int32)
-            outputs = self.api.prediction.predict_arrays(self.call, current, timeout=self._time_left())
-            results = completions(outputs, current, vocabulary)
-            following = continue_rows(current, outputs, states)
-            for j, row in enumerate(active):
-                self.acc[row] = self.acc[row].extend(results[j])
-                self.carry[row] = {k: following[k][j] for k in ("prime", "position", "stop_tail", *states)}
-            yield [int(r) for r in active]
-            keep = [j for j, result in enumerate(results) if result.finish_reason != "stop"]
-            left -= take
-            active = active[keep]
-            current = {k: v[keep] for k, v in following.items()}
-
-    def finished(self, row: int) -> bool:
-        """Whether a row is done: a stop matched or its ``max_tokens`` reached."""
-        acc = self.acc[row]
-        return acc.finish_reason == "stop" or acc.num_chars >= self.request.max_tokens
-
-    def visible(self, row: int) -> tuple[str, Scores | None]:
-        """A row's text a caller may see now, and its scores: without a matched stop; while the row runs,
-        without the last characters that could begin a stop string."""
-        acc = self.acc[row]
-        text = acc.text_without_stop if self.finished(row) else acc.text[: max(len(acc.text) - self.hold, 0)]
-        if acc.logprobs is None:
-            return text, None
-        tops = None if acc.top_logprobs is None else acc.top_logprobs[: len(text)]
-        return text, (acc.logprobs[: len(text)], tops)
-
-    def prompt_scores(self) -> list[Scores | None]:
-        """Per prompt, each character's log-probability and alternatives (``echo`` with ``logprobs``), from ``step``.
-
-        A character's score is the model's distribution after the characters before it (from the
-        row's start: a zero state, or a continuation's); the first character of a fresh text has none.
-        """
-        k = self.request.logprobs
-        if not self.request.echo or k is None:
-            return [None] * len(self.request.prompts)
-        step = self.api.prediction.signature_call(_spec(self.call.loaded.name, self.call.loaded.version), "step")
-        vocabulary = self.facts.vocabulary
-        scores: list[Scores | None] = []
-        for prompt in self.request.prompts:
-            text = self.start.pending + prompt
-            skip = len(self.start.pending)
-            if not prompt:
-                scores.append(([], None if k == 0 else []))
-                continue
-            ids = self.facts.ids(text)
-            inputs = {"ids": ids[None, :]}
-            for name in self.facts.state_names:
-                inputs[name] = self.start.state(name, self.facts.state_size)
-            logits = np.asarray(self.api.prediction.predict_arrays(step, inputs, timeout=self._time_left())["logits"])
-            shifted = logits[0] - logits[0].max(axis=-1, keepdims=True)
-            logp = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))  # float32, as the graph's scores
-            values: list[float | None] = [
-                None if t == 0 else float(logp[t - 1, ids[t]]) for t in range(skip, len(text))
-            ]
-            tops: list[dict[str, float] | None] | None = None
-            if k:
-                tops = []
-                for t in range(skip, len(text)):
-                    if t == 0:
-                        tops.append(None)
-                        continue
-                    best = np.argsort(-logp[t - 1, 1:], kind="stable")[:k] + 1
-                    tops.append({vocabulary[i]: float(logp[t - 1, i]) for i in best})
-            scores.append((values, tops))
-        return scores
-
-    def usage(self) -> dict[str, int]:
-        """Characters: the prompts' (once each), the generated ones (stops included), and both."""
-        prompt = sum(len(p) for p in self.request.prompts)
-        completion = sum(a.num_chars for a in self.acc)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-def _spec(name: str, version: int | None = None, label: str | None = None):
-    spec = predict_pb2.PredictRequest().model_spec
-    spec.name = name
-    if version is not None:
-        spec.version.value = version
-    if label:
-        spec.version_label = label
-    return spec
 
 
 def _sse(document: Any) -> bytes:
@@ -497,7 +229,7 @@ class OpenAIApi:
         loaded = self._resolve(start.model or request.model)
         note["model"] = loaded.name
         try:
-            call = self.prediction.signature_call(_spec(loaded.name, loaded.version), SIGNATURE)
+            call = self.prediction.signature_call(model_spec(loaded.name, loaded.version), SIGNATURE)
         except ServingError as exc:
             if exc.code != "FAILED_PRECONDITION":
                 raise
@@ -508,7 +240,7 @@ class OpenAIApi:
                 "model",
                 "model_not_supported",
             ) from None
-        generation = _Generation(self, request, call, start)
+        generation = Generation(self.prediction, request, call, start, self.timeout_s)
         scores = generation.prompt_scores()
         head = {
             "id": "cmpl-" + secrets.token_hex(12),
@@ -526,7 +258,7 @@ class OpenAIApi:
         chunks = self._stream(generation, scores, head, segments, first is not None)
         return Reply(200, "text/event-stream", b"", chunks=chunks)
 
-    def _choices(self, generation: _Generation, scores: list[Scores | None]) -> list[dict[str, Any]]:
+    def _choices(self, generation: Generation, scores: list[Scores | None]) -> list[dict[str, Any]]:
         choices = []
         for row in range(generation.request.rows):
             prompt, echo = generation.prompt(row), generation.request.echo
@@ -538,12 +270,12 @@ class OpenAIApi:
             choices.append(choice)
         return choices
 
-    def _offer_continuation(self, generation: _Generation, row: int, choice: dict[str, Any]) -> None:
+    def _offer_continuation(self, generation: Generation, row: int, choice: dict[str, Any]) -> None:
         if self.continuations is not None:
             choice["continuation"] = self.continuations.token(generation, row)
 
     def _stream(
-        self, generation: _Generation, scores: list[Scores | None], head: dict, segments: Iterator, ran: bool
+        self, generation: Generation, scores: list[Scores | None], head: dict, segments: Iterator, ran: bool
     ) -> Iterator[bytes]:
         """The SSE stream: the echoed prompts, each segment's new characters, each row's finish, the usage."""
         request, rows = generation.request, generation.request.rows
