@@ -307,3 +307,53 @@ def test_stop_across_segments_is_held_back_in_a_stream(client):
     whole = client.completions.create(**ask, stop=stop).choices[0]
     streamed = "".join(c.choices[0].text for c in client.completions.create(**ask, stop=stop, stream=True) if c.choices)
     assert whole.finish_reason == "stop" and streamed == whole.text == text[: text.index(stop)]
+
+
+def test_api_keys_are_reread_when_the_file_changes_and_skip_comments(tmp_path):
+    from keras_charrnn.serving.api_keys import ApiKeys, bearer_token
+
+    path = tmp_path / "keys.txt"
+    path.write_text("# ops\n\nsk-one\n  sk-two  \n")
+    keys = ApiKeys(path)
+    assert keys.allows("Bearer sk-one") and keys.allows("bearer sk-two")
+    assert not any(keys.allows(h) for h in (None, "", "Bearer", "Bearer sk-on", "Basic sk-one", "Bearer # ops"))
+    path.write_text("sk-three-longer\n")
+    assert keys.allows("Bearer sk-three-longer") and not keys.allows("Bearer sk-one")
+    path.unlink()  # unreadable now: the keys read before stay
+    assert keys.allows("Bearer sk-three-longer")
+    assert bearer_token("Bearer  abc ") == "abc" and bearer_token("Token abc") is None
+
+
+def test_completion_requests_are_checked_before_any_work():
+    from keras_charrnn.serving.limits import ServingLimits
+    from keras_charrnn.serving.openai_schema import ApiError, CompletionRequest
+
+    limits = ServingLimits(max_rows_per_call=4, max_chars_per_call=100, max_prime_chars=10)
+    request = CompletionRequest.parse({"model": "m", "prompt": ["a", "b"], "n": 2, "stop": ["x", "x"]}, limits)
+    assert (request.rows, request.max_tokens, request.temperature, request.stop) == (4, 16, 1.0, ("x",))
+    assert not request.seeded and 0 <= request.seed < 2**63
+    for body, param in [
+        ({"prompt": "a" * 11}, "prompt"),
+        ({"prompt": ["a"] * 5}, "prompt"),
+        ({"prompt": "a", "n": 3, "max_tokens": 5, "echo": True, "best_of": 1, "logprobs": None, "x": 1}, "x"),
+        ({"prompt": "a", "max_tokens": True}, "max_tokens"),
+        ({"prompt": "a", "temperature": float("nan")}, "temperature"),
+        ({"prompt": "a", "stream_options": {"include_usage": True}}, "stream_options"),
+        ({"prompt": "a", "logit_bias": {"1": 101}}, "logit_bias"),
+        ({"prompt": "a", "stop": [""]}, "stop"),
+    ]:
+        with pytest.raises(ApiError) as refused:
+            CompletionRequest.parse({"model": "m", **body}, limits)
+        assert refused.value.status == 400 and refused.value.param == param, body
+
+
+def test_continuation_tokens_are_signed():
+    from keras_charrnn.serving.continuation import Continuations
+    from keras_charrnn.serving.openai_schema import ApiError
+
+    signer = Continuations(b"0123456789abcdef")
+    token = signer.sign({"v": 1, "position": 3})
+    assert signer.verify(token) == {"v": 1, "position": 3}
+    for bad in (token + "A", token.replace(".", ".x", 1), Continuations(b"fedcba9876543210").sign({"v": 1}), "x.y", ""):
+        with pytest.raises(ApiError, match="continuation token refused"):
+            signer.verify(bad)
