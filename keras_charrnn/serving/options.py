@@ -63,7 +63,13 @@ class ServerOptions:
     enable_batching: bool = _option(False, "merge concurrent calls into batches")
     batching_parameters_file: str | None = _option(None, "BatchingParameters text file")
     file_system_poll_wait_seconds: float = _option(1.0, "how often to look for new versions (0: only at start)")
-    ssl_config_file: str | None = _option(None, "SSLConfig text file (TLS, mutual TLS)")
+    ssl_config_file: str | None = _option(None, "SSLConfig text file (TLS, mutual TLS; the gRPC and REST ports)")
+    api_key_file: str | None = _option(
+        None, "file of API keys, one a line, reread when it changes: REST routes then need 'Authorization: Bearer KEY'"
+    )
+    continuation_key_file: str | None = _option(
+        None, "secret key file (the same on every replica): /v1/completions then offers signed continuation tokens"
+    )
     grpc_max_threads: int = _option(
         32,
         "gRPC threads answering calls (with batching on, raised to the automatic "

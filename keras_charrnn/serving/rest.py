@@ -22,8 +22,11 @@ FAILED_PRECONDITION, 404 NOT_FOUND, 429 RESOURCE_EXHAUSTED, 503 UNAVAILABLE,
 they are read; bodies without a Content-Length (chunked) with 411.
 
 Also on this port: ``GET /playground`` (a page to continue a text call by
-call, keeping the hidden state in the browser) and, when a monitoring config
-enables Prometheus, the metrics (see ``monitoring``).
+call, keeping the hidden state in the browser), when a monitoring config
+enables Prometheus, the metrics (see ``monitoring``), and the OpenAI-compatible
+routes (``openai_api``). With ``--api_key_file`` every route but the model status
+one needs ``Authorization: Bearer KEY`` (``api_keys``); with ``--ssl_config_file``
+the port serves TLS (``rest_tls``).
 
 The HTTP layer is the standard library's ``http.server``.
 """
@@ -34,8 +37,10 @@ import json
 import logging
 import re
 import threading
+import socket
+import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -48,6 +53,7 @@ from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2
 from keras_charrnn import generation, sampling
 from keras_charrnn.errors import ConfigError, ServingError
 from keras_charrnn.serving import monitoring
+from keras_charrnn.serving.api_keys import REALM, ApiKeys
 from keras_charrnn.serving.json_codec import parse_json, request_arrays, response_json
 from keras_charrnn.serving.options import (
     DEFAULT_HOST,
@@ -102,11 +108,30 @@ def _invalid(message: str) -> ServingError:
 
 @dataclass
 class Reply:
-    """An HTTP answer: status, content type and body."""
+    """An HTTP answer: status, content type and body; ``chunks`` (a stream, sent chunked) in place of the body."""
 
     status: int
     content_type: str
     body: bytes
+    headers: tuple[tuple[str, str], ...] = ()
+    chunks: Iterable[bytes] | None = None
+
+
+ExtraRoutes = Callable[[str, str, bytes], "Reply | None"]  # (method, path, body) -> a reply, None: not its route
+
+
+def is_probe_route(method: str, path: str) -> bool:
+    """Whether a request is the model status route that probes use (open without an API key).
+
+    Args:
+        method: the HTTP method.
+        path: the URL path.
+
+    Returns:
+        True for ``GET``/``HEAD /v1/models/NAME[/versions/N | /labels/L]`` (not ``/metadata``).
+    """
+    match = STATUS_PATH.fullmatch(path)
+    return method in ("GET", "HEAD") and match is not None and bool(match.group(1)) and not match.group(4)
 
 
 def _json_reply(status: int, document, pretty: bool = True) -> Reply:
@@ -234,18 +259,21 @@ class RestApi:
 # ----- the playground page ------------------------------------------------------------------
 
 
-def playground_page(model_names: list[str], max_chars_per_call: int) -> bytes:
+def playground_page(model_names: list[str], max_chars_per_call: int, api_key: bool = False) -> bytes:
     """The playground HTML with this server's models and the table of generation inputs filled in.
 
     Args:
         model_names: the models the page offers.
         max_chars_per_call: the server's cap on characters per call.
+        api_key: the server needs an API key: the page names no model, asks for the key and
+            lists the models with it (``GET /v1/models``).
 
     Returns:
         The page, UTF-8.
     """
     settings = {
-        "models": model_names,
+        "models": [] if api_key else model_names,
+        "apiKey": api_key,
         "maxCharsPerCall": max_chars_per_call,
         "prime": sampling.DEFAULT_PRIME,
         "schema": json.loads(generation.schema_json()),  # the generation inputs: fields, defaults, carry rules
@@ -270,12 +298,36 @@ class _Handler(BaseHTTPRequestHandler):
     def _send(self, reply: Reply) -> None:
         self.send_response(reply.status)
         self.send_header("Content-Type", reply.content_type)
+        for name, value in reply.headers:
+            self.send_header(name, value)
+        if reply.chunks is not None:
+            self._send_chunks(reply.chunks)
+            return
         self.send_header("Content-Length", str(len(reply.body)))
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(reply.body)
+
+    def _send_chunks(self, chunks: Iterable[bytes]) -> None:
+        """A streamed body (HTTP/1.1 chunked), each chunk flushed as it comes; a caller gone ends the stream."""
+        self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("Cache-Control", "no-cache")
+        self.end_headers()
+        iterator = iter(chunks)
+        try:
+            for chunk in iterator:
+                if chunk:
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                    self.wfile.flush()
+            self.wfile.write(b"0\r\n\r\n")
+        except OSError:  # the caller went away: the generator's finally blocks stop its work
+            self.close_connection = True
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
 
     def _refuse(self, status: int, message: str) -> None:
         self.close_connection = True  # the body was not read: the connection cannot carry another request
@@ -302,14 +354,41 @@ class _Handler(BaseHTTPRequestHandler):
             return None
         return self.rfile.read(int(length))
 
+    def _authorized(self, path: str) -> bool:
+        """Whether the request may go on; answers 401 (and closes: the body is not read) when it may not."""
+        keys = self.server.api_keys
+        if keys is None or is_probe_route(self.command, path) or keys.allows(self.headers.get("Authorization")):
+            return True
+        self.close_connection = True
+        message = "a valid API key is required: send 'Authorization: Bearer KEY'"
+        openai_route = not path.lower().startswith("/v1/models/") or path.endswith("/vocabulary")  # else TF's shape
+        document = (
+            {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}}
+            if openai_route
+            else {"error": message}
+        )
+        challenge = f'Bearer realm="{REALM}"'
+        self._send(
+            Reply(401, "application/json", json.dumps(document).encode() + b"\n", (("WWW-Authenticate", challenge),))
+        )
+        return False
+
     def _dispatch(self) -> None:
+        path = urlsplit(self.path).path
+        if not self._authorized(path):
+            return
         body = self._read_body()
         if body is None:
             return
-        path = urlsplit(self.path).path
         server = self.server
         with server.tracker:
-            if path.lower().startswith("/v1/"):
+            extra = server.extra(self.command, path, body) if server.extra is not None else None
+            if extra is not None:
+                if extra.chunks is not None:  # a stream runs while it is sent: it counts as in flight
+                    self._send(extra)
+                    return
+                reply = extra
+            elif path.lower().startswith("/v1/"):
                 reply = server.api.handle(self.command, path, body)
             elif self.command in ("GET", "HEAD") and server.metrics_path and path == server.metrics_path:
                 reply = Reply(200, monitoring.CONTENT_TYPE, monitoring.METRICS.exposition())
@@ -359,6 +438,29 @@ class _HTTPServer(ThreadingHTTPServer):
         self.metrics_path = metrics_path
         self.playground = playground
         self.tracker = _InFlight(num_threads)
+        self.extra: ExtraRoutes | None = None
+        self.api_keys: ApiKeys | None = None
+        self.ssl_context: ssl.SSLContext | None = None
+
+    def finish_request(self, request, client_address) -> None:
+        """Answers one connection (in its own thread); with TLS, its handshake first, bounded by the idle timeout."""
+        if self.ssl_context is None:
+            super().finish_request(request, client_address)
+            return
+        try:
+            request.settimeout(_Handler.timeout)
+            tls = self.ssl_context.wrap_socket(request, server_side=True)
+        except (OSError, ssl.SSLError) as exc:  # a plaintext caller, an unknown client certificate, a timeout
+            log.debug("REST: TLS handshake with %s failed: %s", client_address[0], exc)
+            return
+        try:
+            super().finish_request(tls, client_address)
+        finally:
+            try:
+                tls.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            tls.close()
 
 
 class RestServer:
@@ -373,6 +475,9 @@ class RestServer:
         model_names: the models the playground offers.
         max_chars_per_call: the server's cap, shown by the playground.
         num_threads: requests answered at once (more wait).
+        extra_routes: more routes, tried first (``openai_api.OpenAIApi.handle``): a reply, or None.
+        api_keys: the keys every route but the status one needs (None: no key needed).
+        ssl_context: serve TLS with this context (``rest_tls.rest_ssl_context``; None: plaintext).
 
     Example:
 
@@ -390,14 +495,18 @@ class RestServer:
         model_names: Sequence[str] = (),
         max_chars_per_call: int = sampling.MAX_CHARS_PER_CALL,
         num_threads: int = DEFAULT_NUM_THREADS,
+        extra_routes: ExtraRoutes | None = None,
+        api_keys: ApiKeys | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ):
         if num_threads < 1:
             raise ConfigError(f"rest_api_num_threads must be at least 1, got {num_threads}")
-        page = playground_page(list(model_names), max_chars_per_call)
+        page = playground_page(list(model_names), max_chars_per_call, api_key=api_keys is not None)
         try:
             self._http = _HTTPServer((host, port), api, max_body_bytes, metrics_path, lambda: page, num_threads)
         except OSError as exc:
             raise ConfigError(f"cannot listen on {host}:{port} for the REST API ({exc.strerror})") from None
+        self._http.extra, self._http.api_keys, self._http.ssl_context = extra_routes, api_keys, ssl_context
         self.port: int = self._http.server_address[1]
         self._thread: threading.Thread | None = None
 

@@ -36,7 +36,11 @@ from keras_charrnn.serving.manager import ModelManager
 from keras_charrnn.serving.memory import release_freed_memory
 from keras_charrnn.serving.options import ServerOptions
 from keras_charrnn.serving.request_batcher import Batcher
+from keras_charrnn.serving.api_keys import ApiKeys
+from keras_charrnn.serving.continuation import Continuations
+from keras_charrnn.serving.openai_api import OpenAIApi
 from keras_charrnn.serving.rest import RestApi, RestServer
+from keras_charrnn.serving.rest_tls import rest_ssl_context
 from keras_charrnn.serving.servicers import ModelStatusServicer, PredictionServicer, SettingNamer
 from keras_charrnn.serving.settings import HEALTH_THREADS, ServerSettings, server_credentials
 from keras_charrnn.serving.signature_runner import run_batch, run_signature
@@ -232,8 +236,12 @@ class ModelServer:
     def _start_rest(self, prediction: PredictionServicer, model_status: ModelStatusServicer) -> None:
         """Starts the REST API (with the playground, and the metrics if the monitoring config enables them)."""
         timeout_ms = self.options.rest_api_timeout_in_ms
-        api = RestApi(prediction, model_status, timeout_ms / 1000 if timeout_ms > 0 else None, self.name_setting)
+        timeout_s = timeout_ms / 1000 if timeout_ms > 0 else None
+        api = RestApi(prediction, model_status, timeout_s, self.name_setting)
         try:
+            keys = ApiKeys(self.options.api_key_file) if self.options.api_key_file else None
+            signer = Continuations.from_file(self.options.continuation_key_file)
+            openai = OpenAIApi(prediction, timeout_s, self.name_setting, signer)
             prometheus = monitoring.read_monitoring_config(self.options.monitoring_config_file)
             self._rest = RestServer(
                 api,
@@ -244,15 +252,20 @@ class ModelServer:
                 list(self.manager.models),
                 self.settings.limits.max_chars_per_call,
                 self.options.rest_api_num_threads,
+                openai.handle,
+                keys,
+                rest_ssl_context(self.options.ssl_config_file),
             )
         except BaseException:
             self.manager.stop()
             raise
         self.rest_port = self._rest.start()
         log.info(
-            "REST API on %s:%d%s",
+            "REST API on %s:%d (%s%s)%s",
             self.options.host,
             self.rest_port,
+            "TLS" if self.options.ssl_config_file else "plaintext",
+            ", API keys" if keys is not None else "",
             f", Prometheus metrics at {prometheus.path}" if prometheus.enable else "",
         )
 

@@ -30,6 +30,7 @@ __all__ = [
     "grpc_threads",
     "model_server_config",
     "server_credentials",
+    "ssl_config",
 ]
 
 HEALTH_THREADS = 8  # gRPC threads that Predict calls never take: health, status and metadata always find one
@@ -202,6 +203,27 @@ def batch_sizes_from_batching_parameters(path: str | os.PathLike) -> list[int]:
     return options.padded_sizes()
 
 
+def ssl_config(path: str | os.PathLike) -> SSLConfig:
+    """An ``SSLConfig`` text file (TF Serving's ``ssl_config_file``), checked: what the gRPC and REST ports serve.
+
+    Args:
+        path: the file.
+
+    Returns:
+        The config (PEM texts inline, as TF Serving takes them).
+
+    Raises:
+        ConfigError: the file is unreadable or invalid, lacks ``server_key`` or ``server_cert``,
+            or sets ``client_verify`` without ``custom_ca``.
+    """
+    ssl = read_text_proto(path, SSLConfig())
+    if not ssl.server_key or not ssl.server_cert:
+        raise ConfigError(f"{Path(path)}: server_key and server_cert are required")
+    if ssl.client_verify and not ssl.custom_ca:
+        raise ConfigError(f"{Path(path)}: client_verify needs custom_ca")
+    return ssl
+
+
 def server_credentials(path: str | os.PathLike | None) -> grpc.ServerCredentials | None:
     """The gRPC server's TLS credentials from an ``SSLConfig`` text file (TF Serving's ``ssl_config_file``).
 
@@ -217,11 +239,7 @@ def server_credentials(path: str | os.PathLike | None) -> grpc.ServerCredentials
     """
     if not path:
         return None
-    ssl = read_text_proto(path, SSLConfig())
-    if not ssl.server_key or not ssl.server_cert:
-        raise ConfigError(f"{Path(path)}: server_key and server_cert are required")
-    if ssl.client_verify and not ssl.custom_ca:
-        raise ConfigError(f"{Path(path)}: client_verify needs custom_ca")
+    ssl = ssl_config(path)
     return grpc.ssl_server_credentials(
         [(ssl.server_key.encode(), ssl.server_cert.encode())],
         root_certificates=ssl.custom_ca.encode() if ssl.custom_ca else None,
