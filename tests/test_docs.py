@@ -92,7 +92,29 @@ def _this_package(model, stdout: str) -> None:
     assert printed["loss"] == pytest.approx(expected["loss"], rel=1e-5)
 
 
-EXPECTED = {"With TensorFlow alone": _tensorflow_alone, "As a Keras layer": _keras_layer}
+def _stops_and_scores(model) -> str:
+    vocabulary = model.info.vocabulary
+    result = model.complete(
+        "ROMEO:",
+        300,
+        logprobs=2,
+        seed=1,
+        temperature=0.8,
+        stop=["\n\n"],
+        bias={d: -100 for d in "0123456789" if d in vocabulary},
+    )
+    top = sorted(result.top_logprobs[0].items(), key=lambda kv: -kv[1])
+    return (
+        f"{result.text!r}\n{result.finish_reason} {result.num_chars}\n"
+        f"{[round(v, 4) for v in result.logprobs[:3]]}\n{[c for c, _ in top]}\n"
+    )
+
+
+EXPECTED = {
+    "With TensorFlow alone": _tensorflow_alone,
+    "As a Keras layer": _keras_layer,
+    "Stops, finish reasons and scores with TensorFlow alone": _stops_and_scores,
+}
 CHECKED = {"With this package": _this_package}
 
 
