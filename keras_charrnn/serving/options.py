@@ -92,6 +92,17 @@ class ServerOptions:
         "cap on the elements all of a request's tensors claim together",
         positive=True,
     )
+    max_stops: int = _option(
+        ServingLimits.max_stops, "cap on the stop strings of one row (at most the models' cap, 4)", positive=True
+    )
+    max_stop_chars: int = _option(
+        ServingLimits.max_stop_chars, "cap on the characters of one stop string (at most 32)", positive=True
+    )
+    max_logprobs: int = _option(
+        ServingLimits.max_logprobs,
+        "cap on logprobs of one row: the alternatives scored per character (at most 10)",
+        positive=True,
+    )
     max_concurrent_requests: int = _option(
         0,
         "Predict calls answered at once; more get RESOURCE_EXHAUSTED at once "

@@ -45,7 +45,7 @@ from urllib.parse import unquote, urlsplit
 from google.protobuf import json_format
 from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2, predict_pb2
 
-from keras_charrnn import sampling
+from keras_charrnn import generation
 from keras_charrnn.errors import ConfigError, ServingError
 from keras_charrnn.serving import monitoring
 from keras_charrnn.serving.json_codec import parse_json, request_arrays, response_json
@@ -63,6 +63,7 @@ log = logging.getLogger("charrnn.serve")
 DEFAULT_TIMEOUT_MS = DEFAULT_REST_TIMEOUT_MS  # tensorflow_model_server's --rest_api_timeout_in_ms
 DEFAULT_NUM_THREADS = DEFAULT_REST_NUM_THREADS
 PLAYGROUND_PATH = "/playground"
+PLAYGROUND_FIELDS = ("temperature", "top_k", "top_p", "num_chars")  # the generation inputs the page's form sets
 
 # TF Serving's status code -> HTTP status (tensorflow_serving/model_servers/http_server.cc).
 HTTP_STATUS = {
@@ -235,7 +236,10 @@ class RestApi:
 
 
 def playground_page(model_names: list[str], max_chars_per_call: int) -> bytes:
-    """The playground HTML with this server's models and the sampling defaults filled in.
+    """The playground HTML with this server's models and the generation inputs' defaults filled in.
+
+    The defaults and the inputs (names, dtypes, carry rules, caps) come from the table of
+    ``keras_charrnn.generation`` (``schema_json``), as every other surface's do.
 
     Args:
         model_names: the models the page offers.
@@ -244,16 +248,17 @@ def playground_page(model_names: list[str], max_chars_per_call: int) -> bytes:
     Returns:
         The page, UTF-8.
     """
+    schema = json.loads(generation.schema_json())
+    defaults = {row["name"]: row["default"] for row in schema["inputs"]}
     settings = {
         "models": model_names,
         "maxCharsPerCall": max_chars_per_call,
+        # The page's own fields (its form has one per name); ``schema`` holds every input's default.
         "defaults": {
-            "temperature": sampling.DEFAULT_TEMPERATURE,
-            "top_k": sampling.DEFAULT_TOP_K,
-            "top_p": sampling.DEFAULT_TOP_P,
-            "prime": sampling.DEFAULT_PRIME,
-            "num_chars": sampling.DEFAULT_CHUNK,
+            **{name: defaults[name] for name in PLAYGROUND_FIELDS},
+            "prime": generation.DEFAULT_PRIME,
         },
+        "schema": schema,
     }
     template = resources.files("keras_charrnn.serving").joinpath("playground.html").read_text(encoding="utf-8")
     script_safe = json.dumps(settings).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
@@ -393,7 +398,7 @@ class RestServer:
         max_body_bytes: int = MAX_MESSAGE_BYTES,
         metrics_path: str | None = None,
         model_names: Sequence[str] = (),
-        max_chars_per_call: int = sampling.MAX_CHARS_PER_CALL,
+        max_chars_per_call: int = generation.MAX_CHARS_PER_CALL,
         num_threads: int = DEFAULT_NUM_THREADS,
     ):
         if num_threads < 1:
