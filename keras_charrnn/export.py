@@ -252,7 +252,9 @@ class CharRNNModule(tf.Module):
         """
         batch = tf.shape(args[0])[0]
         take = tf.concat([tf.range(batch), tf.zeros([tf.maximum(cells.MIN_LOOP_ROWS - batch, 0)], tf.int32)], 0)
-        result = self._sample_loop_xla(*tf.nest.map_structure(lambda t: None if t is None else tf.gather(t, take), args))
+        result = self._sample_loop_xla(
+            *tf.nest.map_structure(lambda t: None if t is None else tf.gather(t, take), args)
+        )
         return tf.nest.map_structure(lambda t: t[:batch], result)
 
     def _input_spec(self, spec) -> tf.TensorSpec:

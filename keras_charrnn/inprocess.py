@@ -40,8 +40,8 @@ class _InProcessRunner:
         info: the model's facts (its ``version``: the version folder's, None for a run folder).
     """
 
-    def __init__(self, signatures: Mapping, info: ModelInfo):
-        self._signatures, self._info = signatures, info
+    def __init__(self, signatures: Mapping, info: ModelInfo, xla: bool = True):
+        self._signatures, self._info, self._xla = signatures, info, xla
 
     def model_info(self, version: int | None) -> ModelInfo:
         """The model's facts: this process holds one version."""
@@ -52,7 +52,7 @@ class _InProcessRunner:
     ) -> tuple[dict[str, np.ndarray], int | None]:
         """Runs ``signature`` on ``inputs``; ``version`` is this process's one version."""
         # The XLA twin when the model has one: the same text, faster (this process has XLA JIT).
-        fn = self._signatures.get(xla_twin(signature)) or self._signatures[signature]
+        fn = (self._xla and self._signatures.get(xla_twin(signature))) or self._signatures[signature]
         try:
             out = fn(
                 **{
@@ -72,6 +72,9 @@ class CharRNN:
         path: a SavedModel version folder, a base path (its highest version is
             used), or a training run folder (``RunFolder.is_run`` decides).
         which: for a run folder, its ``"best"`` model or its ``"latest"`` weights.
+        xla: run the generating signatures' XLA twins when the model has them (the same text,
+            several times faster; the states agree to about 1e-6, not bit for bit, with the plain
+            signatures', whose states are bit for bit the same however a session's calls are cut).
 
     Raises:
         InputError: nothing loadable at ``path``.
@@ -83,7 +86,7 @@ class CharRNN:
     >>> model.score("To be, or not to be")["bits_per_char"]             # doctest: +SKIP
     """
 
-    def __init__(self, path: str | os.PathLike, which: str = "best"):
+    def __init__(self, path: str | os.PathLike, which: str = "best", xla: bool = True):
         path = Path(path)
         self._model: Any  # a CharRNNModule (a run folder) or a loaded SavedModel
         if RunFolder.is_run(path):
@@ -107,7 +110,7 @@ class CharRNN:
         self.info = ModelInfo.from_config(
             name, self.config, version, signatures=self._signatures.keys(), vocabulary=chars
         )
-        self._runner = _InProcessRunner(self._signatures, self.info)
+        self._runner = _InProcessRunner(self._signatures, self.info, xla)
 
     @property
     def signatures(self) -> Mapping:
@@ -219,7 +222,7 @@ class CharRNN:
         }
 
 
-def load(path: str | os.PathLike, which: str = "best") -> CharRNN:
+def load(path: str | os.PathLike, which: str = "best", xla: bool = True) -> CharRNN:
     """Loads a SavedModel or a training run for in-process sampling and scoring.
 
     Args:
@@ -227,6 +230,7 @@ def load(path: str | os.PathLike, which: str = "best") -> CharRNN:
             one version folder (``saved_models/NAME/3``), or a training run folder.
         which: for a run folder, its ``"best"`` model (lowest validation loss) or its
             ``"latest"`` weights; ignored for a SavedModel.
+        xla: run the XLA twins of the generating signatures where the model has them (see ``CharRNN``).
 
     Returns:
         The model, with ``generate``, ``stream``, ``session``, ``restore`` and ``score``
@@ -240,4 +244,4 @@ def load(path: str | os.PathLike, which: str = "best") -> CharRNN:
     >>> model = keras_charrnn.load("saved_models/shakespeare")      # doctest: +SKIP
     >>> model.generate("ROMEO:", 100, temperature=0.8, seed=1)      # doctest: +SKIP
     """
-    return CharRNN(path, which)
+    return CharRNN(path, which, xla)

@@ -31,6 +31,8 @@ from keras_charrnn.generation import (
     MAX_SAMPLES,
     MAX_STOP_CHARS,
     Completion,
+    RuleError,
+    check_rows,
     completions,
     context,
     continue_rows,
@@ -204,6 +206,11 @@ class Session:
         self.info = info
         self.params = params
         self._bias_row = _bias_row(params.bias, info) if params.bias else None  # checked now, not at the first call
+        if params.stop:
+            try:
+                check_rows({"stop": np.array([params.stop], dtype=object)}, info.context(), info.vocabulary)
+            except RuleError as exc:
+                raise ConfigError(exc.message) from None
         self.states = {n: np.zeros((1, info.state_size), np.float32) for n in info.state_names}
         self.pending = prime
         self.position = 0
