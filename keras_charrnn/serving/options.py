@@ -110,6 +110,11 @@ class ServerOptions:
         "and status; with batching on, at least max_batch_size x "
         "(num_batch_threads + 1), since a queued call holds its thread)",
     )
+    max_concurrent_streams: int = _option(
+        16,
+        "StreamPredict streams open at once (each holds a gRPC thread); more get RESOURCE_EXHAUSTED "
+        "(0: no cap of their own)",
+    )
     shutdown_grace_seconds: float = _option(30.0, "on SIGTERM, how long calls in flight may take to finish")
     rest_api_port: int = _option(0, "port of TF Serving's REST API, /playground and the metrics (0: no REST API)")
     rest_api_num_threads: int = _option(DEFAULT_REST_NUM_THREADS, "REST requests answered at once", positive=True)

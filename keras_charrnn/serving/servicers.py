@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from concurrent import futures
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Set as AbstractSet
 
 import grpc
 import numpy as np
@@ -129,6 +129,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         self.max_concurrent_requests = max_concurrent_requests
         self.name_setting = name_setting
         self._slots = threading.BoundedSemaphore(max_concurrent_requests) if max_concurrent_requests else None
+        self.max_concurrent_streams = 0  # set by the streaming service when the server offers it (advertised)
         self.ran_at = 0.0  # time.monotonic() when a model call last started or ended (see ModelServer._trim_when_idle)
 
     def signature_call(self, spec, signature: str | None = None) -> SignatureCall:
@@ -227,9 +228,28 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     def _serve(
         self, call: SignatureCall, inputs: dict[str, np.ndarray], output_filter: set[str], deadline: float | None, alive
     ) -> dict[str, np.ndarray]:
-        """Runs inputs checked against the signature: first checked as the model's graph would, each call
-        on its own, before it runs or joins a batch. Long ``generate`` calls run in segments of
+        """Runs inputs checked against the signature (``admit``); long ``generate`` calls run in segments of
         ``SEGMENT_CHARS`` characters; the work stops between segments once the caller has gone."""
+        self.admit(call, inputs, output_filter)
+        if "num_chars" in inputs and int(inputs["num_chars"].max()) > SEGMENT_CHARS and call.state_names:
+            outputs = join(inputs, self.generate_segments(call, inputs, deadline, alive))
+        else:
+            outputs = self._run(call, inputs, deadline, alive)
+        return {k: v for k, v in outputs.items() if not output_filter or k in output_filter}
+
+    def admit(self, call: SignatureCall, inputs: dict[str, np.ndarray], output_filter: AbstractSet[str] = frozenset()) -> None:
+        """The checks a call passes before it runs or joins a batch: the model graph's own (in NumPy), each call
+        on its own, its output filter, and the size of its answer.
+
+        Args:
+            call: the version and signature.
+            inputs: the inputs, already checked against the signature's dtypes and shapes.
+            output_filter: the outputs asked for (empty: all).
+
+        Raises:
+            ServingError: INVALID_ARGUMENT naming the input and the rule or limit; RESOURCE_EXHAUSTED for an
+                answer over ``max_message_bytes``.
+        """
         request_limits.check_call(inputs, call.vocab_size, self.limits, call.vocabulary)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("Predict: model %s version %d signature %s", call.loaded.name, call.loaded.version, call.name)
@@ -245,11 +265,6 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
                 f"ask for fewer rows, ids or characters per call",
                 setting="max_message_bytes",
             )
-        if "num_chars" in inputs and int(inputs["num_chars"].max()) > SEGMENT_CHARS and call.state_names:
-            outputs = join(inputs, self.generate_segments(call, inputs, deadline, alive))
-        else:
-            outputs = self._run(call, inputs, deadline, alive)
-        return {k: v for k, v in outputs.items() if not output_filter or k in output_filter}
 
     def _run(
         self, call: SignatureCall, inputs: dict[str, np.ndarray], deadline: float | None, alive
@@ -280,7 +295,12 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         return own_outputs(inputs, outputs)  # a batch pads to its longest row and its most alternatives
 
     def generate_segments(
-        self, call: SignatureCall, inputs: dict[str, np.ndarray], deadline: float | None = None, alive=None
+        self,
+        call: SignatureCall,
+        inputs: dict[str, np.ndarray],
+        deadline: float | None = None,
+        alive=None,
+        size: int = SEGMENT_CHARS,
     ) -> Iterator[Segment]:
         """A long generate call as segments of at most ``SEGMENT_CHARS`` characters per row (``segments.segments``).
 
@@ -292,6 +312,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             inputs: the call's checked inputs.
             deadline: ``time.monotonic()`` by which the call must end (None: none).
             alive: tells whether the caller still waits.
+            size: the most characters of a row per segment.
 
         Yields:
             Each segment's rows and outputs.
@@ -314,6 +335,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             call.state_names,
             call.vocabulary,
             between,
+            size,
         )
 
     def metadata(self, request) -> get_model_metadata_pb2.GetModelMetadataResponse:
@@ -348,7 +370,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
 
         Returns:
             A ``google.protobuf.Struct`` of numbers: the ``ServingLimits`` fields, ``max_message_bytes``,
-            ``max_concurrent_requests`` (0: no cap) and ``segment_chars``.
+            ``max_concurrent_requests`` (0: no cap), ``max_concurrent_streams`` and ``segment_chars``.
         """
         limits = struct_pb2.Struct()
         limits.update(
@@ -356,6 +378,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
                 **self.limits.advertised(),
                 "max_message_bytes": self.max_message_bytes,
                 "max_concurrent_requests": self.max_concurrent_requests,
+                "max_concurrent_streams": self.max_concurrent_streams,
                 "segment_chars": SEGMENT_CHARS,
             }
         )
