@@ -25,6 +25,7 @@ import random
 import threading
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Iterator
 
 import grpc
 import numpy as np
@@ -32,6 +33,7 @@ import numpy as np
 from keras_charrnn.errors import ConfigError, InputError
 from keras_charrnn.generation import LOGPROBS_OFF, Completion
 from keras_charrnn.sampling import DEFAULT_PRIME, SamplingParams
+from keras_charrnn.serving.stream_client import stream_predict
 from keras_charrnn.serving import model_metadata, wire
 from keras_charrnn.serving.client_errors import RETRYABLE, ServerError, VersionGoneError, version_gone
 from keras_charrnn.serving.tls import TLS
@@ -581,3 +583,10 @@ class _GrpcRunner:
     def model_info(self, version: int | None) -> ModelInfo:
         """The facts of ``version`` of the model (see ``SamplingClient.model_info``)."""
         return self.client.model_info(self.model, version)
+
+    def stream(
+        self, signature: str, inputs: dict[str, np.ndarray], version: int | None, size: int
+    ) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+        """Streams a generate call segment by segment (``stream_client.stream_predict``)."""
+        self.follow_newest = False
+        return stream_predict(self.client, self.model, signature, inputs, version, size)

@@ -23,7 +23,11 @@ from keras_charrnn.session import ModelInfo
 __all__ = ["LIMIT_NAMES", "advertised_limits", "model_info"]
 
 # Request limits a server may advertise in GetModelMetadata (``metadata["limits"]``), positive integers.
-LIMIT_NAMES = tuple(f.name for f in dataclasses.fields(ServingLimits)) + ("max_message_bytes",)
+LIMIT_NAMES = tuple(f.name for f in dataclasses.fields(ServingLimits)) + (
+    "max_message_bytes",
+    "max_concurrent_streams",
+    "segment_chars",
+)
 
 
 def model_info(

@@ -30,12 +30,13 @@ The HTTP layer is the standard library's ``http.server``.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -47,7 +48,7 @@ from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2
 
 from keras_charrnn import generation
 from keras_charrnn.errors import ConfigError, ServingError
-from keras_charrnn.serving import monitoring
+from keras_charrnn.serving import monitoring, sse
 from keras_charrnn.serving.json_codec import parse_json, request_arrays, response_json
 from keras_charrnn.serving.options import (
     DEFAULT_HOST,
@@ -56,6 +57,7 @@ from keras_charrnn.serving.options import (
     DEFAULT_REST_TIMEOUT_MS,
     MAX_MESSAGE_BYTES,
 )
+from keras_charrnn.serving.streaming import DEFAULT_STREAM_SEGMENT, stream_outputs
 from keras_charrnn.serving.servicers import ModelStatusServicer, PredictionServicer, SettingNamer, error_text
 
 log = logging.getLogger("charrnn.serve")
@@ -89,7 +91,7 @@ HTTP_STATUS = {
 # The URL patterns of TF Serving's REST API (tensorflow_serving/model_servers/http_rest_api_util.cc).
 # ASCII digits only (``\d`` also takes "²" and other Unicode digits), at most 18 so the number fits an int64.
 _VERSION_OR_LABEL = r"(?:(?:/versions/([0-9]{1,18}))|(?:/labels/([^/:]+)))?"
-PREDICT_PATH = re.compile(r"/v1/models/([^/:]+)" + _VERSION_OR_LABEL + r":(classify|regress|predict)", re.I)
+PREDICT_PATH = re.compile(r"/v1/models/([^/:]+)" + _VERSION_OR_LABEL + r":(classify|regress|predict|stream)", re.I)
 STATUS_PATH = re.compile(r"/v1/models(?:/([^/:]+))?" + _VERSION_OR_LABEL + r"(?:/(metadata))?", re.I)
 _CONTENT_LENGTH = re.compile(r"[0-9]{1,19}")
 
@@ -103,11 +105,12 @@ def _invalid(message: str) -> ServingError:
 
 @dataclass
 class Reply:
-    """An HTTP answer: status, content type and body."""
+    """An HTTP answer: status, content type and body; or a stream of events (``sse``) written as they come."""
 
     status: int
     content_type: str
     body: bytes
+    events: Iterator[bytes] | None = None
 
 
 def _json_reply(status: int, document, pretty: bool = True) -> Reply:
@@ -180,9 +183,9 @@ class RestApi:
                 spec.version_label = label
             if method == "POST":
                 api = match.group(4).lower()
-                if api != "predict":
+                if api not in ("predict", "stream"):
                     raise ServingError("UNIMPLEMENTED", f"{api} is not served for these models; use predict")
-                reply = self._predict(spec, body)
+                reply = self._predict(spec, body) if api == "predict" else self._stream(spec, body)
             elif match.group(4):
                 reply = self._metadata(spec)
             else:
@@ -221,15 +224,32 @@ class RestApi:
             },
         )
 
-    def _predict(self, spec, body: bytes) -> Reply:
+    def _arrays(self, spec, body: bytes):
+        """A predict body's signature call, checked arrays and JSON format (the one resolve of the request)."""
         document = parse_json(body)
         signature = document.get("signature_name", "serving_default")
         if not isinstance(signature, str):
             raise _invalid("'signature_name' must be a string")
-        call = self.prediction.signature_call(spec, signature)  # the one resolve; FAILED_PRECONDITION as over gRPC
+        call = self.prediction.signature_call(spec, signature)  # FAILED_PRECONDITION as over gRPC
         arrays, form = request_arrays(document, call.loaded.signature_defs[call.name].inputs)
+        return call, arrays, form
+
+    def _predict(self, spec, body: bytes) -> Reply:
+        call, arrays, form = self._arrays(spec, body)
         outputs = self.prediction.predict_arrays(call, arrays, timeout=self.timeout_s)
         return _json_reply(200, response_json(outputs, form), pretty=False)  # states: thousands of numbers
+
+    def _stream(self, spec, body: bytes) -> Reply:
+        """``:stream``: the call's segments as Server-Sent Events (``sse``); its first segment runs here, so
+        an error before it is an ordinary error reply."""
+        call, arrays, form = self._arrays(spec, body)
+        inputs = call.check_arrays(arrays, self.prediction.limits)
+        outputs = stream_outputs(self.prediction, call, inputs, set(), None, None, DEFAULT_STREAM_SEGMENT)
+        first = next(outputs)
+        events = sse.segment_events(
+            inputs, itertools.chain([first], outputs), form, lambda exc: error_text(exc, self.name_setting)
+        )
+        return Reply(200, sse.CONTENT_TYPE, b"", events)
 
 
 # ----- the playground page ------------------------------------------------------------------
@@ -278,6 +298,9 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("REST %s: " + format, self.client_address[0], *args)
 
     def _send(self, reply: Reply) -> None:
+        if reply.events is not None:
+            self._send_events(reply)
+            return
         self.send_response(reply.status)
         self.send_header("Content-Type", reply.content_type)
         self.send_header("Content-Length", str(len(reply.body)))
@@ -286,6 +309,26 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(reply.body)
+
+    def _send_events(self, reply: Reply) -> None:
+        """Writes a stream of events as they come, then closes the connection (no Content-Length)."""
+        assert reply.events is not None
+        self.close_connection = True
+        self.send_response(reply.status)
+        self.send_header("Content-Type", reply.content_type)
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        try:
+            for chunk in reply.events:
+                self.wfile.write(chunk)
+                self.wfile.flush()
+        except OSError:  # the client went away: closing the events stops the work before its next segment
+            log.debug("REST %s: the client left a stream", self.client_address[0])
+        finally:
+            close = getattr(reply.events, "close", None)
+            if close is not None:
+                close()
 
     def _refuse(self, status: int, message: str) -> None:
         self.close_connection = True  # the body was not read: the connection cannot carry another request

@@ -237,7 +237,9 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             outputs = self._run(call, inputs, deadline, alive)
         return {k: v for k, v in outputs.items() if not output_filter or k in output_filter}
 
-    def admit(self, call: SignatureCall, inputs: dict[str, np.ndarray], output_filter: AbstractSet[str] = frozenset()) -> None:
+    def admit(
+        self, call: SignatureCall, inputs: dict[str, np.ndarray], output_filter: AbstractSet[str] = frozenset()
+    ) -> None:
         """The checks a call passes before it runs or joins a batch: the model graph's own (in NumPy), each call
         on its own, its output filter, and the size of its answer.
 
