@@ -167,13 +167,17 @@ class StreamServicer:
     def StreamPredict(self, request: predict_pb2.PredictRequest, context) -> Iterator[predict_pb2.PredictResponse]:
         """Answers a PredictRequest of a generate signature with one PredictResponse per segment."""
         responses = self._responses(request, context)
+        finished = False
         try:
             while True:
                 response = self._next(responses, context)
                 if response is None:
+                    finished = True
                     return
                 yield response
         finally:
+            if not finished and not context.is_active():
+                log.debug("stream of model %s: stopped, its caller went away", request.model_spec.name)
             responses.close()  # a cancelled stream frees its slot now, not when collected
 
     @_guarded
@@ -204,6 +208,7 @@ class StreamServicer:
                     response.model_spec.signature_name = call.name
                     for key, value in outputs.items():
                         wire.to_tensor_proto(value, response.outputs[key])
+                    log.debug("stream of model %s: segment of rows %s ready", call.loaded.name, outputs["row_index"])
                     yield response
         finally:
             if self._slots is not None:
