@@ -86,6 +86,49 @@ def sse_body(client, model: str, chars: int, seed: int) -> bytes:
     ).encode()
 
 
+def measure(name: str, base_path: str, units: int, chars: int, repeats: int) -> list[str]:
+    """The table rows of one model: each way's first/last characters, then the concurrent aggregate."""
+    from keras_charrnn.serving.client import SamplingClient
+
+    rows = []
+    (rest,) = free_ports(1)
+    flags = ["--enable_batching", "--rest_api_port", rest, "--max_concurrent_streams", CONCURRENT]
+    with ServerProcess(["--model_name", name, "--model_base_path", base_path, *flags]) as server:
+        client = SamplingClient(f"127.0.0.1:{server.port}", timeout=300)
+        body = sse_body(client, name, chars, 1)
+        ways = {
+            "gRPC stream": lambda: grpc_stream(client, name, chars, 1),
+            "SSE": lambda: sse(rest, body, name),
+            "unary": lambda: unary(client, name, chars, 1),
+        }
+        for way in ways.values():
+            way()  # warm
+        times: dict[str, list[tuple[float, float]]] = {w: [] for w in ways}
+        for _ in range(repeats):
+            for way, run in ways.items():
+                times[way].append(run())
+        segment = min(t[0] for t in times["gRPC stream"])
+        base = statistics.median(t[1] for t in times["unary"])
+        for way, got in times.items():
+            first, last = statistics.median(t[0] for t in got), statistics.median(t[1] for t in got)
+            rows.append(f"| 2x{units} | {way} | {first * 1e3:.0f} | {last * 1e3:.0f} | {base / last:.2f}x |")
+            print(rows[-1], flush=True)
+        aggregate = {}
+        with ThreadPoolExecutor(CONCURRENT) as pool:
+            for way, run in (("streams", grpc_stream), ("unary sessions", unary)):
+                start = time.perf_counter()
+                list(pool.map(lambda seed, run=run: run(client, name, chars, seed), range(CONCURRENT)))
+                aggregate[way] = CONCURRENT * chars / (time.perf_counter() - start)
+        rows.append(
+            f"| 2x{units} | {CONCURRENT} concurrent | streams {aggregate['streams']:,.0f} chars/s | "
+            f"unary {aggregate['unary sessions']:,.0f} chars/s | "
+            f"{aggregate['streams'] / aggregate['unary sessions']:.2f}x |"
+        )
+        print(rows[-1], f"(one segment's time: {segment * 1e3:.0f} ms)", flush=True)
+        client.close()
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--chars", type=int, default=2000)
@@ -95,7 +138,6 @@ def main() -> None:
 
     from keras_charrnn.export import save_savedmodel
     from keras_charrnn.model import build_model
-    from keras_charrnn.serving.client import SamplingClient
     from keras_charrnn.vocab import Vocabulary
 
     vocab = Vocabulary([chr(c) for c in range(32, 97)])
@@ -106,41 +148,7 @@ def main() -> None:
             save_savedmodel(
                 build_model(vocab.size, cell="lstm", units=units, batch_size=1, seq_len=1), vocab, f"{tmp}/{name}/1"
             )
-            (rest,) = free_ports(1)
-            flags = ["--enable_batching", "--rest_api_port", rest, "--max_concurrent_streams", CONCURRENT]
-            with ServerProcess(["--model_name", name, "--model_base_path", f"{tmp}/{name}", *flags]) as server:
-                client = SamplingClient(f"127.0.0.1:{server.port}", timeout=300)
-                body = sse_body(client, name, args.chars, 1)
-                ways = {
-                    "gRPC stream": lambda: grpc_stream(client, name, args.chars, 1),
-                    "SSE": lambda: sse(rest, body, name),
-                    "unary": lambda: unary(client, name, args.chars, 1),
-                }
-                for way in ways.values():
-                    way()  # warm
-                times: dict[str, list[tuple[float, float]]] = {w: [] for w in ways}
-                for _ in range(args.repeats):
-                    for way, run in ways.items():
-                        times[way].append(run())
-                segment = min(t[0] for t in times["gRPC stream"])
-                base = statistics.median(t[1] for t in times["unary"])
-                for way, got in times.items():
-                    first, last = statistics.median(t[0] for t in got), statistics.median(t[1] for t in got)
-                    rows.append(f"| 2x{units} | {way} | {first * 1e3:.0f} | {last * 1e3:.0f} | {base / last:.2f}x |")
-                    print(rows[-1], flush=True)
-                with ThreadPoolExecutor(CONCURRENT) as pool:
-                    aggregate = {}
-                    for way, run in (("streams", grpc_stream), ("unary sessions", unary)):
-                        start = time.perf_counter()
-                        list(pool.map(lambda seed: run(client, name, args.chars, seed), range(CONCURRENT)))
-                        aggregate[way] = CONCURRENT * args.chars / (time.perf_counter() - start)
-                rows.append(
-                    f"| 2x{units} | {CONCURRENT} concurrent | streams {aggregate['streams']:,.0f} chars/s | "
-                    f"unary {aggregate['unary sessions']:,.0f} chars/s | "
-                    f"{aggregate['streams'] / aggregate['unary sessions']:.2f}x |"
-                )
-                print(rows[-1], f"(one segment's time: {segment * 1e3:.0f} ms)", flush=True)
-                client.close()
+            rows += measure(name, f"{tmp}/{name}", units, args.chars, args.repeats)
     body_md = (
         f"A {args.chars}-character generation from a fresh session, median of {args.repeats} interleaved repeats; "
         f"streams in {SEGMENT}-character segments, batching on, XLA twins. Last column: unary's time to the last "
