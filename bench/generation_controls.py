@@ -110,7 +110,9 @@ def main() -> None:
         "Written by `bench/generation_controls.py`."
     )
     if not args.no_write:
-        update_section("generation_controls", "## Generation controls: what stops and scores cost (issue 24)\n\n" + body)
+        update_section(
+            "generation_controls", "## Generation controls: what stops and scores cost (issue 24)\n\n" + body
+        )
 
 
 if __name__ == "__main__":

@@ -433,6 +433,7 @@ def continue_rows(
     inputs: Mapping[str, np.ndarray],
     outputs: Mapping[str, np.ndarray],
     state_names: Sequence[str],
+    vocab: Sequence[str] | None = None,
 ) -> dict[str, np.ndarray]:
     """The next call's inputs after one generate call: feed the last character, carry the states, advance.
 
@@ -447,6 +448,8 @@ def continue_rows(
         inputs: the call's inputs (``prime`` or ``ids``, states, generation inputs).
         outputs: its outputs.
         state_names: the model's state tensors (from its exported config).
+        vocab: the characters in id order, id 0 first: the ``stop_tail`` of a call that answers
+            ``ids`` (None: the tail is carried for ``text`` answers only).
 
     Returns:
         The next call's inputs (``num_chars`` as in this call: the caller sets it).
@@ -457,12 +460,14 @@ def continue_rows(
     nxt: dict[str, np.ndarray] = {k: np.array(v, copy=True) for k, v in inputs.items()}
     for name in state_names:
         nxt[name] = np.asarray(outputs[name], np.float32)
+    texts: list[str] | None = None
     if "text" in outputs:
         texts = [_text(t) for t in np.asarray(outputs["text"]).reshape(-1)]
         nxt["prime"] = np.array([t[-1:].encode("utf-8") for t in texts], dtype=object)
     else:
         ids = np.asarray(outputs["ids"])
-        texts = None
+        if vocab is not None:
+            texts = ["".join(vocab[int(i)] for i in ids[r, : counts[r]]) for r in range(rows)]
         nxt["ids"] = ids[np.arange(rows), np.maximum(counts - 1, 0)].astype(np.int32)[:, None]
     for spec in INPUTS:
         if spec.name not in nxt:

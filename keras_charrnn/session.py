@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 from collections.abc import Iterator, Mapping
 
 import numpy as np
 
-from keras_charrnn.errors import ConfigError, InputError
+from keras_charrnn.errors import CharRNNError, ConfigError, InputError
 from keras_charrnn.generation import (
     BIAS_BAN,
     LOGPROBS_OFF,
@@ -40,6 +41,8 @@ from keras_charrnn.model_info import ModelInfo, Runner
 from keras_charrnn.sampling import DEFAULT_CHUNK, SamplingParams
 
 __all__ = ["ModelInfo", "Runner", "Session"]
+
+log = logging.getLogger("charrnn")
 
 
 class Session:
@@ -149,7 +152,17 @@ class Session:
         if chunk < 1:
             raise ConfigError(f"chunk must be at least 1, got {chunk}")
         self._check_logprobs(logprobs)
-        left, total = n, None
+        stream = getattr(self.runner, "stream", None)
+        if stream is not None and self.info.limits.get("max_concurrent_streams", 0) > 0:
+            segment = self.info.limits.get("segment_chars", 0)
+            if 1 <= chunk <= segment:  # the server's stream sends segments of the chunk's size
+                yield from self._streamed(n, chunk, logprobs, stream)
+                return
+        yield from self._chained(n, chunk, logprobs)
+
+    def _chained(self, n: int, chunk: int, logprobs: int, total: Completion | None = None) -> Iterator[Completion]:
+        """``stream_completions`` by chained calls of at most ``max_chars_per_call`` (any model, any server)."""
+        left = n
         while left:
             take, piece = min(chunk, left), None
             for done in range(0, take, self.info.max_chars_per_call):
@@ -158,12 +171,40 @@ class Session:
                 if part.finish_reason == "stop":
                     break
             assert piece is not None
-            total = piece if total is None else total.extend(piece)
+            total = piece if total is None else total.extend(piece)  # what ``last`` reports
             self.last = total
             yield piece
             if piece.finish_reason == "stop":
                 return
             left -= piece.num_chars
+
+    def _streamed(self, n: int, chunk: int, logprobs: int, stream) -> Iterator[Completion]:
+        """``stream_completions`` through the server's stream (``GenerationStream``): one segment per chunk.
+
+        Every segment's response carries its states, so the session moves on segment by segment as
+        after a unary call of that size (the continuation rule). If the stream breaks (a replica is
+        lost), the rest comes from chained unary calls, which fail over: the text is the same.
+        """
+        left, total = n, None
+        while left:
+            call_left = min(self.info.max_chars_per_call, left)
+            self._flush_pending()
+            try:
+                for outputs, version in stream(self.signature, self._row(call_left, logprobs), self.version, chunk):
+                    inputs = self._row(min(call_left, chunk), logprobs)  # this segment's inputs, as the server ran it
+                    self._answered_by(version)
+                    piece = _advance([self], inputs, outputs)[0]
+                    total = piece if total is None else total.extend(piece)
+                    self.last = total
+                    yield piece
+                    if piece.finish_reason == "stop":
+                        return
+                    left -= piece.num_chars
+                    call_left -= piece.num_chars
+            except CharRNNError as exc:  # the stream broke: the session holds the last segment's state
+                log.warning("model %s: the stream broke (%s); continuing by unary calls", self.info.name, exc)
+                yield from self._chained(left, chunk, logprobs, total)
+                return
 
     def samples(self, n: int, num_chars: int, logprobs: int = LOGPROBS_OFF) -> list[Completion]:
         """``n`` samples continuing this session, generated side by side as rows of the same calls.
@@ -273,11 +314,15 @@ class Session:
     def _run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One call of this session's signature; keeps the version that answered."""
         outputs, version = self.runner.run(self.signature, inputs, self.version)
+        self._answered_by(version)
+        return outputs
+
+    def _answered_by(self, version: int | None) -> None:
+        """Pins the session to the version that answered (its facts, if they differ)."""
         if version is not None:
             if version != self.info.version:
                 self.info = self.runner.model_info(version)  # the facts of the version that answered
             self.version = version
-        return outputs
 
     def _call(self, n: int, logprobs: int = LOGPROBS_OFF) -> Completion:
         return _call_rows([self], [n], logprobs)[0]
@@ -379,10 +424,16 @@ def _call_rows(sessions: list[Session], take: list[int], logprobs: int) -> list[
     """
     for session in sessions:
         session._flush_pending()
-    first = sessions[0]
     rows = [s._row(n, logprobs) for s, n in zip(sessions, take)]
     inputs = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
-    outputs = first._run(inputs)
+    return _advance(sessions, inputs, sessions[0]._run(inputs))
+
+
+def _advance(
+    sessions: list[Session], inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]
+) -> list[Completion]:
+    """Moves each session (row r of a call's ``inputs``) on by the call's ``outputs``: the continuation rule."""
+    first = sessions[0]
     nxt = continue_rows(inputs, outputs, first.info.state_names)
     results = completions(outputs, inputs, first.info.vocabulary)
     for r, session in enumerate(sessions):

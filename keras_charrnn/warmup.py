@@ -8,9 +8,12 @@ at most 1000 of them; for a ``predict_log`` only ``request`` is used, its
 ``model_spec.signature_name`` picks the signature and its model name and
 version are not checked.
 
-``charrnn export`` writes one ``generate_text`` request per batch size that
-calls may come in (the sizes TF Serving's batching pads to), so the shapes
-are compiled at load, not on a client's first call. The XLA twins are not in
+``charrnn export`` writes one ``generate_text`` and one ``generate_text_v2``
+request per batch size that calls may come in (the sizes TF Serving's batching
+pads to), so the shapes are compiled at load, not on a client's first call. The
+generation inputs take their defaults from ``keras_charrnn.generation``'s table;
+``stop`` holds the models' ``MAX_STOPS`` empty strings, the width the embedded
+server gives every call (``serving.segments.pad_stops``). The XLA twins are not in
 the file by default: a server without XLA JIT would fail the load on them (see
 ``keras_charrnn.xla``); the embedded server warms them anyway, since it runs
 the twin for every ``generate_text`` call when it has XLA.
@@ -26,13 +29,14 @@ import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 
+from keras_charrnn import generation
 from keras_charrnn.errors import ConfigError, InputError
 
 ASSETS_EXTRA = "assets.extra"
 WARMUP_FILE = "tf_serving_warmup_requests"
 MAX_RECORDS = 1000  # TF Serving's WarmupConsts::kMaxNumRecords: more fails the load
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8)  # one row per session call, and small merged batches
-WARMUP_SIGNATURES = ("generate_text",)  # what SamplingClient sessions and the REST playground call
+WARMUP_SIGNATURES = ("generate_text", "generate_text_v2")  # what sessions, the client and the playground call
 WARMUP_NUM_CHARS = 2  # the sampling loop runs its body once
 
 
@@ -59,19 +63,19 @@ def check_batch_sizes(batch_sizes: Iterable[int], signatures: Sequence[str]) -> 
 
 
 def _example_input(name: str, info, batch: int) -> np.ndarray:
-    """A valid value of one input: a newline prime, zero states, greedy-safe sampling settings."""
+    """A valid value of one input: a newline prime, zero states, the table's defaults (seed 0, 2 characters)."""
     dtype = tf.dtypes.as_dtype(info.dtype).as_numpy_dtype
+    dims = [d.size for d in info.tensor_shape.dim]
+    spec = generation.BY_NAME.get(name)
+    if spec is not None:
+        overrides = {"num_chars": WARMUP_NUM_CHARS, "seed": 0, "stop": ("",) * generation.MAX_STOPS}
+        vocab_size = dims[1] if spec.row_shape == ("vocab",) else 0
+        return spec.column(batch, generation.context(vocab_size), overrides.get(name)).astype(dtype)
     if info.dtype == tf.string.as_datatype_enum:
         return np.array([b"\n"] * batch, dtype=object)
-    dims = [d.size for d in info.tensor_shape.dim]
     if name == "ids":
         return np.ones([batch, 1], dtype)
-    shape = [batch if i == 0 else d for i, d in enumerate(dims)]
-    if name == "num_chars":
-        return np.full(shape, WARMUP_NUM_CHARS, dtype)
-    if name in ("temperature", "top_p"):
-        return np.ones(shape, dtype)
-    return np.zeros(shape, dtype)
+    return np.zeros([batch if i == 0 else d for i, d in enumerate(dims)], dtype)
 
 
 def _tensor_proto(value: np.ndarray):

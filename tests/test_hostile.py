@@ -452,7 +452,7 @@ def test_each_call_is_checked_on_its_own_as_the_graph_would_before_it_can_join_a
     cases = [
         ({"h_0": np.full([1, 4], np.nan, np.float32)}, "h_0 must be finite"),
         ({"temperature": np.array([np.inf], np.float32)}, "temperature"),
-        ({"top_k": np.array([30], np.int32)}, "top_k must be at most"),
+        ({"top_k": np.array([30], np.int32)}, "at most the vocabulary size (29)"),
         ({"top_p": np.array([np.nan], np.float32)}, "top_p"),
         ({"position": np.array([-1], np.int64)}, "position"),
         ({"prime": np.array([b""], dtype=object)}, "prime"),

@@ -12,69 +12,42 @@ Example::
     client = SamplingClient(["localhost:8500", "localhost:8501"])
     session = client.session("shakespeare", prime="ROMEO:", temperature=0.8, seed=1)
     print(session.generate(200))
+    print(client.complete("shakespeare", "ROMEO:", 500, stop=["\n\n"], seed=1, logprobs=2).finish_reason)
     for text in session.stream(500, chunk=64):
         print(text, end="", flush=True)
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import random
 import threading
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Iterator
 
 import grpc
-from google.protobuf import struct_pb2, wrappers_pb2
 import numpy as np
 
-from keras_charrnn.errors import ConfigError, InputError, ServingError
+from keras_charrnn.errors import ConfigError, InputError
+from keras_charrnn.generation import LOGPROBS_OFF, Completion
 from keras_charrnn.sampling import DEFAULT_PRIME, SamplingParams
-from keras_charrnn.serving import wire
-from keras_charrnn.serving.limits import SAMPLING_ROWS, ServingLimits
+from keras_charrnn.serving.stream_client import stream_predict
+from keras_charrnn.serving import model_metadata, wire
+from keras_charrnn.serving.client_errors import RETRYABLE, ServerError, VersionGoneError, version_gone
 from keras_charrnn.serving.tls import TLS
 from keras_charrnn.session import ModelInfo, Session, _is_int
 from keras_charrnn.xla import is_xla_unavailable, xla_twin
 
 log = logging.getLogger("charrnn.client")
 
-RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED)
-# Request limits a server may advertise in GetModelMetadata (``metadata["limits"]``), positive integers.
-LIMIT_NAMES = tuple(f.name for f in dataclasses.fields(ServingLimits)) + ("max_message_bytes",)
+__all__ = ["LIMIT_NAMES", "SamplingClient", "ServerError", "TLS", "VersionGoneError"]
+
+LIMIT_NAMES = model_metadata.LIMIT_NAMES  # request limits a server may advertise (and a client may set)
 NOT_FOUND_MEMORY = 5.0  # seconds a replica that lacked a pinned version is asked last for it
 LATEST_TTL = 10.0  # seconds the newest version of a model is taken as known before it is asked again
 MAX_CACHED_INFOS = 32
-
-
-class ServerError(ServingError):
-    """An error status from a model server, as a ``ServingError`` whose ``code`` is the status's name.
-
-    Args:
-        status: the ``grpc.StatusCode`` the server answered (kept as ``status``).
-        message: the server's details (kept as ``message`` and ``details``).
-        target: the server (or servers) asked.
-
-    Example:
-
-    >>> error = ServerError(grpc.StatusCode.NOT_FOUND, "no model 'x'", "localhost:8500")
-    >>> error.code, error.status == grpc.StatusCode.NOT_FOUND, str(error)
-    ('NOT_FOUND', True, "localhost:8500: NOT_FOUND: no model 'x'")
-    """
-
-    def __init__(self, status: grpc.StatusCode, message: str, target: str):
-        super().__init__(status.name, message)
-        self.status = status
-        self.details = message
-        self.target = target
-
-    def __str__(self) -> str:
-        return f"{self.target}: {self.code}: {self.message}"
-
-
-class VersionGoneError(ServerError):
-    """The model version a session is pinned to is no longer served anywhere."""
 
 
 class SamplingClient:
@@ -283,7 +256,7 @@ class SamplingClient:
         try:
             response = self._call(self._predict, request, None if version is None else (model, version))
         except ServerError as exc:
-            raise _version_gone(exc, model, version) from None
+            raise version_gone(exc, model, version) from None
         answered = response.model_spec.version.value
         if version is None:
             self._note_latest(model, answered)
@@ -355,11 +328,15 @@ class SamplingClient:
         try:
             response = self._call(self._metadata, request, None if version is None else (model, version))
         except ServerError as exc:
-            raise _version_gone(exc, model, version) from None
+            raise version_gone(exc, model, version) from None
         sig_map = wire.SignatureDefMap()
         if not response.metadata["signature_def"].Unpack(sig_map):
             raise InputError(f"model {model!r}: the server's metadata holds no SignatureDefMap")
-        return dict(sig_map.signature_def), response.model_spec.version.value, _advertised_limits(response)
+        return (
+            dict(sig_map.signature_def),
+            response.model_spec.version.value,
+            model_metadata.advertised_limits(response),
+        )
 
     def model_info(self, model: str, version: int | None = None) -> ModelInfo:
         """The facts a session needs of one version of ``model``: states, sizes and limits.
@@ -399,19 +376,8 @@ class SamplingClient:
         self._signature_names[model] = set(sigs)
         if "generate_text" not in sigs or "metadata" not in sigs:
             raise InputError(f"model {model!r} is not a keras-charrnn model (no generate_text/metadata signature)")
-        states = {
-            k: v.tensor_shape.dim[1].size
-            for k, v in sigs["generate_text"].inputs.items()
-            if k != "prime" and k not in SAMPLING_ROWS
-        }
         outputs, _ = self.predict(model, "metadata", {}, version)
-        config = json.loads(outputs["config"].reshape(-1)[0].decode("utf-8"))
-        limits = {**advertised, **_limits_dict(config.get("limits"))}
-        for name, value in self.limits.items():
-            limits[name] = min(value, limits.get(name, value))
-        info = ModelInfo.from_config(model, config, version, limits)
-        if set(states) != set(info.state_names) or any(s != info.state_size for s in states.values()):
-            raise InputError(f"model {model!r}: signature states {states} disagree with its metadata")
+        info = model_metadata.model_info(model, version, sigs, outputs, advertised, self.limits)
         with self._lock:
             self._model_infos[(model, version)] = info
             while len(self._model_infos) > MAX_CACHED_INFOS:
@@ -452,6 +418,78 @@ class SamplingClient:
         return Session(
             _GrpcRunner(self, model, follow_newest=version is None), self.model_info(model, version), prime, params
         )
+
+    def complete(
+        self,
+        model: str,
+        prime: str,
+        n: int,
+        logprobs: int = LOGPROBS_OFF,
+        params: SamplingParams | None = None,
+        version: int | None = None,
+        **fields,
+    ) -> Completion:
+        """Up to ``n`` characters after ``prime``, with why they ended and (if asked) their scores.
+
+        The gRPC twin of ``keras_charrnn.CharRNN.complete``: a new session's ``complete``.
+
+        Args:
+            model: the model's name on the server.
+            prime: the text to continue.
+            n: the most characters to generate.
+            logprobs: -1: no scores; 0: each character's log-probability; N: also N alternatives.
+            params: as in ``session``, or its fields as keywords (``stop=``, ``min_chars=``, ``bias=``, ...).
+            version: the version to call (default: the newest).
+
+        Returns:
+            The ``Completion`` (its ``session`` continues it).
+
+        Raises:
+            InputError: a feature needs ``generate_text_v2`` and the model lacks it (the message names it).
+
+        Example:
+
+        >>> client.complete("shakespeare", "ROMEO:", 200, stop="\\n\\n", seed=1).finish_reason  # doctest: +SKIP
+        'stop'
+        """
+        session = self.session(model, prime, params, version=version, **fields)
+        result = session.complete(n, logprobs)
+        result.session = session
+        return result
+
+    def samples(
+        self,
+        model: str,
+        prime: str,
+        n: int,
+        num_chars: int,
+        logprobs: int = LOGPROBS_OFF,
+        params: SamplingParams | None = None,
+        version: int | None = None,
+        **fields,
+    ) -> list[Completion]:
+        """``n`` samples after ``prime``, side by side as rows of the same calls (see ``Session.samples``).
+
+        Sample i is a session seeded ``generation.sample_seed(seed, i)`` (sample 0: the session's own
+        seed), reproducible alone; each continues as a session of its own (``.session``).
+
+        Args:
+            model: the model's name on the server.
+            prime: the text to continue.
+            n: how many samples (calls hold at most the server's ``max_rows_per_call`` rows).
+            num_chars: the most characters of each.
+            logprobs: as in ``complete``.
+            params: as in ``session``, or its fields as keywords.
+            version: the version to call (default: the newest).
+
+        Returns:
+            One ``Completion`` per sample, in order.
+
+        Example:
+
+        >>> [c.text for c in client.samples("shakespeare", "ROMEO:", 3, 80, seed=1, stop="\\n")]  # doctest: +SKIP
+        """
+        return self.session(model, prime, params, version=version, **fields).samples(n, num_chars, logprobs)
 
     def restore(self, saved: str) -> Session:
         """Continues a session saved with ``Session.to_json`` (possibly by another process).
@@ -546,49 +584,9 @@ class _GrpcRunner:
         """The facts of ``version`` of the model (see ``SamplingClient.model_info``)."""
         return self.client.model_info(self.model, version)
 
-
-def _version_gone(error: ServerError, model: str, version: int | None) -> ServerError:
-    """NOT_FOUND (from every replica) for a pinned version becomes ``VersionGoneError``."""
-    if version is None or error.status != grpc.StatusCode.NOT_FOUND:
-        return error
-    return VersionGoneError(
-        error.status,
-        f"version {version} of model {model!r}, which this session is pinned to, "
-        f"is no longer served by any replica (its state belongs to those weights; start a new "
-        f"session): {error.details}",
-        error.target,
-    )
-
-
-def _limits_dict(value) -> dict[str, int]:
-    """The known request limits in ``value`` (a dict, or JSON text of one); others are ignored."""
-    if isinstance(value, (str, bytes)):
-        try:
-            value = json.loads(value)
-        except ValueError:
-            return {}
-    if not isinstance(value, dict):
-        return {}
-    return {
-        k: int(v)
-        for k, v in value.items()
-        if k in LIMIT_NAMES and isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 1
-    }
-
-
-def _advertised_limits(response) -> dict[str, int]:
-    """Request limits a server puts in GetModelMetadata's ``metadata`` map, under ``"limits"``.
-
-    Read as JSON text (a ``google.protobuf.StringValue``/``BytesValue``) or a ``Struct``;
-    a stock TF Serving advertises none.
-    """
-    if "limits" not in response.metadata:
-        return {}
-    packed = response.metadata["limits"]
-    for message in (wrappers_pb2.StringValue(), wrappers_pb2.BytesValue(), struct_pb2.Struct()):
-        if packed.Is(message.DESCRIPTOR):
-            packed.Unpack(message)
-            if isinstance(message, struct_pb2.Struct):
-                return _limits_dict(dict(message))
-            return _limits_dict(message.value)
-    return {}
+    def stream(
+        self, signature: str, inputs: dict[str, np.ndarray], version: int | None, size: int
+    ) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+        """Streams a generate call segment by segment (``stream_client.stream_predict``)."""
+        self.follow_newest = False
+        return stream_predict(self.client, self.model, signature, inputs, version, size)

@@ -5,6 +5,10 @@ The REST API's codec (``rest`` handles the HTTP): a body is parsed with a depth 
 the signature's dtypes (``request_arrays``), and the outputs become ``predictions`` or
 ``outputs`` (``response_json``). Binary strings travel as ``{"b64": "..."}``; string
 outputs whose name ends in ``_bytes`` (and any that are not UTF-8) go back that way.
+
+The generation inputs of ``keras_charrnn.generation``'s table keep their names: ``stop``
+is a list of strings per row (rows may hold different numbers: the shorter lists are
+padded with empty strings, which never match), ``logit_bias`` a list of one number per id.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import json
 import numpy as np
 
 from keras_charrnn.errors import ServingError
+from keras_charrnn.generation import BY_NAME
 from keras_charrnn.serving.wire import DT_BOOL, DT_FLOAT, DT_INT32, DT_INT64, DT_STRING
 
 __all__ = ["MAX_JSON_DEPTH", "json_to_array", "parse_json", "request_arrays", "response_json"]
@@ -158,7 +163,7 @@ def request_arrays(body: dict, input_infos) -> tuple[dict[str, np.ndarray], str]
         missing = [n for n in names if n not in value]
         if missing:
             raise _invalid(f"missing named input(s) {missing} in 'inputs' object")
-        return {n: json_to_array(value[n], input_infos[n].dtype, n) for n in names}, "columnar"
+        return {n: json_to_array(_padded(n, value[n]), input_infos[n].dtype, n) for n in names}, "columnar"
 
     rows = body["instances"]
     if not isinstance(rows, list) or not rows:
@@ -171,6 +176,8 @@ def request_arrays(body: dict, input_infos) -> tuple[dict[str, np.ndarray], str]
             f"instances is a plain list, but the signature takes {len(names)} named inputs {names}: "
             f"give a list of objects"
         )
+    if as_objects:
+        rows = _padded_rows(rows, names)
     columns: dict[str, list[np.ndarray]] = {n: [] for n in names}
     for i, row in enumerate(rows):
         if as_objects:
@@ -189,6 +196,37 @@ def request_arrays(body: dict, input_infos) -> tuple[dict[str, np.ndarray], str]
                 )
             columns[n].append(array)
     return {n: np.stack(columns[n]) for n in names}, "row"
+
+
+def _ragged(name: str) -> bool:
+    """Whether rows of input ``name`` may hold lists of different lengths (``stop``: padded with "")."""
+    spec = BY_NAME.get(name)
+    return spec is not None and spec.row_shape == ("stops",)
+
+
+def _pad(lists: list) -> list:
+    """Lists of strings padded with empty strings to the longest (anything else as it is)."""
+    if not all(isinstance(item, list) for item in lists):
+        return lists
+    width = max((len(item) for item in lists), default=0)
+    return [item + [""] * (width - len(item)) for item in lists]
+
+
+def _padded(name: str, value):
+    """A columnar input, its rows' lists padded to one length where the input allows it (``_ragged``)."""
+    return _pad(value) if _ragged(name) and isinstance(value, list) else value
+
+
+def _padded_rows(rows: list, names: list[str]) -> list:
+    """Row-format instances, each ragged input's lists padded to one length across rows."""
+    ragged = [n for n in names if _ragged(n) and all(isinstance(r, dict) and isinstance(r.get(n), list) for r in rows)]
+    if not ragged:
+        return rows
+    rows = [dict(r) for r in rows]
+    for name in ragged:
+        for row, value in zip(rows, _pad([r[name] for r in rows])):
+            row[name] = value
+    return rows
 
 
 # ----- NumPy -> JSON ------------------------------------------------------------------------

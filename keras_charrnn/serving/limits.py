@@ -4,9 +4,10 @@ A ``TensorProto`` may claim a shape far larger than the values it carries
 (TensorFlow repeats the last value to fill it), so a request of a few hundred
 bytes can claim gigabytes. ``check_request_tensors`` reads only the claimed
 shapes and the sizes of the carried bytes, and refuses a request over a limit
-before any tensor is expanded; ``check_call`` then repeats, in NumPy, the
-checks the model's graph makes (temperature, top_k, top_p, num_chars, prime,
-position, ids), so a call that would fail in the graph never joins a batch.
+before any tensor is expanded (the count of stop strings and the bytes of each
+too); ``check_call`` then repeats, in NumPy, the checks the model's graph makes
+(the rules of ``keras_charrnn.generation``'s table, prime, ids, states), so a call
+that would fail in the graph never joins a batch.
 
 The limits are ``ServerOptions`` fields (and ``charrnn serve`` flags) of the
 same names, and the server advertises them in GetModelMetadata (``metadata["limits"]``, a packed
@@ -17,20 +18,25 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from keras_charrnn import generation
 from keras_charrnn.errors import ConfigError, ServingError
-from keras_charrnn.sampling import MAX_CHARS_PER_CALL
+from keras_charrnn.generation import MAX_CHARS_PER_CALL, MAX_LOGPROBS, MAX_STOP_CHARS, MAX_STOPS, RuleError
 from keras_charrnn.serving import wire
 
 MAX_RANK = 8  # no signature takes more than 3 dimensions
 UTF8_MAX_BYTES = 4  # the most bytes one character takes in UTF-8
 # Bytes per item of the fixed-size dtypes, as in a TensorProto's tensor_content.
 ITEM_BYTES = {wire.DT_FLOAT: 4, wire.DT_INT32: 4, wire.DT_INT64: 8, wire.DT_BOOL: 1}
+UNKNOWN_VOCAB = 1 << 31  # the vocabulary size the rules read when the model does not say (its ranges go unchecked)
 _VALUE_FIELDS = ("float_val", "int_val", "int64_val", "bool_val", "double_val", "half_val")
-SAMPLING_ROWS = ("num_chars", "temperature", "top_k", "top_p", "seed", "position")
+# The string inputs whose values are bounded by their UTF-8 bytes before they are decoded, and the limit on their
+# characters (None: the models' own cap, ``MAX_STOP_CHARS``).
+_STRING_LIMITS = {"prime": "max_prime_chars", "stop": "max_stop_chars", "stop_tail": None}
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,9 @@ class ServingLimits:
         max_rows_per_call: rows (the batch dimension B) of one call.
         max_chars_per_call: ``num_chars`` of one row; the server generates long calls in segments.
         max_request_elements: elements of all the request's tensors together, as their shapes claim.
+        max_stops: stop strings per row (``stop`` [B, S]: S), at most the models' cap (4).
+        max_stop_chars: characters of one stop string, at most the models' cap (32).
+        max_logprobs: ``logprobs`` of a row (the alternatives per character), at most the models' cap (10).
 
     Example:
 
@@ -56,12 +65,19 @@ class ServingLimits:
     max_rows_per_call: int = 64
     max_chars_per_call: int = MAX_CHARS_PER_CALL
     max_request_elements: int = 1 << 20
+    max_stops: int = MAX_STOPS
+    max_stop_chars: int = MAX_STOP_CHARS
+    max_logprobs: int = MAX_LOGPROBS
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{f.name} must be a positive integer, got {value!r}")
+        caps = {"max_stops": MAX_STOPS, "max_stop_chars": MAX_STOP_CHARS, "max_logprobs": MAX_LOGPROBS}
+        for name, cap in caps.items():
+            if getattr(self, name) > cap:
+                raise ConfigError(f"{name} must be at most {cap} (the models' own cap), got {getattr(self, name)}")
 
     @classmethod
     def from_options(cls, options) -> ServingLimits:
@@ -83,13 +99,14 @@ class ServingLimits:
         return dataclasses.asdict(self)
 
 
-def refuse(limit: str, value: int, what: str) -> ServingError:
+def refuse(limit: str, value: int, what: str, advice: str | None = None) -> ServingError:
     """The error for a request over ``limit``: names the limit and its value (its ``setting``: the limit).
 
     Args:
         limit: the ``ServingLimits`` field.
         value: its value on this server.
         what: what the request asked for, e.g. ``"prime of row 0 holds 3145728 bytes"``.
+        advice: what the caller may do instead (None: split the work into smaller calls).
 
     Returns:
         An INVALID_ARGUMENT ``ServingError`` (retrying the same request cannot help; split it).
@@ -101,7 +118,7 @@ def refuse(limit: str, value: int, what: str) -> ServingError:
     """
     return ServingError(
         "INVALID_ARGUMENT",
-        f"{what}, over this server's limit {limit}={value}; split the work into smaller calls",
+        f"{what}, over this server's limit {limit}={value}; {advice or 'split the work into smaller calls'}",
         setting=limit,
     )
 
@@ -131,12 +148,13 @@ def _carried_values(proto) -> int:
     return max(len(getattr(proto, name)) for name in _VALUE_FIELDS if hasattr(proto, name))
 
 
-def check_shapes(shapes: dict[str, list[int]], prime_bytes: int, limits: ServingLimits) -> None:
-    """A request's input shapes and its longest prime against the limits: the one copy of these rules.
+def check_shapes(shapes: dict[str, list[int]], string_bytes: dict[str, int], limits: ServingLimits) -> None:
+    """A request's input shapes and its longest strings against the limits: the one copy of these rules.
 
     Args:
         shapes: each input's shape (claimed by its TensorProto, or an array's).
-        prime_bytes: the UTF-8 bytes of the longest prime (0: none); at most 4 a character.
+        string_bytes: the UTF-8 bytes of the longest value of ``prime``, ``stop`` and ``stop_tail``
+            (missing: none); at most 4 a character.
         limits: this server's limits.
 
     Raises:
@@ -163,12 +181,24 @@ def check_shapes(shapes: dict[str, list[int]], prime_bytes: int, limits: Serving
             raise refuse("max_rows_per_call", limits.max_rows_per_call, f"input {key!r} has {shape[0]} rows")
         if key == "ids" and len(shape) == 2 and shape[1] > limits.max_ids_length:
             raise refuse("max_ids_length", limits.max_ids_length, f"ids has {shape[1]} ids per row")
-    if prime_bytes > UTF8_MAX_BYTES * limits.max_prime_chars:
-        raise refuse(
-            "max_prime_chars",
-            limits.max_prime_chars,
-            f"prime holds {prime_bytes} bytes (more than {UTF8_MAX_BYTES} per character allowed)",
-        )
+        if key == "stop" and len(shape) == 2 and shape[1] > limits.max_stops:
+            raise refuse("max_stops", limits.max_stops, f"stop holds {shape[1]} strings per row", _FEWER)
+    for key, limit in _STRING_LIMITS.items():
+        chars = getattr(limits, limit) if limit else MAX_STOP_CHARS
+        if string_bytes.get(key, 0) <= UTF8_MAX_BYTES * chars:
+            continue
+        what = f"{key} holds {string_bytes[key]} bytes (more than {UTF8_MAX_BYTES} per character allowed)"
+        if limit is None:
+            raise ServingError("INVALID_ARGUMENT", f"{what}: {key} holds at most {chars} characters")
+        raise refuse(limit, chars, what, None if key == "prime" else _FEWER)
+
+
+_FEWER = "ask for fewer or shorter ones"
+
+
+def _longest(values) -> int:
+    """The bytes of the longest ``bytes`` value among ``values`` (0: none)."""
+    return max((len(v) for v in values if isinstance(v, bytes)), default=0)
 
 
 def check_request_tensors(request_inputs, limits: ServingLimits) -> None:
@@ -185,8 +215,8 @@ def check_request_tensors(request_inputs, limits: ServingLimits) -> None:
         ServingError: INVALID_ARGUMENT naming the input, or the limit.
     """
     shapes = {key: claimed_shape(key, request_inputs[key]) for key in sorted(request_inputs)}
-    prime = request_inputs["prime"].string_val if "prime" in request_inputs else ()
-    check_shapes(shapes, max((len(v) for v in prime), default=0), limits)
+    strings = {key: _longest(request_inputs[key].string_val) for key in _STRING_LIMITS if key in request_inputs}
+    check_shapes(shapes, strings, limits)
     for key, shape in shapes.items():
         proto, count = request_inputs[key], math.prod(shape)
         dtype = proto.dtype
@@ -218,12 +248,12 @@ def check_request_arrays(arrays: dict[str, np.ndarray], limits: ServingLimits) -
     Raises:
         ServingError: INVALID_ARGUMENT naming the input, or the limit.
     """
-    prime = arrays["prime"].reshape(-1) if "prime" in arrays and arrays["prime"].dtype == object else ()
-    check_shapes(
-        {key: list(value.shape) for key, value in arrays.items()},
-        max((len(v) for v in prime if isinstance(v, bytes)), default=0),
-        limits,
-    )
+    strings = {
+        key: _longest(arrays[key].reshape(-1))
+        for key in _STRING_LIMITS
+        if key in arrays and arrays[key].dtype == object
+    }
+    check_shapes({key: list(value.shape) for key, value in arrays.items()}, strings, limits)
 
 
 def _rows(arrays: dict[str, np.ndarray]) -> int:
@@ -231,16 +261,24 @@ def _rows(arrays: dict[str, np.ndarray]) -> int:
     return arrays[first].shape[0]
 
 
-def check_call(arrays: dict[str, np.ndarray], vocab_size: int | None, limits: ServingLimits) -> None:
+def check_call(
+    arrays: dict[str, np.ndarray],
+    vocab_size: int | None,
+    limits: ServingLimits,
+    vocabulary: Sequence[str] | None = None,
+) -> None:
     """The model graph's own input checks, in NumPy, plus the per-row limits.
 
     A call that passes them runs without a model-side error, so it can share a
-    batch with other calls without putting them at risk.
+    batch with other calls without putting them at risk. The generation inputs are
+    checked by the rules of ``keras_charrnn.generation``'s table (the graph's own).
 
     Args:
         arrays: the call's inputs (already checked against the signature's dtypes and shapes).
-        vocab_size: the model's number of ids (None: unknown, ids and top_k ranges unchecked).
+        vocab_size: the model's number of ids (None: unknown, ids, top_k and logit_bias unchecked).
         limits: this server's limits.
+        vocabulary: the model's characters in id order, id 0 first (None: unknown, the
+            characters of stop strings unchecked).
 
     Raises:
         ServingError: INVALID_ARGUMENT naming the input and the rule, or the limit.
@@ -272,24 +310,25 @@ def check_call(arrays: dict[str, np.ndarray], vocab_size: int | None, limits: Se
             raise bad("the input (prime) must hold at least one character")
         if ids.size and vocab_size and (ids.min() < 0 or ids.max() >= vocab_size):
             raise bad(f"ids must be in [0, {vocab_size}), got values from {int(ids.min())} to {int(ids.max())}")
-    for key, value in arrays.items():
-        if value.dtype.kind == "f" and key not in ("temperature", "top_p") and not np.isfinite(value).all():
+    for key, value in arrays.items():  # the states, and any other float input the table has no rule for
+        if value.dtype.kind == "f" and key not in generation.BY_NAME and not np.isfinite(value).all():
             raise bad(f"{key} must be finite (a state holds NaN or infinity)")
-    if "num_chars" in arrays:
-        num_chars = arrays["num_chars"]
-        if num_chars.min() < 1:
-            raise bad("num_chars must be at least 1")
-        if num_chars.max() > limits.max_chars_per_call:
-            raise refuse("max_chars_per_call", limits.max_chars_per_call, f"num_chars {int(num_chars.max())}")
-    if "temperature" in arrays and not (np.isfinite(arrays["temperature"]) & (arrays["temperature"] >= 0)).all():
-        raise bad("temperature must be 0 (greedy) or positive (and finite)")
-    if "top_k" in arrays:
-        top_k = arrays["top_k"]
-        if top_k.min() < 0:
-            raise bad("top_k must be 0 (off) or positive")
-        if vocab_size and top_k.max() > vocab_size - 1:
-            raise bad(f"top_k must be at most the vocabulary size ({vocab_size - 1})")
-    if "top_p" in arrays and not ((arrays["top_p"] > 0) & (arrays["top_p"] <= 1)).all():
-        raise bad("top_p must be in (0, 1]")
-    if "position" in arrays and arrays["position"].min() < 0:
-        raise bad("position must be 0 or more")
+    # A call over the models' cap of characters runs in segments (the server's limit may be higher).
+    ctx = {
+        **generation.context(vocab_size or UNKNOWN_VOCAB, limits.advertised()),
+        "max_chars_per_call": limits.max_chars_per_call,
+    }
+    ruled = {k: v for k, v in arrays.items() if vocab_size or k not in ("top_k", "logit_bias")}
+    try:
+        generation.check_rows(ruled, ctx, vocabulary)
+    except RuleError as exc:
+        raise _rule_error(exc, ctx) from None
+
+
+def _rule_error(exc: RuleError, ctx: dict[str, int]) -> ServingError:
+    """A generation input's rule broken, as the server answers it: over a limit, the refusal names it."""
+    if exc.limit is None:
+        return ServingError("INVALID_ARGUMENT", exc.message)
+    if f"{exc.limit}=" in exc.message:  # the message names the limit and its value already
+        return ServingError("INVALID_ARGUMENT", f"{exc.message}; {_FEWER}", setting=exc.limit)
+    return refuse(exc.limit, ctx[exc.limit], exc.message, None if exc.limit == "max_chars_per_call" else _FEWER)

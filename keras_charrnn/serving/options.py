@@ -98,12 +98,28 @@ class ServerOptions:
         "cap on the elements all of a request's tensors claim together",
         positive=True,
     )
+    max_stops: int = _option(
+        ServingLimits.max_stops, "cap on the stop strings of one row (at most the models' cap, 4)", positive=True
+    )
+    max_stop_chars: int = _option(
+        ServingLimits.max_stop_chars, "cap on the characters of one stop string (at most 32)", positive=True
+    )
+    max_logprobs: int = _option(
+        ServingLimits.max_logprobs,
+        "cap on logprobs of one row: the alternatives scored per character (at most 10)",
+        positive=True,
+    )
     max_concurrent_requests: int = _option(
         0,
         "Predict calls answered at once; more get RESOURCE_EXHAUSTED at once "
         "(0: grpc_max_threads - 8, at least 1, leaving threads for health "
         "and status; with batching on, at least max_batch_size x "
         "(num_batch_threads + 1), since a queued call holds its thread)",
+    )
+    max_concurrent_streams: int = _option(
+        16,
+        "StreamPredict streams open at once (each holds a gRPC thread); more get RESOURCE_EXHAUSTED "
+        "(0: no cap of their own)",
     )
     shutdown_grace_seconds: float = _option(30.0, "on SIGTERM, how long calls in flight may take to finish")
     rest_api_port: int = _option(0, "port of TF Serving's REST API, /playground and the metrics (0: no REST API)")

@@ -21,6 +21,10 @@ FAILED_PRECONDITION, 404 NOT_FOUND, 429 RESOURCE_EXHAUSTED, 503 UNAVAILABLE,
 ``max_body_bytes`` (the gRPC message limit) are refused with 413 before
 they are read; bodies without a Content-Length (chunked) with 411.
 
+``POST /v1/models/NAME[/versions/N | /labels/L]:stream``
+    the body a ``:predict`` takes, for a generate signature, answered as Server-Sent
+    Events: one per segment as the text is produced, then ``done`` (see ``sse``).
+
 Also on this port: ``GET /playground`` (a page to continue a text call by
 call, keeping the hidden state in the browser), when a monitoring config
 enables Prometheus, the metrics (see ``monitoring``), and the OpenAI-compatible
@@ -33,6 +37,7 @@ The HTTP layer is the standard library's ``http.server``.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import re
@@ -52,7 +57,7 @@ from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2
 
 from keras_charrnn import generation, sampling
 from keras_charrnn.errors import ConfigError, ServingError
-from keras_charrnn.serving import monitoring
+from keras_charrnn.serving import monitoring, sse
 from keras_charrnn.serving.api_keys import REALM, ApiKeys
 from keras_charrnn.serving.json_codec import parse_json, request_arrays, response_json
 from keras_charrnn.serving.options import (
@@ -62,6 +67,7 @@ from keras_charrnn.serving.options import (
     DEFAULT_REST_TIMEOUT_MS,
     MAX_MESSAGE_BYTES,
 )
+from keras_charrnn.serving.streaming import DEFAULT_STREAM_SEGMENT, stream_outputs
 from keras_charrnn.serving.servicers import ModelStatusServicer, PredictionServicer, SettingNamer, error_text
 
 log = logging.getLogger("charrnn.serve")
@@ -94,7 +100,7 @@ HTTP_STATUS = {
 # The URL patterns of TF Serving's REST API (tensorflow_serving/model_servers/http_rest_api_util.cc).
 # ASCII digits only (``\d`` also takes "²" and other Unicode digits), at most 18 so the number fits an int64.
 _VERSION_OR_LABEL = r"(?:(?:/versions/([0-9]{1,18}))|(?:/labels/([^/:]+)))?"
-PREDICT_PATH = re.compile(r"/v1/models/([^/:]+)" + _VERSION_OR_LABEL + r":(classify|regress|predict)", re.I)
+PREDICT_PATH = re.compile(r"/v1/models/([^/:]+)" + _VERSION_OR_LABEL + r":(classify|regress|predict|stream)", re.I)
 STATUS_PATH = re.compile(r"/v1/models(?:/([^/:]+))?" + _VERSION_OR_LABEL + r"(?:/(metadata))?", re.I)
 _CONTENT_LENGTH = re.compile(r"[0-9]{1,19}")
 
@@ -204,9 +210,9 @@ class RestApi:
                 spec.version_label = label
             if method == "POST":
                 api = match.group(4).lower()
-                if api != "predict":
+                if api not in ("predict", "stream"):
                     raise ServingError("UNIMPLEMENTED", f"{api} is not served for these models; use predict")
-                reply = self._predict(spec, body)
+                reply = self._predict(spec, body) if api == "predict" else self._stream(spec, body)
             elif match.group(4):
                 reply = self._metadata(spec)
             else:
@@ -245,15 +251,32 @@ class RestApi:
             },
         )
 
-    def _predict(self, spec, body: bytes) -> Reply:
+    def _arrays(self, spec, body: bytes):
+        """A predict body's signature call, checked arrays and JSON format (the one resolve of the request)."""
         document = parse_json(body)
         signature = document.get("signature_name", "serving_default")
         if not isinstance(signature, str):
             raise _invalid("'signature_name' must be a string")
-        call = self.prediction.signature_call(spec, signature)  # the one resolve; FAILED_PRECONDITION as over gRPC
+        call = self.prediction.signature_call(spec, signature)  # FAILED_PRECONDITION as over gRPC
         arrays, form = request_arrays(document, call.loaded.signature_defs[call.name].inputs)
+        return call, arrays, form
+
+    def _predict(self, spec, body: bytes) -> Reply:
+        call, arrays, form = self._arrays(spec, body)
         outputs = self.prediction.predict_arrays(call, arrays, timeout=self.timeout_s)
         return _json_reply(200, response_json(outputs, form), pretty=False)  # states: thousands of numbers
+
+    def _stream(self, spec, body: bytes) -> Reply:
+        """``:stream``: the call's segments as Server-Sent Events (``sse``); its first segment runs here, so
+        an error before it is an ordinary error reply."""
+        call, arrays, form = self._arrays(spec, body)
+        inputs = call.check_arrays(arrays, self.prediction.limits)
+        outputs = stream_outputs(self.prediction, call, inputs, set(), None, None, DEFAULT_STREAM_SEGMENT)
+        first = next(outputs)
+        events = sse.segment_events(
+            inputs, itertools.chain([first], outputs), form, lambda exc: error_text(exc, self.name_setting)
+        )
+        return Reply(200, sse.CONTENT_TYPE, b"", chunks=events)
 
 
 # ----- the playground page ------------------------------------------------------------------
@@ -323,6 +346,7 @@ class _Handler(BaseHTTPRequestHandler):
                     self.wfile.flush()
             self.wfile.write(b"0\r\n\r\n")
         except OSError:  # the caller went away: the generator's finally blocks stop its work
+            log.debug("REST %s: the caller left a streamed answer", self.client_address[0])
             self.close_connection = True
         finally:
             close = getattr(iterator, "close", None)
@@ -493,7 +517,7 @@ class RestServer:
         max_body_bytes: int = MAX_MESSAGE_BYTES,
         metrics_path: str | None = None,
         model_names: Sequence[str] = (),
-        max_chars_per_call: int = sampling.MAX_CHARS_PER_CALL,
+        max_chars_per_call: int = generation.MAX_CHARS_PER_CALL,
         num_threads: int = DEFAULT_NUM_THREADS,
         extra_routes: ExtraRoutes | None = None,
         api_keys: ApiKeys | None = None,

@@ -31,7 +31,7 @@ from tensorflow_serving.apis import (
 
 from keras_charrnn import warmup
 from keras_charrnn.errors import ConfigError
-from keras_charrnn.serving import monitoring
+from keras_charrnn.serving import monitoring, streaming
 from keras_charrnn.serving.manager import ModelManager
 from keras_charrnn.serving.memory import release_freed_memory
 from keras_charrnn.serving.options import ServerOptions
@@ -44,6 +44,7 @@ from keras_charrnn.serving.rest_tls import rest_ssl_context
 from keras_charrnn.serving.servicers import ModelStatusServicer, PredictionServicer, SettingNamer
 from keras_charrnn.serving.settings import HEALTH_THREADS, ServerSettings, server_credentials
 from keras_charrnn.serving.signature_runner import run_batch, run_signature
+from keras_charrnn.serving.streaming import StreamServicer, register_descriptor
 
 __all__ = ["ModelServer", "ServerOptions"]
 
@@ -193,10 +194,18 @@ class ModelServer:
             self.name_setting,
         )
         model_status = ModelStatusServicer(self.manager, self.name_setting)
+        streams = StreamServicer(prediction, self.options.max_concurrent_streams)
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(prediction, server)
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(model_status, server)
+        server.add_generic_rpc_handlers((streams.handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        names = (*HEALTH_SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+        register_descriptor()
+        names = (
+            *HEALTH_SERVICES,
+            streaming.SERVICE,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        )
         reflection.enable_server_reflection(names, server)
         address = f"{self.options.host}:{self.options.port}"
         try:

@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from concurrent import futures
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Set as AbstractSet
 
 import grpc
 import numpy as np
@@ -35,13 +35,13 @@ from keras_charrnn.serving.limits import ServingLimits
 from keras_charrnn.serving.manager import ModelManager
 from keras_charrnn.serving.options import MAX_MESSAGE_BYTES
 from keras_charrnn.serving.request_batcher import Batcher
+from keras_charrnn.serving.segments import SEGMENT_CHARS, Segment, join, own_outputs, pad_stops, segments
 from keras_charrnn.serving.signature_runner import SignatureCall
 
 __all__ = ["SEGMENT_CHARS", "ModelStatusServicer", "PredictionServicer", "SettingNamer", "error_text"]
 
 log = logging.getLogger("charrnn.serve")
 
-SEGMENT_CHARS = 256  # a long generate call runs in segments of this many characters, its caller checked between
 SettingNamer = Callable[[str], str]  # a server setting's name -> how whoever runs the server sets it
 
 
@@ -129,6 +129,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         self.max_concurrent_requests = max_concurrent_requests
         self.name_setting = name_setting
         self._slots = threading.BoundedSemaphore(max_concurrent_requests) if max_concurrent_requests else None
+        self.max_concurrent_streams = 0  # set by the streaming service when the server offers it (advertised)
         self.ran_at = 0.0  # time.monotonic() when a model call last started or ended (see ModelServer._trim_when_idle)
 
     def signature_call(self, spec, signature: str | None = None) -> SignatureCall:
@@ -227,10 +228,31 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     def _serve(
         self, call: SignatureCall, inputs: dict[str, np.ndarray], output_filter: set[str], deadline: float | None, alive
     ) -> dict[str, np.ndarray]:
-        """Runs inputs checked against the signature: first checked as the model's graph would, each call
-        on its own, before it runs or joins a batch. Long ``generate`` calls run in segments of
+        """Runs inputs checked against the signature (``admit``); long ``generate`` calls run in segments of
         ``SEGMENT_CHARS`` characters; the work stops between segments once the caller has gone."""
-        request_limits.check_call(inputs, call.vocab_size, self.limits)
+        self.admit(call, inputs, output_filter)
+        if "num_chars" in inputs and int(inputs["num_chars"].max()) > SEGMENT_CHARS and call.state_names:
+            outputs = join(inputs, self.generate_segments(call, inputs, deadline, alive))
+        else:
+            outputs = self._run(call, inputs, deadline, alive)
+        return {k: v for k, v in outputs.items() if not output_filter or k in output_filter}
+
+    def admit(
+        self, call: SignatureCall, inputs: dict[str, np.ndarray], output_filter: AbstractSet[str] = frozenset()
+    ) -> None:
+        """The checks a call passes before it runs or joins a batch: the model graph's own (in NumPy), each call
+        on its own, its output filter, and the size of its answer.
+
+        Args:
+            call: the version and signature.
+            inputs: the inputs, already checked against the signature's dtypes and shapes.
+            output_filter: the outputs asked for (empty: all).
+
+        Raises:
+            ServingError: INVALID_ARGUMENT naming the input and the rule or limit; RESOURCE_EXHAUSTED for an
+                answer over ``max_message_bytes``.
+        """
+        request_limits.check_call(inputs, call.vocab_size, self.limits, call.vocabulary)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("Predict: model %s version %d signature %s", call.loaded.name, call.loaded.version, call.name)
         unknown = output_filter - call.output_names
@@ -245,16 +267,11 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
                 f"ask for fewer rows, ids or characters per call",
                 setting="max_message_bytes",
             )
-        if "num_chars" in inputs and int(inputs["num_chars"].max()) > SEGMENT_CHARS:
-            outputs = self._run_in_segments(call, inputs, deadline, alive)
-        else:
-            outputs = self._run(call, inputs, deadline, alive)
-        return {k: v for k, v in outputs.items() if not output_filter or k in output_filter}
 
     def _run(
         self, call: SignatureCall, inputs: dict[str, np.ndarray], deadline: float | None, alive
     ) -> dict[str, np.ndarray]:
-        """Runs one checked call, alone or in a batch; ``ids`` out of ``generate`` keep the call's own length."""
+        """Runs one checked call, alone or in a batch; its outputs cut to the widths it gets alone."""
 
         def caller_waits() -> bool:
             return (alive is None or alive()) and (deadline is None or time.monotonic() < deadline)
@@ -262,7 +279,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         self.ran_at = time.monotonic()
         try:
             if self.batcher is not None and inputs:
-                future = self.batcher.submit(call.loaded, call, inputs, alive=caller_waits)
+                future = self.batcher.submit(call.loaded, call, pad_stops(inputs), alive=caller_waits)
                 try:
                     outputs = future.result(timeout=None if deadline is None else max(deadline - time.monotonic(), 0))
                 except futures.TimeoutError:
@@ -274,65 +291,54 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
                     log.debug("stopped a call before its batch ran: its caller went away")
                     raise ServingError("CANCELLED", "the call was cancelled before its batch ran") from None
             else:
-                outputs = call.run(inputs)
+                outputs = call.run(pad_stops(inputs))
         finally:
             self.ran_at = time.monotonic()
-        if "num_chars" in inputs and "ids" in outputs and outputs["ids"].ndim == 2:
-            outputs["ids"] = outputs["ids"][:, : int(inputs["num_chars"].max())]  # a batch pads to its longest row
-        return outputs
+        return own_outputs(inputs, outputs)  # a batch pads to its longest row and its most alternatives
 
-    def _run_in_segments(
-        self, call: SignatureCall, inputs: dict[str, np.ndarray], deadline: float | None, alive
-    ) -> dict[str, np.ndarray]:
-        """A long generate call as segments of at most ``SEGMENT_CHARS`` characters per row.
+    def generate_segments(
+        self,
+        call: SignatureCall,
+        inputs: dict[str, np.ndarray],
+        deadline: float | None = None,
+        alive=None,
+        size: int = SEGMENT_CHARS,
+    ) -> Iterator[Segment]:
+        """A long generate call as segments of at most ``SEGMENT_CHARS`` characters per row (``segments.segments``).
 
-        Each segment feeds the last character sampled (its states and position carried
-        over), as a session's next call would; the seeded text does not depend on how a
-        call is cut. Between segments the caller is checked: gone, the work stops.
+        Each segment continues the last by the session's rule; rows that end by a stop drop
+        out. Between segments the caller is checked: gone, or past its deadline, the work stops.
+
+        Args:
+            call: the version and signature.
+            inputs: the call's checked inputs.
+            deadline: ``time.monotonic()`` by which the call must end (None: none).
+            alive: tells whether the caller still waits.
+            size: the most characters of a row per segment.
+
+        Yields:
+            Each segment's rows and outputs.
+
+        Raises:
+            ServingError: CANCELLED or DEADLINE_EXCEEDED between segments; the model's errors.
         """
-        remaining = inputs["num_chars"].astype(np.int64)
-        current = {k: v.copy() for k, v in inputs.items()}
-        rows = remaining.shape[0]
-        pieces: list[list] = [[] for _ in range(rows)]
-        text_out = call.text_out
-        state_keys = [k for k in inputs if k not in request_limits.SAMPLING_ROWS and k not in ("prime", "ids")]
-        while remaining.max() > 0:
+
+        def between() -> None:
             if alive is not None and not alive():
                 log.debug("stopped a generate call between segments: its caller went away")
                 raise ServingError("CANCELLED", "the caller went away")
             if deadline is not None and time.monotonic() >= deadline:
                 raise ServingError("DEADLINE_EXCEEDED", "deadline exceeded between segments of a long call")
-            active = np.nonzero(remaining > 0)[0]
-            segment = {k: v[active] for k, v in current.items()}
-            take = np.minimum(remaining[active], SEGMENT_CHARS).astype(np.int32)
-            segment["num_chars"] = take
-            outputs = self._run(call, segment, deadline, alive)
-            last_ids = np.zeros([len(active), 1], np.int32)
-            for j, row in enumerate(active):
-                if text_out:
-                    text = outputs["text"][j]
-                    pieces[row].append(text)
-                    chars = text.decode("utf-8", errors="replace")
-                    if chars:
-                        current["prime"][row] = chars[-1].encode("utf-8")
-                else:
-                    pieces[row].append(outputs["ids"][j, : take[j]])
-                    last_ids[j, 0] = outputs["ids"][j, take[j] - 1]
-                for key in state_keys:
-                    current[key][row] = outputs[key][j]
-            current["position"][active] += take
-            if not text_out:
-                ids = current["ids"] if current["ids"].shape[1] == 1 else np.zeros([rows, 1], np.int32)
-                ids[active] = last_ids
-                current["ids"] = ids
-            remaining[active] -= take
-        result = {key: current[key] for key in state_keys}
-        if text_out:
-            result["text"] = np.array([b"".join(p) for p in pieces], dtype=object)
-        else:
-            width = int(inputs["num_chars"].max())
-            result["ids"] = np.stack([np.pad(np.concatenate(p), (0, width - sum(map(len, p)))) for p in pieces])
-        return result
+
+        assert call.state_names is not None  # only a keras-charrnn model's calls run in segments
+        yield from segments(
+            lambda segment: self._run(call, segment, deadline, alive),
+            inputs,
+            call.state_names,
+            call.vocabulary,
+            between,
+            size,
+        )
 
     def metadata(self, request) -> get_model_metadata_pb2.GetModelMetadataResponse:
         """GetModelMetadata, transport aside (gRPC and REST).
@@ -366,7 +372,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
 
         Returns:
             A ``google.protobuf.Struct`` of numbers: the ``ServingLimits`` fields, ``max_message_bytes``,
-            ``max_concurrent_requests`` (0: no cap) and ``segment_chars``.
+            ``max_concurrent_requests`` (0: no cap), ``max_concurrent_streams`` and ``segment_chars``.
         """
         limits = struct_pb2.Struct()
         limits.update(
@@ -374,6 +380,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
                 **self.limits.advertised(),
                 "max_message_bytes": self.max_message_bytes,
                 "max_concurrent_requests": self.max_concurrent_requests,
+                "max_concurrent_streams": self.max_concurrent_streams,
                 "segment_chars": SEGMENT_CHARS,
             }
         )

@@ -26,6 +26,9 @@ from keras_charrnn.serving.version_loader import LoadedVersion
 
 __all__ = ["SignatureCall", "run_signature", "vocab_size"]
 
+UTF8_TEXT_BYTES = request_limits.UTF8_MAX_BYTES  # a generated character's bytes in ``text``, at most
+SHORT_STRING_BYTES = 16  # a short string output's bytes (``finish_reason``), its framing included
+
 
 class _SignatureFacts:
     """What every Predict call reads from one signature of one loaded version, worked out once.
@@ -197,6 +200,16 @@ class SignatureCall:
         return self.facts.output_names
 
     @property
+    def vocabulary(self) -> tuple[str, ...] | None:
+        """The model's characters in id order, id 0 first (None: not a keras-charrnn model)."""
+        return self.loaded.vocabulary
+
+    @property
+    def state_names(self) -> tuple[str, ...] | None:
+        """The state tensors the model's exported config declares (None: unknown)."""
+        return self.loaded.state_names
+
+    @property
     def text_out(self) -> bool:
         """Whether the signature answers with ``text`` (``generate_text``) rather than ``ids``."""
         return self.facts.text_out
@@ -271,8 +284,9 @@ class SignatureCall:
         """About how many bytes the call's response will take, from the signature's output shapes.
 
         An unknown first dimension is the call's rows; an unknown second one is its ids per row
-        (``step``, ``inspect``) or its largest ``num_chars`` (``generate``); strings count 4 bytes
-        a character.
+        (``step``, ``inspect``) or its largest ``num_chars`` (``generate``); an unknown third one
+        is its largest ``logprobs`` (``top_ids``, ``top_logprobs``). ``text`` counts 4 bytes a
+        character; other strings (``finish_reason``) a few bytes each.
 
         Args:
             inputs: the call's checked inputs.
@@ -287,14 +301,20 @@ class SignatureCall:
         chars = int(inputs["num_chars"].max()) if "num_chars" in inputs and inputs["num_chars"].size else 1
         ids_in = "ids" in inputs and inputs["ids"].ndim == 2 and "num_chars" not in inputs
         length = inputs["ids"].shape[1] if ids_in else chars
+        asked = inputs.get("logprobs")
+        alternatives = max(int(asked.max()), 0) if asked is not None and asked.size else 1
+        unknown = {0: rows, 1: length, 2: alternatives}
         total = 0
         for name, sizes, dtype in self.facts.outputs:
             if output_filter and name not in output_filter:
                 continue
             count = 1
             for axis, size in enumerate(sizes):
-                count *= size if size >= 0 else rows if axis == 0 else length if axis == 1 else 1
-            total += count * (4 * chars if dtype == wire.DT_STRING else request_limits.ITEM_BYTES.get(dtype, 4))
+                count *= size if size >= 0 else unknown.get(axis, 1)
+            if dtype == wire.DT_STRING:
+                total += count * (UTF8_TEXT_BYTES * chars if name == "text" else SHORT_STRING_BYTES)
+            else:
+                total += count * request_limits.ITEM_BYTES.get(dtype, 4)
         return total
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

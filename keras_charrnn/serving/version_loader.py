@@ -7,11 +7,13 @@ folder as TF Serving does (a warm-up record that fails fails the load), and
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import tensorflow as tf
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 
@@ -37,6 +39,8 @@ class LoadedVersion:
     signature_defs: dict  # name -> tensorflow.core.protobuf.meta_graph_pb2.SignatureDef
     xla: bool = True  # XLA JIT on: a signature's XLA twin runs in its place (same outputs, faster)
     must_compile: frozenset = frozenset()  # signatures that need XLA JIT (keras_charrnn.xla)
+    vocabulary: tuple[str, ...] | None = None  # the characters in id order, id 0 first (None: not a charrnn model)
+    state_names: tuple[str, ...] | None = None  # the state tensors its exported config declares (None: unknown)
 
     def signature(self, name: str) -> ServedFunction:
         """The concrete function that answers signature ``name``: its XLA twin when this server runs XLA.
@@ -132,6 +136,7 @@ def load_version(name: str, version: int, path: Path, xla: bool = True) -> Loade
         name, version, path, module, signature_defs, xla, frozenset(must_compile_signatures(serve[0]))
     )
     del meta, serve
+    loaded.vocabulary, loaded.state_names = _model_facts(loaded)
     records = warmup.replay(path, lambda signature, inputs: _warm_up(loaded, signature, inputs))
     log.info(
         "model %s version %d: ran %d warm-up record(s)%s",
@@ -141,6 +146,25 @@ def load_version(name: str, version: int, path: Path, xla: bool = True) -> Loade
         "" if loaded.xla or not xla else " (without XLA: the XLA twins failed)",
     )
     return loaded
+
+
+def _model_facts(loaded: LoadedVersion) -> tuple[tuple[str, ...] | None, tuple[str, ...] | None]:
+    """The vocabulary and state names of a keras-charrnn model, from its ``metadata`` signature (Nones for another)."""
+    if "metadata" not in loaded.signature_defs or "metadata" not in loaded.module.signatures:
+        return None, None
+    try:
+        outputs = loaded.module.signatures["metadata"]()
+        vocabulary = tuple(c.decode("utf-8") for c in np.asarray(outputs["vocabulary"].numpy()).reshape(-1))
+        config = json.loads(np.asarray(outputs["config"].numpy(), dtype=object).reshape(-1)[0].decode("utf-8"))
+        return vocabulary, tuple(str(n) for n in config["state_names"])
+    except (KeyError, TypeError, ValueError, AttributeError, tf.errors.OpError) as exc:
+        log.warning(
+            "model %s version %d: its metadata does not say its vocabulary and states (%s)",
+            loaded.name,
+            loaded.version,
+            exc,
+        )
+        return None, None
 
 
 def _warm_up(loaded: LoadedVersion, signature: str, inputs: dict) -> None:
