@@ -241,7 +241,10 @@ def _write_scores(scored, i, logits, chosen, wanted, alternatives: int):
         return tf.zeros([batch]), tf.zeros([batch, alternatives], tf.int32), tf.zeros([batch, alternatives])
 
     own, top_ids, top_values = tf.cond(tf.reduce_any(wanted), compute, nothing)
+    # Zeros for a row that does not ask: its outputs must not depend on whether a neighbour in its batch asks.
     own = tf.where(wanted, own, 0.0)
+    top_ids = tf.where(wanted[:, None], top_ids, 0)
+    top_values = tf.where(wanted[:, None], top_values, 0.0)
     return (scored[0].write(i, own), scored[1].write(i, top_ids), scored[2].write(i, top_values))
 
 

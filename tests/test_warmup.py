@@ -13,7 +13,7 @@ from tensorflow_serving.apis import prediction_service_pb2_grpc
 
 from conftest import run_cli, write_models_config
 from servers import ServerProcess
-from keras_charrnn import warmup
+from keras_charrnn import generation, warmup
 from keras_charrnn.errors import ConfigError
 from keras_charrnn.export import export_run
 from keras_charrnn.serving.settings import batch_sizes_from_batching_parameters
@@ -36,7 +36,9 @@ def _batch(request):
     return tf.make_ndarray(request.inputs["prime"]).shape[0]
 
 
-def test_export_writes_a_generate_text_record_per_batch_size_the_batching_parameters_allow(trained_runs, tmp_path):
+def test_export_writes_a_record_per_generate_text_signature_and_batch_size_the_batching_parameters_allow(
+    trained_runs, tmp_path
+):
     params = tmp_path / "batching.txt"
     params.write_text("max_batch_size { value: 6 }\nallowed_batch_sizes: 2\nallowed_batch_sizes: 6\n")
     result = run_cli(
@@ -44,28 +46,27 @@ def test_export_writes_a_generate_text_record_per_batch_size_the_batching_parame
     )
     assert result.returncode == 0, result.stderr
     logs = _records(tmp_path / "m" / "1")
-    assert [log.WhichOneof("log_type") for log in logs] == ["predict_log"] * 2
+    assert [log.WhichOneof("log_type") for log in logs] == ["predict_log"] * 4
     requests = [log.predict_log.request for log in logs]
-    assert [(r.model_spec.signature_name, _batch(r)) for r in requests] == [("generate_text", 2), ("generate_text", 6)]
-    assert set(requests[0].inputs) == {
-        "prime",
-        "h_0",
-        "c_0",
-        "h_1",
-        "c_1",
-        "num_chars",
-        "temperature",
-        "top_k",
-        "top_p",
-        "seed",
-        "position",
-    }
+    assert [(r.model_spec.signature_name, _batch(r)) for r in requests] == [
+        ("generate_text", 2),
+        ("generate_text", 6),
+        ("generate_text_v2", 2),
+        ("generate_text_v2", 6),
+    ]
+    plain = {"prime", "h_0", "c_0", "h_1", "c_1", "num_chars", "temperature", "top_k", "top_p", "seed", "position"}
+    assert set(requests[0].inputs) == plain
+    assert set(requests[2].inputs) == plain | {"min_p", "logit_bias", "stop", "stop_tail", "min_chars", "logprobs"}
     assert tf.make_ndarray(requests[1].inputs["h_1"]).shape == (6, 24)
+    v2 = {k: tf.make_ndarray(v) for k, v in requests[3].inputs.items()}  # the table's defaults, stop padded
+    assert v2["stop"].shape == (6, generation.MAX_STOPS) and set(v2["stop"].reshape(-1)) == {b""}
+    assert v2["logprobs"].tolist() == [generation.LOGPROBS_OFF] * 6 and not v2["logit_bias"].any()
+    assert v2["temperature"].tolist() == [pytest.approx(generation.DEFAULT_TEMPERATURE)] * 6
 
 
 def test_warmup_batch_sizes_default_and_from_the_repos_batching_parameters(model_base):
     logs = _records(model_base / "gru" / "1")
-    assert [_batch(log.predict_log.request) for log in logs] == list(warmup.DEFAULT_BATCH_SIZES) == [1, 2, 4, 8]
+    assert [_batch(log.predict_log.request) for log in logs] == list(warmup.DEFAULT_BATCH_SIZES) * 2 == [1, 2, 4, 8] * 2
     assert batch_sizes_from_batching_parameters("serving/batching_parameters.txt") == [1, 2, 4, 8, 16, 32, 64]
     with pytest.raises(ConfigError, match="warmup_batch_sizes"):
         warmup.check_batch_sizes([0, 2], ["generate_text"])
@@ -77,13 +78,17 @@ def test_warmup_xla_adds_the_twins_records(trained_runs, tmp_path):
     path = export_run(trained_runs["rnn"], "m", tmp_path, warmup_batch_sizes=[1, 3], warmup_xla=True)
     assert [
         (log.predict_log.request.model_spec.signature_name, _batch(log.predict_log.request)) for log in _records(path)
-    ] == [("generate_text", 1), ("generate_text", 3), ("generate_text_xla", 1), ("generate_text_xla", 3)]
+    ] == [
+        (signature, batch)
+        for signature in ("generate_text", "generate_text_v2", "generate_text_xla", "generate_text_v2_xla")
+        for batch in (1, 3)
+    ]
 
 
 def test_every_record_replays_through_a_real_servers_grpc_predict(model_base, server_process):
     logs = _records(model_base / "lstm" / "1")
     server = server_process  # the session's server: it serves model_base/lstm too, and is only called here
-    server.wait_for_log(r"model lstm version 1: ran 4 warm-up record\(s\)", timeout=5)
+    server.wait_for_log(r"model lstm version 1: ran 8 warm-up record\(s\)", timeout=5)
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
         for log in logs:
