@@ -230,8 +230,11 @@ class CharRNNModule(tf.Module):
             stop_checks, controls = generation_graph.controls_of(rows, self._encode, self.vocab_size)
         with tf.control_dependencies(checks + stop_checks):  # nothing runs before the inputs pass the checks
             ids, lengths = tf.identity(ids), tf.identity(lengths)
-        _, logits, states = self._feed(ids, lengths, flat_states)
-        args = (rows["num_chars"], logits, states, {k: rows[k] for k in SAMPLING_KEYS}, controls)
+        # The input's last character is fed inside the loop, by the step that feeds every sampled character
+        # (``generation_graph.sample_loop``): calls that continue from it compute what one longer call does.
+        sampling = {k: rows[k] for k in SAMPLING_KEYS}
+        _, _, states = self._feed(ids, lengths - 1, flat_states)
+        args = (rows["num_chars"], tf.gather(ids, lengths - 1, batch_dims=1), states, sampling, controls)
         result = self._sample_loop_xla_rows(*args) if xla else self._sample_loop(*args)
         n = tf.reduce_max(rows["num_chars"])
         valid = tf.range(n)[None, :] < result["num_generated"][:, None]
@@ -263,10 +266,8 @@ class CharRNNModule(tf.Module):
         dtype = tf.string if spec.dtype == "object" else tf.as_dtype(spec.dtype)
         return tf.TensorSpec([None] + [dims[d] for d in spec.row_shape], dtype, name=spec.name)
 
-    def _sample_loop_impl(self, num_chars, logits, states, rows, controls):
-        return generation_graph.sample_loop(
-            self._step_one, num_chars, logits, states, rows, controls, self.alternatives
-        )
+    def _sample_loop_impl(self, num_chars, last, states, rows, controls):
+        return generation_graph.sample_loop(self._step_one, num_chars, last, states, rows, controls, self.alternatives)
 
     # ----- text <-> ids inside the graph ------------------------------------------------------
 

@@ -138,19 +138,24 @@ def _right_aligned(ids: tf.Tensor, lengths: tf.Tensor, fill: int, places: int, l
 def sample_loop(
     step_one: Callable,
     num_chars: tf.Tensor,
-    logits: tf.Tensor,
+    last: tf.Tensor,
     states: list,
     rows: Mapping[str, tf.Tensor],
     controls: Mapping[str, tf.Tensor] | None,
     alternatives: int,
 ) -> dict:
-    """Samples up to ``num_chars[b]`` ids per row after the input has been fed.
+    """Feeds each row's last input id, then samples up to ``num_chars[b]`` ids per row.
+
+    Every id the loop feeds, the input's last one and each sampled one but a row's last, goes
+    through the same ``step_one`` at the top of the loop's body: a call that continues from a
+    row's last character computes bit for bit what one longer call computes, however a
+    session's calls (or the server's segments) are cut, and under XLA as in the plain graph.
 
     Args:
         step_one: ``(ids [B], states) -> (logits [B, V], states)``, the model one character on.
         num_chars: int32 [B].
-        logits: float32 [B, V] after each row's input.
-        states: the states after each row's input.
+        last: int32 [B], each row's last input id (not fed yet).
+        states: the states after each row's input but its last id.
         rows: ``temperature``, ``top_k``, ``top_p``, ``seed``, ``position`` [B].
         controls: None for 0.2's signatures (nothing else is traced); else ``min_p`` [B],
             ``bias`` [B, V], ``stops`` [B, S, L], ``history`` [B, L], ``min_chars`` [B],
@@ -191,15 +196,15 @@ def sample_loop(
         out = out.write(i, chosen)
         return chosen, alive & ~matched, (done | matched, length, stop_index, history, out, scored)
 
-    def body(i, logits, states, carry):
-        chosen, going, carry = pick(i, logits, carry)
-        new_logits, new_states = step_one(chosen, states)
-        feeding = (going & (i < num_chars - 1))[:, None]  # a row stops before feeding its last character
-        states = [tf.where(feeding, new, old) for new, old in zip(new_states, states)]
-        return i + 1, new_logits, states, carry
+    def body(i, prev, states, carry):
+        going = ~carry[0] & (i < num_chars)  # rows still sampling: they feed what came before
+        logits, new_states = step_one(prev, states)
+        states = [tf.where(going[:, None], new, old) for new, old in zip(new_states, states)]
+        chosen, _, carry = pick(i, logits, carry)
+        return i + 1, chosen, states, carry
 
-    def more(i, logits, states, carry):
-        return (i < n - 1) & tf.reduce_any(~carry[0] & (i < num_chars))
+    def more(i, prev, states, carry):
+        return (i < n) & tf.reduce_any(~carry[0] & (i < num_chars))
 
     empty_scores = (
         tf.TensorArray(tf.float32, size=MAX_CHARS_PER_CALL),
@@ -215,8 +220,7 @@ def sample_loop(
         tf.TensorArray(tf.int32, size=MAX_CHARS_PER_CALL),  # a fixed size: XLA compiles once
         empty_scores if controls is not None else (),
     )
-    i, logits, states, carry = tf.while_loop(more, body, (tf.constant(0), logits, states, carry))
-    _, _, carry = pick(i, logits, carry)  # the last character is chosen, never fed
+    _, _, states, carry = tf.while_loop(more, body, (tf.constant(0), last, states, carry))
     _, length, stop_index, _, out, scored = carry
     result = {"ids": tf.transpose(out.stack()), "states": states, "num_generated": length, "stop_index": stop_index}
     if controls is not None:

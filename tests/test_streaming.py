@@ -77,9 +77,12 @@ def test_a_stream_equals_unary_calls_of_its_chunk_byte_for_byte(request, stream_
             assert streamed.position == unary.position
             for name, value in _states(unary).items():
                 assert np.array_equal(streamed.states[name], value), (chunk, name)
-        # ... and the text of one unary call of the whole length (its states agree to float32 rounding)
+        # ... and one unary call of the whole length, bit for bit too
         whole = _session(client, stop=stop)
-        assert whole.generate(600) == text
+        assert whole.complete(600, logprobs=2).logprobs == [v for p in pieces for v in p.logprobs]
+        assert whole.last.text == text and whole.position == streamed.position
+        for name, value in _states(whole).items():
+            assert np.array_equal(streamed.states[name], value), name
 
 
 def test_sse_streams_the_segments_and_a_done_event_equal_to_the_grpc_stream(stream_server):

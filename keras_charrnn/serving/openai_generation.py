@@ -2,10 +2,9 @@
 
 ``Generation`` builds the ``generate_text_v2`` inputs of every row (``n`` per prompt, choice ``i``
 seeded ``generation.sample_seed(seed, i)``, from a zero state or a continuation's ``Start``),
-checks them by the generation table's rules, runs them through
-``PredictionServicer.predict_arrays`` (the gRPC path's limits, checks and batching) in
-segments of ``SEGMENT_CHARS`` characters carried by ``generation.continue_rows``, and keeps
-each row's ``Completion``. ``echo`` with ``logprobs`` scores the prompt with ``step``.
+checks them by the generation table's rules, runs them as one call through the Predict
+service's segments (``streaming.stream_outputs``: the gRPC path's limits, checks, batching and
+segments), and keeps each row's ``Completion``. ``echo`` with ``logprobs`` scores the prompt with ``step``.
 """
 
 from __future__ import annotations
@@ -36,6 +35,7 @@ from keras_charrnn.generation import (
 )
 from keras_charrnn.serving.openai_schema import ApiError, CompletionRequest
 from keras_charrnn.serving.servicers import SEGMENT_CHARS, PredictionServicer
+from keras_charrnn.serving.streaming import DEFAULT_STREAM_SEGMENT, stream_outputs
 from keras_charrnn.serving.signature_runner import SignatureCall
 from keras_charrnn.serving.version_loader import LoadedVersion
 
@@ -223,27 +223,36 @@ class Generation:
         return left
 
     def segments(self) -> Iterator[list[int]]:
-        """Generates the rows in calls of at most ``SEGMENT_CHARS`` characters; yields the rows each call moved.
+        """Generates the rows through the Predict service's own segments; yields the rows each segment moved.
 
-        Each call goes through ``predict_arrays`` (the gRPC path's checks, limits and batching);
-        the next one continues by ``generation.continue_rows``; a row that met a stop leaves.
+        The call runs as a stream (``streaming.stream_outputs``: the gRPC path's checks, limits,
+        batching and segments, a segment per model run); each row's ``Completion`` grows by its
+        segments, and its continuation (states, next prime, position, stop tail) follows
+        ``generation.continue_rows``.
         """
-        current, active, left = self.inputs, np.arange(self.request.rows), self.request.max_tokens
+        current = dict(self.inputs)
         vocabulary, states = list(self.facts.vocabulary), list(self.facts.state_names)
-        while left > 0 and active.size:
-            take = min(left, SEGMENT_CHARS)
-            current["num_chars"] = np.full(active.size, take, np.int32)
-            outputs = self.prediction.predict_arrays(self.call, current, timeout=self._time_left())
-            results = completions(outputs, current, vocabulary)
-            following = continue_rows(current, outputs, states)
-            for j, row in enumerate(active):
-                self.acc[row] = self.acc[row].extend(results[j])
-                self.carry[row] = {k: following[k][j] for k in ("prime", "position", "stop_tail", *states)}
-            yield [int(r) for r in active]
-            keep = [j for j, result in enumerate(results) if result.finish_reason != "stop"]
+        size = DEFAULT_STREAM_SEGMENT if self.request.stream else SEGMENT_CHARS
+        left, active = self.request.max_tokens, np.arange(self.request.rows)
+        while left > 0 and active.size:  # calls of at most the server's max_chars_per_call, as a session makes
+            take = min(left, self.prediction.limits.max_chars_per_call)
+            call = {k: v[active] for k, v in current.items()}
+            call["num_chars"] = np.full(active.size, take, np.int32)
+            inputs = self.call.check_arrays(call, self.prediction.limits)
+            for outputs in stream_outputs(self.prediction, self.call, inputs, set(), self.deadline, None, size):
+                rows = active[outputs["row_index"]]
+                before = {k: v[rows] for k, v in current.items()}
+                results = completions(outputs, before, vocabulary)
+                following = continue_rows(before, outputs, states)
+                for j, row in enumerate(rows):
+                    self.acc[row] = self.acc[row].extend(results[j])
+                    self.carry[row] = {k: following[k][j] for k in ("prime", "position", "stop_tail", *states)}
+                    for key, value in following.items():
+                        if key != "num_chars":
+                            current[key][row] = value[j]
+                yield [int(r) for r in rows]
             left -= take
-            active = active[keep]
-            current = {k: v[keep] for k, v in following.items()}
+            active = np.array([r for r in active if self.acc[r].finish_reason != "stop"], np.int64)
 
     def finished(self, row: int) -> bool:
         """Whether a row is done: a stop matched or its ``max_tokens`` reached."""
