@@ -3,8 +3,22 @@
 Two ``charrnn serve --enable_batching`` replicas on loopback, each on its own
 copy of the model's base path (so their versions can differ), and
 ``--sessions`` client threads sharing one ``SamplingClient`` for ``--minutes``.
-Each session has its own prime, seed and temperature and makes 4 to 12 calls of
-8 or 64 characters. Faults, at fractions of the run:
+Each session has its own prime, seed and temperature and is one of these kinds
+(plain twice as often as each other):
+
+- plain: 4 to 12 ``generate`` calls of 8 or 64 characters;
+- stops: the same with stop strings (``stop=``), each call's text, finish reason and
+  matched stop kept (sometimes with the stop stripped);
+- scores: 4 to 12 ``complete(n, logprobs=0, 2 or 5)`` calls, each character's
+  log-probability and top alternatives kept (sometimes with stops);
+- samples: ``Session.samples`` of 2 to 4 rows (sometimes with stops and scores),
+  then one sample's own session continued by 1 to 4 ``generate`` calls;
+- streams: 1 to 3 ``Session.stream`` calls of 64 to 600 characters in 16- or
+  64-character pieces over the server's stream (``GenerationStream``; falling back to
+  unary calls if a stream breaks), sometimes with stops.
+
+Stops, scores and samples need ``generate_text_v2``; on a model without it only
+plain and stream sessions (without stops) run. Faults, at fractions of the run:
 
 - 25%: SIGKILL of replica 0, restarted at once on the same port;
 - 45%: version 2 (a copy of version 1) copied into replica 1's base path, as ``cp -r`` does;
@@ -15,11 +29,12 @@ Each session has its own prime, seed and temperature and makes 4 to 12 calls of
 
 Afterwards a seeded random sample of ``--replay`` finished sessions (all of
 them when fewer finished) is replayed in this process (``keras_charrnn.load``:
-same prime, seed, temperature and chunks) and compared byte for byte, so the
-bench ends in bounded time. The report (printed, and written to BENCHMARKS.md
+same prime, seed, temperature, stops and calls) and compared: texts, finish
+reasons and matched stops byte for byte, scores within ``SCORE_TOLERANCE``; so
+the bench ends in bounded time. The report (printed, and written to BENCHMARKS.md
 unless ``--print-only``) gives per window characters/s, p50/p99 call latency
 and errors by status code, the sessions finished/failed, how many were replayed
-and whether they were identical, and each server process's RSS.
+and whether they were identical (per kind of session), and each server process's RSS.
 
     python bench/soak.py [--minutes 10] [--sessions 24] [--replay 300] [--model saved_models/shakespeare]
                          [--print-only]
@@ -71,6 +86,10 @@ FAULTS = (
     (0.45, "version 2 copied into replica 1"),
     (0.65, "corrupt version 3 into replica 0"),
 )
+KINDS = ("plain", "plain", "stops", "scores", "samples", "stream")
+CONTROLLED = {"stops", "scores", "samples"}  # kinds that need generate_text_v2
+STOPS = ("\n", "\n\n", ", ", "the", ("e", "o"), (":\n", "!"))
+SCORE_TOLERANCE = 1e-4  # the most a score (a natural-log probability) may differ from in-process
 MALFORMED = ("negative_dimension", "claims_too_much", "temperature_-1", "wrong_dtype", "caller_gives_up")
 
 
@@ -88,9 +107,90 @@ class SessionRecord:
     seed: int
     temperature: float
     chunks: list[int]
-    text: str = ""
+    kind: str = "plain"
+    stop: str | tuple[str, ...] | None = None
+    logprobs: int = -1  # scores: -1 none, else the top alternatives asked for
+    strip: bool = False  # stops: generate(n, strip_stop=True)
+    rows: int = 0  # samples: how many
+    follow: int = 0  # samples: which sample's session continues
+    piece: int = 64  # streams: characters per piece
+    outputs: list = field(default_factory=list)  # what each call gave (compared with the in-process replay)
     version: int | None = None
     error: str | None = None  # the status code name of a failed session
+
+
+def new_record(rng: random.Random, seed: int, controlled: bool) -> SessionRecord:
+    """A session of a random kind (only plain and stream ones without stops when ``controlled`` is false)."""
+    kind = rng.choice([k for k in KINDS if controlled or k not in CONTROLLED])
+    record = SessionRecord(rng.choice(PRIMES), seed, rng.choice([0.5, 0.8, 1.0]), [], kind)
+    maybe_stop = lambda p: rng.choice(STOPS) if controlled and rng.random() < p else None  # noqa: E731
+    if kind in ("plain", "stops", "scores"):
+        record.chunks = [rng.choice([8, 8, 64]) for _ in range(rng.randint(4, 12))]
+        record.stop = rng.choice(STOPS) if kind == "stops" else maybe_stop(0.3) if kind == "scores" else None
+        record.strip = kind == "stops" and rng.random() < 0.3
+        record.logprobs = rng.choice([0, 2, 5]) if kind == "scores" else -1
+    elif kind == "samples":
+        record.rows = rng.randint(2, 4)
+        record.follow = rng.randrange(record.rows)
+        record.chunks = [rng.choice([8, 64])] + [rng.choice([8, 64]) for _ in range(rng.randint(1, 4))]
+        record.stop = maybe_stop(0.5)
+        record.logprobs = rng.choice([-1, -1, 0, 3])
+    else:  # stream
+        record.chunks = [rng.choice([64, 256, 600]) for _ in range(rng.randint(1, 3))]
+        record.piece = rng.choice([16, 64])
+        record.stop = maybe_stop(0.3)
+    return record
+
+
+def completion_output(c) -> tuple:
+    return (c.text, c.finish_reason, c.stop, c.logprobs, c.top_logprobs)
+
+
+def run_session(record: SessionRecord, session, on_call=None) -> list:
+    """Runs ``record``'s calls on ``session`` (over gRPC or in-process); returns what each gave.
+
+    ``on_call(chars)`` is called after each call (the soak's latency records)."""
+    outputs = []
+    done = on_call or (lambda chars: None)
+    if record.kind in ("plain", "stops"):
+        for n in record.chunks:
+            text = session.generate(n, strip_stop=record.strip)
+            last = session.last
+            outputs.append(text if record.kind == "plain" else (text, last.finish_reason, last.stop))
+            done(len(text))
+    elif record.kind == "scores":
+        for n in record.chunks:
+            c = session.complete(n, record.logprobs)
+            outputs.append(completion_output(c))
+            done(c.num_chars)
+    elif record.kind == "samples":
+        samples = session.samples(record.rows, record.chunks[0], record.logprobs)
+        outputs.append([completion_output(c) for c in samples])
+        done(sum(c.num_chars for c in samples))
+        follow = samples[record.follow].session
+        for n in record.chunks[1:]:
+            text = follow.generate(n)
+            outputs.append(text)
+            done(len(text))
+    else:  # stream: the pieces' text (its cut into pieces may differ after a broken stream; the text may not)
+        for n in record.chunks:
+            text = "".join(session.stream(n, record.piece))
+            outputs.append((text, session.last.finish_reason if session.last else None))
+            done(len(text))
+    return outputs
+
+
+def compare(got, want, worst: list[float]) -> bool:
+    """Whether ``got`` is ``want``: strings and the rest exactly, floats (scores) within ``SCORE_TOLERANCE``;
+    the largest score difference seen goes into ``worst[0]``."""
+    if isinstance(want, float) and isinstance(got, float):
+        worst[0] = max(worst[0], abs(got - want))
+        return abs(got - want) <= SCORE_TOLERANCE
+    if isinstance(want, (list, tuple)) and isinstance(got, (list, tuple)):
+        return len(got) == len(want) and all([compare(g, w, worst) for g, w in zip(got, want)])
+    if isinstance(want, dict) and isinstance(got, dict):
+        return got.keys() == want.keys() and all([compare(got[k], want[k], worst) for k in want])
+    return got == want
 
 
 @dataclass
@@ -104,8 +204,8 @@ class Process:
 
 
 class Replica:
-    def __init__(self, index: int, base: Path, batching: Path, clock):
-        self.index, self.base, self.batching, self.clock = index, base, batching, clock
+    def __init__(self, index: int, base: Path, batching: Path, clock, streams: int = 16):
+        self.index, self.base, self.batching, self.clock, self.streams = index, base, batching, clock, streams
         self.port = 0
         self.processes: list[Process] = []
         self.server = self._start()
@@ -122,6 +222,8 @@ class Replica:
                 self.batching,
                 "--file_system_poll_wait_seconds",
                 "1",
+                "--max_concurrent_streams",
+                self.streams,
                 "--port",
                 self.port,
             ]
@@ -228,7 +330,7 @@ def main() -> None:
     replicas = []
     for index in range(2):
         shutil.copytree(first, tmp / f"replica{index}" / MODEL / "1")
-        replicas.append(Replica(index, tmp / f"replica{index}", batching, clock))
+        replicas.append(Replica(index, tmp / f"replica{index}", batching, clock, max(16, args.sessions)))
     print(f"replicas ready on ports {[r.port for r in replicas]} after {clock():.1f} s", flush=True)
 
     client = SamplingClient([r.target for r in replicas], timeout=90, retries=30)
@@ -247,29 +349,30 @@ def main() -> None:
         rng = random.Random(worker)
         k = 0
         while clock() < stop_at:
-            record = SessionRecord(
-                rng.choice(PRIMES),
-                worker * 1_000_000 + k,
-                rng.choice([0.5, 0.8, 1.0]),
-                [rng.choice([8, 8, 64]) for _ in range(rng.randint(4, 12))],
-            )
+            record = new_record(rng, worker * 1_000_000 + k, info.controlled)
             k += 1
+            t = clock()
+
+            def on_call(chars: int) -> None:
+                nonlocal t
+                with lock:
+                    calls.append(Call(clock(), clock() - t, chars))
+                t = clock()
+
             try:
-                session = client.session(MODEL, prime=record.prime, temperature=record.temperature, seed=record.seed)
-                for n in record.chunks:
-                    t = clock()
-                    try:
-                        record.text += session.generate(n)
-                    except CharRNNError as exc:
-                        with lock:
-                            calls.append(Call(clock(), clock() - t, 0, getattr(exc, "code", type(exc).__name__)))
-                        raise
+                session = client.session(
+                    MODEL, prime=record.prime, temperature=record.temperature, seed=record.seed, stop=record.stop or ()
+                )
+                try:
+                    record.outputs = run_session(record, session, on_call)
+                except CharRNNError as exc:
                     with lock:
-                        calls.append(Call(clock(), clock() - t, n))
+                        calls.append(Call(clock(), clock() - t, 0, getattr(exc, "code", type(exc).__name__)))
+                    raise
                 record.version = session.version
             except CharRNNError as exc:
                 record.error = getattr(exc, "code", type(exc).__name__)
-                print(f"session {worker}/{k} failed: {exc}", flush=True)
+                print(f"session {worker}/{k} ({record.kind}) failed: {exc}", flush=True)
             with lock:
                 records.append(record)
 
@@ -349,10 +452,17 @@ def main() -> None:
     model = load(first)
     failed = Counter(f"failed ({r.error})" for r in records if r.error is not None)
     replayed = Counter()
+    by_kind: dict[str, Counter] = {kind: Counter() for kind in dict.fromkeys(KINDS)}
+    worst = [0.0]  # the largest score difference from in-process
+    for record in records:
+        by_kind[record.kind]["run"] += 1
+        by_kind[record.kind]["failed" if record.error else "finished"] += 1
     for record in sample:
-        local = model.session(record.prime, temperature=record.temperature, seed=record.seed)
-        expected = "".join(local.generate(n) for n in record.chunks)
-        replayed["identical" if expected == record.text else "mismatched"] += 1
+        local = model.session(record.prime, temperature=record.temperature, seed=record.seed, stop=record.stop or ())
+        verdict = "identical" if compare(record.outputs, run_session(record, local), worst) else "mismatched"
+        replayed[verdict] += 1
+        by_kind[record.kind][verdict] += 1
+        by_kind[record.kind]["replayed"] += 1
     versions = Counter(r.version for r in finished)
 
     # ----- report ----------------------------------------------------------------------------
@@ -382,7 +492,7 @@ def main() -> None:
             f"{counts(bad)} | {happened} |"
         )
         w0 = w1
-    by_kind = Counter(f"{kind}: {code}" for _, kind, code in malformed)
+    malformed_kinds = Counter(f"{kind}: {code}" for _, kind, code in malformed)
     settle = max(20.0, 0.1 * duration)  # the baseline: this long after a process is ready (warm-up allocations)
     rss_rows = [
         f"| server process | RSS at start (MB) | after {settle:.0f} s (MB) | peak (MB) | end (MB) | growth "
@@ -409,6 +519,14 @@ def main() -> None:
                 f"{mb(max(r for _, r in process.rss)):.0f}"
                 f" | {mb(last):.0f} | {mb(last - settled):+.0f} |"
             )
+    kind_rows = [
+        "| kind | sessions run | finished | failed | replayed | identical | mismatched |",
+        "|---|---|---|---|---|---|---|",
+    ] + [
+        f"| {kind} | {c['run']} | {c['finished']} | {c['failed']} | {c['replayed']} | {c['identical']} | "
+        f"{c['mismatched']} |"
+        for kind, c in by_kind.items()
+    ]
     lost = sum(failed.values())
     mismatched = replayed["mismatched"]
     replay_line = (
@@ -421,23 +539,30 @@ def main() -> None:
         )
     )
     body = (
-        "## Soak (issue 9)\n\n"
+        "## Soak (issues 9, 24, 25)\n\n"
         f"`python bench/soak.py --minutes {args.minutes:g} --sessions {args.sessions} --replay {args.replay}`: two "
         f"replicas of "
         f"`{source.name}` (`charrnn serve --enable_batching`, `serving/batching_parameters.txt`) on loopback, "
-        f"{args.sessions} sessions (threads sharing one `SamplingClient`, timeout 90 s), each 4-12 calls of 8 or 64 "
-        "characters, for "
+        f"{args.sessions} sessions (threads sharing one `SamplingClient`, timeout 90 s), each of one kind: plain "
+        "(4-12 `generate` calls of 8 or 64 characters), stops (the same with stop strings), scores (4-12 "
+        "`complete` calls with logprobs 0, 2 or 5), samples (`Session.samples` of 2-4 rows, then one sample's "
+        "session continued) or streams (1-3 `Session.stream` calls of 64-600 characters in 16- or 64-character "
+        "pieces over the server's stream), for "
         f"{end - start:.0f} s; faults at 25% (SIGKILL + restart of replica 0), 45% (version 2 copied into replica 1), "
         f"65% (corrupt version 3 into replica 0; each fault waits for the one before, restart included), and a "
         f"malformed request every {args.malformed_every:g} s. "
         f"A seeded random sample of up to {args.replay} finished sessions (all of them when fewer) is replayed "
-        "in-process with the same prime, seed and chunks.\n\n"
+        "in-process with the same prime, seed, stops and calls: texts, finish reasons and matched stops byte for "
+        f"byte, scores within {SCORE_TOLERANCE:g}.\n\n"
         + "\n".join(rows)
         + f"\n\nSessions: {len(records)} run, {len(finished)} finished"
         + "".join(f", {v} {k}" for k, v in sorted(failed.items()))
         + f"; {replay_line}; finished by version: "
         + ", ".join(f"v{k} {v}" for k, v in sorted(versions.items()))
-        + f".\n\nMalformed requests: {counts(by_kind)}.\n\n"
+        + ".\n\n"
+        + "\n".join(kind_rows)
+        + f"\n\nLargest score difference from in-process: {worst[0]:.2g}."
+        + f"\n\nMalformed requests: {counts(malformed_kinds)}.\n\n"
         + "\n".join(rss_rows)
         + "\n\nGoals: no honest session lost or mismatched: "
         + ("met" if lost == 0 and mismatched == 0 else f"NOT met ({lost} lost, {mismatched} mismatched)")

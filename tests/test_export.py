@@ -384,7 +384,16 @@ def test_metadata_signature_describes_the_model(model_base):
 
 # ----- serving on a stock tensorflow_model_server: XLA only in the twins -----------------------
 
-DEFAULT_SIGNATURES = ("serving_default", "generate_text", "generate", "step", "inspect", "metadata")
+DEFAULT_SIGNATURES = (
+    "serving_default",
+    "generate_text",
+    "generate",
+    "generate_text_v2",
+    "generate_v2",
+    "step",
+    "inspect",
+    "metadata",
+)
 
 
 def _meta_graph(version_dir):
@@ -399,9 +408,10 @@ def test_nothing_the_default_signatures_reach_is_marked_must_compile(model_dir, 
     for name in DEFAULT_SIGNATURES:
         assert reachable_functions(graph, name), name  # the walk starts from the signature's call
         assert must_compile_functions(graph, name) == set(), name
-    for twin in ("generate_xla", "generate_text_xla"):
+    twins = ("generate_xla", "generate_text_xla", "generate_v2_xla", "generate_text_v2_xla")
+    for twin in twins:
         assert must_compile_functions(graph, twin), twin  # the walk does find XLA where it is
-    assert {"generate_xla", "generate_text_xla"} <= set(graph.signature_def)
+    assert set(twins) <= set(graph.signature_def)
 
 
 @pytest.mark.parametrize("cell", ALL_CELLS)

@@ -7,10 +7,14 @@ import html
 import http.client
 import json
 import math
+import os
 import re
 import shutil
 import socket
 import subprocess
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import grpc
@@ -24,6 +28,7 @@ from keras_charrnn import load
 from keras_charrnn.errors import ServingError
 from keras_charrnn.serving.limits import ServingLimits
 from keras_charrnn.serving.rest import error_reply
+from keras_charrnn.serving.streaming import DEFAULT_STREAM_SEGMENT
 from servers import ServerProcess, free_ports, http_call
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
@@ -338,24 +343,74 @@ def test_each_error_code_maps_to_tf_serving_http_status(code, status):
 # ----- the playground ---------------------------------------------------------------------
 
 
-def _playground_dom(url: str, tmp_path, query: str) -> str:
-    result = subprocess.run(
-        [
-            CHROMIUM,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--virtual-time-budget=60000",
-            f"--user-data-dir={tmp_path / 'chrome'}",
-            "--dump-dom",
-            f"{url}/playground?{query}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=180,
+def _playground_dom(url: str, tmp_path, query: str, timeout: float = 180.0) -> str:
+    """The playground's DOM once its ``auto=N`` presses are done: headless Chromium driven over
+    ``--remote-debugging-pipe`` (``--virtual-time-budget`` does not wait for a streamed body: its clock runs on
+    once a reply's headers are in, so a ``:stream`` answer would be dumped unread)."""
+    to_chrome, chrome_reads = os.pipe()
+    chrome_writes, from_chrome = os.pipe()
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--remote-debugging-pipe",
+        f"--user-data-dir={tmp_path / 'chrome'}",
+    ]
+    proc = subprocess.Popen(  # the DevTools pipe is fd 3 (commands in) and fd 4 (answers out) of Chromium
+        ["bash", "-c", f'exec "$0" "$@" 3<&{chrome_reads} 4>&{chrome_writes}', CHROMIUM, *flags, "about:blank"],
+        pass_fds=(chrome_reads, chrome_writes),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result.stdout
+    os.close(chrome_reads)
+    os.close(chrome_writes)
+    received = b""
+    counter = iter(range(1, 1 << 30))
+
+    def command(method: str, session: str | None = None, **params):
+        nonlocal received
+        message = {
+            "id": next(counter),
+            "method": method,
+            "params": params,
+            **({"sessionId": session} if session else {}),
+        }
+        os.write(to_chrome, json.dumps(message).encode() + b"\0")
+        while True:
+            while b"\0" not in received:
+                chunk = os.read(from_chrome, 1 << 16)
+                assert chunk, "Chromium closed its DevTools pipe"
+                received += chunk
+            raw, received = received.split(b"\0", 1)
+            answer = json.loads(raw)
+            if answer.get("id") == message["id"]:
+                assert "error" not in answer, answer
+                return answer["result"]
+
+    def evaluate(session: str, expression: str):
+        return command("Runtime.evaluate", session, expression=expression, returnByValue=True)["result"].get("value")
+
+    try:
+        target = command("Target.createTarget", url=f"{url}/playground?{query}")["targetId"]
+        session = command("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        presses = re.search(r"(?:^|&)auto=(\d+)", query).group(1)
+        deadline = time.monotonic() + timeout
+        while evaluate(session, "document.body ? document.body.dataset.autoDone || '' : ''") != presses:
+            assert time.monotonic() < deadline, f"the playground did not finish its {presses} presses"
+            time.sleep(0.1)
+        return evaluate(session, "document.documentElement.outerHTML")
+    finally:
+        try:
+            command("Browser.close")
+        except (AssertionError, OSError):
+            pass
+        os.close(to_chrome)
+        os.close(from_chrome)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def _element_text(dom: str, element_id: str) -> str:
@@ -367,18 +422,127 @@ def _element_text(dom: str, element_id: str) -> str:
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium package")
 def test_playground_continue_grows_the_text_as_the_in_process_session_does(rest, lstm, tmp_path):
     url, _ = rest
-    query = "model=lstm&prime=the%20lazy%20&seed=5&temperature=0.8&top_k=0&top_p=1&num_chars=30"
+    n = 150  # three segments of a :stream call (64 + 64 + 22 characters), each shown as it arrives
+    query = f"model=lstm&prime=the%20lazy%20&seed=5&temperature=0.8&top_k=0&top_p=1&num_chars={n}"
     once = _playground_dom(url, tmp_path, query + "&auto=1")
     twice = _playground_dom(url, tmp_path, query + "&auto=2")
     assert 'data-auto-done="2"' in twice and _element_text(twice, "error") == ""
     first, second = _element_text(once, "generated"), _element_text(twice, "generated")
-    assert len(first) == 30 and len(second) == 60 and second.startswith(first)
+    assert len(first) == n and len(second) == 2 * n and second.startswith(first)
     session = lstm.session("the lazy ", seed=5, **SAMPLING)
-    assert second == session.generate(30) + session.generate(30)
+    calls = [session.complete(n), session.complete(n)]  # the second call continues the first's states
+    assert second == calls[0].text + calls[1].text
+    segments = -(-n // DEFAULT_STREAM_SEGMENT)
+    assert _calls(twice) == [(c.finish_reason, "stream", segments) for c in calls]
     assert _element_text(twice, "prime-text") == "the lazy "
     info = _element_text(twice, "info")
-    assert "lstm version 1" in info and "position 60" in info and "seed 5" in info
+    assert "lstm version 1" in info and f"position {2 * n}" in info and "seed 5" in info
     assert "http://" not in twice and "https://" not in twice  # the page loads nothing from elsewhere
+
+
+def _calls(dom: str) -> list[tuple[str, str, int]]:
+    """The playground's list of calls: (finish reason, transport, segments) of each."""
+    found = re.findall(r'<li data-finish-reason="(\w+)" data-transport="(\w+)" data-segments="(\d+)"', dom)
+    return [(reason, transport, int(segments)) for reason, transport, segments in found]
+
+
+class _Proxy(ThreadingHTTPServer):
+    """An HTTP front for the REST port that has no ``:stream`` (answers ``missing``, 404 or 501) or, with
+    ``missing=None``, breaks the first stream after its first event."""
+
+    daemon_threads = True
+
+    def __init__(self, upstream: str, missing: int | None):
+        self.upstream = upstream.removeprefix("http://")
+        self.missing = missing
+        self.streams = 0
+        super().__init__(("127.0.0.1", 0), _ProxyHandler)
+
+
+class _ProxyHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Proxy
+
+    def log_message(self, format, *args):  # noqa: A002  (the base class's name)
+        pass
+
+    def do_GET(self):  # noqa: N802  (the base class's name)
+        self._forward()
+
+    def do_POST(self):  # noqa: N802
+        self._forward()
+
+    def _forward(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        stream = self.path.endswith(":stream")
+        if stream and self.server.missing:
+            self._reply(self.server.missing, "application/json", b'{"error": "no :stream here"}')
+            return
+        connection = http.client.HTTPConnection(self.server.upstream, timeout=120)
+        connection.request(self.command, self.path, body or None, {"Content-Type": "application/json"})
+        reply = connection.getresponse()
+        data = reply.read()
+        connection.close()
+        self.server.streams += stream
+        if stream and self.server.streams == 1:  # the first stream breaks after one segment: no done event
+            self.close_connection = True
+            self.send_response(reply.status)
+            self.send_header("Content-Type", reply.getheader("Content-Type"))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(data.split(b"\n\n", 1)[0] + b"\n\n")
+            return
+        self._reply(reply.status, reply.getheader("Content-Type"), data)
+
+    def _reply(self, status: int, content_type: str, data: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@pytest.fixture
+def proxy(rest, request):
+    url, _ = rest
+    server = _Proxy(url, request.param)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium package")
+@pytest.mark.parametrize("proxy", [404, 501], indirect=True)
+def test_playground_without_a_stream_continues_over_predict_with_the_same_text(proxy, lstm, tmp_path):
+    query = "model=lstm&prime=the%20lazy%20&seed=5&temperature=0.8&top_k=0&top_p=1&num_chars=100&auto=2"
+    dom = _playground_dom(proxy[0], tmp_path, query)
+    assert _element_text(dom, "error") == ""
+    session = lstm.session("the lazy ", seed=5, **SAMPLING)
+    calls = [session.complete(100), session.complete(100)]
+    assert _element_text(dom, "generated") == calls[0].text + calls[1].text
+    assert _calls(dom) == [(c.finish_reason, "predict", 1) for c in calls]  # the second call asks :predict alone
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium package")
+@pytest.mark.parametrize("proxy", [None], indirect=True)
+def test_playground_resumes_a_broken_stream_from_its_last_segment(proxy, lstm, tmp_path):
+    url, server = proxy
+    n = 150
+    query = f"model=lstm&prime=the%20lazy%20&seed=5&temperature=0.8&top_k=0&top_p=1&num_chars={n}"
+    broken = _playground_dom(url, tmp_path, query + "&auto=1")  # the stream ends after its first segment
+    assert _element_text(broken, "error") == "the stream ended before its last event"
+    assert _calls(broken) == [("interrupted", "stream", 1)]
+    server.streams = 0
+    resumed = _playground_dom(url, tmp_path, query + "&auto=2")  # broken, then continued from its last segment
+    assert _element_text(resumed, "error") == ""
+    session = lstm.session("the lazy ", seed=5, **SAMPLING)
+    calls = [session.complete(DEFAULT_STREAM_SEGMENT), session.complete(n)]
+    assert _element_text(broken, "generated") == calls[0].text
+    assert _element_text(resumed, "generated") == calls[0].text + calls[1].text
+    assert _calls(resumed) == [("interrupted", "stream", 1), (calls[1].finish_reason, "stream", 3)]
+    assert "position 214" in _element_text(resumed, "info")
 
 
 def test_the_playground_reads_its_inputs_from_the_generation_table_not_from_a_list_of_its_own():
@@ -423,6 +587,7 @@ def test_playground_stops_shows_finish_reasons_and_shades_characters_by_their_sc
     likeliest = ", ".join(f"{json.dumps(c)} {math.exp(v):.3f}" for c, v in top.items())
     assert marks[0][2].endswith(f"likeliest: {likeliest}")  # the alternatives on hover
     assert "generate_text_v2" in _element_text(dom, "info")
+    assert [transport for _, transport, _ in _calls(dom)] == ["stream", "stream"]  # marks came segment by segment
 
 
 @pytest.fixture(scope="module")
