@@ -246,13 +246,7 @@ class SamplingClient:
             VersionGoneError: ``version`` is served by none of the replicas.
             ServerError: any other error status, after retries and failover.
         """
-        request = wire.PredictRequest()
-        request.model_spec.name = model
-        request.model_spec.signature_name = signature
-        if version is not None:
-            request.model_spec.version.value = version
-        for key, value in inputs.items():
-            wire.to_tensor_proto(value, request.inputs[key])
+        request = wire.predict_request(model, signature, inputs, version)
         try:
             response = self._call(self._predict, request, None if version is None else (model, version))
         except ServerError as exc:

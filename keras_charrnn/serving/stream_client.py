@@ -60,13 +60,7 @@ class _XlaUnavailable(Exception):
 
 
 def _stream(client, model, signature, inputs, version, size) -> Iterator[tuple[dict[str, np.ndarray], int]]:
-    request = wire.PredictRequest()
-    request.model_spec.name = model
-    request.model_spec.signature_name = signature
-    if version is not None:
-        request.model_spec.version.value = version
-    for key, value in inputs.items():
-        wire.to_tensor_proto(value, request.inputs[key])
+    request = wire.predict_request(model, signature, inputs, version)
     index = client._pick(set(), None if version is None else (model, version))
     stub = client._channels[index].unary_stream(
         PATH,

@@ -221,3 +221,25 @@ def from_tensor_proto(proto, max_elements: int | None = None) -> np.ndarray:
     elif array.size < count:  # TF's convention: the last value fills the rest
         array = np.concatenate([array, np.repeat(array[-1:], count - array.size)])
     return array.reshape(shape)
+
+
+def predict_request(model: str, signature: str, inputs: dict[str, np.ndarray], version: int | None = None):
+    """A light ``PredictRequest`` for ``signature`` of ``model`` (a version, or the newest) on NumPy ``inputs``.
+
+    Args:
+        model: the model's name.
+        signature: the signature's name.
+        inputs: its inputs by name.
+        version: the version (None: the newest).
+
+    Returns:
+        The request.
+    """
+    request = PredictRequest()
+    request.model_spec.name = model
+    request.model_spec.signature_name = signature
+    if version is not None:
+        request.model_spec.version.value = version
+    for key, value in inputs.items():
+        to_tensor_proto(value, request.inputs[key])
+    return request
