@@ -311,6 +311,7 @@ def playground_page(model_names: list[str], max_chars_per_call: int, api_key: bo
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive; every reply carries Content-Length
+    disable_nagle_algorithm = True  # TCP_NODELAY: headers and body go out at once, not 40 ms apart (delayed ACK)
     server_version = "charrnn-rest"
     timeout = 30  # seconds a connection may sit idle or trickle its request
     server: _HTTPServer
