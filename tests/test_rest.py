@@ -347,8 +347,8 @@ def _playground_dom(url: str, tmp_path, query: str, timeout: float = 180.0) -> s
     """The playground's DOM once its ``auto=N`` presses are done: headless Chromium driven over
     ``--remote-debugging-pipe`` (``--virtual-time-budget`` does not wait for a streamed body: its clock runs on
     once a reply's headers are in, so a ``:stream`` answer would be dumped unread)."""
-    to_chrome, chrome_reads = os.pipe()
-    chrome_writes, from_chrome = os.pipe()
+    chrome_reads, to_chrome = os.pipe()
+    from_chrome, chrome_writes = os.pipe()
     flags = [
         "--headless",
         "--no-sandbox",
@@ -577,7 +577,7 @@ def test_playground_stops_shows_finish_reasons_and_shades_characters_by_their_sc
     session = lstm.session("the ", seed=7, stop=stops, **SAMPLING)
     calls = [session.complete(120, logprobs=2), session.complete(120, logprobs=2)]
     assert calls[0].finish_reason == "stop"  # the stops occur: each call ends at one
-    reasons = re.findall(r'<li data-finish-reason="(\w+)">(.*?)</li>', dom)
+    reasons = re.findall(r'<li data-finish-reason="(\w+)"[^>]*>(.*?)</li>', dom)
     assert [r for r, _ in reasons] == [c.finish_reason for c in calls]
     assert reasons[0][1] == f"stop at {json.dumps(calls[0].stop)} after {calls[0].num_chars} characters"
     marks = _marks(dom)
