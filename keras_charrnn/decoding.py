@@ -87,7 +87,7 @@ def choose(
         seed, position: int64 [B], the key of each row's randomness.
         min_p: float32 [B]; drop ids whose probability (after temperature, top-k and top-p) is
             below ``min_p`` times the most likely one's (0: off). None: not traced.
-        bias: float32 [B, V] added to the logits first; ``BIAS_BAN`` (-100) or less bans the id.
+        bias: float32 [B, V] added to the logits first, bans as -inf (``effective_bias``).
             None: not traced (0.2's signatures, bit for bit as before).
 
     Returns:
@@ -97,7 +97,7 @@ def choose(
     never_unknown = tf.concat([tf.fill([tf.shape(logits)[0], 1], -float("inf")), tf.zeros_like(logits[:, 1:])], axis=-1)
     logits = logits + never_unknown
     if bias is not None:
-        logits = logits + tf.where(bias <= BIAS_BAN, tf.constant(-float("inf"), logits.dtype), bias)
+        logits = logits + bias
     greedy = tf.argmax(logits, axis=-1, output_type=tf.int32)
     warm = temperature > 0
     scaled = logits / tf.where(warm, temperature, 1.0)[:, None]
@@ -110,6 +110,18 @@ def choose(
     gumbel = -tf.math.log(-tf.math.log(keyed_uniform(seed, position, vocab)))
     sampled = tf.argmax(scaled + gumbel, axis=-1, output_type=tf.int32)
     return tf.where(warm, sampled, greedy)
+
+
+def effective_bias(bias: tf.Tensor) -> tf.Tensor:
+    """A ``logit_bias`` as ``choose`` adds it: ``BIAS_BAN`` (-100) or less becomes -inf (the id is banned).
+
+    Args:
+        bias: float32 [B, V].
+
+    Returns:
+        float32 [B, V].
+    """
+    return tf.where(bias <= BIAS_BAN, tf.constant(-float("inf"), bias.dtype), bias)
 
 
 def min_p_filter(logits: tf.Tensor, min_p: tf.Tensor) -> tf.Tensor:

@@ -143,6 +143,7 @@ def sample_loop(
     rows: Mapping[str, tf.Tensor],
     controls: Mapping[str, tf.Tensor] | None,
     alternatives: int,
+    skip_idle_controls: bool = False,
 ) -> dict:
     """Feeds each row's last input id, then samples up to ``num_chars[b]`` ids per row.
 
@@ -161,16 +162,49 @@ def sample_loop(
             ``bias`` [B, V], ``stops`` [B, S, L], ``history`` [B, L], ``min_chars`` [B],
             ``logprobs`` [B] (see ``stop_ids``).
         alternatives: how many alternatives the scores keep (static; ``top_ids`` width).
+        skip_idle_controls: when no row of the batch uses a control (no stop, bias, min-p or
+            scores), run the loop without them (the plain graph's per-step ops cost time; a row's
+            bits are the same either way, so batch invariance holds).
 
     Returns:
         ``{"ids": [B, MAX_CHARS_PER_CALL] (0 past a row's end), "states", "num_generated" [B],
         "stop_index" [B] (-1: none)}`` and, with controls, ``"char_logprobs"`` [B, MAX],
         ``"top_ids"``/``"top_logprobs"`` [B, MAX, alternatives] (zeros unless asked).
     """
+    if controls is not None and skip_idle_controls:
+        used = (
+            tf.reduce_any(controls["stops"] >= 0)
+            | tf.reduce_any(controls["logprobs"] >= 0)
+            | tf.reduce_any(controls["bias"] != 0.0)
+            | tf.reduce_any(controls["min_p"] > 0.0)
+        )
+
+        def without():
+            result = sample_loop(step_one, num_chars, last, states, rows, None, alternatives)
+            shape = tf.stack([tf.shape(num_chars)[0], tf.reduce_max(num_chars)])
+            scores = tf.concat([shape, [alternatives]], 0)
+            return {
+                **result,
+                "char_logprobs": tf.zeros(shape),
+                "top_ids": tf.zeros(scores, tf.int32),
+                "top_logprobs": tf.zeros(scores),
+            }
+
+        return tf.cond(
+            used, lambda: sample_loop(step_one, num_chars, last, states, rows, controls, alternatives), without
+        )
     n = tf.reduce_max(num_chars)
     batch = tf.shape(num_chars)[0]
     sampling = (rows["temperature"], rows["top_k"], rows["top_p"], rows["seed"])
-    extra = {} if controls is None else {"min_p": controls["min_p"], "bias": controls["bias"]}
+    extra = {}
+    if controls is not None:  # what every step reads, worked out once
+        extra = {"min_p": controls["min_p"], "bias": decoding.effective_bias(controls["bias"])}
+        stops = tf.concat([controls["stops"], tf.fill([batch, 1, MAX_STOP_CHARS], -1)], 1)  # never S = 0
+        free = stops == -1  # places a shorter stop leaves free
+        real = tf.reduce_any(~free, -1)  # [B, S + 1]: the stop strings that are there
+        lengths = tf.reduce_sum(tf.cast(~free, tf.int32), -1)
+        rank = lengths * (MAX_STOPS + 2) - tf.range(tf.shape(stops)[1])[None, :]  # the longest, then the first listed
+        wanted = controls["logprobs"] >= 0
 
     def pick(i, logits, carry):
         """Chooses row b's character i (if it is still going); matches its stops; scores it."""
@@ -185,14 +219,10 @@ def sample_loop(
         matched = tf.zeros_like(alive)
         if controls is not None:
             history = tf.concat([history[:, 1:], chosen[:, None]], 1)
-            stops = controls["stops"]
-            hit = tf.reduce_all((stops == history[:, None, :]) | (stops == -1), -1) & tf.reduce_any(stops >= 0, -1)
-            key = tf.where(hit, tf.reduce_sum(tf.cast(stops >= 0, tf.int32), -1) * (MAX_STOPS + 1), -1)
-            key = key - tf.where(hit, tf.range(tf.shape(stops)[1])[None, :], 0)  # longest, then first listed
+            hit = tf.reduce_all((stops == history[:, None, :]) | free, -1) & real  # [B, S]
             matched = alive & tf.reduce_any(hit, -1) & (i + 1 >= controls["min_chars"])
-            key = tf.concat([key, tf.fill([batch, 1], -2)], -1)  # never empty (no stops: S = 0)
-            stop_index = tf.where(matched, tf.argmax(key, -1, output_type=tf.int32), stop_index)
-            scored = _write_scores(scored, i, logits, chosen, alive & (controls["logprobs"] >= 0), alternatives)
+            stop_index = tf.where(matched, tf.argmax(tf.where(hit, rank, -1), -1, output_type=tf.int32), stop_index)
+            scored = _write_scores(scored, i, logits, chosen, alive & wanted, alternatives)
         out = out.write(i, chosen)
         return chosen, alive & ~matched, (done | matched, length, stop_index, history, out, scored)
 

@@ -130,10 +130,13 @@ def stream_outputs(
         yield {k: v for k, v in outputs.items() if not output_filter or k in output_filter}
         return
     position = inputs["position"].astype(np.int64).copy()
+    left = inputs["num_chars"].astype(np.int64).copy()  # 0.2's signatures report no num_generated
     for segment in prediction.generate_segments(call, inputs, deadline, alive, size):
         outputs = segment.outputs
-        counts = outputs.get("num_generated", np.minimum(inputs["num_chars"][segment.rows], size))
-        position[segment.rows] += np.asarray(counts, np.int64).reshape(-1)
+        counts = outputs.get("num_generated", np.minimum(left[segment.rows], size))
+        counts = np.asarray(counts, np.int64).reshape(-1)
+        position[segment.rows] += counts
+        left[segment.rows] -= counts
         chosen = {k: v for k, v in outputs.items() if not output_filter or k in output_filter}
         chosen["row_index"] = segment.rows.astype(np.int32)
         chosen["position"] = position[segment.rows]
