@@ -129,7 +129,9 @@ class Session:
         """Yields the next ``n`` characters, ``chunk`` at a time, ending early at a stop string.
 
         A chunk over the model's or the server's ``max_chars_per_call`` is made of
-        several calls; the text is the same however it is chunked.
+        several calls; the text is the same however it is chunked. From a server that streams
+        (``charrnn serve``), pieces are its segments: ``chunk`` characters first, then each twice
+        the last, up to 256.
         """
         for piece in self.stream_completions(n, chunk):
             yield piece.text
@@ -179,7 +181,11 @@ class Session:
             left -= piece.num_chars
 
     def _streamed(self, n: int, chunk: int, logprobs: int, stream) -> Iterator[Completion]:
-        """``stream_completions`` through the server's stream (``GenerationStream``): one segment per chunk.
+        """``stream_completions`` through the server's stream (``GenerationStream``): one piece per segment.
+
+        The first segment holds ``chunk`` characters and each next one twice the last, up to the
+        server's ``segment_chars`` (256): the first characters come soon, and a long call pays few
+        model runs. Pieces are segments, so the session is always at the end of the text yielded.
 
         Every segment's response carries its states, so the session moves on segment by segment as
         after a unary call of that size (the continuation rule). If the stream breaks (a replica is
@@ -190,8 +196,10 @@ class Session:
             call_left = min(self.info.max_chars_per_call, left)
             self._flush_pending()
             try:
+                size = chunk  # the server's segments: chunk, then twice the last, up to its segment_chars
                 for outputs, version in stream(self.signature, self._row(call_left, logprobs), self.version, chunk):
-                    inputs = self._row(min(call_left, chunk), logprobs)  # this segment's inputs, as the server ran it
+                    inputs = self._row(min(call_left, size), logprobs)  # this segment's inputs, as the server ran it
+                    size = min(2 * size, max(self.info.limits.get("segment_chars", size), size))
                     self._answered_by(version)
                     piece = _advance([self], inputs, outputs)[0]
                     total = piece if total is None else total.extend(piece)

@@ -55,41 +55,38 @@ def _states(session):
 
 
 @pytest.mark.parametrize("batching", [True, False])
-def test_a_stream_equals_unary_calls_of_its_chunk_byte_for_byte(request, stream_server, server, batching):
+def test_a_stream_equals_the_unary_call_byte_for_byte_and_its_segments_grow_from_the_chunk(
+    request, stream_server, server, batching
+):
     port = stream_server.port if batching else server
     with SamplingClient(f"127.0.0.1:{port}") as client:
         assert client.model_info(MODEL).limits.get("max_concurrent_streams", 0) > 0
-        free = _session(client).generate(600)
-        stop = free[150:153]
+        free = _session(client).generate(900)
+        stop = free[700:703]
+        unary = _session(client, stop=stop)
+        whole = unary.complete(900, logprobs=2)  # one call: the server runs it in segments of 256
+        assert whole.finish_reason == "stop" and free.startswith(whole.text) and len(whole.text) > 600
         for chunk in (1, 7, 64):
             streamed = _session(client, stop=stop)
-            pieces = list(streamed.stream_completions(600, chunk, logprobs=2))
-            assert all(p.num_chars <= chunk for p in pieces)
-            unary = _session(client, stop=stop)
-            parts = []
-            while not parts or (parts[-1].finish_reason != "stop" and sum(p.num_chars for p in parts) < 600):
-                parts.append(unary.complete(chunk, logprobs=2))
-            text = "".join(p.text for p in pieces)
-            assert text == "".join(p.text for p in parts) and free.startswith(text) and text.endswith(stop)
-            assert streamed.last.finish_reason == unary.last.finish_reason == "stop"
-            assert [v for p in pieces for v in p.logprobs] == [v for p in parts for v in p.logprobs]
-            assert [v for p in pieces for v in p.top_logprobs] == [v for p in parts for v in p.top_logprobs]
-            assert streamed.position == unary.position
+            pieces = list(streamed.stream_completions(900, chunk, logprobs=2))
+            sizes = [min(chunk << k, max(256, chunk)) for k in range(len(pieces))]  # chunk, twice the last, ... 256
+            assert [p.num_chars for p in pieces[:-1]] == sizes[:-1] and pieces[-1].num_chars <= sizes[-1]
+            assert "".join(p.text for p in pieces) == whole.text
+            assert (streamed.last.finish_reason, streamed.last.stop) == ("stop", stop)
+            assert [v for p in pieces for v in p.logprobs] == whole.logprobs
+            assert [v for p in pieces for v in p.top_logprobs] == whole.top_logprobs
+            assert (streamed.position, streamed.pending, streamed.tail) == (unary.position, unary.pending, unary.tail)
             for name, value in _states(unary).items():
                 assert np.array_equal(streamed.states[name], value), (chunk, name)
-        # ... and one unary call of the whole length, bit for bit too
-        whole = _session(client, stop=stop)
-        assert whole.complete(600, logprobs=2).logprobs == [v for p in pieces for v in p.logprobs]
-        assert whole.last.text == text and whole.position == streamed.position
-        for name, value in _states(whole).items():
-            assert np.array_equal(streamed.states[name], value), name
 
 
 def test_sse_streams_the_segments_and_a_done_event_equal_to_the_grpc_stream(stream_server):
     with SamplingClient(f"127.0.0.1:{stream_server.port}") as client:
         session = _session(client, stop="zq")
         row = session._row(300, 1)
-        grpc_segments = list(stream_client.stream_predict(client, MODEL, "generate_text_v2", row, None, 64))
+        grpc_segments = list(
+            stream_client.stream_predict(client, MODEL, "generate_text_v2", row, None, streaming.DEFAULT_STREAM_SEGMENT)
+        )
     body = _columnar(row)
     connection = http.client.HTTPConnection("127.0.0.1", stream_server.rest_port, timeout=60)
     connection.request("POST", f"/v1/models/{MODEL}:stream", json.dumps(body), {"Content-Type": "application/json"})
@@ -155,15 +152,18 @@ def _segments_logged(server):
 
 def test_a_cancelled_stream_stops_the_server_work_and_a_slow_reader_holds_it_bounded(stream_server):
     with SamplingClient(f"127.0.0.1:{stream_server.port}") as client:
-        rows = [_session(client)._row(4096, -1) for _ in range(64)]
+        rows = [_session(client)._row(4096, 10) for _ in range(64)]  # ten alternatives a character: ~30 MB in all
     row = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
+    segments, done = 0, 0  # the stream's segments: 1, 2, 4, ... 256, 256, ... characters
+    while done < 4096:
+        done, segments = done + min(1 << segments, 256), segments + 1
     before = _segments_logged(stream_server)
-    channel, call = _raw_stream(stream_server.port, row, 1)  # 4096 segments of 64 rows' states: ~100 MB unread
+    channel, call = _raw_stream(stream_server.port, row, 1)
     next(call)
     time.sleep(4)
     held = _segments_logged(stream_server) - before
     time.sleep(2)
-    assert _segments_logged(stream_server) - before == held < 4096 // 4, "a reader that stops reading stops the work"
+    assert _segments_logged(stream_server) - before == held < segments, "a reader that stops reading stops the work"
     call.cancel()
     stream_server.wait_for_log(r"stream of model lstm: stopped, its caller went away", timeout=30)
     channel.close()

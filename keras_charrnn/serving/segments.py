@@ -98,6 +98,7 @@ def segments(
     vocabulary: Sequence[str] | None = None,
     between: Callable[[], None] | None = None,
     size: int = SEGMENT_CHARS,
+    grow: bool = False,
 ) -> Iterator[Segment]:
     """Runs a generate call as segments of at most ``size`` characters per row, continuing each from the last.
 
@@ -107,7 +108,9 @@ def segments(
         state_names: the model's state tensors (its exported config's).
         vocabulary: the model's characters in id order (a ``generate`` call's stops match across segments by it).
         between: called before every segment; raises to stop the work (the caller has gone, the deadline passed).
-        size: the most characters of a row per segment.
+        size: the most characters of a row per segment (the first segment's, with ``grow``).
+        grow: double the segment size after each segment, up to ``SEGMENT_CHARS`` (a stream: its first
+            characters come soon, and a long call pays few model runs).
 
     Yields:
         One ``Segment`` per model call, its rows in increasing order.
@@ -121,6 +124,8 @@ def segments(
         active = np.nonzero(remaining > 0)[0]
         segment = {k: v[active] for k, v in current.items()}
         segment["num_chars"] = np.minimum(remaining[active], size).astype(np.int32)
+        if grow:
+            size = min(2 * size, max(SEGMENT_CHARS, size))
         outputs = run(segment)
         counts = _counts(segment, outputs)
         stopped = np.asarray(outputs.get("stop_index", np.full(len(active), -1))).reshape(-1) >= 0

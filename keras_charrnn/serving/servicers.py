@@ -238,7 +238,11 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         return {k: v for k, v in outputs.items() if not output_filter or k in output_filter}
 
     def admit(
-        self, call: SignatureCall, inputs: dict[str, np.ndarray], output_filter: AbstractSet[str] = frozenset()
+        self,
+        call: SignatureCall,
+        inputs: dict[str, np.ndarray],
+        output_filter: AbstractSet[str] = frozenset(),
+        chars_per_answer: int | None = None,
     ) -> None:
         """The checks a call passes before it runs or joins a batch: the model graph's own (in NumPy), each call
         on its own, its output filter, and the size of its answer.
@@ -247,6 +251,8 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             call: the version and signature.
             inputs: the inputs, already checked against the signature's dtypes and shapes.
             output_filter: the outputs asked for (empty: all).
+            chars_per_answer: the most characters of a row one message answers (a stream's segment);
+                None: the whole call in one answer.
 
         Raises:
             ServingError: INVALID_ARGUMENT naming the input and the rule or limit; RESOURCE_EXHAUSTED for an
@@ -258,6 +264,8 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         unknown = output_filter - call.output_names
         if unknown:
             raise ServingError("INVALID_ARGUMENT", f"output_filter names unknown output(s) {sorted(unknown)}")
+        if chars_per_answer is not None and "num_chars" in inputs:
+            inputs = {**inputs, "num_chars": np.minimum(inputs["num_chars"], chars_per_answer)}
         size = call.response_bytes(inputs, output_filter)
         if size > self.max_message_bytes:
             raise ServingError(
@@ -303,6 +311,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         deadline: float | None = None,
         alive=None,
         size: int = SEGMENT_CHARS,
+        grow: bool = False,
     ) -> Iterator[Segment]:
         """A long generate call as segments of at most ``SEGMENT_CHARS`` characters per row (``segments.segments``).
 
@@ -314,7 +323,8 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             inputs: the call's checked inputs.
             deadline: ``time.monotonic()`` by which the call must end (None: none).
             alive: tells whether the caller still waits.
-            size: the most characters of a row per segment.
+            size: the most characters of a row per segment (the first one's, with ``grow``).
+            grow: double the size after each segment, up to ``SEGMENT_CHARS`` (see ``segments.segments``).
 
         Yields:
             Each segment's rows and outputs.
@@ -338,6 +348,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             call.vocabulary,
             between,
             size,
+            grow,
         )
 
     def metadata(self, request) -> get_model_metadata_pb2.GetModelMetadataResponse:

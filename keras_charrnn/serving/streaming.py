@@ -43,7 +43,7 @@ METHOD = "StreamPredict"
 PATH = f"/{SERVICE}/{METHOD}"
 PROTO_FILE = "keras_charrnn/serving/stream.proto"
 SEGMENT_HEADER = "charrnn-segment-chars"  # request metadata: characters per segment (1..SEGMENT_CHARS)
-DEFAULT_STREAM_SEGMENT = 64  # characters per streamed segment when the caller does not say
+DEFAULT_STREAM_SEGMENT = 32  # characters of a stream's first segment when the caller does not say (then 64, 128, 256)
 DEFAULT_MAX_STREAMS = 16  # each open stream holds a gRPC thread
 
 
@@ -115,7 +115,8 @@ def stream_outputs(
         output_filter: the outputs asked for (empty: all); ``row_index`` and ``position`` always come.
         deadline: ``time.monotonic()`` by which the call must end (None: none).
         alive: tells whether the caller still waits.
-        size: characters per segment.
+        size: characters of the first segment; each next one is twice the last, up to ``SEGMENT_CHARS``
+            (the first characters come within one small segment's time; a long call pays few model runs).
 
     Yields:
         Each segment's outputs for its rows, with ``row_index`` (int32) and ``position`` (int64, the
@@ -124,16 +125,17 @@ def stream_outputs(
     Raises:
         ServingError: as Predict (before the first segment, or between segments).
     """
-    prediction.admit(call, inputs, output_filter)
+    prediction.admit(call, inputs, output_filter, chars_per_answer=SEGMENT_CHARS)  # each message is one segment
     if "num_chars" not in inputs or not call.state_names:
         outputs = prediction._run(call, inputs, deadline, alive)
         yield {k: v for k, v in outputs.items() if not output_filter or k in output_filter}
         return
     position = inputs["position"].astype(np.int64).copy()
     left = inputs["num_chars"].astype(np.int64).copy()  # 0.2's signatures report no num_generated
-    for segment in prediction.generate_segments(call, inputs, deadline, alive, size):
+    for segment in prediction.generate_segments(call, inputs, deadline, alive, size, grow=True):
         outputs = segment.outputs
         counts = outputs.get("num_generated", np.minimum(left[segment.rows], size))
+        size = min(2 * size, max(SEGMENT_CHARS, size))  # the schedule of ``segments(grow=True)``
         counts = np.asarray(counts, np.int64).reshape(-1)
         position[segment.rows] += counts
         left[segment.rows] -= counts
