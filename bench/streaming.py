@@ -153,7 +153,8 @@ def main() -> None:
             rows += measure(name, f"{tmp}/{name}", units, args.chars, args.repeats)
     body_md = (
         f"A {args.chars}-character generation from a fresh session, median of {args.repeats} interleaved repeats; "
-        f"streams in segments of {SEGMENT} characters first, doubling up to 256; batching on, XLA twins. Last column: unary's time to the last "
+        f"streams in segments of {SEGMENT} characters first, doubling up to 256; batching on, XLA twins. "
+        f"Last column: unary's time to the last "
         f"character / this way's (1.00x: as fast as unary).\n\n"
         "| model | way | first characters (ms) | last (ms) | vs unary |\n|---|---|---|---|---|\n"
         + "\n".join(rows)
