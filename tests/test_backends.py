@@ -24,7 +24,9 @@ pytestmark = pytest.mark.slow  # every test here trains or starts processes
 
 HAS_JAX = importlib.util.find_spec("jax") is not None
 BACKENDS = ["tensorflow", pytest.param("jax", marks=pytest.mark.skipif(not HAS_JAX, reason="jax is not installed"))]
-BACKEND_CELLS = ("lstm", "lnlstm")  # a Keras layer and the package's own cell
+# A Keras layer and the package's own cell. A cell's tests share its runs (``full_runs``): they run on one
+# pytest-xdist worker, each cell's on its own.
+BACKEND_CELLS = [pytest.param(cell, marks=pytest.mark.xdist_group(f"backends_{cell}")) for cell in ("lstm", "lnlstm")]
 # Variables in a run's checkpoint: embedding, per layer its weights (and Keras LSTM's seed state), 2 dropout seed
 # states, 2 logits weights.
 MODEL_VARIABLES = {"lstm": 1 + 2 * (3 + 1) + 2 + 2, "lnlstm": 1 + 2 * 8 + 2 + 2}

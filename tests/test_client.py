@@ -17,10 +17,9 @@ import pytest
 from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
 from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 
-from conftest import interactive_transcript, run_cli, side_by_side
+from conftest import interactive_transcript, loaded, run_cli, side_by_side
 import keras_charrnn
 from keras_charrnn.errors import CharRNNError, ConfigError, InputError, ServingError
-from keras_charrnn.inprocess import load
 from keras_charrnn.sampling import DEFAULT_TEMPERATURE, SamplingParams
 from keras_charrnn.serving.client import SamplingClient, ServerError, VersionGoneError
 from keras_charrnn.session import ModelInfo, Session
@@ -35,7 +34,7 @@ def client(server):
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 def test_seeded_grpc_session_gives_the_in_process_text(client, model_base, cell):
-    expected = load(model_base / cell).generate("the ", 150, temperature=0.9, top_k=5, seed=42)
+    expected = loaded(model_base / cell).generate("the ", 150, temperature=0.9, top_k=5, seed=42)
     session = client.session(cell, prime="the ", temperature=0.9, top_k=5, seed=42)
     assert session.generate(150) == expected
     assert session.version == 1 and session.position == 150
@@ -63,14 +62,14 @@ def test_feed_pushes_user_text_into_the_state(client, model_base):
     session = client.session("lstm", prime="the ", seed=2)
     session.generate(30)
     session.feed(" lazy dog")
-    expected_session = load(model_base / "lstm").session("the ", seed=2)
+    expected_session = loaded(model_base / "lstm").session("the ", seed=2)
     expected_session.generate(30)
     expected_session.feed(" lazy dog")
     assert session.generate(60) == expected_session.generate(60)
 
 
 def test_sixteen_concurrent_sessions_each_produce_what_they_produce_alone(client, model_base):
-    model = load(model_base / "lstm")
+    model = loaded(model_base / "lstm")
     expected = [model.generate("the ", 96, temperature=1.0, seed=s) for s in range(16)]
 
     def run(seed):
@@ -156,7 +155,7 @@ def test_sample_cli_over_grpc_matches_in_process(server, model_base):
         lambda: run_cli("sample", "--server", f"127.0.0.1:{server}", "--name", "nope", "-n", "10"),
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout == "the " + load(model_base / "rnn").generate("the ", 100, seed=4) + "\n"
+    assert result.stdout == "the " + loaded(model_base / "rnn").generate("the ", 100, seed=4) + "\n"
     assert bad.returncode == 2 and "NOT_FOUND" in bad.stderr and "Traceback" not in bad.stderr
 
 
@@ -178,7 +177,7 @@ def test_interactive_sampling_over_grpc_continues_each_line_as_an_in_process_ses
     with SamplingClient(f"127.0.0.1:{server}") as client:
         controlled = client.model_info("gru").controlled
     stop = "\n\n" if controlled else ()  # the default stop, where the client knows the model has stops
-    session = load(model_base / "gru").session("the lazy\n", seed=1, stop=stop)
+    session = loaded(model_base / "gru").session("the lazy\n", seed=1, stop=stop)
     first = session.generate(20)
     session.feed("seven cats\n")
     second = session.generate(20)
@@ -203,7 +202,7 @@ def test_demo_streams_the_in_process_sessions_text_and_stops_the_server_cleanly(
     )
     assert result.returncode == 0, result.stderr
     streamed = re.search(r"state carried by the client ---\n(.*)\n--- served by version", result.stdout, re.S)
-    expected = load(model_base / "lstm").session("the ", temperature=DEFAULT_TEMPERATURE, seed=1).generate(32 * 3)
+    expected = loaded(model_base / "lstm").session("the ", temperature=DEFAULT_TEMPERATURE, seed=1).generate(32 * 3)
     assert streamed and streamed.group(1) == "the " + expected, result.stdout
     assert "server stopped with exit status 0" in result.stdout and "latency" in result.stdout
 
@@ -315,7 +314,7 @@ def test_from_json_refuses_what_is_not_a_saved_session(data, message):
 
 def test_limits_split_calls_and_prime_without_changing_the_text(model_base):
     """A prime longer than max_prime_chars is fed in pieces, num_chars is cut to max_chars_per_call."""
-    model = load(model_base / "lstm")
+    model = loaded(model_base / "lstm")
     expected = model.generate("the quick brown fox ", 50, temperature=1.0, seed=3)
     calls = []
 
@@ -449,7 +448,7 @@ def replicas(model_base, tmp_path_factory):
 
 
 def test_calls_are_spread_round_robin_over_the_replicas(replicas, model_base):
-    expected = load(model_base / "lstm").generate("the ", 96, temperature=1.0, seed=11)
+    expected = loaded(model_base / "lstm").generate("the ", 96, temperature=1.0, seed=11)
     with SamplingClient(replicas.targets) as client:
         session = client.session("lstm", prime="the ", temperature=1.0, seed=11)
         before = [replicas.predicts(0), replicas.predicts(1)]
@@ -461,7 +460,7 @@ def test_calls_are_spread_round_robin_over_the_replicas(replicas, model_base):
 
 def test_advertised_limits_split_prime_and_chars_and_keep_the_text(replicas, model_base):
     prime = "the quick brown fox jumps "  # 26 characters; the replicas take 8 per call
-    expected = load(model_base / "lstm").generate(prime, 100, temperature=1.0, seed=12)
+    expected = loaded(model_base / "lstm").generate(prime, 100, temperature=1.0, seed=12)
     with SamplingClient(replicas.targets) as client:
         info = client.model_info("lstm")
         assert info.limits["max_prime_chars"] == 8 and info.max_chars_per_call == 48
@@ -474,7 +473,7 @@ def test_advertised_limits_split_prime_and_chars_and_keep_the_text(replicas, mod
 
 
 def test_a_killed_replica_is_skipped_and_gets_traffic_again_once_restarted(replicas, model_base):
-    expected = load(model_base / "lstm").generate("the ", 1500, temperature=1.0, seed=13)
+    expected = loaded(model_base / "lstm").generate("the ", 1500, temperature=1.0, seed=13)
     with SamplingClient(replicas.targets, down_time=0.3, timeout=20) as client:
         session = client.session("lstm", prime="the ", temperature=1.0, seed=13)
         text = session.generate(40)
@@ -511,7 +510,7 @@ def _wait_until_unloaded(target: str, version: int) -> None:
 
 
 def test_a_version_missing_on_one_replica_is_served_by_the_other_until_gone_everywhere(replicas, model_base):
-    expected = load(model_base / "lstm").generate("the ", 200, temperature=1.0, seed=14)
+    expected = loaded(model_base / "lstm").generate("the ", 200, temperature=1.0, seed=14)
     with SamplingClient(replicas.targets) as client:
         session = client.session("lstm", prime="the ", temperature=1.0, seed=14)
         text = session.generate(40)

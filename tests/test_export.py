@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
-from conftest import ALL_CELLS, in_background, interactive_transcript, run_cli, side_by_side
+from conftest import ALL_CELLS, in_background, interactive_transcript, loaded, run_cli, side_by_side
 from keras_charrnn.analysis import inspect
 from keras_charrnn.decoding import filter_logits
 from keras_charrnn.errors import CharRNNError, InputError
@@ -41,7 +41,7 @@ def test_step_equals_the_stateful_keras_model_char_by_char(trained_runs, model_d
         vocab.size, cell=cell, units=c.units, layers=c.layers, embedding_dim=c.embedding_dim, batch_size=1, seq_len=1
     )
     stateful.set_weights(run.load_model().get_weights())
-    model = load(model_dir(cell))
+    model = loaded(model_dir(cell))
     step = model.signatures["step"]
     states = {k: tf.constant(v) for k, v in model.zero_state().items()}
     for i in vocab.encode(TEXT):
@@ -53,7 +53,7 @@ def test_step_equals_the_stateful_keras_model_char_by_char(trained_runs, model_d
 
 @pytest.mark.parametrize("cell", ALL_CELLS)
 def test_greedy_generate_equals_argmax_stepping(model_dir, cell):
-    model = load(model_dir(cell))
+    model = loaded(model_dir(cell))
     prime = model.vocab.encode("the ")
     states = {k: tf.constant(v) for k, v in model.zero_state().items()}
     out = model.signatures["step"](ids=tf.constant(prime[None, :]), **states)
@@ -72,7 +72,7 @@ def test_greedy_generate_equals_argmax_stepping(model_dir, cell):
 
 @pytest.mark.parametrize("cell", ALL_CELLS)
 def test_same_seed_same_text_however_the_calls_are_chunked(model_dir, cell):
-    model = load(model_dir(cell))
+    model = loaded(model_dir(cell))
     whole = model.generate("the ", 200, temperature=1.0, seed=7)
     session = model.session("the ", temperature=1.0, seed=7)
     assert "".join(session.generate(50) for _ in range(4)) == whole
@@ -82,7 +82,7 @@ def test_same_seed_same_text_however_the_calls_are_chunked(model_dir, cell):
 
 
 def test_a_row_does_not_depend_on_the_rest_of_the_batch(model_base):
-    model = load(model_base / "lstm")
+    model = loaded(model_base / "lstm")
     zero1 = {k: tf.constant(v) for k, v in model.zero_state(1).items()}
     zero3 = {k: tf.constant(v) for k, v in model.zero_state(3).items()}
     gen = model.signatures["generate_text"]
@@ -98,14 +98,14 @@ def test_a_row_does_not_depend_on_the_rest_of_the_batch(model_base):
 
 
 def test_top_k_one_is_greedy_and_top_p_keeps_likely_characters(model_base):
-    model = load(model_base / "gru")
+    model = loaded(model_base / "gru")
     greedy = model.generate("the ", 80, temperature=0)
     assert model.generate("the ", 80, temperature=1.5, top_k=1, seed=3) == greedy
     assert model.generate("the ", 80, temperature=1.5, top_p=1e-6, seed=3) == greedy
 
 
 def test_unknown_characters_are_accepted_in_the_prime_and_never_generated(model_base):
-    model = load(model_base / "rnn")
+    model = loaded(model_base / "rnn")
     text = model.generate("😀 zebra ", 300, temperature=2.0, seed=2)
     assert len(text) == 300  # id 0 (unknown) decodes to "": sampling it would shorten the text
     assert set(text) <= set(model.vocab.chars)
@@ -132,7 +132,7 @@ def test_an_unknown_cell_is_refused_naming_the_parameter_and_every_registered_ch
 
 
 def test_score_is_the_mean_of_inspects_per_character_losses(model_base, corpus_file):
-    model = load(model_base / "lstm")
+    model = loaded(model_base / "lstm")
     text = corpus_file.read_text()[:1500]  # several inspect windows
     result = model.score(text)
     assert result["chars"] == len(text) - 1
@@ -143,7 +143,7 @@ def test_score_is_the_mean_of_inspects_per_character_losses(model_base, corpus_f
 
 
 def test_a_run_folder_and_its_export_give_the_same_text_and_scores(trained_runs, model_base, corpus_file):
-    run, exported = load(trained_runs["rnn"]), load(model_base / "rnn")
+    run, exported = load(trained_runs["rnn"]), loaded(model_base / "rnn")
     text = corpus_file.read_text()[:600]
     assert run.score(text)["loss"] == pytest.approx(exported.score(text)["loss"], abs=1e-5)
     assert run.generate("the ", 60, seed=3) == exported.generate("the ", 60, seed=3)
@@ -206,7 +206,7 @@ print(out["text"].numpy()[0].decode())
     with in_background(
         lambda: subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     ) as result:
-        model = load(model_base / "lstm")
+        model = loaded(model_base / "lstm")
         zero = {k: tf.constant(v) for k, v in model.zero_state().items()}
         expected = model.signatures["generate_text"](prime=tf.constant(["the "]), **zero, **_rows(num_chars=50, seed=4))
     result = result.result()
@@ -224,13 +224,13 @@ print(out["text"].numpy()[0].decode())
     ],
 )
 def test_bad_sampling_arguments_get_clear_errors(model_base, kwargs, message):
-    model = load(model_base / "lstm")
+    model = loaded(model_base / "lstm")
     with pytest.raises(CharRNNError, match=message):
         model.generate("the ", 10, **kwargs)
 
 
 def test_bad_signature_inputs_are_refused_by_the_graph(model_base):
-    model = load(model_base / "lstm")
+    model = loaded(model_base / "lstm")
     zero = {k: tf.constant(v) for k, v in model.zero_state().items()}
     gen = model.signatures["generate_text"]
     with pytest.raises(tf.errors.InvalidArgumentError, match="num_chars must be at least 1"):
@@ -250,7 +250,7 @@ def test_bad_signature_inputs_are_refused_by_the_graph(model_base):
 
 
 def test_export_metadata_holds_no_path_of_the_training_machine(model_base, trained_runs):
-    config = load(model_base / "lstm").config
+    config = loaded(model_base / "lstm").config
     assert "run_dir" not in config and config["corpus"] == "corpus.txt"
     assert str(trained_runs["lstm"]) not in json.dumps(config)
 
@@ -281,7 +281,7 @@ def test_interactive_cli_continues_as_an_in_process_session_fed_the_same_lines(m
         )
     ) as result:
         # The model answers until a blank line (the default stop), at most -n characters.
-        session = load(model_base / "gru").session("the lazy\n", temperature=1.0, seed=1, stop="\n\n")
+        session = loaded(model_base / "gru").session("the lazy\n", temperature=1.0, seed=1, stop="\n\n")
         turns = [session.generate(20), session.generate(20)]  # a line, then an empty line: it continues on its own
         session.feed("seven cats\n")
         turns.append(session.generate(20))
@@ -365,7 +365,7 @@ def test_sample_and_eval_cli(model_base, corpus_file, tmp_path):
         lambda: run_cli("eval", "--model", model_base / "lstm", corpus_file),
         *(lambda args=args: run_cli(*args) for args, _ in errors),
     )
-    model = load(model_base / "lstm")
+    model = loaded(model_base / "lstm")
     assert out.returncode == 0, out.stderr
     assert out.stdout == "the " + model.generate("the ", 120, temperature=0.9, seed=5) + "\n"
     assert ev.returncode == 0 and "bpc" in ev.stdout
@@ -416,7 +416,7 @@ def test_nothing_the_default_signatures_reach_is_marked_must_compile(model_dir, 
 
 @pytest.mark.parametrize("cell", ALL_CELLS)
 def test_the_xla_twins_give_the_same_text_and_states_as_the_default_signatures(model_dir, cell):
-    model = load(model_dir(cell))
+    model = loaded(model_dir(cell))
     zero3 = {k: tf.constant(v) for k, v in model.zero_state(3).items()}
     rows = _rows(3, num_chars=150, temperature=1.0, seed=[1, 2, 3])
     rows["top_k"], rows["top_p"] = tf.constant([0, 5, 0]), tf.constant([1.0, 1.0, 0.9])
@@ -437,7 +437,7 @@ def test_export_without_xla_has_no_twins_and_the_same_text(trained_runs, model_b
     with in_background(
         lambda: run_cli("export", trained_runs["gru"], "--name", "m", "--base-path", tmp_path, "--no-xla")
     ) as result:
-        expected = load(model_base / "gru").generate("the ", 80, seed=2)
+        expected = loaded(model_base / "gru").generate("the ", 80, seed=2)
     result = result.result()
     assert result.returncode == 0, result.stderr
     graph = _meta_graph(tmp_path / "m" / "1")
@@ -451,7 +451,7 @@ def test_a_client_falls_back_once_from_the_xla_twin_on_a_server_without_xla(mode
 
     from keras_charrnn.serving.client import SamplingClient, ServerError
 
-    expected = load(model_base / "lstm").generate("the ", 120, temperature=1.0, seed=5)  # in-process: the twin
+    expected = loaded(model_base / "lstm").generate("the ", 120, temperature=1.0, seed=5)  # in-process: the twin
     args = ["--model_name", "lstm", "--model_base_path", model_base / "lstm", "--xla_cpu_compilation_enabled=false"]
     with ServerProcess(args, debug=True) as server, SamplingClient(f"127.0.0.1:{server.port}") as client:
         with pytest.raises(ServerError, match="XLA compilation disabled") as failed:
@@ -473,7 +473,7 @@ def test_a_client_uses_the_xla_twin_where_the_server_has_xla(server, model_base)
     with SamplingClient(f"127.0.0.1:{server}") as client:
         text = client.session("gru", prime="the ", temperature=1.0, seed=9).generate(80)
         assert "gru" not in client._without_xla
-    assert text == load(model_base / "gru").generate("the ", 80, temperature=1.0, seed=9)
+    assert text == loaded(model_base / "gru").generate("the ", 80, temperature=1.0, seed=9)
 
 
 def test_reexport_in_place_keeps_the_version_weights_facts_and_outputs(model_base, tmp_path):

@@ -11,8 +11,7 @@ import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-from conftest import write_models_config
-from keras_charrnn import load
+from conftest import loaded, write_models_config
 from keras_charrnn.errors import ConfigError
 from keras_charrnn.serving.monitoring import DEFAULT_PATH, ServerMetrics, read_monitoring_config
 from servers import ServerProcess, free_ports
@@ -53,7 +52,7 @@ def monitored(model_base, tmp_path_factory):
         ]
     ) as server:
         url = f"http://127.0.0.1:{port}"
-        model = load(model_base / "lstm")
+        model = loaded(model_base / "lstm")
         inputs = generate_inputs(model, "the ", 10, seed=3)
         body = {"signature_name": "generate_text", "inputs": as_json(inputs)}
         for _ in range(REST_CALLS):

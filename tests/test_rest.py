@@ -23,8 +23,7 @@ import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-from conftest import write_models_config
-from keras_charrnn import load
+from conftest import loaded, write_models_config
 from keras_charrnn.errors import ServingError
 from keras_charrnn.serving.limits import ServingLimits
 from keras_charrnn.serving.rest import error_reply
@@ -46,7 +45,7 @@ def rest(model_base, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lstm(model_base):
-    return load(model_base / "lstm")
+    return loaded(model_base / "lstm")
 
 
 def generate_inputs(model, prime: str, n: int, seed: int, rows: int = 1) -> dict[str, np.ndarray]:

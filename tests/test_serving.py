@@ -28,9 +28,8 @@ from tensorflow_serving.apis import (
 from tensorflow_serving.apis.get_model_status_pb2 import ModelVersionStatus
 from tensorflow_serving.config import model_server_config_pb2
 
-from conftest import CELLS, run_cli, write_models_config
+from conftest import CELLS, loaded, run_cli, write_models_config
 from keras_charrnn.errors import ConfigError, ServingError, graph_error_message
-from keras_charrnn.inprocess import load
 from keras_charrnn.serving.config_files import single_model_config
 from keras_charrnn.serving.manager import ModelManager, wanted_versions
 from keras_charrnn.serving.options import ServerOptions
@@ -76,7 +75,7 @@ def stub(server):
 
 @pytest.mark.parametrize("cell", CELLS)
 def test_predict_on_each_signature_equals_in_process(stub, model_base, cell):
-    model = load(model_base / cell)
+    model = loaded(model_base / cell)
     inputs = _gen_inputs(model)
     expected = {
         k: v.numpy()
@@ -132,7 +131,7 @@ def _code(call):
 
 
 def test_every_bad_request_gets_its_status_code_and_the_server_keeps_serving(stub, model_base):
-    model = load(model_base / "lstm")
+    model = loaded(model_base / "lstm")
     good = _gen_inputs(model)
 
     def predict(model_name="lstm", signature="generate_text", version=None, **changes):
@@ -197,7 +196,7 @@ def test_new_version_is_served_and_a_corrupt_one_is_refused(tmp_path, model_base
         channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
         status_stub = model_service_pb2_grpc.ModelServiceStub(channel)
-        model = load(model_base / "lstm")
+        model = loaded(model_base / "lstm")
         inputs = _gen_inputs(model)
         assert stub.Predict(_request("m", "generate_text", inputs)).model_spec.version.value == 1
 
@@ -239,7 +238,7 @@ def test_batched_concurrent_calls_form_multi_row_batches_and_equal_the_calls_alo
         debug=True,
     ) as server:
         stub = prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
-        model = load(model_base / "lstm")
+        model = loaded(model_base / "lstm")
         requests = [
             _request("lstm", "generate_text", _gen_inputs(model, prime=p, seed=s, n=48, temperature=1.0))
             for s, p in enumerate(["the ", "a", "lazy dog ", "(", '"q', "cats sit", "x", "seven "] * 2)
@@ -259,7 +258,7 @@ def test_batched_concurrent_calls_form_multi_row_batches_and_equal_the_calls_alo
 def test_sigterm_drains_calls_in_flight_and_exits_zero(model_base):
     server = ServerProcess(["--model_name", "lstm", "--model_base_path", model_base / "lstm"], debug=True)
     stub = prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
-    model = load(model_base / "lstm")
+    model = loaded(model_base / "lstm")
     request = _request("lstm", "generate_text", _gen_inputs(model, n=4000))
     result = {}
     thread = threading.Thread(target=lambda: result.update(r=stub.Predict(request, timeout=60)))
@@ -429,7 +428,7 @@ def test_the_client_works_against_real_tensorflow_serving(model_base):
     try:
         client = SamplingClient(f"127.0.0.1:{port}", timeout=60, retries=20, backoff=0.5)
         text = client.session("lstm", prime="the ", seed=3).generate(100)
-        assert text == load(model_base / "lstm").generate("the ", 100, seed=3)
+        assert text == loaded(model_base / "lstm").generate("the ", 100, seed=3)
     finally:
         proc.terminate()
         proc.wait()

@@ -36,6 +36,10 @@ def test_state_after_fit_equals_stepping_the_streams_by_hand(cell):
     vocab = Vocabulary.from_text(text)
     batches = TBPTTBatches(vocab.encode(text), batch_size=4, seq_len=12)
     k = 5
+    # Seeded weights: unseeded, they (and the states compared below) would depend on which tests ran before in
+    # this process. lnlstm's states grow to about 5 here, and for some weights the two paths then differ by a
+    # little over 1e-5 (float32 rounding over 60 steps): see BENCHMARKS.md, "Test suite".
+    keras.utils.set_random_seed(11)
     model = build_model(vocab.size, cell=cell, units=16, batch_size=4, seq_len=12)
     model.compile(
         optimizer=keras.optimizers.SGD(learning_rate=0.0),

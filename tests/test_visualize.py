@@ -7,7 +7,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from conftest import run_cli, side_by_side
+from conftest import loaded, run_cli, side_by_side
 from keras_charrnn.analysis import inspect, score_units
 from keras_charrnn.export import save_savedmodel
 from keras_charrnn.inprocess import load
@@ -83,7 +83,7 @@ def test_report_of_a_text_no_feature_scores_offers_every_unit(handmade, tmp_path
 
 def test_exported_model_and_training_run_give_the_same_activations(trained_runs, model_base, corpus_file):
     text = corpus_file.read_text()[:700]
-    exported = inspect(load(model_base / "gru"), text)
+    exported = inspect(loaded(model_base / "gru"), text)
     from_run = inspect(load(trained_runs["gru"]), text)
     assert len(exported.activations) == len(from_run.activations) > 0  # zip() below would pass on an empty side
     for a, b in zip(exported.activations, from_run.activations):
