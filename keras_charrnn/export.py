@@ -230,6 +230,8 @@ class CharRNNModule(tf.Module):
             stop_checks, controls = generation_graph.controls_of(rows, self._encode, self.vocab_size)
         with tf.control_dependencies(checks + stop_checks):  # nothing runs before the inputs pass the checks
             ids, lengths = tf.identity(ids), tf.identity(lengths)
+            rows = {k: tf.identity(v) for k, v in rows.items()}  # the loop reads them: gated too
+            controls = None if controls is None else {k: tf.identity(v) for k, v in controls.items()}
         # The input's last character is fed inside the loop, by the step that feeds every sampled character
         # (``generation_graph.sample_loop``): calls that continue from it compute what one longer call does.
         sampling = {k: rows[k] for k in SAMPLING_KEYS}

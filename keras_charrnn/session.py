@@ -118,8 +118,11 @@ class Session:
         Returns:
             The ``Completion`` (text, finish reason, matched stop, count, scores).
         """
+        if n < 1:
+            raise ConfigError(f"n (the number of characters) must be at least 1, got {n}")
+        self._check_logprobs(logprobs)
         result = None
-        for piece in self.stream_completions(n, self.info.max_chars_per_call, logprobs):
+        for piece in self._chained(n, self.info.max_chars_per_call, logprobs):  # unary calls: no stream needed
             result = piece if result is None else result.extend(piece)
         assert result is not None
         self.last = result

@@ -235,7 +235,7 @@ def test_bad_signature_inputs_are_refused_by_the_graph(model_base):
     gen = model.signatures["generate_text"]
     with pytest.raises(tf.errors.InvalidArgumentError, match="num_chars must be at least 1"):
         gen(prime=tf.constant(["a"]), **zero, **_rows(num_chars=0))
-    with pytest.raises(tf.errors.InvalidArgumentError, match="num_chars must be at most 4096"):
+    with pytest.raises(tf.errors.InvalidArgumentError, match="num_chars must be at least 1 and at most 4096"):
         gen(prime=tf.constant(["a"]), **zero, **_rows(num_chars=5000))
     with pytest.raises(tf.errors.InvalidArgumentError, match="prime"):
         gen(prime=tf.constant([""]), **zero, **_rows())
@@ -464,7 +464,7 @@ def test_a_client_falls_back_once_from_the_xla_twin_on_a_server_without_xla(mode
         tried_xla = [r for r in caplog.records if "no XLA JIT" in r.getMessage()]
     assert text == again == expected
     assert len(tried_xla) == 1  # the twin was tried by the first call only
-    assert calls.count("generate_text") == 3  # every session call ran, on the plain signature
+    assert calls.count("generate_text_v2") == 3  # every session call ran, on the plain signature
 
 
 def test_a_client_uses_the_xla_twin_where_the_server_has_xla(server, model_base):

@@ -267,6 +267,7 @@ def test_calls_over_the_concurrency_cap_are_refused_at_once_while_health_and_met
             **{k: float(v) for k, v in ServingLimits().advertised().items()},
             "max_message_bytes": 4194304.0,
             "max_concurrent_requests": float(MAX_CONCURRENT),
+            "max_concurrent_streams": 16.0,
             "segment_chars": 256.0,
         }
         assert all(not f.done() for f in long_calls)

@@ -421,7 +421,7 @@ def _element_text(dom: str, element_id: str) -> str:
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium package")
 def test_playground_continue_grows_the_text_as_the_in_process_session_does(rest, lstm, tmp_path):
     url, _ = rest
-    n = 150  # three segments of a :stream call (64 + 64 + 22 characters), each shown as it arrives
+    n = 150  # three segments of a :stream call (32 + 64 + 54 characters), each shown as it arrives
     query = f"model=lstm&prime=the%20lazy%20&seed=5&temperature=0.8&top_k=0&top_p=1&num_chars={n}"
     once = _playground_dom(url, tmp_path, query + "&auto=1")
     twice = _playground_dom(url, tmp_path, query + "&auto=2")
@@ -431,7 +431,9 @@ def test_playground_continue_grows_the_text_as_the_in_process_session_does(rest,
     session = lstm.session("the lazy ", seed=5, **SAMPLING)
     calls = [session.complete(n), session.complete(n)]  # the second call continues the first's states
     assert second == calls[0].text + calls[1].text
-    segments = -(-n // DEFAULT_STREAM_SEGMENT)
+    segments, done = 0, 0  # the stream's segments: DEFAULT_STREAM_SEGMENT characters, then twice the last ... 256
+    while done < n:
+        done, segments = done + min(DEFAULT_STREAM_SEGMENT << segments, 256), segments + 1
     assert _calls(twice) == [(c.finish_reason, "stream", segments) for c in calls]
     assert _element_text(twice, "prime-text") == "the lazy "
     info = _element_text(twice, "info")
@@ -541,7 +543,7 @@ def test_playground_resumes_a_broken_stream_from_its_last_segment(proxy, lstm, t
     assert _element_text(broken, "generated") == calls[0].text
     assert _element_text(resumed, "generated") == calls[0].text + calls[1].text
     assert _calls(resumed) == [("interrupted", "stream", 1), (calls[1].finish_reason, "stream", 3)]
-    assert "position 214" in _element_text(resumed, "info")
+    assert f"position {DEFAULT_STREAM_SEGMENT + n}" in _element_text(resumed, "info")
 
 
 def test_the_playground_reads_its_inputs_from_the_generation_table_not_from_a_list_of_its_own():

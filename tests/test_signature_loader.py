@@ -36,10 +36,19 @@ def _inputs(specs: dict, seed: int) -> dict:
         "top_p": [1.0, 0.9],
         "seed": [seed, seed + 101],
         "position": [0, 4],
+        "min_p": [0.0, 0.05],
+        "stop": [[b"\n", b""], [b"e ", b"th"]],
+        "stop_tail": [b"", b"t"],
+        "min_chars": [0, 2],
+        "logprobs": [-1, 3],
     }
     inputs = {}
     for name, spec in specs.items():
-        if name in values:
+        if name == "logit_bias":
+            bias = np.zeros((2, spec.shape[-1]), np.float32)
+            bias[1, 1:4] = [-100.0, 2.0, -1.5]
+            inputs[name] = tf.constant(bias)
+        elif name in values:
             inputs[name] = tf.constant(values[name], dtype=spec.dtype)
         else:  # a recurrent state: h_0, c_1, ...
             inputs[name] = tf.constant(rng.normal(0, 0.5, (2, spec.shape[-1])), dtype=spec.dtype)

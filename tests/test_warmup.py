@@ -153,10 +153,15 @@ def test_the_bundled_model_serves_without_xla_and_carries_warmup_records():
     from keras_charrnn.xla import must_compile_signatures
 
     version = ROOT / "saved_models" / "shakespeare" / "1"
-    assert must_compile_signatures(_signature_defs_graph(version)) == {"generate_xla", "generate_text_xla"}
-    assert [_batch(log.predict_log.request) for log in _records(version)] == [1, 2, 4, 8]
+    twins = ["generate_xla", "generate_text_xla", "generate_v2_xla", "generate_text_v2_xla"]
+    assert must_compile_signatures(_signature_defs_graph(version)) == set(twins)
+    records = [
+        (log.predict_log.request.model_spec.signature_name, _batch(log.predict_log.request))
+        for log in _records(version)
+    ]
+    assert records == [(s, b) for s in ("generate_text", "generate_text_v2") for b in (1, 2, 4, 8)]
     config = json.loads(tf.saved_model.load(str(version)).signatures["metadata"]()["config"].numpy())
-    assert "run_dir" not in config and config["xla_signatures"] == ["generate_xla", "generate_text_xla"]
+    assert "run_dir" not in config and config["xla_signatures"] == twins
 
 
 def _signature_defs_graph(version_dir):
