@@ -23,7 +23,7 @@ import numpy as np
 
 from keras_charrnn.generation import MAX_STOPS, continue_rows
 
-__all__ = ["SEGMENT_CHARS", "Segment", "join", "own_outputs", "pad_stops", "segments"]
+__all__ = ["SEGMENT_CHARS", "Segment", "join", "next_segment_size", "own_outputs", "pad_stops", "segments"]
 
 SEGMENT_CHARS = 256  # a long generate call runs in segments of this many characters, its caller checked between
 _PER_CHAR = ("ids", "char_logprobs", "top_ids", "top_logprobs")  # outputs with one entry per generated character
@@ -78,6 +78,11 @@ def own_outputs(inputs: Mapping[str, np.ndarray], outputs: dict[str, np.ndarray]
     return outputs
 
 
+def next_segment_size(size: int, cap: int = SEGMENT_CHARS) -> int:
+    """The size of a growing stream's next segment: twice the last, up to ``cap`` (never below the last)."""
+    return min(2 * size, max(cap, size))
+
+
 @dataclass
 class Segment:
     """One segment of a long call: the call's rows it ran (``rows``) and its outputs for them, in that order."""
@@ -125,7 +130,7 @@ def segments(
         segment = {k: v[active] for k, v in current.items()}
         segment["num_chars"] = np.minimum(remaining[active], size).astype(np.int32)
         if grow:
-            size = min(2 * size, max(SEGMENT_CHARS, size))
+            size = next_segment_size(size)
         outputs = run(segment)
         counts = _counts(segment, outputs)
         stopped = np.asarray(outputs.get("stop_index", np.full(len(active), -1))).reshape(-1) >= 0

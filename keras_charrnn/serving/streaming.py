@@ -33,7 +33,7 @@ from tensorflow_serving.apis import predict_pb2
 
 from keras_charrnn.errors import ServingError
 from keras_charrnn.serving import monitoring, wire
-from keras_charrnn.serving.segments import SEGMENT_CHARS
+from keras_charrnn.serving.segments import SEGMENT_CHARS, next_segment_size
 from keras_charrnn.serving.servicers import PredictionServicer, SignatureCall, _guarded
 
 log = logging.getLogger("charrnn.serve")
@@ -135,7 +135,7 @@ def stream_outputs(
     for segment in prediction.generate_segments(call, inputs, deadline, alive, size, grow=True):
         outputs = segment.outputs
         counts = outputs.get("num_generated", np.minimum(left[segment.rows], size))
-        size = min(2 * size, max(SEGMENT_CHARS, size))  # the schedule of ``segments(grow=True)``
+        size = next_segment_size(size)  # the schedule of ``segments(grow=True)``
         counts = np.asarray(counts, np.int64).reshape(-1)
         position[segment.rows] += counts
         left[segment.rows] -= counts
