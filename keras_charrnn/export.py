@@ -46,7 +46,8 @@ import json
 import os
 import re
 from pathlib import Path
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import keras
 import tensorflow as tf
@@ -367,34 +368,54 @@ class CharRNNModule(tf.Module):
         loaders that look attributes up first (``keras.layers.TFSMLayer``) find the
         keyword-argument signatures.
         """
-        text = self.generate_text_function.get_concrete_function()
-        sigs = {
-            "step": self.step_function.get_concrete_function(),
-            "inspect": self.inspect_function.get_concrete_function(),
-            "serving_default": text,
-            "metadata": self.metadata_function.get_concrete_function(),
+        return {name: function.get_concrete_function() for name, function in self._signature_functions().items()}
+
+    def _signature_functions(self) -> dict[str, Any]:
+        """The ``tf.function`` of each signature, by signature name (not traced yet)."""
+        functions = {
+            "step": self.step_function,
+            "inspect": self.inspect_function,
+            "serving_default": self.generate_text_function,
+            "metadata": self.metadata_function,
         }
         for name in PLAIN_SIGNATURES + CONTROLLED_SIGNATURES:
-            sigs[name] = getattr(self, f"{name}_function").get_concrete_function()
+            functions[name] = getattr(self, f"{name}_function")
             if self.jit_compile:
-                sigs[xla_twin(name)] = getattr(self, f"{xla_twin(name)}_function").get_concrete_function()
-        return sigs
+                functions[xla_twin(name)] = getattr(self, f"{xla_twin(name)}_function")
+        return functions
 
-    def named_signatures(self) -> dict[str, Callable[..., dict]]:
+    def named_signatures(self) -> Mapping[str, Callable[..., dict]]:
         """The signatures called as a loaded SavedModel's are: tensors by input name, e.g. ``f(ids=..., h_0=...)``.
 
         So an in-memory module (a training run opened by ``keras_charrnn.load``)
-        and its exported SavedModel are run by the same code.
+        and its exported SavedModel are run by the same code. Each signature is traced
+        when it is first looked up, so a caller pays only for the ones it runs.
 
         Returns:
-            ``{signature name: function of keyword tensors returning a dict of tensors}``.
+            ``{signature name: function of keyword tensors returning a dict of tensors}`` (a read-only mapping).
         """
+        return _TracedOnUse(self._signature_functions())
 
-        def by_name(function):
-            names = [spec.name for spec in tf.nest.flatten(function.structured_input_signature)]
-            return lambda **inputs: function(*[inputs[name] for name in names])
 
-        return {name: by_name(function) for name, function in self.signatures().items()}
+class _TracedOnUse(Mapping):
+    """Signature name -> a function of keyword tensors, traced on first lookup (``CharRNNModule.named_signatures``)."""
+
+    def __init__(self, functions: dict[str, Any]):
+        self._functions = functions
+        self._traced: dict[str, Callable[..., dict]] = {}
+
+    def __getitem__(self, name: str) -> Callable[..., dict]:
+        if name not in self._traced:
+            concrete = self._functions[name].get_concrete_function()
+            names = [spec.name for spec in tf.nest.flatten(concrete.structured_input_signature)]
+            self._traced[name] = lambda **inputs: concrete(*[inputs[n] for n in names])
+        return self._traced[name]
+
+    def __iter__(self):
+        return iter(self._functions)
+
+    def __len__(self) -> int:
+        return len(self._functions)
 
 
 def save_savedmodel(

@@ -26,6 +26,7 @@ import random
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -38,6 +39,35 @@ from servers import ServerProcess
 from keras_charrnn import cell_types
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+# XLA's persistent compilation cache (TensorFlow's ``--tf_xla_persistent_cache_directory``), one folder for the
+# run's processes: the servers, CLI commands and workers compile the same tiny models' loops again and again (a
+# model server spent about 11 of its 20 CPU-seconds of start-up on them); with the cache, a process after the first
+# loads the executables instead. An executable is keyed by its program and is the one a compile makes, so the
+# bits are the same; the test that emulates other CPUs (``without_xla_cache``) compiles for itself.
+XLA_CACHE_FLAG = "--tf_xla_persistent_cache_directory"
+
+
+def pytest_configure(config):
+    """In the run's first process (the xdist controller, or the only one), before any TensorFlow starts: a fresh
+    XLA compilation cache for this run, passed to every process the run starts through ``TF_XLA_FLAGS``."""
+    if os.environ.get("PYTEST_XDIST_WORKER") or XLA_CACHE_FLAG in os.environ.get("TF_XLA_FLAGS", ""):
+        return
+    config.xla_cache = tempfile.mkdtemp(prefix="charrnn-test-xla-cache-")
+    os.environ["TF_XLA_FLAGS"] = f"{os.environ.get('TF_XLA_FLAGS', '')} {XLA_CACHE_FLAG}={config.xla_cache}".strip()
+
+
+def pytest_unconfigure(config):
+    if getattr(config, "xla_cache", None):
+        shutil.rmtree(config.xla_cache, ignore_errors=True)
+
+
+def without_xla_cache(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with the run's XLA compilation cache taken out of ``TF_XLA_FLAGS``, for a process that emulates
+    another CPU (``--xla_cpu_max_isa``): it must compile for that CPU, not load what was compiled for this one."""
+    flags = [f for f in env.get("TF_XLA_FLAGS", "").split() if not f.startswith(XLA_CACHE_FLAG)]
+    return {**env, "TF_XLA_FLAGS": " ".join(flags)}
+
 
 # The cells of the served fixtures (trained, exported and served once per session); the per-cell equality
 # tests (export, batch invariance, backends, resume) take every cell of the registry, ALL_CELLS.

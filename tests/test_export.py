@@ -120,6 +120,26 @@ def test_a_vocabulary_that_does_not_fit_the_model_is_refused_naming_both():
         CharRNNModule(model, Vocabulary(list("abc")))
 
 
+def test_an_in_memory_module_traces_a_signature_only_when_it_is_first_looked_up():
+    # Loading a run folder (``keras_charrnn.load(run)``, ``charrnn sample --model RUN``) pays for the signatures it
+    # runs, not for all sixteen.
+    from keras_charrnn.export import CharRNNModule
+    from keras_charrnn.vocab import Vocabulary
+
+    model = build_model(4, cell="gru", units=4, batch_size=None, seq_len=None, stateful=False)
+    module = CharRNNModule(model, Vocabulary(list("abc")))
+    signatures = module.named_signatures()
+    assert {"step", "generate_text", "generate_text_v2", "generate_text_v2_xla", "metadata"} <= set(signatures)
+    assert module.generate_text_v2_function.experimental_get_tracing_count() == 0
+    assert signatures["metadata"]()["vocabulary"].numpy().tolist()[1:] == [b"a", b"b", b"c"]
+    out = signatures["step"](ids=tf.constant([[1, 2]]), h_0=tf.zeros([1, 4]), h_1=tf.zeros([1, 4]))
+    assert out["logits"].shape == (1, 2, 4)
+    assert module.step_function.experimental_get_tracing_count() == 1
+    assert module.generate_text_v2_function.experimental_get_tracing_count() == 0
+    assert signatures["step"] is signatures["step"]  # traced once
+    assert set(signatures) == set(module.signatures())  # what export saves
+
+
 def test_an_unknown_cell_is_refused_naming_the_parameter_and_every_registered_choice():
     from keras_charrnn.cell_types import CELLS
     from keras_charrnn.config import TrainConfig

@@ -247,3 +247,13 @@ def test_functions_are_registered_callees_first_and_a_missing_callee_is_not_load
     del library["gone"]
     with pytest.raises(signature_loader._NotLoadable, match="gone"):
         signature_loader._callees_first(["e"], library)
+
+
+def test_a_graphs_function_names_are_the_same_whatever_order_its_functions_are_walked_in():
+    # The walk follows protobuf maps, whose order differs from process to process; the names must not, or XLA's
+    # persistent compilation cache (keyed by the names) would miss on every restart.
+    library = {f.signature.name: f for f in _serve_meta_graph(BUNDLED).graph_def.library.function}
+    order = list(library)
+    suffix = signature_loader._name_suffix(order, library)
+    assert suffix.startswith("_lean_") and signature_loader._name_suffix(order[::-1], library) == suffix
+    assert signature_loader._name_suffix(order[1:], library) != suffix  # other functions, another name

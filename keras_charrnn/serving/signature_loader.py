@@ -277,12 +277,14 @@ def _name_suffix(order: list[str], library: dict) -> str:
     """The suffix the functions ``order`` are registered under: a hash of their FunctionDefs.
 
     Loads of the same graph share it, so they share the registered functions and their
-    XLA executables. Functions with ops that name a shared resource (``shared_name``:
-    tables, queues) get a suffix of their own per load instead, as ``tf.saved_model.load``
-    gives, so two loads never share such a resource.
+    XLA executables. It is the same in every process, and so is XLA's key for an executable
+    (which names the functions): a persistent XLA cache (``--tf_xla_persistent_cache_directory``)
+    finds a restarted server's executables. Functions with ops that name a shared resource
+    (``shared_name``: tables, queues) get a suffix of their own per load instead, as
+    ``tf.saved_model.load`` gives, so two loads never share such a resource.
     """
     digest = hashlib.sha256()
-    for name in order:
+    for name in sorted(order):  # not the walk's order: a protobuf map's iteration order varies between processes
         for node in library[name].node_def:
             op_def = op_def_registry.get(node.op)
             if op_def is not None and any(attr.name == "shared_name" for attr in op_def.attr):
