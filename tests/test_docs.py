@@ -151,6 +151,8 @@ def _readme_commands() -> list[list[str]]:
         for line in block.replace("\\\n", " ").splitlines():
             for part in re.split(r"&&|;", line):
                 words = shlex.split(part.strip(), comments=True)
+                while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", words[0]):  # VAR=value charrnn ...
+                    words = words[1:]
                 if words[:1] == ["charrnn"] and len(words) > 1:
                     commands.append(words[1:])
     return commands
