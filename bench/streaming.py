@@ -4,8 +4,8 @@ For a 2x512 and a 2x128 LSTM (random weights; speed does not depend on them),
 one server each (batching on, XLA twins), in one run and interleaved: a
 2,000-character generation from a fresh session through
 
-* the gRPC stream (``Session.stream`` with 64-character segments),
-* Server-Sent Events (``POST :stream`` on the REST port, 64-character segments),
+* the gRPC stream (``Session.stream``: segments of 32 characters first, doubling up to 256),
+* Server-Sent Events (``POST :stream`` on the REST port, the same segments),
 * the unary call (one Predict of 2,000 characters; the server runs it in 256-character segments),
 
 each its median time to the first characters and to the last over ``--repeats``;
