@@ -485,6 +485,15 @@ def continue_rows(
     return nxt
 
 
+def next_segment_size(size: int, cap: int) -> int:
+    """The size of a growing stream's next segment: twice the last, up to ``cap`` (never below the last).
+
+    The server's stream (``serving.segments.segments(grow=True)``) and a session reading it
+    (``Session.stream_completions``) follow this one schedule.
+    """
+    return min(2 * size, max(cap, size))
+
+
 def sample_seed(seed: int, index: int) -> int:
     """The seed of sample ``index`` of a ``samples`` call made with ``seed``: sample 0 keeps ``seed``.
 

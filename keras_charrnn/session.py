@@ -35,6 +35,7 @@ from keras_charrnn.generation import (
     completions,
     continue_rows,
     inputs_of,
+    next_segment_size,
     sample_seed,
 )
 from keras_charrnn.model_info import ModelInfo, Runner
@@ -118,9 +119,7 @@ class Session:
         Returns:
             The ``Completion`` (text, finish reason, matched stop, count, scores).
         """
-        if n < 1:
-            raise ConfigError(f"n (the number of characters) must be at least 1, got {n}")
-        self._check_logprobs(logprobs)
+        self._check_call(n, logprobs)
         result = None
         for piece in self._chained(n, self.info.max_chars_per_call, logprobs):  # unary calls: no stream needed
             result = piece if result is None else result.extend(piece)
@@ -152,11 +151,9 @@ class Session:
         Yields:
             One ``Completion`` per chunk.
         """
-        if n < 1:
-            raise ConfigError(f"n (the number of characters) must be at least 1, got {n}")
+        self._check_call(n, logprobs)
         if chunk < 1:
             raise ConfigError(f"chunk must be at least 1, got {chunk}")
-        self._check_logprobs(logprobs)
         stream = getattr(self.runner, "stream", None)
         if stream is not None and self.info.limits.get("max_concurrent_streams", 0) > 0:
             segment = self.info.limits.get("segment_chars", 0)
@@ -202,7 +199,7 @@ class Session:
                 size = chunk  # the server's segments: chunk, then twice the last, up to its segment_chars
                 for outputs, version in stream(self.signature, self._row(call_left, logprobs), self.version, chunk):
                     inputs = self._row(min(call_left, size), logprobs)  # this segment's inputs, as the server ran it
-                    size = min(2 * size, max(self.info.limits.get("segment_chars", size), size))
+                    size = next_segment_size(size, self.info.limits.get("segment_chars", size))
                     self._answered_by(version)
                     piece = _advance([self], inputs, outputs)[0]
                     total = piece if total is None else total.extend(piece)
@@ -273,6 +270,12 @@ class Session:
         self.pending += text
         self.tail = ""
         self.min_chars_left = self.params.min_chars
+
+    def _check_call(self, n: int, logprobs: int) -> None:
+        """What ``complete`` and ``stream_completions`` check before any call: ``n`` and ``logprobs``."""
+        if n < 1:
+            raise ConfigError(f"n (the number of characters) must be at least 1, got {n}")
+        self._check_logprobs(logprobs)
 
     def _check_logprobs(self, logprobs: int) -> None:
         if logprobs == LOGPROBS_OFF:

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from keras_charrnn.generation import MAX_STOPS, continue_rows
+from keras_charrnn.generation import MAX_STOPS, continue_rows, next_segment_size
 
-__all__ = ["SEGMENT_CHARS", "Segment", "join", "next_segment_size", "own_outputs", "pad_stops", "segments"]
+__all__ = ["SEGMENT_CHARS", "Segment", "join", "own_outputs", "pad_stops", "segments"]
 
 SEGMENT_CHARS = 256  # a long generate call runs in segments of this many characters, its caller checked between
 _PER_CHAR = ("ids", "char_logprobs", "top_ids", "top_logprobs")  # outputs with one entry per generated character
@@ -78,22 +78,20 @@ def own_outputs(inputs: Mapping[str, np.ndarray], outputs: dict[str, np.ndarray]
     return outputs
 
 
-def next_segment_size(size: int, cap: int = SEGMENT_CHARS) -> int:
-    """The size of a growing stream's next segment: twice the last, up to ``cap`` (never below the last)."""
-    return min(2 * size, max(cap, size))
-
-
 @dataclass
 class Segment:
-    """One segment of a long call: the call's rows it ran (``rows``) and its outputs for them, in that order."""
+    """One segment of a long call: the call's rows it ran (``rows``) and its outputs for them, in that order;
+    ``num_chars``: the characters each of those rows asked for in it (None: not known, e.g. a streamed message)."""
 
     rows: np.ndarray
     outputs: dict[str, np.ndarray]
+    num_chars: np.ndarray | None = None
 
-
-def _counts(segment_inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> np.ndarray:
-    """Characters each row of a segment generated (0.2's signatures: all it asked for)."""
-    return np.asarray(outputs.get("num_generated", segment_inputs["num_chars"])).reshape(-1).astype(np.int64)
+    def counts(self, call_num_chars: np.ndarray | None = None) -> np.ndarray:
+        """Characters each row generated: ``num_generated``, or for 0.2's signatures all it asked for (in this
+        segment; ``call_num_chars[rows]``, the whole call's, when the segment does not say)."""
+        asked = self.num_chars if self.num_chars is not None else np.asarray(call_num_chars)[self.rows]
+        return np.asarray(self.outputs.get("num_generated", asked)).reshape(-1).astype(np.int64)
 
 
 def segments(
@@ -130,9 +128,10 @@ def segments(
         segment = {k: v[active] for k, v in current.items()}
         segment["num_chars"] = np.minimum(remaining[active], size).astype(np.int32)
         if grow:
-            size = next_segment_size(size)
+            size = next_segment_size(size, SEGMENT_CHARS)
         outputs = run(segment)
-        counts = _counts(segment, outputs)
+        done = Segment(active, outputs, segment["num_chars"])
+        counts = done.counts()
         stopped = np.asarray(outputs.get("stop_index", np.full(len(active), -1))).reshape(-1) >= 0
         for key, value in continue_rows(segment, outputs, state_names, vocabulary).items():
             if key == "num_chars":
@@ -141,7 +140,7 @@ def segments(
                 current[key] = np.zeros((rows, *value.shape[1:]), value.dtype)
             current[key][active] = value
         remaining[active] = np.where(stopped, 0, remaining[active] - counts)
-        yield Segment(active, outputs)
+        yield done
 
 
 def join(inputs: Mapping[str, np.ndarray], pieces: Iterable[Segment]) -> dict[str, np.ndarray]:
@@ -164,7 +163,7 @@ def join(inputs: Mapping[str, np.ndarray], pieces: Iterable[Segment]) -> dict[st
     alternatives = None  # the call's width of top_ids (the first segment holds every row)
     for piece in pieces:
         outputs = piece.outputs
-        counts = _counts({"num_chars": inputs["num_chars"][piece.rows]}, outputs)
+        counts = piece.counts(inputs["num_chars"])
         if alternatives is None and "top_ids" in outputs:
             alternatives = outputs["top_ids"].shape[2]
         generated[piece.rows] += counts

@@ -33,7 +33,7 @@ from tensorflow_serving.apis import predict_pb2
 
 from keras_charrnn.errors import ServingError
 from keras_charrnn.serving import monitoring, wire
-from keras_charrnn.serving.segments import SEGMENT_CHARS, next_segment_size
+from keras_charrnn.serving.segments import SEGMENT_CHARS
 from keras_charrnn.serving.servicers import PredictionServicer, SignatureCall, _guarded
 
 log = logging.getLogger("charrnn.serve")
@@ -131,14 +131,9 @@ def stream_outputs(
         yield {k: v for k, v in outputs.items() if not output_filter or k in output_filter}
         return
     position = inputs["position"].astype(np.int64).copy()
-    left = inputs["num_chars"].astype(np.int64).copy()  # 0.2's signatures report no num_generated
     for segment in prediction.generate_segments(call, inputs, deadline, alive, size, grow=True):
         outputs = segment.outputs
-        counts = outputs.get("num_generated", np.minimum(left[segment.rows], size))
-        size = next_segment_size(size)  # the schedule of ``segments(grow=True)``
-        counts = np.asarray(counts, np.int64).reshape(-1)
-        position[segment.rows] += counts
-        left[segment.rows] -= counts
+        position[segment.rows] += segment.counts()
         chosen = {k: v for k, v in outputs.items() if not output_filter or k in output_filter}
         chosen["row_index"] = segment.rows.astype(np.int32)
         chosen["position"] = position[segment.rows]
